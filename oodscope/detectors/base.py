@@ -1,0 +1,160 @@
+"""The detector contract shared by every method.
+
+A detector is a small estimator in the scikit-learn mould:
+
+* hyperparameters are ``__init__`` arguments stored under the same name, nothing else happens in ``__init__``;
+* ``fit(train) -> self`` learns from in-distribution data; what it learns lives in attributes ending in ``_``;
+* ``score(x) -> np.ndarray`` returns one float per sample, **higher = more out-of-distribution**;
+* the class declares what it consumes in ``needs`` (see :class:`~oodscope.extraction.outputs.Need`) so the
+  extraction step computes each part once and shares it between detectors;
+* ``grid`` lists the hyperparameter values a tuner searches;
+* ``trains_network`` marks methods that train a network of their own (left out of default benchmark runs).
+
+A subclass only writes ``_fit`` (optional) and ``_score``; the base class checks inputs (presence, NaN/inf,
+dimensions), refuses ``score`` before ``fit`` and provides the threshold helpers ``calibrate`` / ``predict``.
+Subclasses that set ``name`` are registered automatically (see :mod:`oodscope.detectors.registry`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from ..extraction.outputs import Need, Outputs, as_outputs
+from . import registry
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a detector is used before ``fit``."""
+
+
+class Detector:
+    """Base class of all detectors (see module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[Need]] = frozenset()
+    grid: ClassVar[dict[str, Sequence[Any]]] = {}
+    trains_network: ClassVar[bool] = False  # True for methods that train a model of their own (slow)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            registry.register(cls)
+
+    # -- parameters (scikit-learn style) -------------------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return [p.name for p in signature.parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> "Detector":
+        unknown = set(params) - set(self._param_names())
+        if unknown:
+            raise ValueError(f"{self.name}: unknown parameters {sorted(unknown)}; known: {self._param_names()}")
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
+
+    def clone(self, **params: Any) -> "Detector":
+        """A new, unfitted detector with the same (or overridden) parameters."""
+        return type(self)(**{**self.get_params(), **params})
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- the contract ------------------------------------------------------------------------------------
+    def fit(self, train: Outputs | np.ndarray, y: np.ndarray | None = None) -> "Detector":
+        """Learn from in-distribution data (an :class:`Outputs` or a samples x features array)."""
+        train = as_outputs(train, labels=y, name="train")
+        self._check_params()
+        self._check_inputs(train, fitting=True)
+        self._fit(train)
+        self.input_dims_ = self._input_dims(train)
+        return self
+
+    def score(self, x: Outputs | np.ndarray) -> np.ndarray:
+        """One float64 per sample; higher means more out-of-distribution."""
+        if not hasattr(self, "input_dims_"):
+            raise NotFittedError(f"{self.name or type(self).__name__} is not fitted: call fit(train) first")
+        x = as_outputs(x, name="test")
+        self._check_inputs(x, fitting=False)
+        self._check_dims(x)
+        scores = np.asarray(self._score(x), dtype=np.float64)
+        if scores.shape != (len(x),):
+            raise RuntimeError(f"{self.name}: _score returned shape {scores.shape} for {len(x)} samples")
+        if not np.isfinite(scores).all():
+            bad = int((~np.isfinite(scores)).sum())
+            raise FloatingPointError(f"{self.name}: {bad} of {len(x)} scores on {x.name!r} are NaN or inf")
+        return scores
+
+    def _fit(self, train: Outputs) -> None:
+        """Learn fitted state (attributes ending in ``_``). Stateless detectors keep this default."""
+
+    def _score(self, x: Outputs) -> np.ndarray:
+        raise NotImplementedError
+
+    def _check_params(self) -> None:
+        """Validate hyperparameters at ``fit`` time; subclasses raise ``ValueError`` naming the fix."""
+
+    # -- thresholding (shared by all detectors) -----------------------------------------------------------
+    def calibrate(self, id_val: Outputs | np.ndarray, keep: float = 0.95) -> "Detector":
+        """Set ``threshold_`` so that a share ``keep`` of the ID validation samples is accepted as ID."""
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        self.threshold_ = float(np.quantile(self.score(id_val), keep, method="higher"))
+        return self
+
+    def predict(self, x: Outputs | np.ndarray) -> np.ndarray:
+        """``True`` where a sample is flagged out-of-distribution (score above ``threshold_``)."""
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError(f"{self.name}: no threshold; call calibrate(id_val) after fit")
+        return self.score(x) > self.threshold_
+
+    # -- input checks ------------------------------------------------------------------------------------
+    def _check_inputs(self, data: Outputs, fitting: bool) -> None:
+        if len(data) == 0:
+            raise ValueError(f"{self.name}: dataset {data.name!r} is empty")
+        for need in self.needs:
+            if need is Need.LABELS and not fitting:
+                continue
+            if need is Need.LAYERS:
+                for layer in self.layer_names():
+                    data.layer(layer, who=self.name)
+                continue
+            data.get(need, who=self.name)
+        if fitting and Need.LABELS in self.needs:
+            labels = data.labels
+            if (labels < 0).any():
+                raise ValueError(f"{self.name}: training labels of {data.name!r} contain negative (OOD) labels; "
+                                 "fit on in-distribution data only")
+        if Need.HEAD in self.needs and Need.FEATURES in self.needs:
+            head_dim, feat_dim = data.head.W.shape[1], data.features.shape[1]
+            if head_dim != feat_dim:
+                raise ValueError(f"{self.name}: head W has {head_dim} inputs but features of {data.name!r} have "
+                                 f"{feat_dim} dimensions; pass the head of the layer that consumes these features")
+
+    def layer_names(self) -> list[str]:
+        """Intermediate layers this detector reads (detectors that need layers take a ``layers`` parameter)."""
+        return list(getattr(self, "layers", None) or [])
+
+    def _input_dims(self, data: Outputs) -> dict[str, tuple[int, ...]]:
+        dims = {}
+        for need in (Need.LOGITS, Need.FEATURES):
+            if need in self.needs:
+                dims[need.value] = data.get(need).shape[1:]
+        if Need.LAYERS in self.needs:
+            dims.update({f"layer {n!r}": data.layers[n].shape[1:] for n in self.layer_names()})
+        return dims
+
+    def _check_dims(self, data: Outputs) -> None:
+        for key, dims in self._input_dims(data).items():
+            if dims != self.input_dims_[key]:
+                raise ValueError(f"{self.name}: {key} of {data.name!r} have shape {dims} per sample, "
+                                 f"but the detector was fitted on {self.input_dims_[key]}")

@@ -1,0 +1,180 @@
+"""Evaluate fitted detectors on an ID test set against named, grouped OOD sets.
+
+``evaluate`` returns :class:`Results`: one record per detector x OOD dataset with every metric (in percent),
+group means, the ID accuracy and each detector's fit/score time. Datasets may be given as
+:class:`~oodscope.extraction.outputs.Outputs` or, together with ``model=``, as raw data that is extracted once
+through the cache (a second ``evaluate`` on the same data reads the cache and never calls the model).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from .detectors import Detector, create
+from .extraction.outputs import Outputs
+from .metrics import ood_metrics
+
+METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+RECORD_KEYS = ("detector", "dataset", "group") + METRICS
+
+
+@dataclass
+class Results:
+    """Tidy evaluation results (metrics in percent, FPR@95 with ID as the positive class)."""
+
+    records: list[dict[str, Any]]
+    id_accuracy: float | None
+    seconds: dict[str, float]
+    scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    id_name: str = "id"
+
+    def group_means(self) -> list[dict[str, Any]]:
+        """One record per detector x group: the mean of each metric over the group's datasets."""
+        means = []
+        for detector in dict.fromkeys(r["detector"] for r in self.records):
+            for group in self.groups:
+                rows = [r for r in self.records if r["detector"] == detector and r["group"] == group]
+                if rows:
+                    means.append({"detector": detector, "dataset": "mean", "group": group,
+                                  **{m: float(np.mean([r[m] for r in rows])) for m in METRICS}})
+        return means
+
+    def table(self) -> list[dict[str, Any]]:
+        """Per-dataset records followed by the group means, each with exactly :data:`RECORD_KEYS`."""
+        return [{k: r[k] for k in RECORD_KEYS} for r in self.records] + self.group_means()
+
+    def leaderboard(self) -> str:
+        """A text table: detector x group, sorted by group then AUROC, with each detector's time."""
+        lines = [f"{'detector':<14}{'group':<12}{'AUROC':>8}{'FPR@95':>9}{'AUPR-In':>9}{'AUPR-Out':>10}"
+                 f"{'time [s]':>10}"]
+        for group in self.groups:
+            rows = sorted((r for r in self.group_means() if r["group"] == group), key=lambda r: -r["auroc"])
+            for r in rows:
+                lines.append(f"{r['detector']:<14}{group:<12}{r['auroc']:>8.2f}{r['fpr95']:>9.2f}"
+                             f"{r['aupr_in']:>9.2f}{r['aupr_out']:>10.2f}{self.seconds[r['detector']]:>10.3f}")
+        if self.id_accuracy is not None:
+            lines.append(f"ID accuracy ({self.id_name}): {self.id_accuracy:.2f} %")
+        return "\n".join(lines)
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``results.json`` and ``results.csv`` (per-dataset rows, then group means)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        table = self.table()
+        paths = {"json": out / "results.json", "csv": out / "results.csv"}
+        paths["json"].write_text(json.dumps(table, indent=1) + "\n")
+        with paths["csv"].open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=RECORD_KEYS)
+            writer.writeheader()
+            writer.writerows(table)
+        return paths
+
+
+def _as_detectors(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str) -> dict[str, Detector]:
+    if isinstance(detectors, str):
+        detectors = [detectors]
+    if isinstance(detectors, Mapping):
+        return dict(detectors)
+    made = [create(d) if isinstance(d, str) else d for d in detectors]
+    return {d.name or type(d).__name__.lower(): d for d in made}
+
+
+def _as_groups(ood: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    if ood and all(isinstance(v, Mapping) for v in ood.values()):
+        return {group: dict(sets) for group, sets in ood.items()}
+    return {"ood": dict(ood)}
+
+
+def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str, id_test: Any,
+             ood: Mapping[str, Any], *, train: Any = None, model: Any = None,
+             preprocess: Callable | None = None, layers: Iterable[str] = (), **extract_options: Any) -> Results:
+    """Score the ID test set and every OOD set with every detector and compute the metrics.
+
+    Args:
+        detectors: fitted detectors (a mapping name -> detector, or a list of detectors or registry names).
+            Unfitted ones are fitted on ``train``.
+        id_test: ID test data (:class:`Outputs`, or raw data when ``model`` is given).
+        ood: ``{group: {dataset: data}}`` (e.g. ``near``/``far``) or a flat ``{dataset: data}``.
+        train: ID training data, needed only to fit unfitted detectors.
+        model, preprocess, layers, extract_options: when given, raw datasets are extracted with
+            :func:`oodscope.extract` (cached) before scoring.
+    """
+    detectors = _as_detectors(detectors)
+    groups = _as_groups(ood)
+    load = _loader(model, preprocess, layers, extract_options)
+    id_outputs = load(id_test, "id_test")
+    ood_outputs = {group: {name: load(data, name) for name, data in sets.items()} for group, sets in groups.items()}
+    _check_roles(id_outputs, ood_outputs)
+
+    seconds: dict[str, float] = {}
+    records, scores = [], {}
+    train_outputs = None
+    for det_name, detector in detectors.items():
+        start = time.perf_counter()
+        if not hasattr(detector, "input_dims_"):
+            if train is None:
+                raise ValueError(f"detector {det_name!r} is not fitted and no train data was given")
+            train_outputs = train_outputs or load(train, "train")
+            detector.fit(train_outputs)
+        scores[det_name] = {id_outputs.name: detector.score(id_outputs)}
+        for sets in ood_outputs.values():
+            for name, outputs in sets.items():
+                scores[det_name][name] = detector.score(outputs)
+        seconds[det_name] = time.perf_counter() - start
+        for group, sets in ood_outputs.items():
+            for name in sets:
+                values = ood_metrics(scores[det_name][id_outputs.name], scores[det_name][name])
+                records.append({"detector": det_name, "dataset": name, "group": group,
+                                **{k: 100.0 * v for k, v in values.items()}})
+    return Results(records=records, id_accuracy=id_accuracy(id_outputs), seconds=seconds, scores=scores,
+                   groups={g: list(s) for g, s in ood_outputs.items()}, id_name=id_outputs.name)
+
+
+def _check_roles(id_outputs: Outputs, ood_outputs: dict[str, dict[str, Outputs]]) -> None:
+    """Refuse an ID test set made of OOD-labelled samples, and an OOD set that is the ID test set."""
+    if id_outputs.labels is not None and (id_outputs.labels < 0).all():
+        raise ValueError(f"ID test set {id_outputs.name!r} has only OOD labels (-1); pass it under ood=")
+    for group, sets in ood_outputs.items():
+        for name, outputs in sets.items():
+            if outputs.name == id_outputs.name:
+                raise ValueError(f"OOD set {name!r} (group {group!r}) has the ID test set's name "
+                                 f"{id_outputs.name!r}; names must be unique")
+            if outputs is id_outputs or _same_arrays(outputs, id_outputs):
+                raise ValueError(f"OOD set {name!r} (group {group!r}) is identical to the ID test set")
+
+
+def _same_arrays(a: Outputs, b: Outputs) -> bool:
+    pairs = [(x, y) for x, y in ((a.logits, b.logits), (a.features, b.features)) if x is not None or y is not None]
+    return bool(pairs) and len(a) == len(b) and all(
+        x is not None and y is not None and np.array_equal(x, y) for x, y in pairs)
+
+
+def id_accuracy(outputs: Outputs) -> float | None:
+    """Top-1 accuracy in percent, when the outputs have logits and class labels."""
+    if outputs.logits is None or outputs.labels is None or (outputs.labels < 0).any():
+        return None
+    return float(100.0 * np.mean(outputs.logits.argmax(axis=1) == outputs.labels))
+
+
+def _loader(model: Any, preprocess: Callable | None, layers: Iterable[str],
+            options: dict[str, Any]) -> Callable[[Any, str], Outputs]:
+    layers = list(layers)
+
+    def load(data: Any, name: str) -> Outputs:
+        if isinstance(data, Outputs):
+            return data
+        if model is None:
+            raise ValueError(f"dataset {name!r} is raw data; pass model= to extract it, or pass Outputs")
+        from .extraction.extract import extract
+
+        return extract(model, data, name=name, preprocess=preprocess, layers=layers, **options)
+
+    return load

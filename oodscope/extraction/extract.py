@@ -1,0 +1,273 @@
+"""Run a torch classifier once over a dataset and keep everything detectors need.
+
+``extract(model, data)`` returns :class:`~oodscope.extraction.outputs.Outputs` with logits, penultimate
+features (the input of the classifier head, caught by a forward hook), labels, requested intermediate layers
+(forward hooks on named modules) and the head's ``W, b``. Results are cached on disk (see
+:mod:`oodscope.extraction.cache`), keyed by the model's weights, the data, the preprocessing and the layers, so
+a second call with the same key does not run the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import cache
+from .outputs import Head, ModelSource, Outputs
+
+LayerReduce = Literal["mean", "none"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def find_head(model: nn.Module, head: str | Head | None) -> tuple[str | None, nn.Linear | None]:
+    """The classifier head: ``"auto"`` = the last ``nn.Linear`` registered in the model."""
+    if head is None or isinstance(head, Head):
+        return None, None
+    modules = dict(model.named_modules())
+    if head == "auto":
+        linear = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+        if not linear:
+            return None, None
+        head = linear[-1]
+    if head not in modules:
+        raise ValueError(f"model has no module named {head!r}; its modules include {_some_names(modules)}")
+    if not isinstance(modules[head], nn.Linear):
+        raise ValueError(f"head {head!r} is a {type(modules[head]).__name__}, not nn.Linear")
+    return head, modules[head]
+
+
+def _some_names(modules: dict[str, nn.Module], limit: int = 12) -> str:
+    names = [n for n in modules if n]
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+# -- cache keys --------------------------------------------------------------------------------------------
+def model_digest(model: nn.Module) -> str:
+    h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    for name, tensor in model.state_dict().items():
+        values = tensor.detach().cpu().contiguous()
+        h.update(f"{name}{values.dtype}{tuple(values.shape)}".encode())
+        h.update(values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
+    return h.hexdigest()
+
+
+def preprocess_key(preprocess: Callable | None) -> str | None:
+    """A stable description of the preprocessing, or ``None`` when it has none (then nothing is cached)."""
+    if preprocess is None:
+        return "identity"
+    key = getattr(preprocess, "cache_key", None)
+    if key is not None:
+        return str(key)
+    text = repr(preprocess)
+    return None if re.search(r" at 0x[0-9a-f]+", text) else text
+
+
+def data_digest(inputs: Any, labels: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    if isinstance(inputs, (np.ndarray, torch.Tensor)):
+        h.update(cache.digest_array(_numpy(inputs)).encode())
+    else:
+        for batch_inputs, batch_labels in _iterate(inputs, None, 512):
+            h.update(cache.digest_array(_numpy(batch_inputs)).encode())
+            if batch_labels is not None:
+                h.update(cache.digest_array(_numpy(batch_labels)).encode())
+    if labels is not None:
+        h.update(cache.digest_array(np.asarray(labels)).encode())
+    return h.hexdigest()
+
+
+def _numpy(values: Any) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
+# -- batching ----------------------------------------------------------------------------------------------
+def _iterate(inputs: Any, labels: np.ndarray | None, batch_size: int) -> Iterator[tuple[Any, Any]]:
+    """Batches of (inputs, labels) from an array/tensor or a torch ``Dataset`` yielding ``(x, y)`` pairs."""
+    if isinstance(inputs, (np.ndarray, torch.Tensor)):
+        for start in range(0, len(inputs), batch_size):
+            yield inputs[start:start + batch_size], None if labels is None else labels[start:start + batch_size]
+        return
+    loader = torch.utils.data.DataLoader(inputs, batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        if isinstance(batch, (list, tuple)) and len(batch) == 2:
+            yield batch[0], batch[1]
+        else:
+            yield batch, None
+
+
+def _split_data(data: Any, labels: Any) -> tuple[Any, np.ndarray | None]:
+    if isinstance(data, tuple) and len(data) == 2:
+        if labels is not None:
+            raise ValueError("give labels either inside data=(inputs, labels) or as labels=, not both")
+        data, labels = data
+    if labels is not None:
+        labels = _numpy(labels).astype(np.int64)
+    if isinstance(data, (np.ndarray, torch.Tensor)):
+        if len(data) == 0:
+            raise ValueError("cannot extract from an empty dataset")
+        if labels is not None and len(labels) != len(data):
+            raise ValueError(f"{len(data)} inputs but {len(labels)} labels")
+    return data, labels
+
+
+# -- the forward pass --------------------------------------------------------------------------------------
+def _reduce(activation: torch.Tensor, how: LayerReduce) -> torch.Tensor:
+    if activation.ndim > 2 and how == "mean":
+        return activation.flatten(2).mean(dim=2)
+    return activation
+
+
+def _run(model: nn.Module, inputs: Any, labels: np.ndarray | None, preprocess: Callable | None,
+         head_module: nn.Module | None, layers: list[str], layer_reduce: LayerReduce, device: torch.device,
+         batch_size: int, progress: bool, name: str) -> dict[str, np.ndarray]:
+    modules = dict(model.named_modules())
+    missing = [layer for layer in layers if layer not in modules]
+    if missing:
+        raise ValueError(f"model has no layers {missing}; its modules include {_some_names(modules)}")
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [modules[layer].register_forward_hook(
+        lambda _m, _i, out, key=layer: captured.__setitem__(key, _reduce(_first(out), layer_reduce)))
+        for layer in layers]
+    if head_module is not None:
+        hooks.append(head_module.register_forward_hook(
+            lambda _m, inp, _o: captured.__setitem__("__features__", inp[0].flatten(1))))
+    chunks: dict[str, list[np.ndarray]] = {}
+    if isinstance(preprocess, nn.Module):
+        preprocess.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch_inputs, batch_labels in _progress(_iterate(inputs, labels, batch_size), inputs,
+                                                        batch_size, progress, name):
+                x = torch.as_tensor(batch_inputs).to(device)
+                if preprocess is not None:
+                    x = preprocess(x)
+                captured.clear()
+                logits = _first(model(x))
+                parts = {"logits": logits, **captured}
+                if batch_labels is not None:
+                    parts["labels"] = torch.as_tensor(batch_labels)
+                for key, value in parts.items():
+                    chunks.setdefault(key, []).append(value.detach().float().cpu().numpy()
+                                                      if key != "labels" else value.numpy().astype(np.int64))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if not chunks:
+        raise ValueError(f"dataset {name!r} is empty")
+    return {key: np.concatenate(values) for key, values in chunks.items()}
+
+
+def _first(output: Any) -> torch.Tensor:
+    """The tensor of a module output (first element of tuples, ``logits``/first value of dicts)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        return output["logits"] if "logits" in output else next(iter(output.values()))
+    if isinstance(output, (tuple, list)):
+        return _first(output[0])
+    if hasattr(output, "logits"):
+        return output.logits
+    raise TypeError(f"cannot find a tensor in a model output of type {type(output).__name__}")
+
+
+def _progress(batches: Iterable, inputs: Any, batch_size: int, show: bool, name: str) -> Iterable:
+    if not show:
+        return batches
+    from tqdm.auto import tqdm
+
+    total = -(-len(inputs) // batch_size) if hasattr(inputs, "__len__") else None
+    return tqdm(batches, total=total, desc=f"extract {name}", unit="batch", leave=False)
+
+
+def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "data",
+            preprocess: Callable | None = None, layers: Iterable[str] = (), layer_reduce: LayerReduce = "mean",
+            head: str | Head | None = "auto", batch_size: int = 256, device: str | torch.device = "auto",
+            cache_dir: str | Path | None = None, use_cache: bool = True, progress: bool = True) -> Outputs:
+    """Run ``model`` once over ``data`` and return its :class:`Outputs` (cached on disk).
+
+    Args:
+        model: a torch classifier; its output (or the first tensor in it) is taken as the logits.
+        data: an array/tensor of raw inputs, a tuple ``(inputs, labels)``, or a ``Dataset`` of ``(x, y)``.
+        labels: class labels (``-1`` for OOD) when not inside ``data``.
+        name: the dataset's name, used in messages, progress bars and cache file names.
+        preprocess: callable applied to each raw batch tensor on the device (e.g. scaling and normalisation).
+            Give it a ``cache_key`` attribute (or a stable ``repr``) so the cache can key on it; otherwise the
+            outputs are not cached.
+        layers: names of modules (``dict(model.named_modules())``) whose outputs to keep.
+        layer_reduce: ``"mean"`` averages spatial dimensions of layer outputs (N x C); ``"none"`` keeps them.
+        head: the classifier head: ``"auto"`` (last ``nn.Linear``), a module name, a :class:`Head`, or ``None``.
+            Penultimate features are the head's input.
+        device: ``"auto"`` (CUDA, MPS, else CPU), or any torch device.
+        cache_dir: where to cache; default :func:`oodscope.extraction.cache.default_cache_dir`.
+        use_cache: read and write the cache.
+    """
+    inputs, labels = _split_data(data, labels)
+    layers = list(dict.fromkeys(layers))
+    if layer_reduce not in ("mean", "none"):
+        raise ValueError(f"layer_reduce must be 'mean' or 'none', got {layer_reduce!r}")
+    head_name, head_module = find_head(model, head)
+    torch_device = resolve_device(device)
+    source = ModelSource(model=model, inputs=inputs, preprocess=preprocess, device=str(torch_device),
+                         batch_size=batch_size)
+
+    path = key = None
+    pre_key = preprocess_key(preprocess)
+    if use_cache and pre_key is None:
+        warnings.warn(f"extract({name!r}): the preprocessing has no stable description (give it a cache_key "
+                      "attribute); outputs are not cached", stacklevel=2)
+    elif use_cache:
+        key = hashlib.sha256(repr((cache.FORMAT_VERSION, model_digest(model), data_digest(inputs, labels), pre_key,
+                                   layers, layer_reduce, head_name, head if isinstance(head, str) else None)
+                                  ).encode()).hexdigest()
+        safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+        path = Path(cache_dir or cache.default_cache_dir()) / f"{safe_name}-{key[:20]}.npz"
+        cached = cache.load(path, key)
+        if cached is not None:
+            cached.source = source
+            return _with_head(cached, head)
+
+    model.to(torch_device)
+    arrays = _run(model, inputs, labels, preprocess, head_module, layers, layer_reduce, torch_device,
+                  batch_size, progress, name)
+    outputs = Outputs(
+        logits=arrays["logits"], features=arrays.get("__features__"), labels=arrays.get("labels"),
+        layers={layer: arrays[layer] for layer in layers}, name=name,
+        head=None if head_module is None else Head(head_module.weight.detach().cpu().double().numpy(),
+                                                   _bias(head_module)),
+    )
+    if path is not None:
+        cache.save(path, outputs, key)
+    outputs.source = source
+    return _with_head(outputs, head)
+
+
+def _bias(linear: nn.Linear) -> np.ndarray:
+    if linear.bias is None:
+        return np.zeros(linear.out_features)
+    return linear.bias.detach().cpu().double().numpy()
+
+
+def _with_head(outputs: Outputs, head: Any) -> Outputs:
+    if isinstance(head, Head):
+        outputs.head = head
+    return outputs

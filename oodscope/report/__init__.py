@@ -1,0 +1,1 @@
+"""Reports: leaderboards and figures (matplotlib is imported only when a figure is drawn)."""

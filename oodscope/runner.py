@@ -1,0 +1,66 @@
+"""Run a benchmark end to end: extract every split once (cached), fit detectors, evaluate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .data.benchmark import Benchmark
+from .detectors import Detector, available, create, get
+from .evaluation import Results, evaluate
+from .extraction import Need, Outputs
+from .extraction.extract import extract
+
+POST_HOC_NEEDS = frozenset({Need.LOGITS, Need.FEATURES, Need.HEAD, Need.LABELS})
+
+
+def default_detectors() -> list[str]:
+    """Registered detectors that run on cached logits/features alone (no network re-run, no training)."""
+    return [name for name in available()
+            if get(name).needs <= POST_HOC_NEEDS and not get(name).trains_network]
+
+
+def parse_detectors(spec: str | Sequence[str] | None) -> list[str]:
+    """``None``/``"all"`` -> the defaults; ``"a,b"`` -> those names (each checked against the registry)."""
+    if spec is None or spec == "all":
+        return default_detectors()
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
+    for name in names:
+        get(name)  # raises with suggestions for unknown names
+    return names
+
+
+def extract_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None, *, layers: Sequence[str] = (),
+                      **options: Any) -> dict[str, Outputs]:
+    """Outputs of every split of ``bench`` by its :meth:`Benchmark.datasets` name, each extracted once."""
+    return {name: extract(model, (split.inputs, split.labels), name=f"{bench.name}-{name.replace('/', '-')}",
+                          preprocess=preprocess, layers=layers, **options)
+            for name, split in bench.datasets().items()}
+
+
+def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
+                  detectors: Sequence[str | Detector], **options: Any) -> tuple[Results, dict[str, float]]:
+    """Extract (cached), fit every detector on the ID train split, evaluate on test vs each OOD group."""
+    start = time.perf_counter()
+    outputs = extract_benchmark(bench, model, preprocess, **options)
+    extract_seconds = time.perf_counter() - start
+    for name, out in outputs.items():
+        out.name = name
+    made = {d if isinstance(d, str) else d.name: create(d) if isinstance(d, str) else d for d in detectors}
+    ood = {group: {dataset: outputs[f"{group}/{dataset}"] for dataset in sets} for group, sets in bench.ood.items()}
+    results = evaluate(made, outputs["test"], ood, train=outputs["train"])
+    return results, {"extract": extract_seconds, "total": time.perf_counter() - start}
+
+
+def digits_setup(cache_dir: str | Path | None, seed: int = 0) -> tuple[Benchmark, Any, Callable]:
+    """The default benchmark with its classifier (trained once, then reused from the cache directory)."""
+    from .data.digits import load_digits_benchmark
+    from .extraction.cache import default_cache_dir
+    from .models.digits_cnn import digits_preprocess, train_digits_cnn
+
+    bench = load_digits_benchmark(seed)
+    weights = Path(cache_dir or default_cache_dir()) / "models" / f"digits_cnn-v1-seed{seed}.pt"
+    model = train_digits_cnn(bench.train.inputs, bench.train.labels, n_classes=len(bench.class_names), seed=seed,
+                             cache_path=weights)
+    return bench, model, digits_preprocess()

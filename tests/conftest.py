@@ -1,0 +1,25 @@
+import numpy as np
+import pytest
+
+from oodscope import Head, Outputs
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def gaussian_outputs(rng, n=300, dim=16, n_classes=4, shift=0.0, name="data", labels=True):
+    """Class-clustered features with a linear head; ``shift`` moves every sample away from the classes."""
+    means = np.eye(n_classes, dim) * 4.0
+    y = rng.integers(0, n_classes, n)
+    features = means[y] + rng.normal(size=(n, dim)) + shift
+    W = means / 4.0
+    b = np.zeros(n_classes)
+    logits = features @ W.T + b
+    return Outputs(logits=logits, features=features, labels=y if labels else None, head=Head(W, b), name=name)
+
+
+@pytest.fixture
+def make_outputs(rng):
+    return lambda **kw: gaussian_outputs(rng, **kw)

@@ -1,0 +1,148 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import oodscope
+from oodscope.data.transforms import ImageNormalize
+
+
+class TinyNet(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(self.pool(self.body(x)).flatten(1))
+
+
+@pytest.fixture
+def images(rng):
+    return rng.integers(0, 256, (50, 6, 6, 3), dtype=np.uint8), rng.integers(0, 3, 50)
+
+
+PRE = ImageNormalize(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+
+
+def test_extract_returns_logits_features_layers_and_head(images, tmp_path):
+    x, y = images
+    model = TinyNet()
+    out = oodscope.extract(model, (x, y), name="tiny", preprocess=PRE, layers=["body.0"], batch_size=16,
+                           cache_dir=tmp_path, progress=False)
+    with torch.no_grad():
+        inputs = PRE(torch.as_tensor(x))
+        features = model.pool(model.body(inputs)).flatten(1).numpy()
+        conv = model.body[0](inputs).mean(dim=(2, 3)).numpy()
+        logits = model(inputs).numpy()
+    assert out.logits == pytest.approx(logits, abs=1e-5)
+    assert out.features == pytest.approx(features, abs=1e-5)
+    assert out.layers["body.0"] == pytest.approx(conv, abs=1e-5)
+    assert out.head.W == pytest.approx(model.fc.weight.detach().numpy())
+    assert out.features @ out.head.W.T + out.head.b == pytest.approx(out.logits, abs=1e-5)
+    assert (out.labels == y).all() and out.labels.dtype == np.int64
+    with pytest.raises(ValueError, match="no layers"):
+        oodscope.extract(model, x, preprocess=PRE, layers=["nope"], cache_dir=tmp_path, progress=False)
+
+
+def test_second_extract_reads_cache_and_never_calls_model(images, tmp_path):
+    x, y = images
+    model = TinyNet()
+    first = oodscope.extract(model, (x, y), name="a", preprocess=PRE, cache_dir=tmp_path, progress=False)
+    calls = model.calls
+    second = oodscope.extract(model, (x, y), name="a", preprocess=PRE, cache_dir=tmp_path, progress=False)
+    assert model.calls == calls
+    assert np.array_equal(first.logits, second.logits) and np.array_equal(first.features, second.features)
+    assert second.source is not None and second.source.model is model
+    # another preprocessing, other data or other weights are other keys
+    oodscope.extract(model, (x[:-1], y[:-1]), name="a", preprocess=PRE, cache_dir=tmp_path, progress=False)
+    assert model.calls > calls
+
+
+def test_evaluate_twice_extracts_once(images, tmp_path):
+    x, y = images
+    model = TinyNet()
+    ood = {"near": {"noise": np.full((20, 6, 6, 3), 128, np.uint8)}}
+    kwargs = dict(train=(x, y), model=model, preprocess=PRE, cache_dir=tmp_path, progress=False)
+    first = oodscope.evaluate(["msp", "mahalanobis"], (x, y), ood, **kwargs)
+    calls = model.calls
+    assert calls > 0
+    second = oodscope.evaluate(["msp", "mahalanobis"], (x, y), ood, **kwargs)
+    assert model.calls == calls
+    assert first.table() == second.table()
+
+
+def test_corrupted_or_foreign_cache_is_detected_and_recomputed(images, tmp_path):
+    x, y = images
+    model = TinyNet()
+    reference = oodscope.extract(model, (x, y), name="c", preprocess=PRE, cache_dir=tmp_path, progress=False)
+    (path,) = tmp_path.glob("c-*.npz")
+    path.write_bytes(path.read_bytes()[:-200])  # truncated on disk
+    calls = model.calls
+    with pytest.warns(UserWarning, match="unusable"):
+        again = oodscope.extract(model, (x, y), name="c", preprocess=PRE, cache_dir=tmp_path, progress=False)
+    assert model.calls > calls and np.allclose(again.logits, reference.logits)
+    # an entry written for another model, copied under this key's file name
+    other = TinyNet(seed=1)
+    oodscope.extract(other, (x, y), name="o", preprocess=PRE, cache_dir=tmp_path, progress=False)
+    (other_path,) = tmp_path.glob("o-*.npz")
+    path.write_bytes(other_path.read_bytes())
+    calls = model.calls
+    with pytest.warns(UserWarning, match="another model"):
+        again = oodscope.extract(model, (x, y), name="c", preprocess=PRE, cache_dir=tmp_path, progress=False)
+    assert model.calls > calls and np.allclose(again.logits, reference.logits)
+    # a flipped byte inside an array fails its checksum (or the zip CRC)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="unusable"):
+        oodscope.extract(model, (x, y), name="c", preprocess=PRE, cache_dir=tmp_path, progress=False)
+
+
+def test_unstable_preprocessing_is_not_cached(images, tmp_path):
+    x, _ = images
+    with pytest.warns(UserWarning, match="not cached"):
+        oodscope.extract(TinyNet(), x, preprocess=lambda t: t.permute(0, 3, 1, 2).float(), cache_dir=tmp_path,
+                         progress=False)
+    assert not list(tmp_path.glob("*.npz"))
+
+
+def test_dataset_input_and_auto_device(tmp_path, images):
+    x, y = images
+    dataset = torch.utils.data.TensorDataset(torch.as_tensor(x), torch.as_tensor(y))
+    out = oodscope.extract(TinyNet(), dataset, preprocess=PRE, cache_dir=tmp_path, progress=False, device="auto")
+    assert out.logits.shape == (50, 3) and (out.labels == y).all()
+    assert oodscope.extraction.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ValueError, match="empty"):
+        oodscope.extract(TinyNet(), x[:0], preprocess=PRE, cache_dir=tmp_path, progress=False)
+
+
+def test_evaluate_refuses_id_test_as_ood(make_outputs):
+    train, test = make_outputs(), make_outputs(name="test")
+    with pytest.raises(ValueError, match="identical to the ID test set"):
+        oodscope.evaluate(["msp"], test, {"x": test.subset(slice(None), name="copy")}, train=train)
+    with pytest.raises(ValueError, match="only OOD labels"):
+        ood_as_id = make_outputs(name="ood")
+        ood_as_id.labels[:] = -1
+        oodscope.evaluate(["msp"], ood_as_id, {"x": test}, train=train)
+
+
+def test_evaluate_table_has_group_means(make_outputs):
+    train, test = make_outputs(), make_outputs(name="test")
+    ood = {"near": {"a": make_outputs(name="a", shift=0.5), "b": make_outputs(name="b", shift=1.0)},
+           "far": {"c": make_outputs(name="c", shift=3.0)}}
+    results = oodscope.evaluate(["knn", "mahalanobis"], test, ood, train=train)
+    table = results.table()
+    assert all(set(r) == {"detector", "dataset", "group", "auroc", "fpr95", "aupr_in", "aupr_out"} for r in table)
+    near = [r for r in table if r["detector"] == "knn" and r["group"] == "near"]
+    mean = next(r for r in near if r["dataset"] == "mean")
+    assert mean["auroc"] == pytest.approx(np.mean([r["auroc"] for r in near if r["dataset"] != "mean"]))
+    assert results.id_accuracy is not None and 0 <= results.id_accuracy <= 100
+    warnings.simplefilter("error")  # leaderboard renders without warnings
+    assert "knn" in results.leaderboard()
