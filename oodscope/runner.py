@@ -51,16 +51,3 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
     ood = {group: {dataset: outputs[f"{group}/{dataset}"] for dataset in sets} for group, sets in bench.ood.items()}
     results = evaluate(made, outputs["test"], ood, train=outputs["train"])
     return results, {"extract": extract_seconds, "total": time.perf_counter() - start}
-
-
-def digits_setup(cache_dir: str | Path | None, seed: int = 0) -> tuple[Benchmark, Any, Callable]:
-    """The default benchmark with its classifier (trained once, then reused from the cache directory)."""
-    from .data.digits import load_digits_benchmark
-    from .extraction.cache import default_cache_dir
-    from .models.digits_cnn import digits_preprocess, train_digits_cnn
-
-    bench = load_digits_benchmark(seed)
-    weights = Path(cache_dir or default_cache_dir()) / "models" / f"digits_cnn-v1-seed{seed}.pt"
-    model = train_digits_cnn(bench.train.inputs, bench.train.labels, n_classes=len(bench.class_names), seed=seed,
-                             cache_path=weights)
-    return bench, model, digits_preprocess()

@@ -84,3 +84,20 @@ def load_digits_benchmark(seed: int = 0) -> Benchmark:
              "covariate": {"rotated-noisy": Split(shifted, ood(len(shifted)))}},
         class_names=[str(c) for c in ID_CLASSES],
     )
+
+
+def prepare(request):
+    """``oodscope bench digits``: the benchmark and its small CNN (trained once, then reused from the cache)."""
+    from pathlib import Path
+
+    from ..extraction.cache import default_cache_dir
+    from ..models.digits_cnn import digits_preprocess, train_digits_cnn
+    from .builtin import Prepared
+
+    if request.model is not None:
+        raise ValueError("the digits benchmark trains its own classifier; --model does not apply")
+    bench = load_digits_benchmark(request.seed)
+    weights = Path(request.cache_dir or default_cache_dir()) / "models" / f"digits_cnn-v1-seed{request.seed}.pt"
+    model = train_digits_cnn(bench.train.inputs, bench.train.labels, n_classes=len(bench.class_names),
+                             seed=request.seed, cache_path=weights)
+    return Prepared(bench, model, digits_preprocess(), "digits_cnn")

@@ -62,8 +62,8 @@ def _some_names(modules: dict[str, nn.Module], limit: int = 12) -> str:
 def model_digest(model: nn.Module) -> str:
     h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, tensor in model.state_dict().items():
-        values = tensor.detach().cpu().contiguous()
-        h.update(f"{name}{values.dtype}{tuple(values.shape)}".encode())
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}{values.dtype}{tuple(tensor.shape)}".encode())
         h.update(values.view(torch.uint8).numpy().tobytes() if values.numel() else b"")
     return h.hexdigest()
 
