@@ -146,3 +146,21 @@ def test_evaluate_table_has_group_means(make_outputs):
     assert results.id_accuracy is not None and 0 <= results.id_accuracy <= 100
     warnings.simplefilter("error")  # leaderboard renders without warnings
     assert "knn" in results.leaderboard()
+
+
+def test_rerun_matches_extraction_and_perturb_moves_inputs(images, tmp_path):
+    from oodscope.extraction.rerun import perturb, rerun
+
+    x, y = images
+    model = TinyNet()
+    out = oodscope.extract(model, (x, y), preprocess=PRE, cache_dir=tmp_path, progress=False, batch_size=16)
+    again = rerun(out.source, lambda batch, probe: probe(batch)["features"])
+    assert again == pytest.approx(out.features, abs=1e-5)
+    with pytest.raises(ValueError, match="runs the network again"):
+        oodscope.Outputs(logits=out.logits, name="cached").get("model", who="odin")
+    # one signed-gradient step of size eps raises the max logit
+    batch = PRE(torch.as_tensor(x[:8]))
+    stepped = perturb(batch, lambda z: model(z).max(dim=1).values, epsilon=0.01)
+    assert torch.allclose((stepped - batch).abs().max(), torch.tensor(0.01), atol=1e-6)
+    with torch.no_grad():
+        assert (model(stepped).max(1).values > model(batch).max(1).values).float().mean() > 0.9

@@ -134,43 +134,65 @@ def _reduce(activation: torch.Tensor, how: LayerReduce) -> torch.Tensor:
     return activation
 
 
+class Probe:
+    """Forward hooks that catch penultimate features (the head's input) and named layer outputs.
+
+    Use as a context manager; calling it runs the model and returns ``{"logits", "features", <layers>}``.
+    Works with or without autograd, so detectors that perturb inputs reuse it (see :mod:`.rerun`).
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module | None = None, layers: Iterable[str] = (),
+                 layer_reduce: LayerReduce = "mean"):
+        modules = dict(model.named_modules())
+        self.layers = list(layers)
+        missing = [layer for layer in self.layers if layer not in modules]
+        if missing:
+            raise ValueError(f"model has no layers {missing}; its modules include {_some_names(modules)}")
+        self.model, self.head, self.reduce = model, head, layer_reduce
+        self._modules = modules
+        self._captured: dict[str, torch.Tensor] = {}
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> "Probe":
+        captured = self._captured
+        for layer in self.layers:
+            self._hooks.append(self._modules[layer].register_forward_hook(
+                lambda _m, _i, out, key=layer: captured.__setitem__(key, _reduce(_first(out), self.reduce))))
+        if self.head is not None:
+            self._hooks.append(self.head.register_forward_hook(
+                lambda _m, inp, _o: captured.__setitem__("features", inp[0].flatten(1))))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._captured.clear()
+        logits = _first(self.model(x))
+        return {"logits": logits, **self._captured}
+
+
 def _run(model: nn.Module, inputs: Any, labels: np.ndarray | None, preprocess: Callable | None,
          head_module: nn.Module | None, layers: list[str], layer_reduce: LayerReduce, device: torch.device,
          batch_size: int, progress: bool, name: str) -> dict[str, np.ndarray]:
-    modules = dict(model.named_modules())
-    missing = [layer for layer in layers if layer not in modules]
-    if missing:
-        raise ValueError(f"model has no layers {missing}; its modules include {_some_names(modules)}")
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [modules[layer].register_forward_hook(
-        lambda _m, _i, out, key=layer: captured.__setitem__(key, _reduce(_first(out), layer_reduce)))
-        for layer in layers]
-    if head_module is not None:
-        hooks.append(head_module.register_forward_hook(
-            lambda _m, inp, _o: captured.__setitem__("__features__", inp[0].flatten(1))))
     chunks: dict[str, list[np.ndarray]] = {}
     if isinstance(preprocess, nn.Module):
         preprocess.to(device)
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with Probe(model, head_module, layers, layer_reduce) as probe, torch.inference_mode():
             for batch_inputs, batch_labels in _progress(_iterate(inputs, labels, batch_size), inputs,
                                                         batch_size, progress, name):
                 x = torch.as_tensor(batch_inputs).to(device)
-                if preprocess is not None:
-                    x = preprocess(x)
-                captured.clear()
-                logits = _first(model(x))
-                parts = {"logits": logits, **captured}
-                if batch_labels is not None:
-                    parts["labels"] = torch.as_tensor(batch_labels)
+                parts = probe(preprocess(x) if preprocess is not None else x)
                 for key, value in parts.items():
-                    chunks.setdefault(key, []).append(value.detach().float().cpu().numpy()
-                                                      if key != "labels" else value.numpy().astype(np.int64))
+                    chunks.setdefault(key, []).append(value.detach().float().cpu().numpy())
+                if batch_labels is not None:
+                    chunks.setdefault("labels", []).append(np.asarray(batch_labels, dtype=np.int64))
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
     if not chunks:
         raise ValueError(f"dataset {name!r} is empty")
@@ -228,7 +250,7 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
     head_name, head_module = find_head(model, head)
     torch_device = resolve_device(device)
     source = ModelSource(model=model, inputs=inputs, preprocess=preprocess, device=str(torch_device),
-                         batch_size=batch_size)
+                         batch_size=batch_size, head=head_name)
 
     path = key = None
     pre_key = preprocess_key(preprocess)
@@ -250,7 +272,7 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
     arrays = _run(model, inputs, labels, preprocess, head_module, layers, layer_reduce, torch_device,
                   batch_size, progress, name)
     outputs = Outputs(
-        logits=arrays["logits"], features=arrays.get("__features__"), labels=arrays.get("labels"),
+        logits=arrays["logits"], features=arrays.get("features"), labels=arrays.get("labels"),
         layers={layer: arrays[layer] for layer in layers}, name=name,
         head=None if head_module is None else Head(head_module.weight.detach().cpu().double().numpy(),
                                                    _bias(head_module)),

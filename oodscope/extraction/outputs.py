@@ -51,7 +51,9 @@ class Head:
 class ModelSource:
     """How to run the network again on this dataset (for ODIN-style perturbation or gradients).
 
-    ``inputs`` are the raw (un-preprocessed) inputs, ``preprocess`` maps a raw batch tensor to the model input.
+    ``inputs`` are the raw (un-preprocessed) inputs, ``preprocess`` maps a raw batch tensor to the model input,
+    ``head`` names the classifier head module (its input is the penultimate feature). See
+    :mod:`oodscope.extraction.rerun` for the helpers that use it.
     """
 
     model: Any
@@ -59,6 +61,7 @@ class ModelSource:
     preprocess: Callable | None = None
     device: str = "cpu"
     batch_size: int = 256
+    head: str | None = None
 
 
 @dataclass
