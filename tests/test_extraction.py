@@ -164,3 +164,23 @@ def test_rerun_matches_extraction_and_perturb_moves_inputs(images, tmp_path):
     assert torch.allclose((stepped - batch).abs().max(), torch.tensor(0.01), atol=1e-6)
     with torch.no_grad():
         assert (model(stepped).max(1).values > model(batch).max(1).values).float().mean() > 0.9
+
+
+def test_interrupted_write_leaves_no_entry_and_finished_entries_survive(images, tmp_path, monkeypatch):
+    from oodscope.extraction import cache
+
+    x, y = images
+    model = TinyNet()
+    oodscope.extract(model, (x, y), name="done", preprocess=PRE, cache_dir=tmp_path, progress=False)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache.np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        oodscope.extract(model, (x[:10], y[:10]), name="cut", preprocess=PRE, cache_dir=tmp_path, progress=False)
+    monkeypatch.undo()
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == ["done"]  # no partial or temporary file
+    calls = model.calls
+    oodscope.extract(model, (x, y), name="done", preprocess=PRE, cache_dir=tmp_path, progress=False)
+    assert model.calls == calls
