@@ -122,7 +122,8 @@ def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str,
         if not hasattr(detector, "input_dims_"):
             if train is None:
                 raise ValueError(f"detector {det_name!r} is not fitted and no train data was given")
-            train_outputs = train_outputs or load(train, "train")
+            if train_outputs is None:
+                train_outputs = load(train, "train")
             detector.fit(train_outputs)
         scores[det_name] = {id_outputs.name: detector.score(id_outputs)}
         for sets in ood_outputs.values():
