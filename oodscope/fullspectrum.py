@@ -29,7 +29,8 @@ SHIFTED = "test_shifted"
 
 def flagged_share(clean_scores: np.ndarray, shifted_scores: np.ndarray, keep: float = 0.95) -> float:
     """Percent of ``shifted_scores`` above the threshold that keeps ``keep`` of ``clean_scores`` as ID."""
-    threshold = np.quantile(np.asarray(clean_scores, dtype=np.float64), keep, method="higher")
+    clean = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    threshold = clean[int(np.ceil(keep * len(clean) - 1e-9)) - 1]  # the lowest threshold keeping >= keep of ID
     return float(100.0 * np.mean(np.asarray(shifted_scores, dtype=np.float64) > threshold))
 
 
