@@ -292,3 +292,67 @@ def test_bench_cli_on_tiny_folder_writes_report_and_rerun_reads_cache(tiny_bench
     capsys.readouterr()
     assert main(args[:-3] + ["--groups", "near,middle", "--out", str(tmp_path / "x")]) == 2
     assert "unknown OOD group(s) ['middle']" in capsys.readouterr().err
+
+
+# -- the built-in cifar10 benchmark, on local files in the published layouts (nothing is downloaded) ------------
+def _fake_published_data(root, rng, per_class_train=4, per_class_test=3):
+    import pickle
+
+    from PIL import Image
+
+    def batch(path, per_class, label_key, n_classes=10):
+        labels = np.tile(np.arange(n_classes), per_class)
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps({b"data": data, label_key: labels.tolist()}))
+        return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+    train = [batch(root / "cifar-10-batches-py" / f"data_batch_{i}", 1 if i > 1 else per_class_train, b"labels")
+             for i in range(1, 6)]
+    test = batch(root / "cifar-10-batches-py" / "test_batch", per_class_test, b"labels")
+    batch(root / "cifar-100-python" / "test", 1, b"fine_labels", n_classes=100)
+    digits = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    header = b"".join(int(v).to_bytes(4, "big") for v in (2051, 5, 28, 28))
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(header + digits.tobytes())
+    for index in range(6):
+        _png(root / "tiny-imagenet-200" / "val" / "images" / f"val_{index}.png",
+             rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    for cls in ("banded", "woven"):
+        for index in range(2):
+            path = root / "dtd" / "images" / cls / f"{cls}_{index}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+    return train, test
+
+
+def test_builtin_cifar10_builds_the_spec_from_local_published_files(tmp_path, rng, monkeypatch):
+    import sys
+
+    from oodscope.data import cifar10
+    from oodscope.data.builtin import BenchRequest, prepare
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # proves nothing is downloaded
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    root = tmp_path / "data"
+    with pytest.raises(ValueError, match=r"install torchvision \(pip install 'oodscope\[vision\]'\)"):
+        cifar10.build(root)
+    train, test = _fake_published_data(root, rng)
+    folder = cifar10.build(root, n_train_per_class=2, n_val_per_class=1)
+    bench = load_benchmark_dir(folder)
+    first_x, first_y = train[0]
+    # train = the first 2 images per class in file order: the first batch holds 4 per class
+    assert (bench.train.inputs == first_x[:20]).all() and (bench.train.labels == first_y[:20]).all()
+    assert (bench.val.inputs == test[0][:10]).all() and (bench.test.inputs == test[0][10:]).all()
+    assert len(bench.ood["near"]["cifar100"]) == 100 and len(bench.ood_val["tin"]) == 3
+    assert len(bench.ood["near"]["tin"]) == 3 and bench.ood["far"]["textures"].inputs.shape == (4, 32, 32, 3)
+    mnist = bench.ood["far"]["mnist"].inputs
+    assert mnist.shape == (5, 32, 32, 3) and (mnist[..., 0] == mnist[..., 2]).all()
+    # the CLI route: --data-root / OODSCOPE_DATA resolve to the built folder
+    monkeypatch.setenv("OODSCOPE_DATA", str(root))
+    torch.manual_seed(0)
+    weights = tmp_path / "r20.pth"
+    torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), weights)
+    prepared = prepare(BenchRequest(benchmark="cifar10", weights=str(weights)))
+    assert prepared.model_name == "cifar10_resnet20" and len(prepared.bench.test) == 20
+    assert cifar10.first_per_class(np.array([3, 1, 3, 3, 1, 2]), 2).tolist() == [0, 1, 2, 4, 5]
