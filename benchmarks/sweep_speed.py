@@ -81,6 +81,17 @@ def extract_all(model, pre, sets, layers, batch_size) -> dict:
     return outputs
 
 
+class Clock:
+    """Wall-clock and process CPU seconds of a block (CPU time is steadier on a shared machine)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def eval_names(sets) -> list[str]:
     return [n for n in sets if n not in ("train", "val") and not n.startswith("ood_val/")]
 
@@ -89,8 +100,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bench", default=str(BENCH))
     parser.add_argument("--weights", default=None, help="default: <bench>/models/cifar10_resnet20.pth")
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-eval", type=int, default=500)
+    parser.add_argument("--n-train", type=int, default=1000, help="ID train images (fixed subsample)")
+    parser.add_argument("--n-eval", type=int, default=300, help="images of every other set (fixed subsample)")
     parser.add_argument("--batch-size", type=int, default=250)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -106,25 +117,25 @@ def main() -> int:
                 args.batch_size)
 
     # (a) one extraction pass over all sets
-    start = time.perf_counter()
-    extract_all(model, pre, sets, layers, args.batch_size)
-    t_a = time.perf_counter() - start
-    print(f"(a) one extraction pass: {t_a:.2f} s")
+    with Clock() as clock_a:
+        extract_all(model, pre, sets, layers, args.batch_size)
+    t_a = clock_a.wall
+    print(f"(a) one extraction pass: {t_a:.2f} s (CPU {clock_a.cpu:.2f} s)")
 
     # (b) the oodscope sweep: one extraction + fit + score every detector
-    start = time.perf_counter()
-    outputs = extract_all(model, pre, sets, layers, args.batch_size)
-    auroc_b = {}
-    for name in names:
-        detector = create(name).fit(outputs["train"])
-        id_scores = detector.score(outputs["test"])
-        for ood in eval_names(sets)[1:]:
-            auroc_b[name, ood] = auroc(id_scores, detector.score(outputs[ood]))
-    t_b = time.perf_counter() - start
-    print(f"(b) oodscope sweep, {len(names)} detectors: {t_b:.2f} s")
+    with Clock() as clock_b:
+        outputs = extract_all(model, pre, sets, layers, args.batch_size)
+        auroc_b = {}
+        for name in names:
+            detector = create(name).fit(outputs["train"])
+            id_scores = detector.score(outputs["test"])
+            for ood in eval_names(sets)[1:]:
+                auroc_b[name, ood] = auroc(id_scores, detector.score(outputs[ood]))
+    t_b = clock_b.wall
+    print(f"(b) oodscope sweep, {len(names)} detectors: {t_b:.2f} s (CPU {clock_b.cpu:.2f} s)")
 
     # (c) OpenOOD-style: the network re-run for every method
-    start = time.perf_counter()
+    clock_c = Clock().__enter__()
     auroc_c = {}
     for name in names:
         detector = create(name)
@@ -137,20 +148,26 @@ def main() -> int:
             model, pre, {n: sets[n] for n in eval_names(sets)}, detector.layer_names(), args.batch_size).items()}
         for ood in eval_names(sets)[1:]:
             auroc_c[name, ood] = auroc(scores["test"], scores[ood])
-    t_c = time.perf_counter() - start
-    print(f"(c) OpenOOD-style re-run per method: {t_c:.2f} s")
+    clock_c.__exit__()
+    t_c = clock_c.wall
+    print(f"(c) OpenOOD-style re-run per method: {t_c:.2f} s (CPU {clock_c.cpu:.2f} s)")
     same_c = max(abs(auroc_b[k] - auroc_c[k]) for k in auroc_b)
     print(f"    max |AUROC(b) - AUROC(c)| = {same_c:.2e}")
 
     # (d) pytorch-ood 0.4.0 through its public per-batch API
-    t_d, auroc_d = pytorch_ood_race(model, pre, sets, names, args.batch_size)
+    clock_d, auroc_d = pytorch_ood_race(model, pre, sets, names, args.batch_size)
+    t_d = None if clock_d is None else clock_d.wall
     if t_d is not None:
-        print(f"(d) pytorch-ood, {len(auroc_d) // max(1, len(eval_names(sets)) - 1)} detectors: {t_d:.2f} s")
+        print(f"(d) pytorch-ood, {len(auroc_d) // max(1, len(eval_names(sets)) - 1)} detectors: {t_d:.2f} s "
+              f"(CPU {clock_d.cpu:.2f} s)")
         print(f"    {'detector':<12}{'set':<16}{'oodscope':>10}{'pytorch-ood':>13}")
         for key in sorted(auroc_d):
             print(f"    {key[0]:<12}{key[1]:<16}{100 * auroc_b[key]:>10.2f}{100 * auroc_d[key]:>13.2f}")
         worst = max(abs(auroc_b[k] - auroc_d[k]) for k in auroc_d)
         print(f"    max |AUROC(b) - AUROC(d)| = {100 * worst:.3f} percentage points")
+    cpu_d = f"{clock_d.cpu / clock_b.cpu:.2f}" if clock_d is not None else "nan"
+    print(f"    CPU-time ratios: sweep/extraction {clock_b.cpu / clock_a.cpu:.2f}, openood-style/sweep "
+          f"{clock_c.cpu / clock_b.cpu:.2f}, pytorch-ood/sweep {cpu_d}")
     print(f"sweep/extraction: {t_b / t_a:.2f}")
     print(f"openood-style/sweep: {t_c / t_b:.2f}")
     print(f"pytorch-ood/sweep: {t_d / t_b:.2f}" if t_d is not None else "pytorch-ood/sweep: nan")
@@ -188,7 +205,7 @@ def pytorch_ood_race(model, pre, sets, names, batch_size):
         "knn": lambda: pod.KNN(encoder, k=create("knn").k),
         "vim": lambda: pod.ViM(encoder, d=_vim_dim(), w=head.weight.detach(), b=head.bias.detach()),
     }
-    start = time.perf_counter()
+    clock = Clock().__enter__()
     aurocs = {}
     with torch.no_grad():
         for name in [n for n in PYTORCH_OOD if n in names]:
@@ -200,7 +217,8 @@ def pytorch_ood_race(model, pre, sets, names, batch_size):
                       for n in eval_names(sets)}
             for ood in eval_names(sets)[1:]:
                 aurocs[name, ood] = auroc(scores["test"], scores[ood])
-    return time.perf_counter() - start, aurocs
+    clock.__exit__()
+    return clock, aurocs
 
 
 def _vim_dim() -> int:

@@ -356,3 +356,82 @@ def test_builtin_cifar10_builds_the_spec_from_local_published_files(tmp_path, rn
     prepared = prepare(BenchRequest(benchmark="cifar10", weights=str(weights)))
     assert prepared.model_name == "cifar10_resnet20" and len(prepared.bench.test) == 20
     assert cifar10.first_per_class(np.array([3, 1, 3, 3, 1, 2]), 2).tolist() == [0, 1, 2, 4, 5]
+
+
+# -- the issue's "done when" on the shared CIFAR-10 bench (slow: two full passes of ResNet-20) -------------------
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
+
+
+def _independent_outputs(model_path, images_by_set):
+    """Logits and 64-d features computed without oodscope's extraction (plain torch, README normalisation)."""
+    model = build_cifar_resnet("cifar10_resnet20")
+    model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    model.eval()
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+    out = {}
+    with torch.inference_mode():
+        for name, images in images_by_set.items():
+            feats = []
+            for start in range(0, len(images), 1000):
+                x = torch.as_tensor(images[start:start + 1000]).permute(0, 3, 1, 2).float() / 255.0
+                feats.append(model.forward_features((x - mean) / std))
+            features = torch.cat(feats).double()
+            logits = features @ model.fc.weight.double().T + model.fc.bias.double()
+            out[name] = (logits.numpy(), features.numpy())
+    return out, model.fc.weight.detach().double().numpy(), model.fc.bias.detach().double().numpy()
+
+
+@pytest.mark.slow
+def test_done_when_resnet20_on_shared_cifar10_bench(tmp_path):
+    from scipy.special import logsumexp, softmax
+    from sklearn.metrics import roc_auc_score
+    from sklearn.neighbors import NearestNeighbors
+
+    if not (SHARED / "benchmark.toml").exists():
+        pytest.skip("shared CIFAR-10 bench not available")
+    weights = SHARED / "models" / "cifar10_resnet20.pth"
+    out = tmp_path / "out"
+    assert main(["bench", str(SHARED), "--model", "cifar10_resnet20", "--weights", str(weights), "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--quiet",
+                 "--detectors", "msp,energy,knn,vim,mahalanobis"]) == 0
+    assert "ID accuracy (test) <b id='id-accuracy'>92.59 %</b>" in (out / "report.html").read_text()
+    records = {(r["detector"], r["dataset"]): r["auroc"] for r in json.loads((out / "results.json").read_text())
+               if r["dataset"] != "mean"}
+
+    sets = {"train": "cifar10_train", "test": "cifar10_test", "cifar100": "cifar100_test", "tin": "tin_test",
+            "mnist": "mnist_test", "textures": "textures"}
+    arrays = {k: np.load(SHARED / f"{v}.npz") for k, v in sets.items()}
+    outputs, W, b = _independent_outputs(weights, {k: a["images"] for k, a in arrays.items()})
+    train_logits, train_features = outputs["train"]
+    train_labels = arrays["train"]["labels"]
+    test_logits = outputs["test"][0]
+    assert 100 * np.mean(test_logits.argmax(1) == arrays["test"]["labels"]) == pytest.approx(92.59, abs=0.005)
+
+    normed = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)  # noqa: E731
+    knn = NearestNeighbors(n_neighbors=50, algorithm="brute").fit(normed(train_features))
+    means = np.stack([train_features[train_labels == c].mean(0) for c in range(10)])
+    precision = np.linalg.pinv(np.cov((train_features - means[train_labels]).T, bias=True))
+    origin = -np.linalg.pinv(W) @ b
+    centered = train_features - origin
+    eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered / len(centered))
+    residual_space = eigenvectors[:, np.argsort(eigenvalues)[::-1][32:]]
+    alpha = train_logits.max(1).sum() / np.linalg.norm(centered @ residual_space, axis=1).sum()
+
+    def scores(logits, features):
+        diff = features[:, None, :] - means[None]
+        return {
+            "msp": -softmax(logits, axis=1).max(1),
+            "energy": -logsumexp(logits, axis=1),
+            "knn": knn.kneighbors(normed(features))[0][:, -1],
+            "mahalanobis": np.einsum("ncd,de,nce->nc", diff, precision, diff).min(1),
+            "vim": alpha * np.linalg.norm((features - origin) @ residual_space, axis=1) - logsumexp(logits, axis=1),
+        }
+
+    id_scores = scores(*outputs["test"])
+    for dataset in ("cifar100", "tin", "mnist", "textures"):
+        ood_scores = scores(*outputs[dataset])
+        for detector, values in ood_scores.items():
+            truth = np.r_[np.zeros(len(id_scores[detector])), np.ones(len(values))]
+            expected = 100 * roc_auc_score(truth, np.r_[id_scores[detector], values])
+            assert records[detector, dataset] == pytest.approx(expected, abs=0.02), (detector, dataset)
