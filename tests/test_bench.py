@@ -5,7 +5,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import warnings
 
 import numpy as np
 import pytest
@@ -227,8 +226,7 @@ def test_sha256_prefix_check_and_weights_that_do_not_fit(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="does not start with the published prefix 4118986f"):
         check_sha256_prefix(path, "4118986f")
     # a corrupt file in the hub cache is refused (nothing is downloaded: the file exists)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
-    torch.hub.set_dir(str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     cached = tmp_path / "hub" / "checkpoints" / "cifar10_resnet20-4118986f.pt"
     cached.parent.mkdir(parents=True)
     shutil.copy(path, cached)

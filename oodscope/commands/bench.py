@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                                     **extract_options)
     print(f"benchmark {bench.name} ({prepared.model_name}): ID test {len(bench.test)}, "
           + ", ".join(f"{g}/{d} {len(s)}" for g, sets in bench.ood.items() for d, s in sets.items()))
-    for name, count in getattr(bench, "overlaps", {}).items():
+    for name, count in bench.overlaps.items():
         print(f"warning: {count} images of OOD set {name} are identical to ID images")
     print(results.leaderboard())
     records, report_options = results.table(), {}

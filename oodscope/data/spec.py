@@ -261,10 +261,9 @@ def load_benchmark_dir(folder: str | Path, check_overlap: bool = True) -> Benchm
             sources[f"{'ood_val' if group == 'val' else group}/{name}"] = str(entry)
     ood_val = ood.pop("val", {})
     bench = Benchmark(name=spec["name"], ood=ood, ood_val=ood_val, **splits)
-    bench.sources = {name: sources[name] for name in bench.datasets()}  # type: ignore[attr-defined]
-    bench.root = root  # type: ignore[attr-defined]
+    bench.sources = {name: sources[name] for name in bench.datasets()}
     if check_overlap:
-        bench.overlaps = find_overlaps(bench)  # type: ignore[attr-defined]
+        bench.overlaps = find_overlaps(bench)
         for name, count in bench.overlaps.items():
             warnings.warn(f"benchmark {bench.name!r}: {count} of {len(bench.datasets()[name])} images of OOD set "
                           f"{name!r} are identical to ID images", OverlapWarning, stacklevel=2)

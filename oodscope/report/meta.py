@@ -24,10 +24,12 @@ def data_hashes(bench: Any) -> dict[str, str]:
 
     hashes = {}
     for name, split in bench.datasets().items():
+        source = f"{bench.sources[name]}: " if name in getattr(bench, "sources", {}) else ""
         if isinstance(split.inputs, np.ndarray):
-            hashes[name] = f"{digest_array(split.inputs)[:16]} ({len(split)} x {'x'.join(map(str, split.inputs.shape[1:]))})"
+            shape = "x".join(map(str, split.inputs.shape[1:]))
+            hashes[name] = f"{source}{digest_array(split.inputs)[:16]} ({len(split)} x {shape})"
         else:
-            hashes[name] = f"({len(split)} samples, not an array)"
+            hashes[name] = f"{source}({len(split)} samples, not an array)"
     return hashes
 
 
@@ -57,7 +59,7 @@ def run_metadata(bench: Any, model_name: str, weights: str | None, model: Any, t
     meta.update(weights_description(model_name, weights, model))
     meta["command"] = command
     meta["date (UTC)"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    if getattr(bench, "overlaps", None):
+    if bench.overlaps:
         meta["ID/OOD overlap (identical images)"] = dict(bench.overlaps)
     meta["data sha256"] = data_hashes(bench)
     meta["timings [s]"] = {k: round(float(v), 3) for k, v in timings.items()}
