@@ -95,7 +95,8 @@ def _as_groups(ood: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str, id_test: Any,
              ood: Mapping[str, Any], *, train: Any = None, model: Any = None,
-             preprocess: Callable | None = None, layers: Iterable[str] = (), **extract_options: Any) -> Results:
+             preprocess: Callable | None = None, layers: Iterable[str] = (), progress: bool = False,
+             **extract_options: Any) -> Results:
     """Score the ID test set and every OOD set with every detector and compute the metrics.
 
     Args:
@@ -106,6 +107,7 @@ def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str,
         train: ID training data, needed only to fit unfitted detectors.
         model, preprocess, layers, extract_options: when given, raw datasets are extracted with
             :func:`oodscope.extract` (cached) before scoring.
+        progress: show a progress bar over detectors (fit and score).
     """
     detectors = _as_detectors(detectors)
     groups = _as_groups(ood)
@@ -117,7 +119,7 @@ def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str,
     seconds: dict[str, float] = {}
     records, scores = [], {}
     train_outputs = None
-    for det_name, detector in detectors.items():
+    for det_name, detector in _progress(detectors.items(), progress, len(detectors)):
         start = time.perf_counter()
         if not hasattr(detector, "input_dims_"):
             if train is None:
@@ -137,6 +139,14 @@ def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str,
                                 **{k: 100.0 * v for k, v in values.items()}})
     return Results(records=records, id_accuracy=id_accuracy(id_outputs), seconds=seconds, scores=scores,
                    groups={g: list(s) for g, s in ood_outputs.items()}, id_name=id_outputs.name)
+
+
+def _progress(items: Iterable, show: bool, total: int) -> Iterable:
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc="fit+score", unit="detector", leave=False)
 
 
 def _check_roles(id_outputs: Outputs, ood_outputs: dict[str, dict[str, Outputs]]) -> None:

@@ -49,5 +49,5 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
         out.name = name
     made = {d if isinstance(d, str) else d.name: create(d) if isinstance(d, str) else d for d in detectors}
     ood = {group: {dataset: outputs[f"{group}/{dataset}"] for dataset in sets} for group, sets in bench.ood.items()}
-    results = evaluate(made, outputs["test"], ood, train=outputs["train"])
+    results = evaluate(made, outputs["test"], ood, train=outputs["train"], progress=options.get("progress", False))
     return results, {"extract": extract_seconds, "total": time.perf_counter() - start}

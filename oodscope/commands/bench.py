@@ -22,11 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the extraction cache")
     parser.add_argument("--seed", type=int, default=0, help="seed of the digits splits and classifier")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--groups", default=None, help="comma-separated OOD groups to run (e.g. near,far); default all")
+    parser.add_argument("--full-spectrum", action="store_true",
+                        help="add a covariate-shifted copy of the ID test (common corruptions), counted as ID")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data.builtin import BenchRequest, prepare
+    from ..data.spec import select_groups
+    from ..detectors import create
+    from ..report.html import command_line, write_report, write_results
+    from ..report.meta import run_metadata
     from ..report.plots import plot_score_distributions
     from ..runner import parse_detectors, run_benchmark
 
@@ -35,16 +42,39 @@ def run(args: argparse.Namespace) -> int:
     prepared = prepare(BenchRequest(benchmark=args.benchmark, model=args.model, weights=args.weights,
                                     data_root=args.data_root, cache_dir=args.cache_dir, seed=args.seed,
                                     device=args.device))
-    bench = prepared.bench
-    results, timing = run_benchmark(bench, prepared.model, prepared.preprocess, detectors,
-                                    cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
-                                    use_cache=not args.no_cache, progress=not args.quiet)
+    bench = select_groups(prepared.bench, args.groups)
+    detectors = {name: create(name) for name in detectors}
+    extract_options = dict(cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
+                           use_cache=not args.no_cache, progress=not args.quiet)
+    results, timing = run_benchmark(bench, prepared.model, prepared.preprocess, list(detectors.values()),
+                                    **extract_options)
     print(f"benchmark {bench.name} ({prepared.model_name}): ID test {len(bench.test)}, "
           + ", ".join(f"{g}/{d} {len(s)}" for g, sets in bench.ood.items() for d, s in sets.items()))
+    for name, count in bench.overlaps.items():
+        print(f"warning: {count} images of OOD set {name} are identical to ID images")
     print(results.leaderboard())
+    records, report_options = results.table(), {}
+    if args.full_spectrum:
+        from ..fullspectrum import full_spectrum_records, score_shifted
+
+        shifted_scores, shifted_accuracy, timing["full-spectrum"] = score_shifted(
+            bench, prepared.model, prepared.preprocess, detectors, **extract_options)
+        full_spectrum = full_spectrum_records(results, shifted_scores, shifted_accuracy)
+        records += full_spectrum
+        report_options = {"full_spectrum": full_spectrum, "shifted_scores": shifted_scores}
+        print(f"full-spectrum (ID = test + shifted test; shifted accuracy {shifted_accuracy:.2f} %):")
+        for r in full_spectrum:
+            if r["setting"] == "shift-sensitivity":
+                print(f"  {r['detector']:<14}AUROC clean vs shifted {r['auroc']:6.2f}, "
+                      f"shifted flagged at 95 % TPR {r['flagged']:6.2f} %")
     out = Path(args.out)
-    paths = results.write(out)
+    paths = write_results(out, records)
     paths["png"] = plot_score_distributions(results, out / "score_distributions.png")
+    timing.update({f"{name} fit+score": seconds for name, seconds in results.seconds.items()})
+    timing["total"] = time.perf_counter() - start
+    meta = run_metadata(bench, prepared.model_name, args.weights, prepared.model, timing, command_line(),
+                        {"ID accuracy [%]": results.id_accuracy})
+    paths["html"] = write_report(out / "report.html", results, meta, **report_options)
     print(f"extraction {timing['extract']:.2f} s, total {time.perf_counter() - start:.2f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))
     return 0

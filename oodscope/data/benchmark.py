@@ -35,6 +35,8 @@ class Benchmark:
     ood: dict[str, dict[str, Split]]
     ood_val: dict[str, Split] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # dataset name -> file it was read from (specs)
+    overlaps: dict[str, int] = field(default_factory=dict)  # OOD set -> images identical to ID images
 
     def __post_init__(self) -> None:
         for split_name in ("train", "val", "test"):

@@ -15,6 +15,7 @@ from .benchmark import Benchmark
 
 BUILTIN: dict[str, str] = {
     "digits": "oodscope.data.digits:prepare",
+    "cifar10": "oodscope.data.cifar10:prepare",
 }
 
 

@@ -96,6 +96,34 @@ def build_cifar_resnet(name: str) -> CifarResNet:
     return CifarResNet(DEPTH_BLOCKS[depth], n_classes=10 if dataset == "cifar10" else 100)
 
 
+def check_sha256_prefix(path: str | Path, prefix: str) -> Path:
+    """Raise ``ValueError`` unless the sha256 of the file at ``path`` starts with ``prefix``."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(prefix):
+        raise ValueError(f"weights file {path}: sha256 {digest.hexdigest()[:16]}... does not start with the "
+                         f"published prefix {prefix}; the file is corrupt or not the release (delete it to "
+                         f"download again)")
+    return path
+
+
+def release_weights(name: str) -> Path:
+    """The release file of ``name`` in the torch hub cache (downloaded once), its sha256 prefix checked."""
+    parse_name(name)
+    prefix = RELEASE_SHA256_PREFIX[name]
+    url = RELEASE.format(name=name, sha=prefix)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=prefix, progress=True)
+    return check_sha256_prefix(path, prefix)
+
+
 def load_cifar_resnet(name: str, weights: str | Path | None = None) -> CifarResNet:
     """Build ``name`` and load its weights (local file, else the published release, sha256-prefix checked)."""
     model = build_cifar_resnet(name)
@@ -105,8 +133,7 @@ def load_cifar_resnet(name: str, weights: str | Path | None = None) -> CifarResN
             raise FileNotFoundError(f"weights file {path} does not exist")
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        url = RELEASE.format(name=name, sha=RELEASE_SHA256_PREFIX[name])
-        state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+        state = torch.load(release_weights(name), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     try:
