@@ -35,6 +35,14 @@ from .base import Detector
 from .registry import create, get
 
 
+def plugin_score(confidence: np.ndarray, density_ratio: np.ndarray, c_in: float, c_out: float) -> np.ndarray:
+    """Left-hand side of the Bayes rule (Lemma 3.1): abstain where it exceeds ``c_in``.
+
+    ``confidence`` estimates ``max_y P_in(y|x)``, ``density_ratio`` estimates ``P_out(x) / P_in(x)``.
+    """
+    return (1.0 - c_in - c_out) * (1.0 - np.asarray(confidence)) + c_out * np.asarray(density_ratio)
+
+
 class SCODPlugin(Detector):
     """``score(x) = (1 - c_in - c_out) (1 - MSP(x)) + c_out exp(s_ood(x) - median_ID s_ood)``."""
 
@@ -68,4 +76,4 @@ class SCODPlugin(Detector):
     def _score(self, x: Outputs) -> np.ndarray:
         confidence = probabilities(x.logits).max(axis=1)
         ratio = np.exp(np.minimum(self.ood_detector_.score(x) - self.ood_median_, 700.0))
-        return (1.0 - self.c_in - self.c_out) * (1.0 - confidence) + self.c_out * ratio
+        return plugin_score(confidence, ratio, self.c_in, self.c_out)
