@@ -124,7 +124,12 @@ def main() -> None:
     parser.add_argument("--odin-n", type=int, default=500)
     parser.add_argument("--odin-tune-n", type=int, default=250)
     parser.add_argument("--cache-dir", default="/work/cache")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (1 is faster on a crowded machine)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     for model_name in args.models.split(","):
         run_model(model_name, args)
 
