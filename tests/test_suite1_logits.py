@@ -250,3 +250,28 @@ def test_tune_odin_temperature_runs_on_cached_outputs(make_outputs):
     msp = oodscope.create("msp").fit(val)
     expected = 100 * oodscope.metrics.auroc(msp.score(val), msp.score(ood))
     assert result.table[0]["auroc"] == pytest.approx(expected)
+
+
+# -- real data (slow) -----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cifar10_resnet20_logit_detectors_reproduce_verified_numbers(tmp_path):
+    """AUROC on CIFAR-10 test vs CIFAR-100 as checked side by side with pytorch-ood (benchmarks/verify_...)."""
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-bench"
+    if not (bench_dir / "models" / "cifar10_resnet20.pth").exists():
+        pytest.skip("../shared/data/cifar10-bench is not available")
+    from oodscope.data.spec import load_benchmark_dir
+    from oodscope.models.zoo import load_model
+
+    bench = load_benchmark_dir(bench_dir)
+    model, pre = load_model("cifar10_resnet20", bench_dir / "models" / "cifar10_resnet20.pth")
+    splits = bench.datasets()
+    get = lambda key: oodscope.extract(model, (splits[key].inputs, splits[key].labels), name=key.replace("/", "-"),
+                                       preprocess=pre, cache_dir=tmp_path, progress=False)
+    train, val, test, c100 = get("train"), get("val"), get("test"), get("near/cifar100")
+    expected = {"msp": 85.43, "maxlogit": 86.63, "energy": 86.66, "entropy": 85.86, "temperature": 86.00,
+                "gen": 86.80, "kl_matching": 80.01}
+    for name, value in expected.items():
+        detector = oodscope.create(name, **({"calibration": val} if name == "temperature" else {})).fit(train)
+        assert 100 * oodscope.metrics.auroc(detector.score(test), detector.score(c100)) == pytest.approx(value, abs=0.01)
