@@ -48,7 +48,7 @@ class SCODPlugin(Detector):
 
     name = "scod_plugin"
     needs = frozenset({Need.LOGITS})  # plus what the ``ood`` detector needs (it checks its own inputs)
-    grid = {"c_out": [0.05, 0.1, 0.25, 0.5, 0.75, 0.9]}
+    grid = {"c_out": [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9]}
 
     def __init__(self, ood: str = "energy", c_in: float = 0.0, c_out: float = 0.5,
                  ood_params: dict[str, Any] | None = None):
