@@ -26,14 +26,16 @@ made and the score comes from the cached logits, so tuning ``T`` alone never run
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from ..extraction.outputs import ModelSource, Need, Outputs
 from ._common import probabilities
 from .base import Detector
+
+if TYPE_CHECKING:  # torch is imported only when ODIN re-runs the network
+    import torch
 
 
 class ODIN(Detector):
@@ -72,6 +74,8 @@ class ODIN(Detector):
     def _score(self, x: Outputs) -> np.ndarray:
         if self.epsilon == 0 and x.logits is not None:
             return -probabilities(x.logits, self.temperature).max(axis=1)
+        import torch
+
         from ..extraction.rerun import perturb, rerun
 
         source = x.get(Need.MODEL, who=self.name)
@@ -89,6 +93,8 @@ class ODIN(Detector):
 
     def _step(self, source: ModelSource, batch: torch.Tensor) -> torch.Tensor | float:
         """``eps / std`` per channel (broadcast over ``N x C x ...``), or ``eps`` when there is no std."""
+        import torch
+
         if isinstance(self.input_std, str):
             std = getattr(source.preprocess, "std", None)
             if std is None:
