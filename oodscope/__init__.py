@@ -17,12 +17,13 @@ from .extraction.outputs import Head, Need, Outputs
 __version__ = "0.1.0"
 
 __all__ = ["Detector", "NotFittedError", "available", "create", "Head", "Need", "Outputs", "extract",
-           "evaluate", "Results", "metrics", "__version__"]
+           "evaluate", "Results", "metrics", "__version__", "tune"]
 
 _LAZY = {"extract": ("oodscope.extraction.extract", "extract"),
          "evaluate": ("oodscope.evaluation", "evaluate"),
          "Results": ("oodscope.evaluation", "Results"),
-         "metrics": ("oodscope.metrics", None)}
+         "metrics": ("oodscope.metrics", None),
+         "tune": ("oodscope.tuning", "tune")}
 
 
 def __getattr__(name: str):

@@ -1,0 +1,139 @@
+"""Results table for the logit detectors, ODIN and the SCOD plug-in on the CIFAR-10 benchmark.
+
+    PYTHONPATH=. /work/venv/bin/python benchmarks/suite1_logits_results.py --models cifar10_resnet20,cifar10_resnet56
+
+Per model: every detector with its paper defaults, and tuned with :func:`oodscope.tune` on the validation splits
+(ID ``val`` = CIFAR-10 val, OOD ``ood_val/tin`` = TIN val), both fitted on the ID ``train`` split; reported on the
+ID ``test`` split against every OOD test set: AUROC and FPR@95 (ID positive) in percent, near and far means.
+Temperature scaling fits T on the ``val`` split (``calibration=val``), also when tuned (its grid adds fixed T).
+
+ODIN re-runs the network (forward, backward, forward), which is slow on 2 CPU cores: it is evaluated on a fixed
+seeded subsample of ``--odin-n`` samples per test set and tuned on ``--odin-tune-n`` samples of each validation
+split over a reduced grid (T in {1, 1000} x eps in {0, 0.0014, 0.0028}); its rows are marked ``(n=...)``.
+Finally the SCOD AUC-RC (c_fn = 0.75, lower is better) of MSP, Energy and the SCOD plug-in rejector on the
+pool (ID test + one OOD set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import oodscope
+from oodscope.data.spec import load_benchmark_dir
+from oodscope.extraction.outputs import ModelSource, Outputs
+from oodscope.metrics import auroc, fpr95, scod_auc_rc
+from oodscope.models.zoo import load_model
+from oodscope.runner import extract_benchmark
+
+BENCH = "../shared/data/cifar10-bench"
+OOD_SETS = ["near/cifar100", "near/tin", "far/mnist", "far/textures"]
+DETECTORS = ["msp", "maxlogit", "energy", "entropy", "temperature", "gen", "kl_matching", "scod_plugin"]
+ODIN_GRID = {"temperature": [1.0, 1000.0], "epsilon": [0.0, 0.0014, 0.0028]}
+
+
+def subsample(out: Outputs, inputs: np.ndarray, n: int, seed: int, model, pre, name: str) -> Outputs:
+    pick = np.sort(np.random.default_rng(seed).permutation(len(out))[:n])
+    return Outputs(logits=out.logits[pick], labels=None if out.labels is None else out.labels[pick], name=name,
+                   source=ModelSource(model=model, inputs=inputs[pick], preprocess=pre, device="cpu", batch_size=250))
+
+
+def evaluate_row(detector, test: Outputs, oods: dict[str, Outputs]) -> dict[str, tuple[float, float]]:
+    id_scores = detector.score(test)
+    result = {}
+    for name, outputs in oods.items():
+        scores = detector.score(outputs)
+        result[name] = (100 * auroc(id_scores, scores), 100 * fpr95(id_scores, scores))
+    return result
+
+
+def fmt_params(params: dict) -> str:
+    shown = {k: v for k, v in params.items() if k not in ("calibration", "ood_params")}
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "-"
+
+
+def print_table(model_name: str, rows: list[tuple[str, str, str, dict]]) -> None:
+    print(f"\n### {model_name}: AUROC / FPR@95 (%), ID = CIFAR-10 test\n")
+    short = [s.split("/")[1] for s in OOD_SETS]
+    print("| detector | setting | params | " + " | ".join(short) + " | near mean | far mean |")
+    print("|---|---|---|" + "---|" * (len(short) + 2))
+    for detector, setting, params, metrics in rows:
+        cells = [f"{metrics[s][0]:.2f} / {metrics[s][1]:.2f}" for s in OOD_SETS]
+        near = np.mean([metrics[s] for s in OOD_SETS if s.startswith("near")], axis=0)
+        far = np.mean([metrics[s] for s in OOD_SETS if s.startswith("far")], axis=0)
+        print(f"| {detector} | {setting} | {params} | " + " | ".join(cells)
+              + f" | {near[0]:.2f} / {near[1]:.2f} | {far[0]:.2f} / {far[1]:.2f} |")
+
+
+def run_model(model_name: str, args) -> None:
+    start = time.perf_counter()
+    bench = load_benchmark_dir(BENCH)
+    model, pre = load_model(model_name, f"{BENCH}/models/{model_name}.pth")
+    out = extract_benchmark(bench, model, pre, cache_dir=args.cache_dir, progress=False)
+    for name, o in out.items():
+        o.name = name
+    train, val, test, tin_val = out["train"], out["val"], out["test"], out["ood_val/tin"]
+    oods = {s: out[s] for s in OOD_SETS}
+    acc = 100 * np.mean(test.logits.argmax(1) == test.labels)
+    print(f"\n{model_name}: outputs ready in {time.perf_counter() - start:.1f} s, ID test accuracy {acc:.2f} %")
+
+    rows = []
+    for name in DETECTORS:
+        fixed = {"calibration": val} if name == "temperature" else {}
+        default = oodscope.create(name, **fixed).fit(train)
+        shown = {k: v for k, v in default.get_params().items()}
+        rows.append((name, "default", fmt_params(shown), evaluate_row(default, test, oods)))
+        grid = oodscope.create(name).grid
+        if grid:
+            tuned = oodscope.tune(name, None, val, {"tin_val": tin_val}, train=train, **fixed)
+            rows.append((name, "tuned", fmt_params(tuned.best_params), evaluate_row(tuned.best_detector, test, oods)))
+
+    # ODIN on fixed subsamples (re-runs the network)
+    splits = bench.datasets()
+    t0 = time.perf_counter()
+    sub = {key: subsample(out[key], splits[key].inputs, args.odin_n, 0, model, pre, key) for key in ["test", *OOD_SETS]}
+    val_sub = subsample(val, splits["val"].inputs, args.odin_tune_n, 1, model, pre, "val")
+    tin_sub = subsample(tin_val, splits["ood_val/tin"].inputs, args.odin_tune_n, 1, model, pre, "tin_val")
+    odin = oodscope.create("odin").fit(sub["test"])
+    rows.append((f"odin (n={args.odin_n})", "default", fmt_params(odin.get_params()),
+                 evaluate_row(odin, sub["test"], {s: sub[s] for s in OOD_SETS})))
+    tuned = oodscope.tune("odin", ODIN_GRID, val_sub, {"tin_val": tin_sub})
+    rows.append((f"odin (n={args.odin_n})", f"tuned (n={args.odin_tune_n})", fmt_params(tuned.best_params),
+                 evaluate_row(tuned.best_detector, sub["test"], {s: sub[s] for s in OOD_SETS})))
+    print(f"ODIN: {time.perf_counter() - t0:.0f} s; tuning table:\n{tuned}")
+    print_table(model_name, rows)
+
+    # SCOD: joint risk-coverage of accepting ID test + one OOD set
+    errors = test.logits.argmax(1) != test.labels
+    print(f"\n{model_name}: SCOD AUC-RC x 100 (c_fn = 0.75, lower is better)\n")
+    print("| rejector | " + " | ".join(s.split('/')[1] for s in OOD_SETS) + " |")
+    print("|---|" + "---|" * len(OOD_SETS))
+    for name, kw in [("msp", {}), ("energy", {}), ("scod_plugin", {}), ("scod_plugin", {"c_out": 0.1}),
+                     ("scod_plugin", {"c_out": 0.01}), ("scod_plugin", {"c_out": 0.001})]:
+        detector = oodscope.create(name, **kw).fit(train)
+        id_scores = detector.score(test)
+        cells = [f"{100 * scod_auc_rc(id_scores, errors, detector.score(oods[s])):.2f}" for s in OOD_SETS]
+        print(f"| {name} {fmt_params(kw) if kw else ''} | " + " | ".join(cells) + " |")
+    print(f"\n{model_name}: total {time.perf_counter() - start:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="cifar10_resnet20,cifar10_resnet56")
+    parser.add_argument("--odin-n", type=int, default=500)
+    parser.add_argument("--odin-tune-n", type=int, default=250)
+    parser.add_argument("--cache-dir", default="/work/cache")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (1 is faster on a crowded machine)")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for model_name in args.models.split(","):
+        run_model(model_name, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Temperature scaling, then maximum softmax probability.
+
+Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks", ICML 2017, Sec. 4.2: a single
+temperature ``T > 0`` is fitted by minimising the negative log-likelihood of held-out ID validation data,
+
+    ``T* = argmin_T  -1/n sum_i log softmax(f(x_i) / T)_{y_i}``,
+
+and the calibrated confidence is ``max_c softmax(f(x) / T*)_c``; the OOD score is its negative
+(the MSP of Hendrycks & Gimpel 2017 on calibrated logits).
+
+Where the validation data comes from: pass it as ``calibration=`` (an :class:`Outputs` with logits and labels,
+e.g. the benchmark's ``val`` split); then ``fit(train)`` ignores ``train`` for the temperature. Without
+``calibration`` the temperature is fitted on the labelled data given to ``fit``; training data makes a
+well-fitted network look over-confident, so ``T*`` comes out smaller than on held-out data. A fixed
+``temperature=`` skips the fitting (used by the tuning grid).
+
+The NLL is convex in ``1/T``, so a bounded scalar search over ``log T`` in ``[1e-3, 1e3]`` finds the global
+minimum (in float64); if it lands on a bound (e.g. every calibration sample is classified correctly, where the
+NLL keeps decreasing as ``T -> 0``) a warning says so.
+"""
+
+from __future__ import annotations
+
+import warnings
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp
+
+from ..extraction.outputs import Need, Outputs
+from ._common import as_float64, probabilities
+from .base import Detector
+
+T_BOUNDS = (1e-3, 1e3)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, who: str = "temperature") -> float:
+    """The NLL-minimising temperature of ``logits`` (n x classes) for integer ``labels`` (Guo et al. 2017)."""
+    z = as_float64(logits)
+    y = np.asarray(labels)
+    if y.dtype.kind not in "iu" or y.shape != (len(z),):
+        raise ValueError(f"{who}: need one integer label per calibration sample, got {y.dtype} {y.shape}")
+    if (y < 0).any() or (y >= z.shape[1]).any():
+        raise ValueError(f"{who}: calibration labels must be class indices in [0, {z.shape[1]}); OOD samples "
+                         "(label -1) do not belong in the calibration set")
+    picked = z[np.arange(len(z)), y]
+
+    def nll(log_t: float) -> float:
+        t = np.exp(log_t)
+        return float(np.mean(logsumexp(z / t, axis=1) - picked / t))
+
+    low, high = np.log(T_BOUNDS[0]), np.log(T_BOUNDS[1])
+    result = minimize_scalar(nll, bounds=(low, high), method="bounded", options={"xatol": 1e-7})
+    if min(result.x - low, high - result.x) < 1e-3:
+        warnings.warn(f"{who}: the fitted temperature {np.exp(result.x):.4g} lies at the search bound "
+                      f"{T_BOUNDS}; the calibration data is (nearly) separable - use held-out validation data",
+                      stacklevel=3)
+    return float(np.exp(result.x))
+
+
+class TemperatureScaling(Detector):
+    """``score(x) = -max_c softmax(f(x) / T*)_c`` with ``T*`` fitted by NLL on ID validation data."""
+
+    name = "temperature"
+    needs = frozenset({Need.LOGITS})
+    grid = {"temperature": [None, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0]}
+
+    def __init__(self, temperature: float | None = None, calibration: Outputs | None = None):
+        self.temperature = temperature
+        self.calibration = calibration
+
+    def __repr__(self) -> str:
+        cal = self.calibration
+        shown = None if cal is None else f"<Outputs {cal.name!r}, {len(cal)} samples>"
+        return f"TemperatureScaling(temperature={self.temperature!r}, calibration={shown})"
+
+    def _check_params(self) -> None:
+        if self.temperature is not None and not (np.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature: temperature must be > 0 (or None to fit it), got {self.temperature}")
+        if self.calibration is not None and not isinstance(self.calibration, Outputs):
+            raise ValueError("temperature: calibration must be an oodscope.Outputs with logits and labels "
+                             f"(e.g. the extracted validation split), got {type(self.calibration).__name__}")
+
+    def _fit(self, train: Outputs) -> None:
+        if self.temperature is not None:
+            self.temperature_ = float(self.temperature)
+            return
+        data = self.calibration if self.calibration is not None else train
+        logits = data.get(Need.LOGITS, who=self.name)
+        if data.labels is None:
+            raise ValueError(f"temperature: fitting T needs class labels but dataset {data.name!r} has none; "
+                             "pass calibration=<labelled ID validation Outputs> or a fixed temperature=")
+        if self.calibration is not None and logits.shape[1] != train.get(Need.LOGITS, who=self.name).shape[1]:
+            raise ValueError(f"temperature: calibration logits have {logits.shape[1]} classes but {train.name!r} "
+                             f"has {train.logits.shape[1]}")
+        self.temperature_ = fit_temperature(logits, data.labels, who=self.name)
+
+    def _score(self, x: Outputs) -> np.ndarray:
+        return -probabilities(x.logits, self.temperature_).max(axis=1)

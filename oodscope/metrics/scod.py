@@ -1,0 +1,54 @@
+"""Selective classification with OOD detection (SCOD): the joint risk-coverage curve and its area.
+
+Narasimhan, Menon, Jitkrittum & Kumar, "Plugin estimators for selective classification with out-of-distribution
+detection", ICLR 2024. A classifier ``h`` with a rejector ``r`` is scored on a test pool that mixes ID samples
+(with labels) and OOD samples. The SCOD loss (their Eq. 3) charges ``1 - c_fn`` for an *accepted misclassified*
+ID sample and ``c_fn`` for an *accepted* OOD sample (a false negative of the OOD detector); rejections cost
+nothing in the risk and are accounted for by the coverage. Following the paper's evaluation, the joint risk at a
+threshold is the summed loss of the accepted samples divided by the number of accepted samples, and samples are
+accepted in order of the rejection score (lowest first). ``AUC-RC`` is the area under this risk vs. coverage
+curve (coverage = accepted share of the whole pool), computed like :func:`~oodscope.metrics.selective.aurc`
+(ties accepted together). Lower is better.
+
+``c_fn = 0.75`` is the default cost of the paper's experiments. Rejection scores follow the detector convention:
+higher = reject first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .selective import aurc, risk_coverage_curve
+
+
+def scod_losses(id_errors: np.ndarray, n_ood: int, c_fn: float = 0.75) -> np.ndarray:
+    """Per-sample SCOD loss if accepted: ``(1 - c_fn) * error`` for ID samples, then ``c_fn`` per OOD sample."""
+    if not 0.0 <= c_fn <= 1.0:
+        raise ValueError(f"SCOD: c_fn (cost of an accepted OOD sample) must lie in [0, 1], got {c_fn}")
+    errors = np.asarray(id_errors, dtype=np.float64).ravel()
+    if errors.size and not np.isin(errors, (0.0, 1.0)).all():
+        raise ValueError("SCOD: id_errors must be 0/1 (or False/True): 1 where the classifier is wrong")
+    return np.r_[(1.0 - c_fn) * errors, np.full(int(n_ood), c_fn)]
+
+
+def _pool(id_scores: np.ndarray, id_errors: np.ndarray, ood_scores: np.ndarray,
+          c_fn: float) -> tuple[np.ndarray, np.ndarray]:
+    id_scores = np.asarray(id_scores, dtype=np.float64).ravel()
+    ood_scores = np.asarray(ood_scores, dtype=np.float64).ravel()
+    if id_scores.shape != np.asarray(id_errors).ravel().shape:
+        raise ValueError(f"SCOD: {id_scores.size} ID scores but {np.asarray(id_errors).size} ID errors")
+    if id_scores.size == 0 or ood_scores.size == 0:
+        raise ValueError("SCOD: need at least one ID and one OOD sample")
+    return np.r_[id_scores, ood_scores], scod_losses(id_errors, ood_scores.size, c_fn)
+
+
+def scod_risk_coverage_curve(id_scores: np.ndarray, id_errors: np.ndarray, ood_scores: np.ndarray,
+                             c_fn: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage of the ID+OOD pool and the joint SCOD risk of the accepted samples at each threshold."""
+    return risk_coverage_curve(*_pool(id_scores, id_errors, ood_scores, c_fn))
+
+
+def scod_auc_rc(id_scores: np.ndarray, id_errors: np.ndarray, ood_scores: np.ndarray,
+                c_fn: float = 0.75) -> float:
+    """Area under the SCOD risk-coverage curve (AUC-RC; lower is better)."""
+    return aurc(*_pool(id_scores, id_errors, ood_scores, c_fn))
