@@ -17,8 +17,8 @@ from ._common import as_float64, energy
 def check_percentile(who: str, name: str, value: float) -> None:
     """``ValueError`` unless ``0 < value < 100`` (percentiles are given in percent, not as fractions)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 100.0:
-        hint = f" (it looks like a fraction: pass {100 * value:g})" if isinstance(value, float) and 0 < value < 1 else ""
-        raise ValueError(f"{who}: {name} must be a percentile strictly between 0 and 100, got {value!r}{hint}")
+        raise ValueError(f"{who}: {name} must be a percentile strictly between 0 and 100 (percent, not a "
+                         f"fraction), got {value!r}")
 
 
 def check_positive(who: str, name: str, value: float, allow_zero: bool = False) -> None:
