@@ -27,6 +27,14 @@ def check_positive(who: str, name: str, value: float, allow_zero: bool = False) 
         raise ValueError(f"{who}: {name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def check_subspace_dim(who: str, dim: object, n_features: int) -> int:
+    """A principal-subspace dimension must be an integer in ``(0, n_features)``."""
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not 0 < dim < n_features:
+        raise ValueError(f"{who}: dim must be an integer in (0, {n_features}) for {n_features}-d features, "
+                         f"got {dim!r}")
+    return int(dim)
+
+
 def head_logits(features: np.ndarray, head: Head) -> np.ndarray:
     """``features @ W.T + b`` in float64."""
     return as_float64(features) @ as_float64(head.W).T + as_float64(head.b)

@@ -12,12 +12,11 @@ the simplex spanned by the collapsed class means, which the paper's analysis is 
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from ..extraction.outputs import Need, Outputs
 from ._common import as_float64
+from ._shaping import check_subspace_dim
 from .base import Detector
 
 
@@ -35,10 +34,7 @@ class NECO(Detector):
     def _fit(self, train: Outputs) -> None:
         features = as_float64(train.features)
         n_features, n_classes = features.shape[1], train.logits.shape[1]
-        dim = max(n_classes - 1, 1) if self.dim is None else self.dim
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not 0 < dim < n_features:
-            raise ValueError(f"neco: dim must be an integer in (0, {n_features}) for {n_features}-d features, "
-                             f"got {dim!r}")
+        dim = check_subspace_dim(self.name, max(n_classes - 1, 1) if self.dim is None else self.dim, n_features)
         self.mean_ = features.mean(axis=0)
         std = features.std(axis=0)
         self.scale_ = np.where(std > 0, std, 1.0)

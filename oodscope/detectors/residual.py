@@ -9,12 +9,11 @@ is ``||x^{P⊥}|| = ||(I - P P^T)(x - o)||`` (Eq. 6). Default ``D`` as in ViM (1
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from ..extraction.outputs import Need, Outputs
 from ._common import as_float64
+from ._shaping import check_subspace_dim
 from .base import Detector
 from .vim import default_principal_dim
 
@@ -36,14 +35,10 @@ class Residual(Detector):
         self.dim = dim
 
     def _fit(self, train: Outputs) -> None:
-        features = as_float64(train.features)
-        n_features = features.shape[1]
-        dim = default_principal_dim(n_features) if self.dim is None else self.dim
-        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not 0 < dim < n_features:
-            raise ValueError(f"residual: dim must be an integer in (0, {n_features}) for {n_features}-d features, "
-                             f"got {dim!r}")
+        width = train.features.shape[1]
+        dim = check_subspace_dim(self.name, default_principal_dim(width) if self.dim is None else self.dim, width)
         self.origin_ = -np.linalg.pinv(as_float64(train.head.W)) @ as_float64(train.head.b)
-        self.complement_ = principal_complement(features - self.origin_, dim)
+        self.complement_ = principal_complement(as_float64(train.features) - self.origin_, dim)
 
     def _score(self, x: Outputs) -> np.ndarray:
         return np.linalg.norm((as_float64(x.features) - self.origin_) @ self.complement_, axis=1)
