@@ -10,7 +10,9 @@ cached penultimate features: pytorch-ood's feature-map detectors get them as ``B
 head ``model.fc`` (the global-average-pooled output of ``model.forward_features`` is exactly what ASH, SCALE,
 ReAct and VRA shape in their reference code for this kind of network), its GradNorm gets ``model.fc`` as the
 model and the features as input, with the gradient taken w.r.t. ``fc.weight`` only (the paper's last-layer
-GradNorm), computed per sample by autograd. Prints AUROC (%) per OOD set and the largest difference.
+GradNorm), computed per sample by autograd. pytorch-ood has no Residual detector: oodscope's ``residual`` is
+compared with the residual norm inside pytorch-ood's fitted ViM. Prints AUROC (%) per OOD set and the largest
+difference.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def reference_detectors(fc: torch.nn.Module) -> dict:
         "vra": VRA(backbone=None, head=head, lower_percentile=0.60, upper_percentile=0.90),
         "dice": DICE(encoder=None, w=w, b=b, p=0.90),
         "vim": ViM(encoder=None, d=32, w=w, b=b),
+        "residual": ViM(encoder=None, d=32, w=w, b=b),  # its residual norm ||(x - u) @ principal_subspace||
         "gradnorm": GradNorm(model=fc, param_filter=lambda name: name == "weight", temperature=1.0),
         "fdbd": fDBD(encoder=None, head=fc),
         "she": SHE(encoder=None, head=fc),
@@ -55,7 +58,7 @@ def reference_detectors(fc: torch.nn.Module) -> dict:
 
 
 OURS = {"react": {}, "ash_p": {}, "ash_b": {}, "ash_s": {}, "scale": {}, "vra": {}, "dice": {}, "vim": {"dim": 32},
-        "gradnorm": {}, "fdbd": {}, "she": {}}
+        "residual": {"dim": 32}, "gradnorm": {}, "fdbd": {}, "she": {}}
 MAPS = {"react", "ash_p", "ash_b", "ash_s", "scale", "vra"}
 
 NOTES = {
@@ -75,6 +78,8 @@ def reference_scores(name: str, det, train_z: torch.Tensor, train_y: torch.Tenso
                 det.fit_feature_maps(train_z[:, :, None, None], train_y)
             return det.predict_feature_maps(z[:, :, None, None]).double().numpy()
         det.fit_features(train_z, train_y)
+        if name == "residual":  # pytorch-ood has no Residual detector; ViM's virtual logit is alpha * this norm
+            return ((z - det.u) @ det.principal_subspace).norm(dim=-1).double().numpy()
         return det.predict_features(z).double().numpy()
 
 

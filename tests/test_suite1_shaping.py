@@ -125,6 +125,14 @@ def test_residual_hand_computed_and_principal_space_invariance():
     assert residual.score(outputs_from(moved, W)) == pytest.approx(residual.score(outputs_from(x, W)), rel=1e-12)
 
 
+def test_residual_is_the_norm_behind_vims_virtual_logit(make_outputs):
+    train, test = make_outputs(n=400), make_outputs(n=100, shift=1.0)
+    vim = oodscope.create("vim", dim=6).fit(train)
+    residual = oodscope.create("residual", dim=6).fit(train)
+    virtual_logit = vim.score(test) + logsumexp(test.logits, axis=1)
+    assert residual.score(test) == pytest.approx(virtual_logit / vim.alpha_, rel=1e-8)
+
+
 def test_neco_hand_computed_ratio():
     t = np.linspace(-1.0, 1.0, 41)
     u = np.tile([1.0, -1.0], 21)[:41] * 0.3
