@@ -295,3 +295,13 @@ def test_cifar_resnet20_shaping_detectors_beat_chance(tmp_path):
     for name, floor in {"react": 0.8, "dice": 0.8, "fdbd": 0.8, "she": 0.8, "neco": 0.8, "vra": 0.8}.items():
         detector = oodscope.create(name).fit(out["train"])
         assert auroc(detector.score(out["test"]), detector.score(out["near/cifar100"])) > floor, name
+
+
+def test_neco_default_dim_is_classes_minus_one_capped(rng):
+    features = rng.normal(size=(300, 8))
+    few = outputs_from(features, rng.normal(size=(3, 8)))
+    many = outputs_from(features, rng.normal(size=(20, 8)))
+    assert oodscope.create("neco").fit(few).components_.shape == (8, 2)
+    assert oodscope.create("neco").fit(many).components_.shape == (8, 4)
+    with pytest.raises(ValueError, match=r"neco: dim must be an integer in \(0, 8\)"):
+        oodscope.create("neco", dim=8).fit(few)

@@ -7,7 +7,8 @@ spanned by the class means while OOD features do not. With ``P`` the top-``d`` p
 maximum logit (``NECO(x) * MaxLogit(x)``) as its final score. ID is high, so we return the negative.
 
 The paper picks ``d`` on validation data; the default here is ``d = C - 1`` (``C`` classes), the dimension of
-the simplex spanned by the collapsed class means, which the paper's analysis is built on.
+the simplex spanned by the collapsed class means, which the paper's analysis is built on (capped at half the
+feature dimension, e.g. for 100 classes on 64-d features).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class NECO(Detector):
     def _fit(self, train: Outputs) -> None:
         features = as_float64(train.features)
         n_features, n_classes = features.shape[1], train.logits.shape[1]
-        dim = check_subspace_dim(self.name, max(n_classes - 1, 1) if self.dim is None else self.dim, n_features)
+        default = max(min(n_classes - 1, n_features // 2), 1)
+        dim = check_subspace_dim(self.name, default if self.dim is None else self.dim, n_features)
         self.mean_ = features.mean(axis=0)
         std = features.std(axis=0)
         self.scale_ = np.where(std > 0, std, 1.0)
