@@ -92,7 +92,8 @@ def print_table(model_name: str, rows: list[tuple[str, str, str, dict]]) -> None
         print(f"| {detector} | {setting} | {params} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
 
 
-def run_model(model_name: str, cache_dir: str, adascale_n: int, adascale_fit: int, skip_tuning: bool) -> None:
+def run_model(model_name: str, cache_dir: str, adascale_n: int, adascale_fit: int, skip_tuning: bool,
+              only: list[str] | None = None) -> None:
     bench = load_benchmark_dir(BENCH)
     model, pre = load_model(model_name, f"{BENCH}/models/{model_name}.pth")
     start = time.perf_counter()
@@ -102,7 +103,7 @@ def run_model(model_name: str, cache_dir: str, adascale_n: int, adascale_fit: in
     train, test, val, ood_val = out["train"], out["test"], out["val"], out["ood_val/tin"]
     oods = {s: out[s] for s in OOD_SETS}
     rows = []
-    for name in DETECTORS:
+    for name in DETECTORS if only is None else [d for d in DETECTORS if d in only]:
         start = time.perf_counter()
         detector = oodscope.create(name).fit(train)
         rows.append((name, "default", fmt_params(detector.get_params()), evaluate_row(detector, test, oods)))
@@ -131,9 +132,11 @@ def main() -> None:
     parser.add_argument("--adascale-n", type=int, default=1000)
     parser.add_argument("--adascale-fit", type=int, default=5000, help="ID samples for AdaSCALE's CDF (default 5000)")
     parser.add_argument("--skip-tuning", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated subset of the post-hoc detectors ('' = none)")
     args = parser.parse_args()
     for model_name in args.models.split(","):
-        run_model(model_name, args.cache_dir, args.adascale_n, args.adascale_fit, args.skip_tuning)
+        only = None if args.only is None else [d for d in args.only.split(",") if d]
+        run_model(model_name, args.cache_dir, args.adascale_n, args.adascale_fit, args.skip_tuning, only)
 
 
 if __name__ == "__main__":
