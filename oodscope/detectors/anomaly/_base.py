@@ -117,26 +117,6 @@ def in_blocks(fn, x: np.ndarray, dtype=np.float64) -> np.ndarray:
 
 
 # -- torch helpers shared by the neural detectors ------------------------------------------------------------
-def torch_seed(seed: int):
-    """A seeded ``torch.Generator`` (CPU) for initialisation, shuffling and noise."""
-    import torch
-
-    generator = torch.Generator().manual_seed(int(seed))
-    return generator
-
-
-def mlp(sizes: list[int], bias: bool = True, final_activation: bool = False):
-    """``Linear -> ReLU`` stack with the given layer sizes."""
-    import torch.nn as nn
-
-    layers: list = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
-        if i < len(sizes) - 2 or final_activation:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
 def predict_in_blocks(fn, x: np.ndarray) -> np.ndarray:
     """Apply a torch function (module in eval mode; float32 in) in fixed zero-padded blocks, as float64."""
     import torch
@@ -145,4 +125,72 @@ def predict_in_blocks(fn, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return fn(torch.from_numpy(block)).detach().cpu().numpy().astype(np.float64)
 
-    return in_blocks(run, x, dtype=np.float32)
+    with seeded(None):
+        return in_blocks(run, x, dtype=np.float32)
+
+
+def train_minibatches(module, X: np.ndarray, loss_fn, *, epochs: int, batch_size: int, lr: float,
+                      weight_decay: float, generator) -> list[float]:
+    """Adam on shuffled mini-batches of ``X`` (float32); ``loss_fn(module, batch, generator)``; mean loss per epoch.
+
+    Callers build ``module`` and call this inside :func:`seeded` so initialisation, shuffling and noise are
+    reproducible without touching torch's global random state.
+    """
+    import torch
+
+    data = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+    history = []
+    module.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator)
+        total = 0.0
+        for start in range(0, len(data), batch_size):
+            batch = data[order[start:start + batch_size]]
+            optimizer.zero_grad()
+            loss = loss_fn(module, batch, generator)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+        history.append(total / len(data))
+    module.eval()
+    return history
+
+
+class seeded:
+    """Context manager for training and scoring the small networks of the anomaly detectors.
+
+    Inside, torch's global RNG is seeded (and restored afterwards, ``torch.random.fork_rng``) and torch runs on one
+    thread: these MLPs are too small to gain from threads, on shared machines extra threads slow them down by an
+    order of magnitude, and a fixed thread count keeps scores bit-identical from run to run.
+    """
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+
+    def __enter__(self):
+        import torch
+
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        if self.seed is None:
+            return None
+        torch.manual_seed(int(self.seed))
+        return torch.Generator().manual_seed(int(self.seed))
+
+    def __exit__(self, *exc):
+        import torch
+
+        try:
+            return self._fork.__exit__(*exc)
+        finally:
+            torch.set_num_threads(self._threads)
+
+
+def check_training(who: str, epochs, batch_size, lr) -> None:
+    check_int(who, "epochs", epochs)
+    check_int(who, "batch_size", batch_size)
+    if not float(lr) > 0:
+        raise ValueError(f"{who}: lr must be positive, got {lr!r}")
