@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...extraction.outputs import Outputs
-from ._base import AnomalyDetector, check_int, check_training, predict_in_blocks, seeded, train_minibatches
+from ._base import (AnomalyDetector, check_int, check_training, in_blocks, predict_in_blocks, seeded,
+                    train_minibatches)
 from .rp_depth import median_mad, projected_outlyingness, random_directions
 
 
@@ -74,7 +75,7 @@ class DeepRPO(AnomalyDetector):
         self.median_, self.mad_ = median_mad(self._project(X), self.name)
 
     def _project(self, x: np.ndarray) -> np.ndarray:
-        return predict_in_blocks(self.network_, x) @ self.directions_
+        return in_blocks(lambda rows: rows @ self.directions_, predict_in_blocks(self.network_, x))
 
     def _score(self, x: Outputs) -> np.ndarray:
         return projected_outlyingness(self._project(x.features), self.median_, self.mad_, "mean")
