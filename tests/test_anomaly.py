@@ -215,3 +215,17 @@ def test_dte_c_predicts_more_diffusion_time_for_noisier_rows(blobs):
     assert heavily > slightly + 0.1
     probabilities_sum_to_one = detector.score(x)
     assert np.all((probabilities_sum_to_one >= 0) & (probabilities_sum_to_one <= detector.n_bins - 1))
+
+
+def test_pyod_adapter_matches_pyod_and_our_knn(blobs):
+    pytest.importorskip("pyod")
+    from pyod.models.knn import KNN
+
+    train, test, _ = blobs
+    ours = make("pyod", model="KNN", params={"n_neighbors": 5}).fit(train).score(test)
+    np.testing.assert_allclose(ours, KNN(n_neighbors=5).fit(train).decision_function(test))
+    np.testing.assert_allclose(ours, make("knn_distance", k=5).fit(train).score(test), rtol=1e-5)
+    instance = make("pyod", model=KNN(n_neighbors=3)).fit(train)
+    assert instance.estimator_ is not None and instance.model.n_neighbors == 3
+    with pytest.raises(ValueError, match="unknown PyOD model"):
+        make("pyod", model="NoSuchModel").fit(train)
