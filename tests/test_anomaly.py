@@ -229,3 +229,41 @@ def test_pyod_adapter_matches_pyod_and_our_knn(blobs):
     assert instance.estimator_ is not None and instance.model.n_neighbors == 3
     with pytest.raises(ValueError, match="unknown PyOD model"):
         make("pyod", model="NoSuchModel").fit(train)
+
+
+# -- deciding: ExCeeD and rejection ---------------------------------------------------------------------------
+def test_exceed_confidence_matches_the_binomial_definition():
+    from scipy.stats import binom
+
+    from oodscope.anomaly.rejection import ExCeeD, anomaly_probability
+
+    train = np.arange(1.0, 101.0)  # n = 100 distinct scores
+    p = anomaly_probability(train, np.array([50.5, 95.5, 1000.0]), contamination=0.1)
+    # psi = (1 + #below) / (2 + n); P(Bin(n, psi) >= n (1 - gamma)) = P(Bin >= 90)
+    expected = [binom.sf(89, 100, (1 + k) / 102) for k in (50, 95, 100)]
+    np.testing.assert_allclose(p, expected)
+    detector = ExCeeD(contamination=0.1).fit(train)
+    assert detector.predict(np.array([95.5]))[0] and not detector.predict(np.array([50.5]))[0]
+    confidence = detector.confidence(np.array([1.0, 50.5, 90.6, 1000.0]))
+    assert confidence[0] > 0.999 and confidence[-1] > 0.999 and confidence[2] < 0.8  # unsure near the threshold
+    assert detector.reject(np.array([90.6]))[0] and not detector.reject(np.array([1.0]))[0]
+
+
+def test_expected_rejection_rate_holds_on_exchangeable_scores():
+    from oodscope.anomaly.rejection import ExCeeD
+
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(30):
+        detector = ExCeeD(contamination=0.1, T=32).fit(rng.normal(size=500))
+        rates.append(detector.reject(rng.normal(size=2000)).mean())
+    assert np.mean(rates) == pytest.approx(detector.expected_rejection_rate(), abs=0.01)
+    assert 0 < detector.expected_rejection_rate() < 0.5
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 0.51, 1.0, "a lot"])
+def test_contamination_outside_the_unit_half_interval_is_refused(bad):
+    from oodscope.anomaly.rejection import ExCeeD
+
+    with pytest.raises(ValueError, match=r"contamination must be"):
+        ExCeeD(contamination=bad).fit(np.arange(10.0))

@@ -21,6 +21,7 @@ class MeanShifted(AnomalyDetector):
     """kNN distance between mean-shifted, re-normalised features."""
 
     name = "mean_shifted"
+    adbench_default = False  # an angular score for network features; meaningless on standardised table columns
     grid = {"k": [1, 2, 5, 10]}
 
     def __init__(self, k: int = 2):
