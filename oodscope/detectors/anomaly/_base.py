@@ -78,10 +78,13 @@ class NeighbourBank:
     def __init__(self, bank: np.ndarray):
         import faiss
 
+        bank = np.asarray(bank, dtype=np.float64)
         self.dim = bank.shape[1]
         self.size = len(bank)
+        # distances do not change under a shift; centring first keeps float32's |a|^2 + |b|^2 - 2ab accurate
+        self.offset = bank.mean(axis=0)
         self.index = faiss.IndexFlatL2(self.dim)
-        self.index.add(np.ascontiguousarray(bank, dtype=np.float32))
+        self.index.add(np.ascontiguousarray(bank - self.offset, dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared distances (float64, ascending) and indices of the ``k`` nearest bank rows of each query."""
@@ -90,7 +93,7 @@ class NeighbourBank:
         indices = np.empty((n, k), dtype=np.int64)
         block = np.zeros((_BLOCK, self.dim), dtype=np.float32)
         for start in range(0, n, _BLOCK):
-            rows = queries[start:start + _BLOCK]
+            rows = np.asarray(queries[start:start + _BLOCK], dtype=np.float64) - self.offset
             block[:] = 0.0
             block[:len(rows)] = rows
             d, i = self.index.search(block, k)
