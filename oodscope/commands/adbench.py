@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--datasets", default="wdbc,wine", help="comma-separated: wdbc, wine (default both)")
     parser.add_argument("--detectors", default="all",
                         help="comma-separated names, or 'all' (default: every tabular anomaly detector)")
+    parser.add_argument("--skip-trained", action="store_true",
+                        help="leave out the detectors that train a network (DTE-C, Deep SVDD/SAD, DRPO)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's)")
     parser.add_argument("--resample-to", type=int, default=None,
                         help="dte only: resample smaller data sets to this many rows first, as the DTE code does "
@@ -32,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from ..runner import parse_detectors
 
     start = time.perf_counter()
+    from ..detectors import get
+
     detectors = anomaly_detectors() if args.detectors == "all" else parse_detectors(args.detectors)
+    if args.skip_trained:
+        detectors = [name for name in detectors if not get(name).trains_network]
     datasets = [load(name.strip()) for name in args.datasets.split(",") if name.strip()]
     seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
     records, seconds = run_protocol(detectors, datasets, args.protocol, seeds=seeds, resample_to=args.resample_to,

@@ -192,6 +192,11 @@ class seeded:
             torch.set_num_threads(self._threads)
 
 
+def check_hidden(who: str, hidden) -> None:
+    if not hidden or any(not isinstance(h, (int, np.integer)) or h < 1 for h in hidden):
+        raise ValueError(f"{who}: hidden must be a non-empty tuple of positive layer sizes, got {hidden!r}")
+
+
 def check_training(who: str, epochs, batch_size, lr) -> None:
     check_int(who, "epochs", epochs)
     check_int(who, "batch_size", batch_size)

@@ -48,7 +48,8 @@ class DeepSAD(DeepSVDDBase):
             raise ValueError(f"{self.name}: y must hold 0 (unlabelled), +1 (labelled normal) or -1 (labelled "
                              f"anomaly) for each of the {len(X)} rows")
         if (labels == 0).sum() + (labels == 1).sum() == 0:
-            raise ValueError(f"{self.name}: every row is a labelled anomaly; the centre needs normal or unlabelled rows")
+            raise ValueError(f"{self.name}: every row is a labelled anomaly; the centre needs normal or "
+                             "unlabelled rows")
         eta, eps = float(self.eta), float(self.eps)
         with seeded(self.seed) as generator:
             self.network_ = bias_free_mlp(X.shape[1], tuple(self.hidden))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...extraction.outputs import Outputs
-from ._base import AnomalyDetector, check_training, predict_in_blocks, seeded, train_minibatches
+from ._base import AnomalyDetector, check_hidden, check_training, predict_in_blocks, seeded, train_minibatches
 
 
 def bias_free_mlp(n_features: int, hidden: tuple[int, ...]):
@@ -54,8 +54,7 @@ class DeepSVDDBase(AnomalyDetector):
 
     def _check_params(self) -> None:
         check_training(self.name, self.epochs, self.batch_size, self.lr)
-        if not self.hidden or any(not isinstance(h, (int, np.integer)) or h < 1 for h in self.hidden):
-            raise ValueError(f"{self.name}: hidden must be a non-empty tuple of positive sizes, got {self.hidden!r}")
+        check_hidden(self.name, self.hidden)
 
     def _score(self, x: Outputs) -> np.ndarray:
         import torch

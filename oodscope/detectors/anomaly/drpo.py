@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...extraction.outputs import Outputs
-from ._base import (AnomalyDetector, check_int, check_training, in_blocks, predict_in_blocks, seeded,
-                    train_minibatches)
+from ._base import (AnomalyDetector, check_hidden, check_int, check_training, in_blocks, predict_in_blocks,
+                    seeded, train_minibatches)
 from .rp_depth import median_mad, projected_outlyingness, random_directions
 
 
@@ -43,9 +43,9 @@ class DeepRPO(AnomalyDetector):
         check_int(self.name, "n_projections", self.n_projections)
         check_training(self.name, self.epochs, self.batch_size, self.lr)
         if self.batch_size < 3:
-            raise ValueError(f"{self.name}: batch_size must be >= 3 (a median and MAD per batch), got {self.batch_size}")
-        if not self.hidden or any(not isinstance(h, (int, np.integer)) or h < 1 for h in self.hidden):
-            raise ValueError(f"{self.name}: hidden must be a non-empty tuple of positive sizes, got {self.hidden!r}")
+            raise ValueError(f"{self.name}: batch_size must be >= 3 (a median and MAD per batch), "
+                             f"got {self.batch_size}")
+        check_hidden(self.name, self.hidden)
 
     def _fit(self, train: Outputs) -> None:
         import torch

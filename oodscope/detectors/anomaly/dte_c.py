@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...extraction.outputs import Outputs
-from ._base import AnomalyDetector, check_int, check_training, predict_in_blocks, seeded, train_minibatches
+from ._base import (AnomalyDetector, check_hidden, check_int, check_training, predict_in_blocks, seeded,
+                    train_minibatches)
 from .dte_np import variance_schedule
 
 
@@ -55,8 +56,7 @@ class DTECategorical(AnomalyDetector):
         if self.n_bins > self.T:
             raise ValueError(f"{self.name}: n_bins={self.n_bins} exceeds the {self.T} diffusion steps")
         check_training(self.name, self.epochs, self.batch_size, self.lr)
-        if not self.hidden or any(not isinstance(h, (int, np.integer)) or h < 1 for h in self.hidden):
-            raise ValueError(f"{self.name}: hidden must be a non-empty tuple of positive layer sizes, got {self.hidden!r}")
+        check_hidden(self.name, self.hidden)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{self.name}: dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -27,7 +27,8 @@ def _iisignature(who: str):
     try:
         import iisignature
     except ImportError:
-        raise ValueError(f"{who}: needs the iisignature package; pip install --no-build-isolation iisignature") from None
+        raise ValueError(f"{who}: needs the iisignature package; "
+                         "pip install --no-build-isolation iisignature") from None
     return iisignature
 
 
