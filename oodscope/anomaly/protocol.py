@@ -1,0 +1,147 @@
+"""Benchmark protocols for tabular anomaly detection (``oodscope adbench``).
+
+``dte`` (Livernoche et al., "On Diffusion Modeling for Anomaly Detection", ICLR 2024, Sec. 5 and their
+``run.py``), two settings, seeds ``0..4`` by default:
+
+* ``dte-semi`` (semi-supervised): fit on a random 50 % of the normal rows; test on the other normal rows and all
+  anomalies.
+* ``dte-unsup`` (unsupervised): fit on a bootstrap resample (with replacement, same size) of the whole data set;
+  test on the whole data set.
+
+Both standardise with a ``StandardScaler`` fitted on the training rows, as the DTE code does.
+The DTE code (inherited from ADBench's data generator) first resamples data sets with fewer than 1000 rows to
+1000 rows with replacement; ``resample_to=1000`` reproduces that (duplicates then appear in train and test),
+the default ``None`` keeps the data set as it is.
+
+``adbench`` (Han et al., "ADBench", NeurIPS 2022): a 70/30 stratified train/test split, min-max scaling fitted on
+the training part, fit on the whole training part (unlabelled, anomalies included), seeds ``1..3``.
+
+Every split is scored with the normal test rows as "in-distribution" and the anomalies as "out": AUROC and the
+AUPR with anomalies positive (``aupr_out``) are the numbers ADBench reports.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .datasets import TabularDataset
+
+PROTOCOLS = {"dte": ("dte-semi", "dte-unsup"), "adbench": ("adbench",)}
+DEFAULT_SEEDS = {"dte": (0, 1, 2, 3, 4), "adbench": (1, 2, 3)}
+
+
+@dataclass
+class Split:
+    """One train/test split of one data set under one setting and seed (already scaled)."""
+
+    dataset: str
+    setting: str
+    seed: int
+    X_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+
+
+def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = train.mean(axis=0), train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return (train - mean) / std, (test - mean) / std
+
+
+def _min_max(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    low, span = train.min(axis=0), np.ptp(train, axis=0)
+    span = np.where(span > 0, span, 1.0)
+    return (train - low) / span, (test - low) / span
+
+
+def splits(data: TabularDataset, protocol: str, seeds: Iterable[int] | None = None,
+           resample_to: int | None = None) -> Iterator[Split]:
+    """The splits of ``data`` under ``protocol`` (``"dte"`` or ``"adbench"``), one per setting and seed."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
+    if resample_to is not None and protocol != "dte":
+        raise ValueError("resample_to reproduces the DTE code's small-data resampling; use it with protocol 'dte'")
+    seeds = DEFAULT_SEEDS[protocol] if seeds is None else tuple(seeds)
+    for setting in PROTOCOLS[protocol]:
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            X, y = data.X, data.y
+            if resample_to is not None and len(X) < resample_to:
+                pick = rng.choice(len(X), resample_to, replace=True)
+                X, y = X[pick], y[pick]
+            if setting == "dte-semi":
+                normal = rng.permutation(np.flatnonzero(y == 0))
+                n_train = int(round(0.5 * len(normal)))
+                test = np.concatenate([normal[n_train:], np.flatnonzero(y == 1)])
+                train_x, test_x = _standardise(X[normal[:n_train]], X[test])
+                yield Split(data.name, setting, seed, train_x, test_x, y[test])
+            elif setting == "dte-unsup":
+                boot = rng.choice(len(X), len(X), replace=True)
+                train_x, test_x = _standardise(X[boot], X)
+                yield Split(data.name, setting, seed, train_x, test_x, y)
+            else:
+                from sklearn.model_selection import train_test_split
+
+                train, test = train_test_split(np.arange(len(X)), test_size=0.3, stratify=y, random_state=seed)
+                train_x, test_x = _min_max(X[train], X[test])
+                yield Split(data.name, setting, seed, train_x, test_x, y[test])
+
+
+def anomaly_detectors() -> list[str]:
+    """Registered anomaly detectors that ``oodscope adbench`` runs by default (tabular input, no extra arguments)."""
+    from ..detectors import available, get
+
+    return [name for name in available()
+            if getattr(get(name), "family", "ood") == "anomaly" and getattr(get(name), "adbench_default", False)]
+
+
+def run_protocol(detectors: Sequence[str], datasets: Sequence[TabularDataset], protocol: str,
+                 seeds: Iterable[int] | None = None, resample_to: int | None = None,
+                 params: dict[str, dict] | None = None, log=None) -> tuple[list[dict], dict[str, float]]:
+    """Fit and score every detector on every split; per-seed records (metrics in percent) and seconds per detector.
+
+    ``params`` maps a detector name to extra constructor arguments. Detectors with a ``seed`` parameter get the
+    split's seed, so the runs are reproducible and the seeds vary the randomness of the method too.
+    """
+    from ..detectors import create, get
+    from ..metrics import ood_metrics
+
+    params = params or {}
+    records, seconds = [], {name: 0.0 for name in detectors}
+    for data in datasets:
+        for split in splits(data, protocol, seeds, resample_to):
+            normal, anomalous = split.y_test == 0, split.y_test == 1
+            for name in detectors:
+                options = dict(params.get(name, {}))
+                if "seed" in get(name)._param_names():
+                    options.setdefault("seed", split.seed)
+                start = time.perf_counter()
+                detector = create(name, **options).fit(split.X_train)
+                scores = detector.score(split.X_test)
+                seconds[name] += time.perf_counter() - start
+                values = ood_metrics(scores[normal], scores[anomalous])
+                records.append({"detector": name, "dataset": split.dataset, "group": split.setting,
+                                "seed": split.seed, **{k: 100.0 * v for k, v in values.items()}})
+                if log is not None:
+                    log(f"{split.dataset:<8}{split.setting:<11}seed {split.seed}  {name:<16}"
+                        f"AUROC {records[-1]['auroc']:6.2f}")
+    return records, seconds
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Mean and standard deviation over seeds per detector x dataset x setting."""
+    keys = list(dict.fromkeys((r["detector"], r["dataset"], r["group"]) for r in records))
+    out = []
+    for detector, dataset, group in keys:
+        rows = [r for r in records if (r["detector"], r["dataset"], r["group"]) == (detector, dataset, group)]
+        entry = {"detector": detector, "dataset": dataset, "group": group, "n_seeds": len(rows)}
+        for metric in ("auroc", "fpr95", "aupr_in", "aupr_out"):
+            values = np.array([r[metric] for r in rows])
+            entry[metric] = float(values.mean())
+            entry[f"{metric}_std"] = float(values.std())
+        out.append(entry)
+    return out

@@ -1,0 +1,303 @@
+"""Anomaly detection: ADBench data builders, protocols, tabular detectors, bad input, batch independence."""
+
+import json
+
+import numpy as np
+import pytest
+
+import oodscope
+from oodscope.anomaly.datasets import WDBC_ANOMALY_ROWS, WINE_ANOMALY_ROWS, load_wdbc, load_wine
+from oodscope.anomaly.protocol import anomaly_detectors, splits
+from oodscope.cli import main
+
+# small settings for the neural detectors so the default test run stays quick
+FAST = {
+    "dte_c": {"epochs": 30, "lr": 1e-3, "batch_size": 100, "hidden": (32, 32)},
+    "deep_svdd": {"epochs": 3},
+    "deep_sad": {"epochs": 3},
+    "drpo": {"epochs": 3, "n_projections": 100},
+    "ae_apre_mss": {"epochs": 3},
+    "rp_depth": {"n_projections": 200},
+}
+
+
+def make(name, **kw):
+    return oodscope.create(name, **{**FAST.get(name, {}), **kw})
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    rng = np.random.default_rng(0)
+    # normal rows around (3, ..., 3); anomalies moved along the first three axes (away in norm and in angle)
+    train = rng.normal(size=(300, 6)) + 3.0
+    shift = np.r_[6.0, 6.0, 6.0, 0.0, 0.0, 0.0]
+    test = np.vstack([rng.normal(size=(100, 6)) + 3.0, rng.normal(size=(20, 6)) * 0.5 + 3.0 + shift])
+    y = np.r_[np.zeros(100, int), np.ones(20, int)]
+    return train, test, y
+
+
+# -- data -----------------------------------------------------------------------------------------------------
+def test_adbench_wdbc_and_wine_are_the_published_subsets():
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.datasets import load_wine as sk_wine
+
+    wdbc, wine = load_wdbc(), load_wine()
+    assert wdbc.X.shape == (367, 30) and wdbc.n_anomalies == 10 and (wdbc.y == 0).sum() == 357
+    assert wine.X.shape == (129, 13) and wine.n_anomalies == 10 and (wine.y == 0).sum() == 119
+    bc = load_breast_cancer()
+    np.testing.assert_array_equal(wdbc.X[wdbc.y == 1], bc.data[list(WDBC_ANOMALY_ROWS)])
+    np.testing.assert_array_equal(wdbc.X[wdbc.y == 0], bc.data[bc.target == 1])
+    w = sk_wine()
+    np.testing.assert_array_equal(wine.X[wine.y == 1], w.data[list(WINE_ANOMALY_ROWS)])
+    np.testing.assert_array_equal(wine.X[wine.y == 0], w.data[w.target != 0])
+
+
+def test_protocol_splits_follow_their_definitions():
+    wine = load_wine()
+    semi, unsup = [s for s in splits(wine, "dte", seeds=[3])]
+    assert semi.setting == "dte-semi" and len(semi.X_train) == 60 and len(semi.X_test) == 59 + 10
+    assert semi.y_test.sum() == 10
+    np.testing.assert_allclose(semi.X_train.mean(axis=0), 0, atol=1e-12)  # standardised on train
+    assert unsup.setting == "dte-unsup" and len(unsup.X_train) == 129 and len(unsup.X_test) == 129
+    assert len(np.unique(unsup.X_train, axis=0)) < 129  # a bootstrap resample repeats rows
+    (adb,) = splits(wine, "adbench", seeds=[1])
+    assert len(adb.X_test) == 39 and adb.y_test.sum() == 3  # 30 %, stratified
+    assert adb.X_train.min() == 0 and adb.X_train.max() == 1
+    # seeds change the split, the same seed reproduces it
+    a, b = next(splits(wine, "dte", seeds=[0])), next(splits(wine, "dte", seeds=[0]))
+    c = next(splits(wine, "dte", seeds=[1]))
+    assert np.array_equal(a.X_train, b.X_train) and not np.array_equal(a.X_train, c.X_train)
+    assert len(next(splits(wine, "dte", seeds=[0], resample_to=1000)).X_test) > 129
+    with pytest.raises(ValueError, match="unknown protocol"):
+        next(splits(wine, "odds"))
+
+
+# -- reference values -----------------------------------------------------------------------------------------
+def test_knn_distance_matches_sklearn(blobs):
+    from sklearn.neighbors import NearestNeighbors
+
+    train, test, _ = blobs
+    distances, _ = NearestNeighbors(n_neighbors=5).fit(train).kneighbors(test)
+    np.testing.assert_allclose(make("knn_distance").fit(train).score(test), distances[:, -1], rtol=1e-5)
+    np.testing.assert_allclose(make("knn_distance", method="mean").fit(train).score(test), distances.mean(1),
+                               rtol=1e-5)
+
+
+def test_mahalanobis_ad_matches_sklearn(blobs):
+    from sklearn.covariance import EmpiricalCovariance
+
+    train, test, _ = blobs
+    expected = EmpiricalCovariance().fit(train).mahalanobis(test)
+    np.testing.assert_allclose(make("mahalanobis_ad").fit(train).score(test), expected, rtol=1e-9)
+
+
+def test_sklearn_wrappers_give_sklearn_scores(blobs):
+    from sklearn.ensemble import IsolationForest
+    from sklearn.neighbors import LocalOutlierFactor
+    from sklearn.svm import OneClassSVM
+
+    train, test, _ = blobs
+    np.testing.assert_allclose(make("iforest", seed=3).fit(train).score(test),
+                               -IsolationForest(random_state=3).fit(train).score_samples(test))
+    np.testing.assert_allclose(make("lof").fit(train).score(test),
+                               -LocalOutlierFactor(novelty=True).fit(train).score_samples(test), rtol=1e-10)
+    np.testing.assert_allclose(make("ocsvm").fit(train).score(test),
+                               -OneClassSVM(nu=0.5, gamma="auto").fit(train).decision_function(test))
+
+
+# -- every anomaly detector -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", [n for n in anomaly_detectors() if n != "dte_c"])
+def test_anomaly_detector_separates_shifted_blob(name, blobs):
+    from sklearn.metrics import roc_auc_score
+
+    train, test, y = blobs
+    scores = make(name).fit(train).score(test)
+    assert scores.shape == (len(test),) and scores.dtype == np.float64
+    assert roc_auc_score(y, scores) > 0.9, name
+
+
+@pytest.mark.parametrize("name", anomaly_detectors())
+def test_scores_do_not_depend_on_the_batch(name, blobs):
+    train, test, _ = blobs
+    detector = make(name).fit(train)
+    whole = detector.score(test)
+    for size, rows in ((1, 12), (7, len(test)), (64, len(test))):
+        parts = np.concatenate([detector.score(test[i:i + size]) for i in range(0, rows, size)])
+        np.testing.assert_array_equal(parts, whole[:rows], err_msg=f"{name}, chunks of {size}")
+
+
+@pytest.mark.parametrize("name", anomaly_detectors())
+def test_bad_input_gets_clear_errors(name, blobs):
+    train, test, _ = blobs
+    bad = train.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or inf"):
+        make(name).fit(bad)
+    constant = train.copy()
+    constant[:, 4] = 1.5
+    with pytest.raises(ValueError, match="constant column"):
+        make(name).fit(constant)
+    detector = make(name).fit(train)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        detector.score(np.where(np.arange(len(test))[:, None] == 5, np.inf, test))
+    with pytest.raises(ValueError, match="shape"):
+        detector.score(test[:, :4])
+
+
+@pytest.mark.parametrize("name,param", [("knn_distance", "k"), ("lof", "n_neighbors"), ("dte_np", "k")])
+def test_fewer_samples_than_neighbours(name, param, blobs):
+    train, _, _ = blobs
+    with pytest.raises(ValueError, match="neighbours"):
+        make(name, **{param: 10}).fit(train[:8])
+
+
+def test_anomaly_detectors_stay_out_of_the_default_ood_bench():
+    from oodscope.runner import default_detectors
+
+    assert {"iforest", "lof", "ocsvm", "knn_distance", "mahalanobis_ad"} <= set(anomaly_detectors())
+    assert not set(anomaly_detectors()) & set(default_detectors())
+
+
+# -- command ----------------------------------------------------------------------------------------------------
+def test_adbench_command_writes_bench_records(tmp_path, capsys):
+    out = tmp_path / "adb"
+    assert main(["adbench", "--datasets", "wine", "--detectors", "knn_distance,iforest", "--seeds", "0,1",
+                 "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wine/dte-semi" in printed and "AUROC" in printed and "AUPR" in printed
+    records = json.loads((out / "results.json").read_text())
+    assert all(set(r) == {"detector", "dataset", "group", "auroc", "fpr95", "aupr_in", "aupr_out"} for r in records)
+    assert {r["group"] for r in records} == {"dte-semi", "dte-unsup"}
+    per_seed = json.loads((out / "results_seeds.json").read_text())
+    assert len(per_seed) == 2 * 2 * 2  # detectors x settings x seeds
+    semi_knn = [r["auroc"] for r in per_seed if r["detector"] == "knn_distance" and r["group"] == "dte-semi"]
+    row = next(r for r in records if r["detector"] == "knn_distance" and r["group"] == "dte-semi")
+    assert row["auroc"] == pytest.approx(np.mean(semi_knn)) and row["auroc"] > 85
+    assert main(["adbench", "--protocol", "adbench", "--datasets", "wine", "--detectors", "mahalanobis_ad",
+                 "--quiet", "--out", str(out / "a")]) == 0
+    assert {r["group"] for r in json.loads((out / "a" / "results.json").read_text())} == {"adbench"}
+    assert main(["adbench", "--datasets", "nosuch"]) == 2
+    assert "unknown ADBench dataset" in capsys.readouterr().err
+
+
+def test_dte_np_mode_is_the_inverse_gamma_mode(blobs):
+    from scipy.stats import invgamma
+
+    from oodscope.detectors.anomaly.dte_np import variance_schedule
+
+    train, test, _ = blobs
+    scores = make("dte_np").fit(train).score(test)
+    from sklearn.neighbors import NearestNeighbors
+
+    distances, _ = NearestNeighbors(n_neighbors=5).fit(train).kneighbors(test)
+    m = (distances**2).mean(axis=1)
+    variances = variance_schedule(300)
+    expected = [np.argmax(invgamma.logpdf(variances, a=6 / 2 - 1, scale=mi / 2)) for mi in m]
+    np.testing.assert_array_equal(scores, expected)
+    # the continuous mode of InvGamma(a, b) is b / (a + 1) = m / d: the chosen step is the grid point next to it
+    inside = (m / 6 > variances[0]) & (m / 6 < variances[-1])
+    nearest = np.abs(variances[None, :] - (m / 6)[:, None]).argmin(axis=1)
+    assert np.all(np.abs(scores[inside] - nearest[inside]) <= 1)
+    assert variance_schedule(300)[0] == pytest.approx(1e-4)
+    mean_time = make("dte_np", statistic="mean").fit(train).score(test)
+    assert np.corrcoef(mean_time, scores)[0, 1] > 0.9
+    with pytest.raises(ValueError, match="at least 3 columns"):
+        make("dte_np").fit(train[:, :2])
+
+
+def test_dte_c_predicts_more_diffusion_time_for_noisier_rows(blobs):
+    train, _, _ = blobs
+    rng = np.random.default_rng(1)
+    detector = make("dte_c").fit(train)
+    assert detector.loss_history_[-1] < detector.loss_history_[0]
+    x = rng.normal(size=(200, 6)) + 3.0
+    slightly, heavily = (detector.score(x + s * rng.normal(size=x.shape)).mean() for s in (0.1, 3.0))
+    assert heavily > slightly + 0.1
+    probabilities_sum_to_one = detector.score(x)
+    assert np.all((probabilities_sum_to_one >= 0) & (probabilities_sum_to_one <= detector.n_bins - 1))
+
+
+def test_pyod_adapter_matches_pyod_and_our_knn(blobs):
+    pytest.importorskip("pyod")
+    from pyod.models.knn import KNN
+
+    train, test, _ = blobs
+    ours = make("pyod", model="KNN", params={"n_neighbors": 5}).fit(train).score(test)
+    np.testing.assert_allclose(ours, KNN(n_neighbors=5).fit(train).decision_function(test))
+    np.testing.assert_allclose(ours, make("knn_distance", k=5).fit(train).score(test), rtol=1e-5)
+    instance = make("pyod", model=KNN(n_neighbors=3)).fit(train)
+    assert instance.estimator_ is not None and instance.model.n_neighbors == 3
+    with pytest.raises(ValueError, match="unknown PyOD model"):
+        make("pyod", model="NoSuchModel").fit(train)
+
+
+# -- deciding: ExCeeD and rejection ---------------------------------------------------------------------------
+def test_exceed_confidence_matches_the_binomial_definition():
+    from scipy.stats import binom
+
+    from oodscope.anomaly.rejection import ExCeeD, anomaly_probability
+
+    train = np.arange(1.0, 101.0)  # n = 100 distinct scores
+    p = anomaly_probability(train, np.array([50.5, 95.5, 1000.0]), contamination=0.1)
+    # psi = (1 + #below) / (2 + n); P(Bin(n, psi) >= n (1 - gamma)) = P(Bin >= 90)
+    expected = [binom.sf(89, 100, (1 + k) / 102) for k in (50, 95, 100)]
+    np.testing.assert_allclose(p, expected)
+    detector = ExCeeD(contamination=0.1).fit(train)
+    assert detector.predict(np.array([95.5]))[0] and not detector.predict(np.array([50.5]))[0]
+    confidence = detector.confidence(np.array([1.0, 50.5, 90.6, 1000.0]))
+    assert confidence[0] > 0.999 and confidence[-1] > 0.999 and confidence[2] < 0.8  # unsure near the threshold
+    assert detector.reject(np.array([90.6]))[0] and not detector.reject(np.array([1.0]))[0]
+
+
+def test_expected_rejection_rate_holds_on_exchangeable_scores():
+    from oodscope.anomaly.rejection import ExCeeD
+
+    rng = np.random.default_rng(0)
+    rates = []
+    for _ in range(30):
+        detector = ExCeeD(contamination=0.1, T=32).fit(rng.normal(size=500))
+        rates.append(detector.reject(rng.normal(size=2000)).mean())
+    assert np.mean(rates) == pytest.approx(detector.expected_rejection_rate(), abs=0.01)
+    assert 0 < detector.expected_rejection_rate() < 0.5
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 0.51, 1.0, "a lot"])
+def test_contamination_outside_the_unit_half_interval_is_refused(bad):
+    from oodscope.anomaly.rejection import ExCeeD
+
+    with pytest.raises(ValueError, match=r"contamination must be"):
+        ExCeeD(contamination=bad).fit(np.arange(10.0))
+
+
+# -- streams --------------------------------------------------------------------------------------------------
+def test_sig_maha_knn_flags_streams_with_an_unusual_shape():
+    pytest.importorskip("iisignature")
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 20)
+
+    def streams(n, anomalous=False):
+        phase = rng.uniform(0, 0.3, size=(n, 1))
+        x = np.sin(2 * np.pi * (t + phase))
+        y = np.cos(2 * np.pi * (t + phase)) if not anomalous else -np.cos(2 * np.pi * (t + phase))  # reversed loop
+        noise = 0.05 * rng.normal(size=(n, 20, 2))
+        return (np.stack([x, y], axis=2) + noise).reshape(n, 40)
+
+    train, normal, odd = streams(200), streams(50), streams(20, anomalous=True)
+    detector = make("sig_maha_knn", channels=2, depth=3).fit(train)
+    scores = detector.score(np.vstack([normal, odd]))
+    assert roc_auc_score(np.r_[np.zeros(50), np.ones(20)], scores) > 0.95
+    # dimensionless: an invertible linear map of the channels leaves the scores unchanged in exact arithmetic;
+    # numerically the near-singular signature moment matrix perturbs them a little, the ranking stays
+    A = np.array([[2.0, 0.5], [-0.3, 1.5]])
+    mapped = lambda s: (s.reshape(len(s), 20, 2) @ A.T).reshape(len(s), 40)  # noqa: E731
+    again = make("sig_maha_knn", channels=2, depth=3).fit(mapped(train)).score(mapped(np.vstack([normal, odd])))
+    from scipy.stats import spearmanr
+
+    assert spearmanr(again, scores).correlation > 0.95
+    assert roc_auc_score(np.r_[np.zeros(50), np.ones(20)], again) > 0.95
+    whole = detector.score(odd)
+    np.testing.assert_array_equal(np.concatenate([detector.score(odd[i:i + 3]) for i in range(0, 20, 3)]), whole)
+    with pytest.raises(ValueError, match="streams"):
+        make("sig_maha_knn", channels=3).fit(train)
