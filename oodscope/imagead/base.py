@@ -87,10 +87,14 @@ class Backbone:
     input normalisation. Any other ``nn.Module`` works too: ``layers`` are then names from
     ``model.named_modules()`` read with forward hooks, and images are normalised with ``mean``/``std``
     (ImageNet's by default).
+
+    ``memoize=True`` keeps every computed layer output per image array (keyed by the array's identity), so that
+    several detectors sharing this backbone on the same images run the network once per layer set.
     """
 
     def __init__(self, model: str | nn.Module = "efficientnet_lite0", mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, device: str = "cpu", batch_size: int = 16):
+                 std: Sequence[float] | None = None, device: str = "cpu", batch_size: int = 16,
+                 memoize: bool = False):
         if isinstance(model, str):
             if model != "efficientnet_lite0":
                 raise ValueError(f"unknown backbone {model!r}: pass 'efficientnet_lite0' or a torch nn.Module")
@@ -103,6 +107,7 @@ class Backbone:
         self.mean = torch.tensor(mean or IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std or IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.device, self.batch_size = device, batch_size
+        self.memo: dict | None = {} if memoize else None
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.to(self.device) - self.mean) / self.std
@@ -131,7 +136,15 @@ class Backbone:
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
                 batch = torch.from_numpy(images[start:start + self.batch_size])
-                yield start, self.forward(batch, layers)
+                if self.memo is None:
+                    yield start, self.forward(batch, layers)
+                    continue
+                key = (id(images), images.shape, start)
+                stored = self.memo.setdefault(key, {})
+                missing = [name for name in layers if name not in stored]
+                if missing:
+                    stored.update(self.forward(batch, missing))
+                yield start, {name: stored[name] for name in layers}
 
 
 def resolve_backbone(backbone: str | nn.Module | Backbone, device: str = "cpu") -> Backbone:

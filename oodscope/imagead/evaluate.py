@@ -48,12 +48,18 @@ def ad_records(name: str, test: ImageSet, scores: np.ndarray, maps: np.ndarray |
     pixel_ok = maps is not None and test.masks is not None
     aupimo_all = None
     if pixel_ok and test.pixel_ready:
+        # anomalous images whose mask became empty (a tiny defect lost in resizing) have no TPR: left out
+        empty = (~normal) & ~test.masks.reshape(len(test), -1).any(axis=1)
         try:
-            aupimo_all = P.aupimo(maps, test.masks, test.labels)
-        except ValueError as error:  # e.g. too few normal pixels, an empty mask
+            keep = ~empty
+            aupimo_all = np.full(len(test), np.nan)
+            aupimo_all[keep & ~normal] = P.aupimo(maps[keep], test.masks[keep], test.labels[keep])
+            if empty.any() and notes is not None:
+                notes.append(f"{name}: {int(empty.sum())} anomalous images with an empty mask are left out of AUPIMO")
+        except ValueError as error:  # e.g. too few normal pixels to reach the FPR range
+            aupimo_all = None
             if notes is not None:
                 notes.append(f"{name}: AUPIMO missing: {error}")
-    anomalous_index = np.flatnonzero(~normal)
     records = []
     groups = [(d, test.defects == d, "defect") for d in sorted(set(test.defects.tolist()) - {GOOD})]
     groups.append(("all", ~normal, "all"))
@@ -70,7 +76,9 @@ def ad_records(name: str, test: ImageSet, scores: np.ndarray, maps: np.ndarray |
             row["pixel_auroc"] = row["aupro"] = None
         row["aupimo"] = None
         if aupimo_all is not None:
-            row["aupimo"] = _percent(np.mean(aupimo_all[np.isin(anomalous_index, np.flatnonzero(chosen))]))
+            values = aupimo_all[chosen]
+            values = values[np.isfinite(values)]
+            row["aupimo"] = _percent(values.mean()) if values.size else None
         row["n_images"] = int(chosen.sum())
         row["fit_s"], row["ms_per_image"] = float(fit_s), float(ms_per_image)
         records.append(row)

@@ -53,13 +53,14 @@ class GaussianAD(ImageDetector):
         return [np.concatenate(p) for p in parts]
 
     def _fit(self, images: np.ndarray) -> None:
-        from sklearn.covariance import LedoitWolf
+        from scipy.linalg import cholesky
+        from sklearn.covariance import ledoit_wolf
 
         if len(images) < 2:
             raise ValueError(f"{self.name}: fitting a Gaussian needs at least 2 training images, got {len(images)}")
         self.backbone_ = resolve_backbone(self.backbone)
         levels = self._pooled(images)
-        self.means_, self.components_, self.precisions_ = [], [], []
+        self.means_, self.components_, self.cholesky_ = [], [], []
         for x in levels:
             mean = x.mean(axis=0)
             components = None
@@ -72,14 +73,17 @@ class GaussianAD(ImageDetector):
                 x = centred @ components.T
             self.means_.append(mean)
             self.components_.append(components)
-            self.precisions_.append(LedoitWolf().fit(x).precision_)
+            covariance, _ = ledoit_wolf(x)  # shrunk covariance; its Cholesky factor replaces an explicit inverse
+            self.cholesky_.append(cholesky(covariance, lower=True))
 
     def _predict(self, images: np.ndarray) -> tuple[np.ndarray, None]:
+        from scipy.linalg import solve_triangular
+
         distances = []
-        for x, mean, components, precision in zip(self._pooled(images), self.means_, self.components_,
-                                                 self.precisions_):
+        for x, mean, components, chol in zip(self._pooled(images), self.means_, self.components_, self.cholesky_):
             diff = x - mean if components is None else (x - mean) @ components.T
-            distances.append(np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", diff, precision, diff), 0.0)))
+            # (x - mu)^T Sigma^-1 (x - mu) = ||L^-1 (x - mu)||^2 with Sigma = L L^T
+            distances.append(np.linalg.norm(solve_triangular(chol, diff.T, lower=True), axis=0))
         return np.mean(distances, axis=0), None
 
 

@@ -118,7 +118,8 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -> float:
 def pimo(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray | None = None,
          fpr_bounds: tuple[float, float] = (1e-5, 1e-4), n_points: int = 300
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-image overlap curves: ``(shared_fpr (T,), tprs (n_anomalous, T), thresholds (T,))``.
+    """Per-image overlap curves: ``(shared_fpr (T,), tprs (n_anomalous, T), thresholds (T,))``; a pixel counts as
+    positive when its score is above the threshold.
 
     ``labels`` (1 = anomalous) defaults to "mask has a defect pixel". Thresholds are the normal-pixel scores at
     which the shared FPR first reaches ``n_points`` log-spaced levels in ``fpr_bounds`` (Bertoldo et al. 2024).
@@ -140,11 +141,14 @@ def pimo(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray | None = None,
     if low * n < 1:
         raise ValueError(f"pimo: the normal images hold {n} pixels, too few to reach a shared FPR of {low:g} "
                          f"(need at least {int(np.ceil(1 / low))}); use more normal images or larger fpr_bounds")
-    # shared FPR = mean over normal images of their FPR = pooled FPR (all images have the same size)
+    # shared FPR = mean over normal images of their FPR = pooled FPR (all images have the same size). For a
+    # level reached by c normal pixels, the thresholds that give exactly that FPR form (pixels[c], pixels[c-1]];
+    # like a dense threshold sweep, the curve takes the lowest of them (the largest TPR at that FPR): a pixel
+    # is positive when its score is *above* pixels[c].
     levels = np.geomspace(low, high, n_points)
-    counts = np.ceil(levels * n - 1e-9).astype(np.int64)            # >= level * n pixels above threshold
-    thresholds = pixels[np.clip(counts - 1, 0, n - 1)]
-    above = n - np.searchsorted(pixels[::-1], thresholds, side="left")  # normal pixels >= threshold
+    counts = np.ceil(levels * n - 1e-9).astype(np.int64)
+    thresholds = pixels[np.clip(counts, 0, n - 1)]
+    above = n - np.searchsorted(pixels[::-1], thresholds, side="right")  # normal pixels > threshold
     shared_fpr = above / n
     # per anomalous image: share of its defect pixels >= each threshold, one searchsorted over all images
     flat = anomalous.reshape(len(anomalous), -1)
@@ -160,7 +164,7 @@ def pimo(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray | None = None,
     stride = pooled.size + 2
     keyed = (rank_v + 1 + offsets * stride).ravel()
     queries = (rank_t[None, :] + 1 + offsets * stride)
-    below = np.searchsorted(keyed, queries.ravel(), side="left").reshape(queries.shape) - offsets * width
+    below = np.searchsorted(keyed, queries.ravel(), side="right").reshape(queries.shape) - offsets * width
     n_defect = defect.sum(axis=1)[:, None]
     tprs = (width - below) / n_defect
     return shared_fpr, tprs, thresholds
