@@ -64,3 +64,9 @@ def get(name: str) -> type["Detector"]:
 def create(name: str, **params: Any) -> "Detector":
     """Instantiate a registered detector: ``create("knn", k=50)``."""
     return get(name)(**params)
+
+
+def close_names_hint(name: str, names) -> str:
+    """``"; did you mean a, b?"`` for the registered names closest to ``name`` (empty when none is close)."""
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(close)}?" if close else ""

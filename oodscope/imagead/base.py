@@ -1,0 +1,228 @@
+"""The image anomaly-detection extension of the detector contract, and the feature backbone it shares.
+
+An :class:`ImageDetector` is a :class:`~oodscope.detectors.base.Detector` (same parameters, ``fit``/``score``,
+``calibrate``/``predict``) whose inputs are images rather than extracted outputs:
+
+* ``fit(images)``: defect-free images only (an :class:`~oodscope.data.mvtec.ImageSet`, or an ``(N, C, H, W)``
+  array, C = 1 or 3, float in [0, 1] or uint8);
+* ``score(images)``: one image score per image, higher = more anomalous;
+* ``anomaly_map(images)``: ``(N, H, W)`` float64 at the input resolution (``None`` for detectors with
+  ``localises = False``); ``score_and_map`` gives both from one pass.
+
+Image detectors live in their own registry (:func:`available`, :func:`create`) so that OOD benchmarks, which run
+every registered detector on cached logits/features, never pick them up. The base class is unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..detectors.base import Detector, NotFittedError
+from ..extraction.outputs import Need
+
+_REGISTRY: dict[str, type["ImageDetector"]] = {}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def available() -> list[str]:
+    """Names of the image anomaly detectors."""
+    package = importlib.import_module("oodscope.imagead")
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_") and module.name != "base":
+            importlib.import_module(f"oodscope.imagead.{module.name}")
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type["ImageDetector"]:
+    from ..detectors.registry import close_names_hint
+
+    names = available()
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown image anomaly detector {name!r}{close_names_hint(key, names)} "
+                         f"(available: {', '.join(names)})")
+    return _REGISTRY[key]
+
+
+def create(name: str, **params: Any) -> "ImageDetector":
+    return get(name)(**params)
+
+
+def as_images(data: Any, name: str = "images") -> np.ndarray:
+    """``(N, 3, H, W)`` float32 in [0, 1] from an ImageSet or array (uint8 scaled, 1 channel copied to 3)."""
+    images = getattr(data, "images", data)
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"{name}: expected images (N, C, H, W) with C = 1 or 3, got shape {images.shape}")
+    if len(images) == 0:
+        raise ValueError(f"{name}: no images")
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    elif images.dtype.kind != "f":
+        raise ValueError(f"{name}: expected float images in [0, 1] or uint8, got dtype {images.dtype}")
+    images = images.astype(np.float32, copy=False)
+    if not np.isfinite(images).all():
+        raise ValueError(f"{name}: images contain NaN or inf")
+    if images.shape[1] == 1:
+        images = np.repeat(images, 3, axis=1)
+    return images
+
+
+class Backbone:
+    """A frozen feature extractor: a torch module and the names of the layers whose outputs to return.
+
+    ``model="efficientnet_lite0"`` (default) is the ImageNet EfficientNet-Lite0 of
+    :mod:`oodscope.models.efficientnet_lite`, with its stage names (``stage1`` ... ``stage7``, ``head``) and
+    input normalisation. Any other ``nn.Module`` works too: ``layers`` are then names from
+    ``model.named_modules()`` read with forward hooks, and images are normalised with ``mean``/``std``
+    (ImageNet's by default).
+
+    ``memoize=True`` keeps every computed layer output per image array (keyed by the array's identity), so that
+    several detectors sharing this backbone on the same images run the network once per layer set.
+    """
+
+    def __init__(self, model: str | nn.Module = "efficientnet_lite0", mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, device: str = "cpu", batch_size: int = 16,
+                 memoize: bool = False):
+        if isinstance(model, str):
+            if model != "efficientnet_lite0":
+                raise ValueError(f"unknown backbone {model!r}: pass 'efficientnet_lite0' or a torch nn.Module")
+            from ..models.efficientnet_lite import MEAN, STD, efficientnet_lite0
+
+            model, mean, std = efficientnet_lite0(), mean or MEAN, std or STD
+        self.model = model.eval().to(device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.mean = torch.tensor(mean or IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std or IMAGENET_STD, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.device, self.batch_size = device, batch_size
+        self.memo: dict | None = {} if memoize else None
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.device) - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Features of one batch of [0, 1] images (no gradient bookkeeping unless the caller enables it)."""
+        x = self.normalise(x)
+        if hasattr(self.model, "forward_features"):
+            return self.model.forward_features(x, list(layers))
+        modules = dict(self.model.named_modules())
+        missing = [name for name in layers if name not in modules]
+        if missing:
+            raise ValueError(f"backbone has no layers {missing}; some names it has: {list(modules)[1:12]}")
+        found: dict[str, torch.Tensor] = {}
+        hooks = [modules[name].register_forward_hook(lambda m, i, o, n=name: found.__setitem__(n, o))
+                 for name in layers]
+        try:
+            self.model(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return {name: found[name] for name in layers}
+
+    def batches(self, images: np.ndarray, layers: Sequence[str]):
+        """Yield ``(start, features)`` per batch of at most ``batch_size`` images."""
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                batch = torch.from_numpy(images[start:start + self.batch_size])
+                if self.memo is None:
+                    yield start, self.forward(batch, layers)
+                    continue
+                key = (id(images), images.shape, start)
+                stored = self.memo.setdefault(key, {})
+                missing = [name for name in layers if name not in stored]
+                if missing:
+                    stored.update(self.forward(batch, missing))
+                yield start, {name: stored[name] for name in layers}
+
+
+def resolve_backbone(backbone: str | nn.Module | Backbone, device: str = "cpu") -> Backbone:
+    return backbone if isinstance(backbone, Backbone) else Backbone(backbone, device=device)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of ``(N, H, W)`` maps, kernel radius ``4 sigma``, reflect padding."""
+    if sigma <= 0:
+        return maps
+    radius = max(int(4 * sigma + 0.5), 1)
+    coords = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (coords / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = maps[:, None]
+    pad = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    if pad < radius:  # tiny maps: fall back to replicate padding of the full radius
+        x = nn.functional.pad(x, (radius, radius, radius, radius), mode="replicate")
+    else:
+        x = nn.functional.pad(x, (radius, radius, radius, radius), mode="reflect")
+    x = nn.functional.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = nn.functional.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+class ImageDetector(Detector):
+    """Base class of image anomaly detectors (see module docstring)."""
+
+    needs: ClassVar[frozenset[Need]] = frozenset({Need.MODEL})
+    localises: ClassVar[bool] = True  # False: image scores only, anomaly_map returns None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # register in the image registry, not in the OOD detector registry (Detector.__init_subclass__)
+        super(Detector, cls).__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            existing = _REGISTRY.get(cls.name)
+            if existing is not None and existing.__qualname__ != cls.__qualname__:
+                raise ValueError(f"image detector name {cls.name!r} is taken by {existing.__qualname__}")
+            _REGISTRY[cls.name] = cls
+
+    def fit(self, train: Any, y: np.ndarray | None = None) -> "ImageDetector":
+        """Learn from defect-free images (labels, if given, must all be 0)."""
+        images = as_images(train, f"{self.name}: training images")
+        labels = getattr(train, "labels", y)
+        if labels is not None and np.any(np.asarray(labels) != 0):
+            raise ValueError(f"{self.name}: fit on defect-free images only; {int(np.sum(labels != 0))} training "
+                             "images are labelled anomalous")
+        self._check_params()
+        self._fit(images)
+        self.input_dims_ = {"image": images.shape[1:]}
+        return self
+
+    def score_and_map(self, x: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image scores ``(N,)`` and anomaly maps ``(N, H, W)`` (``None`` if the method does not localise)."""
+        if not hasattr(self, "input_dims_"):
+            raise NotFittedError(f"{self.name} is not fitted: call fit(train_images) first")
+        images = as_images(x, f"{self.name}: test images")
+        if images.shape[1:] != self.input_dims_["image"]:
+            raise ValueError(f"{self.name}: test images are {images.shape[1:]} but the detector was fitted on "
+                             f"{self.input_dims_['image']}; resize them the same way (load_mvtec(size=...))")
+        scores, maps = self._predict(images)
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != (len(images),) or not np.isfinite(scores).all():
+            raise FloatingPointError(f"{self.name}: image scores are not {len(images)} finite values")
+        if maps is not None:
+            maps = np.asarray(maps, dtype=np.float64)
+            if maps.shape != (len(images), *images.shape[2:]):
+                raise RuntimeError(f"{self.name}: anomaly maps have shape {maps.shape}")
+        return scores, maps
+
+    def score(self, x: Any) -> np.ndarray:
+        return self.score_and_map(x)[0]
+
+    def anomaly_map(self, x: Any) -> np.ndarray | None:
+        return self.score_and_map(x)[1]
+
+    def _predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def _score(self, x: Any) -> np.ndarray:  # pragma: no cover - score is overridden
+        return self.score(x)
