@@ -301,3 +301,21 @@ def test_sig_maha_knn_flags_streams_with_an_unusual_shape():
     np.testing.assert_array_equal(np.concatenate([detector.score(odd[i:i + 3]) for i in range(0, 20, 3)]), whole)
     with pytest.raises(ValueError, match="streams"):
         make("sig_maha_knn", channels=3).fit(train)
+
+
+def test_deep_sad_pushes_labelled_anomalies_away(blobs):
+    train, test, y = blobs
+    rng = np.random.default_rng(2)
+    shift = np.r_[6.0, 6.0, 6.0, 0.0, 0.0, 0.0]
+    known = rng.normal(size=(15, 6)) * 0.5 + 3.0 + shift  # a few labelled anomalies like the test ones
+    X = np.vstack([train, known])
+    labels = np.r_[np.zeros(len(train)), -np.ones(len(known))]
+    options = {"epochs": 20, "seed": 1}
+    plain = make("deep_sad", **options).fit(X)  # no labels: one-class Deep SVDD
+    semi = make("deep_sad", **options).fit(X, labels)
+    ratio = lambda d: d.score(test[y == 1]).mean() / d.score(test[y == 0]).mean()  # noqa: E731
+    assert ratio(semi) > 2 * ratio(plain)
+    np.testing.assert_array_equal(make("deep_sad", **options).fit(X).score(test),
+                                  make("deep_svdd", **options).fit(X).score(test))
+    with pytest.raises(ValueError, match="y must hold"):
+        make("deep_sad").fit(X, np.full(len(X), 2))
