@@ -254,3 +254,36 @@ def test_minilm_offline_embeddings_are_semantic(tmp_path):
     sims = out.features[:3] @ out.features[:3].T
     assert sims[0, 1] > 0.5 > sims[0, 2]
     assert len(report.truncated) == 0
+
+
+def test_finetune_is_seeded_and_learns(tiny_model, rng):
+    import copy
+
+    import torch
+
+    from oodscope.text.model import finetune
+
+    tokens = _tokens(rng, n=24)
+    labels = np.arange(24) % 3
+    runs = []
+    for _ in range(2):
+        model = copy.deepcopy(tiny_model)
+        finetune(model, tokens, labels, n_layers=1, epochs=12, lr=2e-2, batch_size=8, seed=3)
+        runs.append(model)
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+    for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values()):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        accuracy = (runs[0](torch.as_tensor(tokens)).argmax(1).numpy() == labels).mean()
+        frozen_block = [torch.equal(a, b) for a, b in zip(runs[0].blocks[0].parameters(), tiny_model.blocks[0].parameters())]
+    assert accuracy > 0.9 and all(frozen_block)
+    assert not torch.equal(runs[0].blocks[-1].output.dense.weight, tiny_model.blocks[-1].output.dense.weight)
+
+
+def test_import_oodscope_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, oodscope; oodscope.available(); import oodscope.data.clinc150, oodscope.text.model, "
+            "oodscope.text.tokens; assert 'transformers' not in sys.modules, 'transformers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -184,7 +184,7 @@ def finetune(model: TextClassifier, tokens: np.ndarray, labels: np.ndarray, n_la
     order = torch.argsort(tokens_t[:, 1].sum(dim=1))  # batches of similar length: little padding
     cached = []
     model.eval()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: the kept states feed autograd below
         for start in range(0, len(order), 256):
             index = order[start:start + 256]
             states, mask = model.hidden_states(tokens_t[index])
@@ -209,7 +209,7 @@ def finetune(model: TextClassifier, tokens: np.ndarray, labels: np.ndarray, n_la
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total, seen = total + float(loss) * len(x), seen + len(x)
+            total, seen = total + loss.item() * len(x), seen + len(x)
         if log is not None:
             log(f"finetune epoch {epoch + 1}/{epochs}: mean train loss {total / seen:.4f}")
     for p in model.parameters():
