@@ -24,7 +24,8 @@ def main() -> None:
     parser.add_argument("--per-class-eval", type=int, default=4)
     parser.add_argument("--n-oos", type=int, default=200)
     parser.add_argument("--finetune-layers", type=int, default=0, help="0: frozen encoder + linear head")
-    parser.add_argument("--detectors", default="msp,energy,knn,mahalanobis,vim,cosine_centroid,blood,ahm")
+    parser.add_argument("--detectors", default="msp,energy,knn,mahalanobis,vim,cos_centroid,ahm")
+    parser.add_argument("--blood-estimators", type=int, default=50, help="0: skip BLOOD")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -55,18 +56,35 @@ def main() -> None:
     for name, out in outputs.items():
         out.name = name
     print(f"ID accuracy (linear head): {100 * np.mean(outputs['test'].logits.argmax(1) == outputs['test'].labels):.2f} %")
-    centroid = oodscope.create("cosine_centroid").fit(outputs["train"])
+    centroid = oodscope.create("cos_centroid").fit(outputs["train"])
     print(f"ID accuracy (nearest cosine centroid): "
           f"{100 * np.mean(centroid.predict_class(outputs['test']) == outputs['test'].labels):.2f} %")
     detectors = {}
-    for name in args.detectors.split(","):
-        detectors[name] = oodscope.create(name, k=min(50, len(bench.train))) if name == "knn" else oodscope.create(name)
+    for spec in args.detectors.split(","):  # "name" or "name:param=value"
+        name, _, param = spec.partition(":")
+        params = dict([param.split("=")]) if param else {}
+        if name == "knn":
+            params["k"] = min(50, len(bench.train))
+        detectors[spec] = oodscope.create(name, **params)
     for name, det in detectors.items():
         t = time.perf_counter()
         det.fit(outputs["train"])
         print(f"fit {name}: {time.perf_counter() - t:.1f} s", flush=True)
     results = oodscope.evaluate(detectors, outputs["test"], {"oos": {"oos_test": outputs["oos_test"]}})
     print(results.leaderboard())
+    if args.blood_estimators:  # BLOOD_M and BLOOD_L from one pass of per-layer estimates
+        from oodscope.metrics import ood_metrics
+
+        blood = oodscope.create("blood", n_estimators=args.blood_estimators).fit(outputs["train"])
+        t = time.perf_counter()
+        id_layers, ood_layers = blood.layer_scores(outputs["test"]), blood.layer_scores(outputs["oos_test"])
+        print(f"blood ({args.blood_estimators} draws): {time.perf_counter() - t:.1f} s for "
+              f"{len(id_layers) + len(ood_layers)} texts; mean ||J_l||_F^2 per transition ID "
+              f"{np.round(id_layers.mean(0), 2).tolist()} OOS {np.round(ood_layers.mean(0), 2).tolist()}")
+        for label, pick in (("blood (mean)", lambda a: a.mean(1)), ("blood (last)", lambda a: a[:, -1])):
+            m = ood_metrics(pick(id_layers), pick(ood_layers))
+            print(f"{label:<14}AUROC {100 * m['auroc']:.2f}  FPR@95 {100 * m['fpr95']:.2f}  "
+                  f"AUPR-In {100 * m['aupr_in']:.2f}  AUPR-Out {100 * m['aupr_out']:.2f}")
     print(f"total {time.perf_counter() - start:.1f} s")
 
 

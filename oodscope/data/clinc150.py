@@ -178,7 +178,8 @@ def _prepare(request: Any, finetune_layers: int):
         if len(report.truncated) or len(report.empty) or len(report.replaced):
             print(report.summary(), file=sys.stderr)
     model = TextClassifier(encoder, len(bench.class_names))
-    subset = (per_class, request.options.get("per_class_eval"), request.options.get("n_oos"), request.seed)
+    subset = ((per_class, request.options.get("per_class_eval"), request.options.get("n_oos"), request.seed)
+              if per_class else (per_class, request.seed))
     data_key = hashlib.sha256(path.read_bytes() + repr(subset).encode()).hexdigest()
     tag = "linear-v1" if not finetune_layers else f"ft{finetune_layers}-v1-seed{request.seed}"
     weights = _model_cache(request, tag, data_key)

@@ -30,10 +30,11 @@ class BLOOD(Detector):
     needs = frozenset({Need.MODEL})
     grid = {"aggregate": ["mean", "last"]}
 
-    def __init__(self, n_estimators: int = 50, aggregate: str = "mean", seed: int = 0):
+    def __init__(self, n_estimators: int = 50, aggregate: str = "mean", seed: int = 0, rows_per_pass: int = 2048):
         self.n_estimators = n_estimators
         self.aggregate = aggregate
         self.seed = seed
+        self.rows_per_pass = rows_per_pass
 
     def _check_params(self) -> None:
         if not (isinstance(self.n_estimators, (int, np.integer)) and self.n_estimators >= 1):
@@ -60,14 +61,18 @@ class BLOOD(Detector):
         def score_batch(tokens, probe):
             columns = []
             for x_l, f_l in between_layer_maps(probe.model, tokens):
-                x_l = x_l.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    y = f_l(x_l)
-                    shape = (self.n_estimators, *y.shape)
-                    v = torch.randn(shape, generator=generator).to(y.device, y.dtype)
-                    (vjp,) = torch.autograd.grad(y, x_l, grad_outputs=v, is_grads_batched=True)
-                w = torch.randn(shape, generator=generator).to(y.device, y.dtype)
-                columns.append(((vjp * w).sum(dim=-1) ** 2).mean(dim=0).detach())
+                total = torch.zeros(len(x_l), dtype=torch.float64, device=x_l.device)
+                per_pass = max(1, self.rows_per_pass // len(x_l))  # bounded memory: draws stacked per pass
+                for first in range(0, self.n_estimators, per_pass):
+                    draws = min(per_pass, self.n_estimators - first)
+                    shape = (draws * len(x_l), x_l.shape[1])
+                    v = torch.randn(shape, generator=generator).to(x_l.device, x_l.dtype)
+                    w = torch.randn(shape, generator=generator).to(x_l.device, x_l.dtype)
+                    stacked = x_l.detach().repeat(draws, 1).requires_grad_(True)  # draw-major copies
+                    with torch.enable_grad():  # rows are independent: one backward gives each v_m^T J(x_i)
+                        (vjp,) = torch.autograd.grad(f_l(stacked), stacked, grad_outputs=v)
+                    total += ((vjp * w).sum(dim=-1).double() ** 2).view(draws, len(x_l)).sum(dim=0)
+                columns.append(total / self.n_estimators)
             return torch.stack(columns, dim=1)
 
         return rerun(source, score_batch)

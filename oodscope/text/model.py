@@ -165,14 +165,14 @@ def set_head(model: TextClassifier, W: np.ndarray, b: np.ndarray) -> TextClassif
     return model
 
 
-def finetune(model: TextClassifier, tokens: np.ndarray, labels: np.ndarray, n_layers: int = 1, epochs: int = 2,
-             lr: float = 5e-5, batch_size: int = 32, seed: int = 0,
+def finetune(model: TextClassifier, tokens: np.ndarray, labels: np.ndarray, n_layers: int = 1, epochs: int = 3,
+             lr: float = 1e-4, batch_size: int = 32, seed: int = 0, init_head: bool = True,
              log: Callable[[str], None] | None = None) -> TextClassifier:
     """Train the last ``n_layers`` blocks and the head (cross-entropy, Adam), all else frozen.
 
     The frozen lower part is run once (its output states are kept), then each epoch runs only the trained
-    blocks. Dropout stays off, batches are drawn from a seeded generator: the result is reproducible on one
-    machine. Returns ``model`` (in eval mode).
+    blocks. With ``init_head`` the head starts from :func:`fit_linear_head` on the pre-trained embeddings.
+    Dropout stays off, batches are drawn from a seeded generator: the result is reproducible on one machine. Returns ``model`` (in eval mode).
     """
     n_blocks = len(model.blocks)
     if not 1 <= n_layers <= n_blocks:
@@ -189,6 +189,13 @@ def finetune(model: TextClassifier, tokens: np.ndarray, labels: np.ndarray, n_la
             index = order[start:start + 256]
             states, mask = model.hidden_states(tokens_t[index])
             cached.append((index, states[first].clone(), mask.clone()))
+    if init_head:  # start from the softmax regression on the (frozen) embeddings, not from a zero head
+        with torch.no_grad():
+            embeddings = torch.cat([nn.functional.normalize(masked_mean(run_blocks(model, s, m, first), m), dim=-1)
+                                    for _, s, m in cached])
+        index = torch.cat([i for i, _, _ in cached])
+        set_head(model, *fit_linear_head(embeddings.double().numpy(), labels_t[index].numpy(),
+                                         model.head.out_features))
     for p in model.parameters():
         p.requires_grad_(False)
     trained = [p for block in model.blocks[first:] for p in block.parameters()] + list(model.head.parameters())
@@ -232,22 +239,25 @@ def run_blocks(model: TextClassifier, states: torch.Tensor, mask: torch.Tensor, 
 
 
 # -- what the transformer-specific detectors use ---------------------------------------------------------------
-def _cls_block(block: nn.Module, x: torch.Tensor, states: torch.Tensor, additive: torch.Tensor,
-               position: int) -> torch.Tensor:
-    """Output at ``position`` of a post-LN BERT block whose input at ``position`` is ``x`` (B, H) and whose
-    other input positions are ``states`` (held fixed). Same arithmetic as the block, for one query position."""
+def _cls_block(block: nn.Module, x: torch.Tensor, fixed_kv: tuple[torch.Tensor, torch.Tensor],
+               additive: torch.Tensor, position: int) -> torch.Tensor:
+    """Output at ``position`` of a post-LN BERT block whose input at ``position`` is ``x`` and whose other input
+    positions are held fixed (their keys/values ``fixed_kv``, each ``(B, L, H)``). Same arithmetic as the block,
+    for one query position. ``x`` may stack ``R`` copies of the batch, ``(R * B, H)`` (several random
+    projections in one backward pass)."""
     attention = block.attention.self
     n_heads, size = attention.num_attention_heads, attention.attention_head_size
+    fixed_k, fixed_v = fixed_kv
+    repeats = x.shape[0] // fixed_k.shape[0]
     batch = x.shape[0]
-    fixed_k, fixed_v = attention.key(states), attention.value(states)
-    one_hot = nn.functional.one_hot(torch.tensor(position), states.shape[1]).to(x.dtype)[None, :, None]
-    keys = fixed_k * (1 - one_hot) + attention.key(x)[:, None, :] * one_hot
-    values = fixed_v * (1 - one_hot) + attention.value(x)[:, None, :] * one_hot
+    one_hot = nn.functional.one_hot(torch.tensor(position), fixed_k.shape[1]).to(x.dtype)[None, :, None]
+    keys = fixed_k.repeat(repeats, 1, 1) * (1 - one_hot) + attention.key(x)[:, None, :] * one_hot
+    values = fixed_v.repeat(repeats, 1, 1) * (1 - one_hot) + attention.value(x)[:, None, :] * one_hot
     q = attention.query(x).view(batch, n_heads, 1, size)
     keys = keys.view(batch, -1, n_heads, size).transpose(1, 2)
     values = values.view(batch, -1, n_heads, size).transpose(1, 2)
-    weights = torch.softmax(q @ keys.transpose(2, 3) * size**-0.5 + additive, dim=-1)
-    context = (weights @ values).reshape(batch, n_heads * size)
+    scores = q @ keys.transpose(2, 3) * size**-0.5 + additive.repeat(repeats, 1, 1, 1)
+    context = (torch.softmax(scores, dim=-1) @ values).reshape(batch, n_heads * size)
     attended = block.attention.output.LayerNorm(block.attention.output.dense(context) + x)
     return block.output.LayerNorm(block.output.dense(block.intermediate(attended)) + attended)
 
@@ -256,16 +266,17 @@ def between_layer_maps(model: TextClassifier, tokens: torch.Tensor, position: in
                        ) -> list[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
     """For each pair of consecutive blocks ``l -> l+1`` (block outputs 1..n, as in BLOOD), the representation
     ``x_l`` (B, H) of token ``position`` (0 = ``[CLS]``) and the map ``f_l`` with ``f_l(x_l) = x_{l+1}``, the
-    other tokens of layer ``l`` held fixed: ``d f_l / d x_l`` is the between-layer Jacobian."""
+    other tokens of layer ``l`` held fixed: ``d f_l / d x_l`` is the between-layer Jacobian. ``f_l`` also takes
+    ``R`` stacked copies of the batch, ``(R * B, H)``."""
     with torch.no_grad():
         states, mask = model.hidden_states(tokens)
-    additive = extended_mask(mask, states[0].dtype)
-    blocks = model.blocks
-    maps = []
-    for layer in range(1, len(states) - 1):
-        fixed = states[layer].detach()
-        maps.append((fixed[:, position].clone(),
-                     lambda x, b=blocks[layer], s=fixed: _cls_block(b, x, s, additive, position)))
+        additive = extended_mask(mask, states[0].dtype)
+        maps = []
+        for layer in range(1, len(states) - 1):
+            block, fixed = model.blocks[layer], states[layer].detach()
+            kv = (block.attention.self.key(fixed), block.attention.self.value(fixed))
+            maps.append((fixed[:, position].clone(),
+                         lambda x, b=block, kv=kv: _cls_block(b, x, kv, additive, position)))
     return maps
 
 

@@ -19,7 +19,7 @@ from .base import Detector
 class CosineCentroid(Detector):
     """``score(x) = -max_c <x / ||x||, mu_c / ||mu_c||>`` with ``mu_c`` the training class means."""
 
-    name = "cosine_centroid"
+    name = "cos_centroid"
     needs = frozenset({Need.FEATURES, Need.LABELS})
 
     def _fit(self, train: Outputs) -> None:
