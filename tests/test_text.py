@@ -266,19 +266,20 @@ def test_finetune_is_seeded_and_learns(tiny_model, rng):
     tokens = _tokens(rng, n=24)
     labels = np.arange(24) % 3
     runs = []
-    for _ in range(2):
+    for _ in range(2):  # same seed, same weights
         model = copy.deepcopy(tiny_model)
-        finetune(model, tokens, labels, n_layers=1, epochs=30, lr=1e-2, batch_size=8, seed=3, init_head=False)
+        finetune(model, tokens, labels, n_layers=1, epochs=3, lr=1e-2, batch_size=8, seed=3, init_head=False)
         runs.append(model)
         assert not model.training and not any(p.requires_grad for p in model.parameters())
     for a, b in zip(runs[0].state_dict().values(), runs[1].state_dict().values()):
         assert torch.equal(a, b)
+    model = finetune(copy.deepcopy(tiny_model), tokens, labels, n_layers=1, epochs=30, lr=1e-2, batch_size=8,
+                     seed=3, init_head=False)
     with torch.no_grad():
-        accuracy = (runs[0](torch.as_tensor(tokens)).argmax(1).numpy() == labels).mean()
-        frozen_block = [torch.equal(a, b) for a, b in zip(runs[0].blocks[0].parameters(), tiny_model.blocks[0].parameters())]
-    assert all(frozen_block)
-    assert accuracy > 0.9
-    assert not torch.equal(runs[0].blocks[-1].output.dense.weight, tiny_model.blocks[-1].output.dense.weight)
+        accuracy = (model(torch.as_tensor(tokens)).argmax(1).numpy() == labels).mean()
+    assert all(torch.equal(a, b) for a, b in zip(model.blocks[0].parameters(), tiny_model.blocks[0].parameters()))
+    assert not torch.equal(model.blocks[-1].output.dense.weight, tiny_model.blocks[-1].output.dense.weight)
+    assert accuracy > 0.85  # 24 random token strings, 3 labels: memorised by the last block + head
 
 
 def test_import_oodscope_does_not_import_transformers():
