@@ -16,6 +16,8 @@ from .benchmark import Benchmark
 BUILTIN: dict[str, str] = {
     "digits": "oodscope.data.digits:prepare",
     "cifar10": "oodscope.data.cifar10:prepare",
+    "clinc150": "oodscope.data.clinc150:prepare",
+    "clinc150-ft": "oodscope.data.clinc150:prepare_finetuned",
 }
 
 
