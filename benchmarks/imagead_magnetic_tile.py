@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=200)
     parser.add_argument("--detectors", default="gaussian_ad,gaussian_ad_npca,patchcore")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's coreset ratio (paper: 0.1)")
     parser.add_argument("--out", default="bench-magnetic-tile.json")
     parser.add_argument("--save-maps", default=None, help="npz file for PatchCore's maps and the masks")
     args = parser.parse_args()
@@ -62,7 +63,8 @@ def main() -> None:
     records += ad_records("global_1nn_head", data.test, scores, None, fit_s, ms)
     print(records[-1], flush=True)
     for name in args.detectors.split(","):
-        det = create(name, backbone=Backbone() if args.fresh else shared)
+        extra = {"coreset_ratio": args.coreset_ratio} if name == "patchcore" else {}
+        det = create(name, backbone=Backbone() if args.fresh else shared, **extra)
         run = run_detector(det, data.train, data.test)
         records += run.records
         if args.save_maps and name == "patchcore":

@@ -1,10 +1,11 @@
 """Side-by-side check of oodscope's AUPRO and AUPIMO against anomalib's implementations on the same maps.
 
-    cd /work/wt-7 && PYTHONPATH=. /work/venv-ref/bin/python benchmarks/imagead_metrics_vs_anomalib.py [maps.npz]
+    PYTHONPATH=. /work/venv-ref/bin/python benchmarks/imagead_metrics_vs_anomalib.py [maps.npz [EVERY]]
 
 Without an argument it draws synthetic anomaly maps (smooth noise, blob-shaped defects with partly overlapping
 scores); with ``maps.npz`` (arrays ``maps`` (N, H, W) and ``masks`` (N, H, W)) it compares on real maps, e.g.
-PatchCore's on magnetic-tile saved by ``imagead_magnetic_tile.py --save-maps FILE``. anomalib is only a reference
+PatchCore's on magnetic-tile saved by ``imagead_magnetic_tile.py --save-maps FILE`` (``EVERY``: keep every
+k-th image, to bound anomalib's run time). anomalib is only a reference
 here; it is not a dependency of oodscope.
 """
 
@@ -37,7 +38,8 @@ def synthetic(seed: int = 0, n_normal: int = 40, n_anomalous: int = 24, size: in
 def main() -> None:
     if len(sys.argv) > 1:
         data = np.load(sys.argv[1])
-        maps, masks = data["maps"].astype(np.float64), data["masks"].astype(bool)
+        every = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+        maps, masks = data["maps"][::every].astype(np.float64), data["masks"][::every].astype(bool)
         cases = [("file " + sys.argv[1], maps, masks)]
     else:
         cases = [(f"synthetic seed {s}", *synthetic(s)) for s in range(3)]

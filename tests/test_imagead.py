@@ -285,3 +285,11 @@ def test_magnetic_tile_patchcore_beats_chance():
     scores, maps = create("patchcore", coreset_ratio=0.1).fit(data.train).score_and_map(test)
     assert P.image_auroc(scores, test.labels) > 0.75
     assert P.pixel_auroc(maps, test.masks) > 0.7
+
+
+def test_overlay_picks_best_worst_and_false_alarms():
+    from oodscope.report.ad import pick_examples
+
+    picks = pick_examples(np.array([0.1, 0.9, 0.8, 0.2, 0.7, 0.6, 0.5]), np.array([0, 1, 1, 0, 1, 1, 1]), k=2)
+    assert picks["best"].tolist() == [1, 2] and picks["worst"].tolist() == [6, 5]
+    assert picks["false alarm"].tolist() == [3, 0]

@@ -13,7 +13,9 @@ def pick_examples(scores: np.ndarray, labels: np.ndarray, k: int = 3) -> dict[st
     order = np.argsort(-scores, kind="stable")
     anomalous = order[labels[order] == 1]
     normal = order[labels[order] == 0]
-    return {"best": anomalous[:k], "worst": anomalous[::-1][:k], "false alarm": normal[:k]}
+    best = anomalous[:k]
+    worst = anomalous[k:][::-1][:k]  # never repeats a "best" image when there are few anomalous images
+    return {"best": best, "worst": worst, "false alarm": normal[:k]}
 
 
 def plot_overlays(runs, test, out_dir: str | Path, k: int = 3) -> list[Path]:
