@@ -32,9 +32,10 @@ def gram_row_sums(maps, poles: Sequence[int]):
     import torch
 
     x = torch.as_tensor(maps).double().flatten(2)
-    out = []
+    out, powered, power = [], torch.ones_like(x), 0
     for p in poles:
-        powered = x**p
+        powered = powered * x**(p - power) if p - power != 1 else powered * x
+        power = p
         sums = (powered * powered.sum(dim=1, keepdim=True)).sum(dim=2)
         out.append(sums.sign() * sums.abs() ** (1.0 / p))
     return torch.stack(out, dim=1)
@@ -44,7 +45,7 @@ class Gram(Detector):
     """``score(x) = sum_l delta_l(x) / E_va[delta_l]`` (Sastry & Oore 2020, Eq. 4)."""
 
     name = "gram"
-    needs = frozenset({Need.LOGITS})
+    needs = frozenset({Need.LOGITS, Need.LAYERS})  # maps from Outputs.layers or, failing that, from the model
     grid = {"poles": [list(range(1, 11)), list(range(1, 6))]}
 
     def __init__(self, layers: Sequence[str] | None = None, poles: Sequence[int] = tuple(range(1, 11)),
@@ -58,10 +59,14 @@ class Gram(Detector):
         if self.layers is None or isinstance(self.layers, str) or len(self.layers) == 0:
             raise ValueError("gram: pass layers=[...], the modules whose feature maps are used (e.g. "
                              "['relu', 'layer1', 'layer2', 'layer3'] for the CIFAR ResNets)")
-        if len(self.poles) == 0 or any(not (isinstance(p, (int, np.integer)) and p >= 1) for p in self.poles):
-            raise ValueError(f"gram: poles must be positive integers, got {self.poles!r}")
+        if len(self.poles) == 0 or any(not (isinstance(p, (int, np.integer)) and p >= 1) for p in self.poles) \
+                or list(self.poles) != sorted(set(self.poles)):
+            raise ValueError(f"gram: poles must be increasing positive integers, got {self.poles!r}")
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(f"gram: validation_fraction must be in (0, 1), got {self.validation_fraction!r}")
+
+    def layer_names(self) -> list[str]:
+        return []  # the maps may come from a re-run of the model instead; statistics() checks them
 
     def statistics(self, x: Outputs) -> list[np.ndarray]:
         """Per layer, the ``(N, P, C_l)`` Gram values of every sample."""

@@ -97,7 +97,6 @@ class MahalanobisEnsemble(Detector):
         AUROC of a regression fitted on one half of the validation data and evaluated on the other; the best
         becomes ``self.epsilon`` and the regression is refitted on all validation data.
         """
-        from sklearn.linear_model import LogisticRegressionCV
         from sklearn.metrics import roc_auc_score
 
         if not hasattr(self, "gaussians_"):
@@ -112,14 +111,25 @@ class MahalanobisEnsemble(Detector):
         best = None
         for epsilon in epsilons:
             scores = np.r_[self.layer_scores(id_val, epsilon), self.layer_scores(ood_val, epsilon)]
-            model = LogisticRegressionCV(max_iter=1000).fit(scores[half], target[half])
+            model = _regression(scores[half], target[half])
             auroc = roc_auc_score(target[~half], model.decision_function(scores[~half]))
             if best is None or auroc > best[0]:
                 best = (auroc, epsilon, scores)
         self.validation_auroc_, self.epsilon, scores = best
-        model = LogisticRegressionCV(max_iter=1000).fit(scores, target)
+        model = _regression(scores, target)
         self.weights_, self.bias_ = model.coef_[0].astype(np.float64), float(model.intercept_[0])
         return self
+
+
+def _regression(scores: np.ndarray, target: np.ndarray):
+    """Cross-validated logistic regression, as in the authors' code (``LogisticRegressionCV``)."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # sklearn's announced default changes; results unchanged
+        return LogisticRegressionCV(max_iter=1000).fit(scores, target)
 
 
 def _perturbed_distances(source, layers: list[str], gaussians: list[TiedGaussian], epsilon: float) -> np.ndarray:
