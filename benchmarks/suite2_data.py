@@ -36,14 +36,16 @@ def outputs(depth: int, layers=LAYERS) -> tuple[dict[str, Outputs], object, obje
     return outs, net, pre
 
 
-def subsample(out: Outputs, n: int, seed: int = 0) -> Outputs:
-    """A fixed random subset of ``n`` rows that keeps the model source (for detectors that re-run the model)."""
-    if n >= len(out):
-        return out
-    index = np.sort(np.random.default_rng(seed).choice(len(out), n, replace=False))
-    sub = out.subset(index, name=out.name)
-    if out.source is not None:
-        source = out.source
-        sub.source = type(source)(model=source.model, inputs=source.inputs[index], preprocess=source.preprocess,
-                                  device=source.device, batch_size=source.batch_size, head=source.head)
-    return sub
+def sub_outputs(depth: int, net, pre, key: str, n: int, seed: int = 0) -> Outputs:
+    """Outputs (with ``LAYERS`` and the model source) of a fixed random subset of ``n`` images of split ``key``;
+    cached under the name ``cifar10-sub<n>-<key>`` (the key of ResNet-20 entries carries no depth, as before)."""
+    import oodscope
+
+    split = load_benchmark_dir(BENCH).datasets()[key]
+    index = np.sort(np.random.default_rng(seed).choice(len(split.inputs), min(n, len(split.inputs)), replace=False))
+    prefix = "cifar10" if depth == 20 else f"cifar10-r{depth}"
+    out = oodscope.extract(net, (split.inputs[index], split.labels[index]),
+                           name=f"{prefix}-sub{n}-{key.replace('/', '-')}", preprocess=pre, layers=LAYERS,
+                           cache_dir=CACHE, progress=False)
+    out.name = key
+    return out

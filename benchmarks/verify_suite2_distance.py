@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import oodscope  # noqa: E402
 from oodscope.metrics import ood_metrics  # noqa: E402
-from suite2_data import OOD, outputs, subsample  # noqa: E402
+from suite2_data import OOD, outputs, sub_outputs  # noqa: E402
 
 SETS = [name for group in OOD.values() for name in group]
 LAYERS = ["relu", "layer1", "layer2", "layer3"]
@@ -119,18 +119,8 @@ def main() -> None:
 
     # -- fixed subsamples with layers and the model ---------------------------------------------------------
     print(f"subsamples: {args.n_train} train, {args.n_eval} per evaluation set", flush=True)
-    from oodscope.data.spec import load_benchmark_dir
-    from suite2_data import BENCH, CACHE
-
-    bench = load_benchmark_dir(BENCH).datasets()
-
     def sub_extract(key, n):
-        split = bench[key]
-        index = np.sort(np.random.default_rng(0).choice(len(split.inputs), min(n, len(split.inputs)), replace=False))
-        out = oodscope.extract(net, (split.inputs[index], split.labels[index]), name=f"cifar10-sub{n}-{key.replace('/', '-')}",
-                               preprocess=pre, layers=LAYERS, cache_dir=CACHE, progress=False)
-        out.name = key
-        return out
+        return sub_outputs(20, net, pre, key, n)
 
     s_train = sub_extract("train", args.n_train)
     s_test = sub_extract("test", args.n_eval)

@@ -12,6 +12,27 @@ from ._common import as_float64, class_means
 from .mahalanobis import min_squared_distance, whitening
 
 
+def chunked_class_means(features: np.ndarray, labels: np.ndarray, n_classes: int, who: str,
+                        chunk: int = 65536) -> np.ndarray:
+    """Per-class means as one sparse one-hot product per row chunk (memory ``O(chunk x D + C x D)``).
+
+    Labels are validated by :func:`~._common.class_means` on one row per class present, so the errors
+    (missing classes named, fewer than two classes, out-of-range labels) are the same as everywhere else.
+    """
+    from scipy import sparse
+
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    class_means(np.zeros((len(present), 1)), present, n_classes, who)
+    sums = np.zeros((n_classes, features.shape[1]))
+    for start in range(0, len(features), chunk):
+        block = labels[start:start + chunk]
+        one_hot = sparse.csr_matrix((np.ones(len(block)), (block, np.arange(len(block)))),
+                                    shape=(n_classes, len(block)))
+        sums += one_hot @ as_float64(features[start:start + chunk])
+    return sums / np.bincount(labels, minlength=n_classes)[:, None]
+
+
 def tied_covariance(features: np.ndarray, labels: np.ndarray, means: np.ndarray,
                     chunk: int = 262144) -> np.ndarray:
     """``1/N sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T`` (float64), accumulated over row chunks."""
@@ -63,7 +84,7 @@ class TiedGaussian:
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, n_classes: int, who: str,
                  shrinkage: float = 0.0):
-        self.means = class_means(features, labels, n_classes, who)
+        self.means = chunked_class_means(features, labels, n_classes, who)
         self.covariance = shrink(tied_covariance(features, labels, self.means), shrinkage)
         self.whitener = whitening(self.covariance)
         self.whitened_means = self.means @ self.whitener
