@@ -58,10 +58,14 @@ def main() -> None:
     parser.add_argument("--n-val", type=int, default=300)
     parser.add_argument("--skip", default="", help="comma-separated detector rows to skip")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument("--merge", nargs="*", default=[], help="only print the table of these JSON files")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    results = {}
-    for depth in args.depths:
+    results: dict = {}
+    for path in args.merge:
+        for model, rows in json.loads(Path(path).read_text()).items():
+            results.setdefault(model, {}).update(rows)
+    for depth in [] if args.merge else args.depths:
         full, net, pre = outputs(depth, layers=())
         train, test = full["train"], full["test"]
         sets = {name: full[f"{g}/{name}"] for g, names in OOD.items() for name in names}
@@ -76,13 +80,18 @@ def main() -> None:
                 rows[name] = evaluate(detector, train, test, sets)
                 print(f"resnet{depth} {name}: done", flush=True)
         sub = lambda key, n: sub_outputs(depth, net, pre, key, n)  # noqa: E731
+        sub_names = ["mahalanobis (sub)", "mahalanobis_ensemble (4 layers sum)",
+                     "mahalanobis_ensemble (4 layers eps+LR)", "nac", "gram", "rankfeat (layer3)"]
+        if set(sub_names) <= skip:
+            results[f"resnet{depth}"] = rows
+            continue
         s_train, s_test = sub("train", args.n_train), sub("test", args.n_eval)
         s_sets = {name: sub(f"{g}/{name}", args.n_eval) for g, names in OOD.items() for name in names}
         combine = (sub("val", args.n_val), sub("ood_val/tin", args.n_val))
         sub_detectors = {
             "mahalanobis (sub)": (oodscope.create("mahalanobis"), None),
-            "mahalanobis_ensemble (4 layers, sum)": (oodscope.create("mahalanobis_ensemble", layers=LAYERS), None),
-            "mahalanobis_ensemble (4 layers, eps + LR)": (oodscope.create("mahalanobis_ensemble", layers=LAYERS),
+            "mahalanobis_ensemble (4 layers sum)": (oodscope.create("mahalanobis_ensemble", layers=LAYERS), None),
+            "mahalanobis_ensemble (4 layers eps+LR)": (oodscope.create("mahalanobis_ensemble", layers=LAYERS),
                                                           combine),
             "nac": (oodscope.create("nac"), None),
             "gram": (oodscope.create("gram", layers=LAYERS), None),
@@ -102,7 +111,7 @@ def main() -> None:
     print("|" + "---|" * (header.count("|") - 1))
     for model, rows in results.items():
         for name, row in rows.items():
-            cells = [f"{row[s][0]:.2f} / {row[s][1]:.2f}" for s in SETS + ["near", "far"]]
+            cells = [f"{row[s][0]:.2f} / {row[s][1]:.2f}" for s in SETS + list(OOD)]
             print(f"| {model} | {name} | " + " | ".join(cells) + f" | {row['fit_s']:.1f} | {row['score_s']:.1f} |")
     for model, rows in results.items():
         for name, row in rows.items():
