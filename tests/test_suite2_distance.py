@@ -1,0 +1,297 @@
+"""Suite II distance/density/coverage detectors: hand-computed cases, paper properties, bad input."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+from torch import nn
+
+import oodscope
+from oodscope import Head, Outputs
+from oodscope.data.transforms import ImageNormalize
+from oodscope.detectors._gaussian import TiedGaussian, full_covariance, per_class_covariances, tied_covariance
+
+LAYERS = ["stem", "body"]
+
+
+class SmallNet(nn.Module):
+    """conv stem -> conv body -> global average pool -> linear head (3 classes)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.body(self.stem(x))).flatten(1))
+
+
+PRE = ImageNormalize(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+
+
+@pytest.fixture(scope="module")
+def net_outputs():
+    rng = np.random.default_rng(1)
+    model = SmallNet()
+    x = rng.integers(0, 256, (90, 8, 8, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(3), 30)
+    x[y == 1] //= 2  # give the classes some structure
+    noise = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    extract = dict(preprocess=PRE, layers=LAYERS, use_cache=False, progress=False, batch_size=32)
+    train = oodscope.extract(model, (x, y), name="train", **extract)
+    ood = oodscope.extract(model, noise, name="noise", **extract)
+    return model, train, ood
+
+
+# -- Gaussian statistics -----------------------------------------------------------------------------------
+def test_chunked_statistics_match_direct_formulas(rng):
+    x = rng.normal(size=(50, 4))
+    y = np.repeat(np.arange(5), 10)
+    means = np.stack([x[y == c].mean(0) for c in range(5)])
+    direct = sum((x[y == c] - means[c]).T @ (x[y == c] - means[c]) for c in range(5)) / 50
+    assert tied_covariance(x, y, means, chunk=7) == pytest.approx(direct)
+    mean, cov = full_covariance(x, chunk=3)
+    assert cov == pytest.approx(np.cov(x.T, bias=True)) and mean == pytest.approx(x.mean(0))
+    per_class = per_class_covariances(x, y, means)
+    assert per_class[2] == pytest.approx(np.cov(x[y == 2].T, bias=True))
+
+
+def test_rmds_hand_computed(make_outputs):
+    train, test = make_outputs(n=200, dim=5), make_outputs(n=20, dim=5, shift=2.0)
+    f, y = train.features, train.labels
+    means = np.stack([f[y == c].mean(0) for c in range(4)])
+    sigma = sum((f[y == c] - means[c]).T @ (f[y == c] - means[c]) for c in range(4)) / len(f)
+    sigma0 = np.cov(f.T, bias=True)
+    z = test.features
+    md = np.stack([np.einsum("nd,de,ne->n", z - m, np.linalg.inv(sigma), z - m) for m in means], axis=1)
+    md0 = np.einsum("nd,de,ne->n", z - f.mean(0), np.linalg.inv(sigma0), z - f.mean(0))
+    expected = (md - md0[:, None]).min(axis=1)
+    assert oodscope.create("rmds").fit(train).score(test) == pytest.approx(expected, rel=1e-6)
+
+
+# -- Mahalanobis ensemble ------------------------------------------------------------------------------------
+def test_ensemble_of_one_layer_is_plain_mahalanobis_and_layers_add(make_outputs):
+    train, test = make_outputs(), make_outputs(shift=1.0)
+    plain = oodscope.create("mahalanobis").fit(train).score(test)
+    assert oodscope.create("mahalanobis_ensemble").fit(train).score(test) == pytest.approx(plain)
+    train.layers = {"a": train.features[:, :8].copy()}
+    test.layers = {"a": test.features[:, :8].copy()}
+    both = oodscope.create("mahalanobis_ensemble", layers=["penultimate", "a"]).fit(train)
+    layer_a = oodscope.create("mahalanobis").fit(Outputs(features=train.layers["a"], labels=train.labels))
+    assert both.score(test) == pytest.approx(plain + layer_a.score(test.layers["a"]))
+
+
+def test_fit_combination_weights_the_informative_layer(make_outputs, rng):
+    train, id_val, ood_val = make_outputs(), make_outputs(name="id_val"), make_outputs(name="ood_val")
+    for data in (train, id_val):
+        data.layers = {"noise": rng.normal(size=(len(data), 3))}
+    ood_val.layers = {"noise": rng.normal(size=(len(ood_val), 3))}
+    ood_val.features = ood_val.features + 3.0  # only the penultimate layer separates
+    detector = oodscope.create("mahalanobis_ensemble", layers=["penultimate", "noise"]).fit(train)
+    detector.fit_combination(id_val, ood_val)
+    assert detector.weights_[0] > 10 * abs(detector.weights_[1])
+    assert detector.validation_auroc_ > 0.95
+    with pytest.raises(ValueError, match="call fit"):
+        oodscope.create("mahalanobis_ensemble").fit_combination(id_val, ood_val)
+
+
+def test_input_preprocessing_moves_towards_the_closest_class(net_outputs):
+    _, train, ood = net_outputs
+    detector = oodscope.create("mahalanobis_ensemble", layers=LAYERS + ["penultimate"]).fit(train)
+    before = detector.layer_scores(ood)
+    after = detector.layer_scores(ood, epsilon=0.002)
+    assert before.shape == after.shape == (40, 3)
+    assert (after < before).mean() > 0.8  # Eq. 4 decreases the distance of the perturbed input
+    assert not np.allclose(after, before)
+    cached = ood.subset(np.arange(40))  # subsets carry no model
+    with pytest.raises(ValueError, match="runs the network again"):
+        oodscope.create("mahalanobis_ensemble", epsilon=0.001).fit(train).score(cached)
+    # epsilon chosen from a grid on validation data
+    detector.fit_combination(train, ood, epsilons=[0.0, 0.002])
+    assert detector.epsilon in (0.0, 0.002) and np.isfinite(detector.score(ood)).all()
+
+
+# -- KNN indexes -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_knn_bounds_exact_distance(make_outputs, index):
+    train, test = make_outputs(n=2000), make_outputs(n=100, shift=0.5)
+    exact = oodscope.create("knn", k=5).fit(train).score(test)
+    approx = oodscope.create("knn", k=5, index=index).fit(train).score(test)
+    assert (approx >= exact - 1e-5).all()  # distances to the neighbours found; can only be larger
+    assert np.mean(np.abs(approx - exact) < 1e-5) > 0.8
+    exhaustive = oodscope.create("knn", k=5, index="ivf", nprobe=10_000).fit(train).score(test)
+    assert exhaustive == pytest.approx(exact, abs=1e-5)
+    with pytest.raises(ValueError, match="index must be one of"):
+        oodscope.create("knn", index="lsh").fit(train)
+    with pytest.raises(ValueError, match="k=3000 is larger than the training bank"):
+        oodscope.create("knn", k=3000, index=index).fit(train)
+
+
+# -- GMM ---------------------------------------------------------------------------------------------------
+def test_gmm_class_conditional_hand_computed_and_em_improves_likelihood(make_outputs):
+    train, test = make_outputs(n=200, dim=3), make_outputs(n=10, dim=3, shift=1.0)
+    f, y = train.features, train.labels
+    density = sum(np.mean(y == c) * multivariate_normal(f[y == c].mean(0), np.cov(f[y == c].T, bias=True)
+                                                          + 1e-6 * np.eye(3)).pdf(test.features) for c in range(4))
+    fixed = oodscope.create("gmm", max_iter=0).fit(train)
+    assert fixed.score(test) == pytest.approx(-np.log(density), rel=1e-6)
+    em = oodscope.create("gmm").fit(train)
+    assert em.score(train).mean() <= fixed.score(train).mean() + 1e-9  # EM raises the training likelihood
+    unsupervised = oodscope.create("gmm", n_components=2).fit(train.features)
+    assert unsupervised.score(test).shape == (10,)
+    with pytest.raises(ValueError, match="n_components=500 is larger"):
+        oodscope.create("gmm", n_components=500).fit(train)
+
+
+def test_gmm_fewer_samples_than_dimensions_is_regularised(rng):
+    x = rng.normal(size=(12, 20))
+    y = np.repeat(np.arange(3), 4)  # 4 samples per class in 20 dimensions: singular class covariances
+    scores = oodscope.create("gmm", max_iter=0, reg_covar=1e-3).fit(Outputs(features=x, labels=y)).score(x + 1)
+    assert np.isfinite(scores).all()
+
+
+# -- NNGuide -----------------------------------------------------------------------------------------------
+def test_nnguide_hand_computed(make_outputs):
+    train, test = make_outputs(n=60, dim=4), make_outputs(n=7, dim=4, shift=0.5)
+    confidence = logsumexp(train.logits, axis=1)
+    bank = train.features / np.linalg.norm(train.features, axis=1, keepdims=True) * confidence[:, None]
+    query = test.features / np.linalg.norm(test.features, axis=1, keepdims=True)
+    guidance = np.sort(query @ bank.T, axis=1)[:, -3:].mean(axis=1)
+    expected = -logsumexp(test.logits, axis=1) * guidance
+    assert oodscope.create("nnguide", k=3).fit(train).score(test) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="k=31 is larger than the bank \\(30 samples\\)"):
+        oodscope.create("nnguide", k=31, bank_fraction=0.5).fit(train)
+
+
+# -- NAC ---------------------------------------------------------------------------------------------------
+def test_nac_intervals_and_penultimate_state_match_analytic_gradient(net_outputs):
+    from oodscope.detectors.nac import interval_edges
+
+    edges = interval_edges(50)
+    assert len(edges) == 50 and edges[0] == 0.0 and (np.diff(edges) > 0).all() and edges[-1] == 1.2
+    inner = edges[:-1]  # mirrored around 0.5 (the last inner edge is nudged up by 0.01 to include 1.0)
+    assert inner[:24] + inner[24:][::-1][:24] == pytest.approx(np.r_[1.01, np.ones(23)])
+    assert np.diff(inner[:24])[0] > np.diff(inner[:24])[-1]  # log spacing: widest interval at 0
+    model, train, _ = net_outputs
+    nac = oodscope.create("nac", alpha=100.0)
+    (state,) = nac.states(train)
+    W, b = train.head.W, train.head.b
+    p = np.exp(train.logits - logsumexp(train.logits, axis=1, keepdims=True))
+    grad = (p - 1.0 / 3) @ W  # d/dz of -(1/C) sum_j log p_j = W^T (p - 1/C)
+    expected = 1.0 / (1.0 + np.exp(-100.0 * train.features * grad))
+    assert state == pytest.approx(expected, abs=1e-4)
+
+
+def test_nac_full_coverage_of_the_training_set(net_outputs):
+    _, train, ood = net_outputs
+    nac = oodscope.create("nac", layers=LAYERS + ["penultimate"], o_star=1, m_bins=[50, 50, 20]).fit(train)
+    assert nac.score(train) == pytest.approx(-np.ones(len(train)))  # every state's interval was visited
+    scores = nac.score(ood)
+    assert ((scores >= -1.0) & (scores <= 0.0)).all()
+    with pytest.raises(ValueError, match="no layers \\['nope'\\]"):
+        oodscope.create("nac", layers=["nope"]).fit(train)
+    with pytest.raises(ValueError, match="m_bins has 1 entries but there are 2 layers"):
+        oodscope.create("nac", layers=LAYERS, m_bins=[50]).fit(train)
+
+
+# -- Gram --------------------------------------------------------------------------------------------------
+def test_gram_row_sums_and_deviation_hand_computed(rng):
+    from oodscope.detectors.gram import gram_row_sums
+
+    maps = rng.normal(size=(2, 3, 4, 4))
+    for p in (1, 3):
+        f = maps.reshape(2, 3, 16) ** p
+        sums = np.einsum("bcs,bds->bcd", f, f).sum(axis=2)
+        expected = np.sign(sums) * np.abs(sums) ** (1 / p)
+        assert gram_row_sums(maps, [1, 2, 3]).numpy()[:, p - 1] == pytest.approx(expected)
+    # one channel, pole 1, 1x1 maps: the Gram value is a^2
+    values = np.array([1.0, 2.0, 3.0, 4.0, 10.0, 2.0, 3.0, 4.0, 5.0, 9.0])
+    logits = np.zeros((10, 2))
+    logits[5:, 1] = 1.0  # predicted classes: five of 0, five of 1
+    train = Outputs(logits=logits, layers={"m": values.reshape(10, 1, 1, 1)}, name="train")
+    gram = oodscope.create("gram", layers=["m"], poles=[1], validation_fraction=0.2, seed=0).fit(train)
+    test = Outputs(logits=np.array([[1.0, 0.0], [0.0, 1.0]]), layers={"m": np.array([6.0, 1.0]).reshape(2, 1, 1, 1)})
+    low, high = gram.mins_[0][:, 0, 0], gram.maxs_[0][:, 0, 0]
+    assert set(high) <= set(values**2) and set(low) <= set(values**2)
+    expected = np.array([max(36 - high[0], 0) / high[0], max(low[1] - 1, 0) / low[1]]) / gram.expected_deviation_[0]
+    assert gram.score(test) == pytest.approx(expected, rel=1e-5)
+    assert expected.min() > 0
+
+
+def test_gram_on_a_model_and_bad_layers(net_outputs):
+    _, train, ood = net_outputs
+    untrained = copy.copy(train)
+    untrained.logits = np.eye(3)[train.labels]  # the random net predicts one class; bounds need all three
+    with pytest.raises(ValueError, match="predicted as classes \\[0, 1\\]"):
+        oodscope.create("gram", layers=LAYERS).fit(train)
+    train = untrained
+    gram = oodscope.create("gram", layers=LAYERS, poles=[1, 2, 3]).fit(train)
+    assert gram.score(ood).mean() > np.median(gram.score(train))
+    with pytest.raises(ValueError, match="no layers \\['head'\\]"):
+        oodscope.create("gram", layers=["head"]).fit(train)
+    with pytest.raises(ValueError, match="pass layers"):
+        oodscope.create("gram").fit(train)
+    with pytest.raises(ValueError, match="feature maps of layers"):
+        gram.score(ood.subset(np.arange(5)))
+
+
+# -- RankFeat ----------------------------------------------------------------------------------------------
+def test_rankfeat_removes_rank_one_and_scores_energy(net_outputs, rng):
+    from oodscope.detectors.rankfeat import remove_rank1
+
+    maps = torch.as_tensor(rng.normal(size=(4, 5, 3, 3)))
+    removed = remove_rank1(maps)
+    s_before = torch.linalg.svdvals(maps.flatten(2))
+    s_after = torch.linalg.svdvals(removed.flatten(2))
+    assert torch.allclose(s_after[:, :-1], s_before[:, 1:], atol=1e-8)  # the top singular value is gone
+    assert torch.allclose(remove_rank1(maps, iterations=200), removed, atol=1e-6)
+    model, train, ood = net_outputs
+    x = PRE(torch.as_tensor(ood.source.inputs))
+    with torch.no_grad():
+        body = remove_rank1(model.body(model.stem(x)))
+        logits = model.fc(body.mean(dim=(2, 3))).double()
+    expected = -torch.logsumexp(logits, dim=1).numpy()
+    rankfeat = oodscope.create("rankfeat", layer="body").fit(train)
+    assert rankfeat.score(ood) == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match="no layer 'layer4'"):
+        oodscope.create("rankfeat", layer="layer4").fit(train)
+    with pytest.raises(ValueError, match="pass layer="):
+        oodscope.create("rankfeat").fit(train)
+    with pytest.raises(ValueError, match="not a feature map"):
+        oodscope.create("rankfeat", layer="fc").fit(train).score(ood)
+
+
+# -- bad input shared by the class-conditional detectors ---------------------------------------------------
+@pytest.mark.parametrize("name", ["rmds", "mahalanobis_ensemble", "gmm"])
+def test_class_without_samples_is_named(make_outputs, name):
+    train = make_outputs()
+    keep = train.labels != 2
+    with pytest.raises(ValueError, match="classes \\[2\\] have no training samples"):
+        oodscope.create(name).fit(train.subset(np.flatnonzero(keep)))
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "rmds", "mahalanobis_ensemble"])
+def test_fewer_samples_than_dimensions_uses_the_pseudo_inverse(rng, name):
+    x = rng.normal(size=(10, 30))
+    y = np.repeat(np.arange(2), 5)
+    scores = oodscope.create(name).fit(Outputs(features=x, labels=y)).score(rng.normal(size=(5, 30)) * 3)
+    assert np.isfinite(scores).all()
+    if name != "rmds":  # a class mean is at distance zero (RMDS subtracts the background distance there)
+        at_mean = oodscope.create(name).fit(Outputs(features=x, labels=y)).score(x[y == 0].mean(0, keepdims=True))
+        assert at_mean[0] == pytest.approx(0.0, abs=1e-8)
+
+
+def test_missing_layers_are_named(make_outputs):
+    train = make_outputs()
+    with pytest.raises(ValueError, match="needs layer 'layer9'.*extract it with"):
+        oodscope.create("mahalanobis_ensemble", layers=["layer9"]).fit(train)
+    with pytest.raises(ValueError, match="non-empty list"):
+        oodscope.create("mahalanobis_ensemble", layers="layer9").fit(train)
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
+        oodscope.create("mahalanobis_ensemble", epsilon=-1.0).fit(train)
