@@ -1,0 +1,88 @@
+"""Class-conditional statistics for the density detectors, memory bounded for large feature banks.
+
+Everything is computed in row chunks (``chunk`` samples at a time) so a 1M x 2048 float32 bank never gets a
+float64 copy: per-class sums are one matrix product per chunk (``one_hot.T @ X``, no Python loop over samples
+or classes), and the within-class scatter is accumulated in float64 from the class-centred chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CHUNK = 65536
+
+
+@dataclass
+class ClassStats:
+    counts: np.ndarray        # (C,) samples per class
+    means: np.ndarray         # (C, D) float64 class means
+    mean: np.ndarray          # (D,) float64 mean of all samples
+    within: np.ndarray        # (D, D) float64 within-class covariance 1/N sum_i (x_i - mu_y)(x_i - mu_y)^T
+    variances: np.ndarray     # (D,) float64 diagonal of ``within``
+
+
+def check_labels(labels: np.ndarray, n_samples: int, n_classes: int, who: str) -> np.ndarray:
+    """Integer labels in ``[0, n_classes)`` with every class present; errors name the empty classes."""
+    if labels is None:
+        raise ValueError(f"{who}: fit needs the in-distribution training labels (Outputs(labels=...) or fit(X, y))")
+    labels = np.asarray(labels)
+    if labels.shape != (n_samples,):
+        raise ValueError(f"{who}: expected {n_samples} training labels, got shape {labels.shape}")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{who}: training labels must be integers, got dtype {labels.dtype}")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"{who}: training labels must lie in [0, {n_classes}), got [{labels.min()}, {labels.max()}]")
+    counts = np.bincount(labels, minlength=n_classes)
+    if np.count_nonzero(counts) < 2:
+        raise ValueError(f"{who}: class-conditional statistics need at least two classes in the training set, "
+                         f"got only class {int(labels[0])}")
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise ValueError(f"{who}: class(es) {empty.tolist()} have no training samples; every class of the "
+                         f"classifier needs examples (or re-index the labels to the classes present)")
+    return labels
+
+
+def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    one_hot = np.zeros((len(labels), n_classes))
+    one_hot[np.arange(len(labels)), labels] = 1.0
+    return one_hot
+
+
+def class_stats(features: np.ndarray, labels: np.ndarray, n_classes: int, who: str, covariance: bool = True,
+                chunk: int = CHUNK) -> ClassStats:
+    """Counts, class means, global mean and the (tied) within-class covariance, in two chunked passes."""
+    n, dim = features.shape
+    labels = check_labels(labels, n, n_classes, who)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    sums = np.zeros((n_classes, dim))
+    for start in range(0, n, chunk):
+        block = np.asarray(features[start:start + chunk], dtype=np.float64)
+        sums += _one_hot(labels[start:start + chunk], n_classes).T @ block
+    means = sums / counts[:, None]
+    mean = sums.sum(axis=0) / n
+    within = np.zeros((dim, dim)) if covariance else None
+    variances = np.zeros(dim)
+    for start in range(0, n, chunk):
+        centred = np.asarray(features[start:start + chunk], dtype=np.float64) - means[labels[start:start + chunk]]
+        if covariance:
+            within += centred.T @ centred
+        else:
+            variances += (centred**2).sum(axis=0)
+    if covariance:
+        within /= n
+        variances = np.diag(within).copy()
+    else:
+        variances /= n
+    return ClassStats(counts=counts, means=means, mean=mean, within=within, variances=variances)
+
+
+def n_classes_for(train, who: str) -> int:
+    """Classes of the classifier: the logits' width when present, else the largest label + 1."""
+    if train.labels is None:
+        raise ValueError(f"{who}: fit needs the in-distribution training labels")
+    if train.logits is not None:
+        return int(train.logits.shape[1])
+    return int(np.max(train.labels)) + 1
