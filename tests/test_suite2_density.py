@@ -213,3 +213,60 @@ def test_suite_separates_shifted_data(make_outputs):
     for name in set(SUITE) - {"igeood"}:          # the shift moves every logit equally: softmax cannot see it
         det = oodscope.create(name).fit(train)
         assert auroc(det.score(test), det.score(ood)) > 0.8, name
+
+
+# -- HEAT -----------------------------------------------------------------------------------------------------
+def _heat_data(make_outputs):
+    train = make_outputs(n=300, dim=8, n_classes=3)
+    train.features = np.abs(train.features)                 # post-ReLU-like features
+    return train
+
+
+def test_heat_trains_and_composes_standardised_energies(make_outputs):
+    torch = pytest.importorskip("torch")
+    from oodscope.detectors.heat import PRIORS
+    from oodscope.runner import default_detectors
+    assert oodscope.detectors.get("heat").trains_network and "heat" not in default_detectors()
+    train = _heat_data(make_outputs)
+    det = oodscope.create("heat", n_iter=5, hidden_dim=16, n_hidden_layers=1, batch_size=64, sgld_steps=3)
+    det.fit(train)
+    assert set(det.losses_) == {"gmm", "el"} and all(len(v) == 5 for v in det.losses_.values())
+    parts = det.component_scores(train)
+    expected = sum((parts[k] - det.offsets_[k]) / det.scales_[k] for k in parts)
+    assert det.score(train) == pytest.approx(expected)
+    # the hybrid energy is the MLP residual plus the prior energy over its temperature
+    z = train.features[:20] / np.linalg.norm(train.features[:20], axis=1, keepdims=True)
+    gmm = det.energies_["gmm"]
+    with torch.no_grad():
+        zt = torch.from_numpy(z.astype(np.float32))
+        residual, prior = gmm.mlp(zt).view(-1).numpy(), gmm.prior_energy(zt).numpy()
+    assert parts["gmm"][:20] == pytest.approx(residual + prior / PRIORS["gmm"]["temperature"], rel=1e-5)
+    # the GMM prior energy is -log of the tied-covariance mixture density, up to one additive constant
+    x = train.features / np.linalg.norm(train.features, axis=1, keepdims=True)
+    means = np.stack([x[train.labels == c].mean(0) for c in range(3)])
+    centred = x - means[train.labels]
+    cov = centred.T @ centred / len(x)
+    weights = np.bincount(train.labels) / len(x)
+    log_p = logsumexp([np.log(w) + multivariate_normal(m, cov, allow_singular=True).logpdf(z)
+                       for w, m in zip(weights, means)], axis=0)
+    assert np.ptp(prior + log_p) < 1e-3 * np.ptp(log_p)
+    # seeded: the same fit gives the same scores
+    again = oodscope.create("heat", n_iter=5, hidden_dim=16, n_hidden_layers=1, batch_size=64, sgld_steps=3)
+    assert again.fit(train).score(train) == pytest.approx(det.score(train))
+
+
+def test_heat_separates_shifted_data_and_checks_parameters(make_outputs):
+    pytest.importorskip("torch")
+    from oodscope.metrics.ood import auroc
+    train = _heat_data(make_outputs)
+    test, ood = make_outputs(n=100, dim=8, n_classes=3), make_outputs(n=100, dim=8, n_classes=3)
+    test.features = np.abs(test.features)
+    ood.features = np.abs(ood.features[:, ::-1]) + 2.0       # mass on dimensions no class uses
+    det = oodscope.create("heat", priors="gmm", n_iter=5, hidden_dim=16, batch_size=64, sgld_steps=3).fit(train)
+    assert auroc(det.score(test), det.score(ood)) > 0.8
+    with pytest.raises(ValueError, match="priors must be"):
+        oodscope.create("heat", priors=("gmm", "flow")).fit(train)
+    with pytest.raises(ValueError, match="n_iter"):
+        oodscope.create("heat", n_iter=0).fit(train)
+    with pytest.raises(ValueError, match="needs head"):
+        oodscope.create("heat", n_iter=1).fit(Outputs(features=train.features, labels=train.labels))

@@ -1,6 +1,6 @@
 """Class-conditional statistics for the density detectors, memory bounded for large feature banks.
 
-Everything is computed in row chunks (``chunk`` samples at a time) so a 1M x 2048 float32 bank never gets a
+Everything is computed in row chunks (about 256 MiB of float64 at a time) so a 1M x 2048 float32 bank never gets a
 float64 copy: per-class sums are one matrix product per chunk (``one_hot.T @ X``, no Python loop over samples
 or classes), and the within-class scatter is accumulated in float64 from the class-centred chunk.
 """
@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK = 65536
+ELEMENTS = 1 << 25    # float64 elements per chunk (256 MiB)
+
+
+def rows_per_chunk(dim: int, elements: int = ELEMENTS) -> int:
+    """Rows per chunk so that one float64 block of ``dim`` columns stays near ``elements`` entries."""
+    return max(256, elements // max(int(dim), 1))
 
 
 @dataclass
@@ -52,9 +57,10 @@ def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def class_stats(features: np.ndarray, labels: np.ndarray, n_classes: int, who: str, covariance: bool = True,
-                chunk: int = CHUNK) -> ClassStats:
+                chunk: int | None = None) -> ClassStats:
     """Counts, class means, global mean and the (tied) within-class covariance, in two chunked passes."""
     n, dim = features.shape
+    chunk = chunk or rows_per_chunk(max(dim, n_classes))
     labels = check_labels(labels, n, n_classes, who)
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
     sums = np.zeros((n_classes, dim))

@@ -26,7 +26,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from ..extraction.outputs import Need, Outputs
-from ._classstats import CHUNK, class_stats, n_classes_for
+from ._classstats import class_stats, rows_per_chunk, n_classes_for
 from .base import Detector
 
 
@@ -85,14 +85,16 @@ class ConjNorm(Detector):
             rows = np.sort(np.random.default_rng(self.seed).choice(n, self.n_samples, replace=False))
         # log Z_k = log mean_i exp(-D(x_i, mu_k) / T), accumulated chunk by chunk in log space
         log_z = np.full(n_classes, -np.inf)
-        for start in range(0, len(rows), CHUNK):
-            block = self._log_kernel(train.features[rows[start:start + CHUNK]])
+        chunk = rows_per_chunk(max(train.features.shape[1], n_classes))
+        for start in range(0, len(rows), chunk):
+            block = self._log_kernel(train.features[rows[start:start + chunk]])
             log_z = np.logaddexp(log_z, logsumexp(block, axis=0))
         self.log_partition_ = log_z - np.log(len(rows))
 
     def _score(self, x: Outputs) -> np.ndarray:
         out = np.empty(len(x))
-        for start in range(0, len(x), CHUNK):
-            block = self._log_kernel(x.features[start:start + CHUNK])
-            out[start:start + CHUNK] = -logsumexp(block - self.log_partition_, axis=1)
+        chunk = rows_per_chunk(max(x.features.shape[1], len(self.gradients_)))
+        for start in range(0, len(x), chunk):
+            block = self._log_kernel(x.features[start:start + chunk])
+            out[start:start + chunk] = -logsumexp(block - self.log_partition_, axis=1)
         return out

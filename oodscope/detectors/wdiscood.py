@@ -26,7 +26,7 @@ import numpy as np
 from scipy.linalg import eigh
 
 from ..extraction.outputs import Need, Outputs
-from ._classstats import CHUNK, class_stats, n_classes_for
+from ._classstats import class_stats, rows_per_chunk, n_classes_for
 from ._common import l2_normalize
 from .base import Detector
 from .mahalanobis import whitening
@@ -96,12 +96,13 @@ class WDiscOOD(Detector):
     def _score(self, x: Outputs) -> np.ndarray:
         out = np.empty(len(x))
         mean_norms = (self.class_means_disc_**2).sum(axis=1)
-        for start in range(0, len(x), CHUNK):
-            z = np.asarray(self._prepare(x.features[start:start + CHUNK]), dtype=np.float64) @ self.whitener_
+        chunk = rows_per_chunk(max(x.features.shape[1], len(self.class_means_disc_)))
+        for start in range(0, len(x), chunk):
+            z = np.asarray(self._prepare(x.features[start:start + chunk]), dtype=np.float64) @ self.whitener_
             g = z @ self.discriminants_
             squared = (g**2).sum(axis=1, keepdims=True) - 2.0 * g @ self.class_means_disc_.T + mean_norms
             disc = np.sqrt(np.maximum(squared.min(axis=1), 0.0))
             v = z - self.centre_
             residual = np.maximum((v**2).sum(axis=1) - ((v @ self.basis_) ** 2).sum(axis=1), 0.0)
-            out[start:start + CHUNK] = disc + self.residual_weight * np.sqrt(residual)
+            out[start:start + chunk] = disc + self.residual_weight * np.sqrt(residual)
         return out
