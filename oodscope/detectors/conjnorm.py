@@ -4,14 +4,14 @@ Peng, Luo, Zhang, Li & Wang, "ConjNorm: Tractable Density Estimation for Out-of-
 ICLR 2024 (arXiv:2402.17888).
 
 The class-conditional density is an exponential family written with a Bregman divergence,
-``p(x | k) = exp(-D_psi(x, mu_k) / T) / Z_k`` (Sec. 3, Theorem 1), with the conjugate pair of norms
-``psi(x) = 1/2 ||x||_q^2`` and features scaled to unit ``p``-norm, ``1/p + 1/q = 1`` (Sec. 4, "ConjNorm").
+``p(x | k) = exp(-D_psi(x, mu_k) / T) / Z_k``, with the conjugate pair of norms
+``psi(x) = 1/2 ||x||_q^2`` and features scaled to unit ``p``-norm, ``1/p + 1/q = 1``.
 Up to terms that are constant for a class (and cancel against ``Z_k``),
 
     -D_psi(x, mu_k) = -1/2 ||x||_q^2 + <x, grad psi(mu_k)>,   grad psi(mu) = sign(mu) |mu|^(q-1) / ||mu||_q^(q-2),
 
 where ``mu_k`` is the class mean of the training features scaled to unit ``p``-norm. The partition function is
-estimated without bias by importance sampling over the training features (Sec. 4.2),
+estimated without bias by importance sampling over the training features,
 ``Z_k ~ 1/N sum_i exp(-D_psi(x_i, mu_k) / T)``, and the ID score is the log density
 ``log sum_k exp(-D_psi(x, mu_k) / T) / Z_k``; we return its negative. The defaults ``p = 2.2, T = 0.05`` are the
 authors' CIFAR-10 setting (the paper searches ``p`` per model on ID data). With ``p = 2`` the density is an

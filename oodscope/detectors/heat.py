@@ -3,7 +3,7 @@
 Lafon, Ramzi, Rambour & Thome, "Hybrid Energy Based Model in the Feature Space for Out-of-Distribution
 Detection", ICML 2023 (arXiv:2305.16966).
 
-For each prior density ``q`` on penultimate features ``z`` the hybrid energy is (Sec. 3.1)
+For each prior density ``q`` on penultimate features ``z`` the hybrid energy is
 
     E(z) = E_theta(z) + E_q(z) / T_q,
 
@@ -14,7 +14,7 @@ with ``E_theta`` a small MLP (the residual) and ``E_q = -log q`` the prior energ
 * ``el`` (HEAT-EL): the classifier's energy, ``E_q(z) = -log sum_k exp(W_k z + b_k)``, ``T_q = 1``.
 
 ``E_theta`` is trained post hoc on the cached features by maximum likelihood with contrastive divergence
-(Sec. 3.2): ``L = E_theta(z_real) - E_theta(z_gen) + lambda (E_theta(z_real)^2 + E_theta(z_gen)^2)``, where
+``L = E_theta(z_real) - E_theta(z_gen) + lambda (E_theta(z_real)^2 + E_theta(z_gen)^2)``, where
 ``z_gen`` are SGLD samples of the hybrid model, ``z <- z - eta_t grad_z E(z) + sigma_t eps`` (``eta_t, sigma_t``
 decay polynomially to a tenth of their start), started from the prior (GMM: samples of the mixture) or from
 ``N(0, I)`` (EL), projected on ``z >= 0`` (features are post-ReLU) and, for the GMM, on the unit sphere; the
@@ -22,7 +22,7 @@ initial points join the negatives, and real and generated points get ``N(0, 1e-4
 code. Per-prior hyperparameters follow the authors' CIFAR-10 configuration: SGLD steps 40 / 50, step size
 ``1e-4`` / ``1e-1``, noise ``5e-3`` / ``1e-1``, ``lambda = 10`` / ``0.1``, Adam ``lr = 1e-5``, ``betas = (0, 0.999)``.
 
-The energies are composed (Sec. 3.3, "HEAT") as the sum of the per-prior energies, each standardised by its
+The energies are composed as the sum of the per-prior energies, each standardised by its
 mean and standard deviation on the training features. The paper's CIFAR composition also has a GMM on
 std-pooled layer-4 maps, which the penultimate-feature cache does not hold.
 
@@ -32,7 +32,7 @@ random output is larger than ``E_q / 1000`` and is only washed out by their long
 
 **Reduced CPU schedule**: the paper trains a 1024-wide, 4-hidden-layer MLP for 20 epochs (batch 1024 / 256)
 on a GPU. Here the defaults are ``hidden_dim = 256``, ``n_hidden_layers = 2``, ``n_iter = 200`` updates of
-batch 256, with ``lr = 1e-4``, a 10x larger step than the paper's to make up for ~100x fewer updates; all of
+batch 128, with ``lr = 1e-4``, a 10x larger step than the paper's to make up for ~100x fewer updates; all of
 these, and ``sgld_steps``, are parameters. Training uses ``torch`` in float32 (imported lazily) and is seeded.
 """
 
@@ -140,7 +140,7 @@ class HEAT(Detector):
     grid = {"n_iter": [100, 200, 500, 1000]}
 
     def __init__(self, priors: Sequence[str] = ("gmm", "el"), hidden_dim: int = 256, n_hidden_layers: int = 2,
-                 n_iter: int = 200, batch_size: int = 256, lr: float = 1e-4, sgld_steps: int | None = None,
+                 n_iter: int = 200, batch_size: int = 128, lr: float = 1e-4, sgld_steps: int | None = None,
                  seed: int = 0):
         self.priors = priors
         self.hidden_dim = hidden_dim

@@ -3,18 +3,18 @@
 Gomes, Alberge, Duhamel & Piantanida, "Igeood: An Information Geometry Approach to Out-of-Distribution
 Detection", NeurIPS 2022 (arXiv:2203.07798).
 
-* **Logits** (``igeood``, Sec. 3.1): the Fisher-Rao distance between two categorical distributions is
-  ``d_FR(p, q) = 2 arccos(sum_j sqrt(p_j q_j))`` (Eq. 3). With ``q(.|x; T) = softmax(f(x) / T)`` and the class
+* **Logits** (``igeood``): the Fisher-Rao distance between two categorical distributions is
+  ``d_FR(p, q) = 2 arccos(sum_j sqrt(p_j q_j))``. With ``q(.|x; T) = softmax(f(x) / T)`` and the class
   centroids ``mu_c`` = mean training logits of class ``c``, the ID score is the sum of distances to all
-  centroids, ``IGEOOD(x) = sum_c d_FR(q(.|x; T), q(.|mu_c; T))`` (Eq. 5): a confident ID sample is close to one
+  centroids, ``IGEOOD(x) = sum_c d_FR(q(.|x; T), q(.|mu_c; T))``: a confident ID sample is close to one
   centroid and far (up to ``pi``) from the others. We return ``-IGEOOD(x)``. ``T`` is tuned on validation data
   in the paper; the default ``T = 1`` is the plain softmax (input pre-processing is not used here).
-* **Features** (``igeood_features``, Sec. 3.2): class-conditional Gaussians ``N(mu_c, Sigma)`` with a diagonal
+* **Features** (``igeood_features``): class-conditional Gaussians ``N(mu_c, Sigma)`` with a diagonal
   tied covariance; a test feature ``x`` is the Gaussian ``N(x, Sigma)``. For diagonal Gaussians the Fisher-Rao
-  distance is ``sqrt(sum_j d_j^2)`` over univariate distances (Eq. 7), with
+  distance is ``sqrt(sum_j d_j^2)`` over univariate distances, with
 
       d((m1, s1), (m2, s2)) = sqrt(2) log((|a| + |b|) / (|a| - |b|)),
-      a = (m1/sqrt2 - m2/sqrt2, s1 + s2),  b = (m1/sqrt2 - m2/sqrt2, s1 - s2)   (Eq. 6),
+      a = (m1/sqrt2 - m2/sqrt2, s1 + s2),  b = (m1/sqrt2 - m2/sqrt2, s1 - s2),
 
   which for ``s1 = s2 = s`` is ``2 sqrt(2) asinh(|m1 - m2| / (2 sqrt(2) s))``. The score is the distance to the
   closest class Gaussian, ``min_c d_FR(N(x, Sigma), N(mu_c, Sigma))`` (higher = more OOD). This is the
@@ -99,6 +99,6 @@ class IgeoodFeatures(Detector):
         for start in range(0, len(x), rows):
             f = as_float64(x.features[start:start + rows])
             u = np.abs(f[:, None, :] - self.means_[None]) * scale          # (rows, C, D)
-            d = 2.0 * np.sqrt(2.0) * np.arcsinh(u)                          # equal-sigma closed form of Eq. 6
+            d = 2.0 * np.sqrt(2.0) * np.arcsinh(u)                          # equal-sigma closed form
             out[start:start + rows] = np.sqrt((d**2).sum(axis=2)).min(axis=1)
         return out

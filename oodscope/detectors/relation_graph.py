@@ -3,17 +3,17 @@
 Kim, Yun & Song, "Neural Relation Graph: A Unified Framework for Identifying Label Noise and Outlier Data",
 NeurIPS 2023 (arXiv:2301.12321).
 
-Relation between two samples (Sec. 3.1): with L2-normalised features ``f`` and predicted probabilities ``p``,
+Relation between two samples: with L2-normalised features ``f`` and predicted probabilities ``p``,
 
     k(i, j) = max(<f_i, f_j>, 0) * <p_i, p_j>                      (kernel "cos_p"; "cos" drops <p_i, p_j>)
     r(i, j) = (2 * 1[y_i = y_j] - 1) * k(i, j)                     (signed by label agreement when labels exist)
 
 Edges with ``|r| <= 0.03`` are cut and the rest raised to the power ``t`` (sign kept).
 
-* **Outliers** (Sec. 3.3): an unlabeled test sample has only positive relations to the training graph; its
+* **Outliers**: an unlabeled test sample has only positive relations to the training graph; its
   node strength ``s(x) = sum_j r(x, x_j)^t`` is small for outliers. The paper's outlier score is ``1 / s(x)``;
   we return ``-s(x)``, which ranks identically (``s >= 0``). ``t = 1`` is the authors' setting for OOD.
-* **Label errors** (Sec. 3.2, :func:`label_error_scores`): the labelled self-relation graph of the training set,
+* **Label errors**: the labelled self-relation graph of the training set,
   ``s_i = sum_j r(i, j)^t`` with ``t = 4``; samples whose normalised strength ``s_i / max|s|`` is below
   ``-lambda`` (``lambda = 0.05``) form the estimated noisy set ``N``, and the score is refined once to
   ``s_i - 2 sum_{j in N} r(i, j)^t`` (flipping the sign of relations to noisy samples). Low ``s`` = likely

@@ -3,14 +3,14 @@
 Chen, Lin, Xu & Vela, "WDiscOOD: Out-of-Distribution Detection via Whitened Linear Discriminant Analysis",
 ICCV 2023 (arXiv:2303.07543).
 
-1. Whitening (Sec. 3.2): ``z = x A`` with ``A A^T = S_w^+``, ``S_w = 1/N sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T``
+1. Whitening: ``z = x A`` with ``A A^T = S_w^+``, ``S_w = 1/N sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T``
    the within-class scatter, so the within-class scatter of ``z`` is the identity.
-2. Whitened LDA (Eq. 2-3): the discriminants maximise the Fisher ratio ``J(w) = w^T S_b w / w^T S_w w`` in the
+2. Whitened LDA: the discriminants maximise the Fisher ratio ``J(w) = w^T S_b w / w^T S_w w`` in the
    whitened space, i.e. the leading eigenvectors of ``(S_w^z + alpha I)^-1 S_b^z`` with
    ``S_b = 1/C sum_c (mu_c - mu)(mu_c - mu)^T``; ``alpha = 1e-3`` as in the authors' code. The top
    ``n_discriminants`` of them span the *discriminative subspace* (default: all ``C - 1`` with non-zero Fisher
    ratio, the rank of ``S_b``); its orthogonal complement is the *residual subspace*.
-3. Score (Eq. 4-6): ``S(x) = -min_c ||G(z - mu_c^z)|| - beta * ||H(z - mu^z)||``: Euclidean distance to the
+3. Score: ``S(x) = -min_c ||G(z - mu_c^z)|| - beta * ||H(z - mu^z)||``: Euclidean distance to the
    closest class centre in the discriminative subspace ("ClsEucl") plus ``beta`` times the distance to the
    ID centre in the residual subspace ("CenterEucl"). ``beta = 5`` is the authors' setting for CNN features
    (ResNet-50; 1 for ViT). We return ``-S(x)`` (higher = more OOD).
