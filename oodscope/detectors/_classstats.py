@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._common import check_class_labels
+
 ELEMENTS = 1 << 25    # float64 elements per chunk (256 MiB)
 
 
@@ -35,18 +37,7 @@ def check_labels(labels: np.ndarray, n_samples: int, n_classes: int, who: str) -
     labels = np.asarray(labels)
     if labels.shape != (n_samples,):
         raise ValueError(f"{who}: expected {n_samples} training labels, got shape {labels.shape}")
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"{who}: training labels must be integers, got dtype {labels.dtype}")
-    if labels.min() < 0 or labels.max() >= n_classes:
-        raise ValueError(f"{who}: training labels must lie in [0, {n_classes}), got [{labels.min()}, {labels.max()}]")
-    counts = np.bincount(labels, minlength=n_classes)
-    if np.count_nonzero(counts) < 2:
-        raise ValueError(f"{who}: class-conditional statistics need at least two classes in the training set, "
-                         f"got only class {int(labels[0])}")
-    empty = np.flatnonzero(counts == 0)
-    if empty.size:
-        raise ValueError(f"{who}: class(es) {empty.tolist()} have no training samples; every class of the "
-                         f"classifier needs examples (or re-index the labels to the classes present)")
+    check_class_labels(labels, n_classes, who)
     return labels
 
 
