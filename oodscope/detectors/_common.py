@@ -25,6 +25,14 @@ def class_means(features: np.ndarray, labels: np.ndarray, n_classes: int, who: s
     Raises ``ValueError`` when fewer than two classes are present or a class in ``range(n_classes)`` has no
     training sample (named in the message).
     """
+    counts = check_class_labels(labels, n_classes, who)
+    one_hot = np.zeros((len(labels), n_classes))
+    one_hot[np.arange(len(labels)), labels] = 1.0
+    return (one_hot.T @ as_float64(features)) / counts[:, None]
+
+
+def check_class_labels(labels: np.ndarray, n_classes: int, who: str) -> np.ndarray:
+    """Per-class counts of integer ``labels``; ``ValueError`` unless every class in ``range(n_classes)`` occurs."""
     labels = np.asarray(labels)
     if labels.dtype.kind not in "iu":
         raise ValueError(f"{who}: training labels must be integers, got dtype {labels.dtype}")
@@ -38,9 +46,7 @@ def class_means(features: np.ndarray, labels: np.ndarray, n_classes: int, who: s
     if empty.size:
         raise ValueError(f"{who}: classes {empty.tolist()} have no training samples; every class of the "
                          f"classifier needs examples (or pass labels re-indexed to the classes present)")
-    one_hot = np.zeros((len(labels), n_classes))
-    one_hot[np.arange(len(labels)), labels] = 1.0
-    return (one_hot.T @ as_float64(features)) / counts[:, None]
+    return counts
 
 
 def n_classes_of(labels: np.ndarray, logits: np.ndarray | None = None) -> int:
