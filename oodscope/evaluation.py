@@ -53,12 +53,13 @@ class Results:
 
     def leaderboard(self) -> str:
         """A text table: detector x group, sorted by group then AUROC, with each detector's time."""
-        lines = [f"{'detector':<14}{'group':<12}{'AUROC':>8}{'FPR@95':>9}{'AUPR-In':>9}{'AUPR-Out':>10}"
+        width = max([len("detector"), *(len(name) for name in self.seconds)]) + 2
+        lines = [f"{'detector':<{width}}{'group':<12}{'AUROC':>8}{'FPR@95':>9}{'AUPR-In':>9}{'AUPR-Out':>10}"
                  f"{'time [s]':>10}"]
         for group in self.groups:
             rows = sorted((r for r in self.group_means() if r["group"] == group), key=lambda r: -r["auroc"])
             for r in rows:
-                lines.append(f"{r['detector']:<14}{group:<12}{r['auroc']:>8.2f}{r['fpr95']:>9.2f}"
+                lines.append(f"{r['detector']:<{width}}{group:<12}{r['auroc']:>8.2f}{r['fpr95']:>9.2f}"
                              f"{r['aupr_in']:>9.2f}{r['aupr_out']:>10.2f}{self.seconds[r['detector']]:>10.3f}")
         if self.id_accuracy is not None:
             lines.append(f"ID accuracy ({self.id_name}): {self.id_accuracy:.2f} %")

@@ -49,6 +49,9 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
     for name, out in outputs.items():
         out.name = name
     made = {d if isinstance(d, str) else d.name: create(d) if isinstance(d, str) else d for d in detectors}
+    for detector in made.values():  # held-out ID data for detectors that calibrate on it (temperature scaling)
+        if "calibration" in detector.get_params() and detector.calibration is None:
+            detector.set_params(calibration=outputs["val"])
     ood = {group: {dataset: outputs[f"{group}/{dataset}"] for dataset in sets} for group, sets in bench.ood.items()}
     results = evaluate(made, outputs["test"], ood, train=outputs["train"], progress=options.get("progress", False))
     return results, {"extract": extract_seconds, "total": time.perf_counter() - start}
