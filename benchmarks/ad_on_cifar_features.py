@@ -1,6 +1,6 @@
 """Anomaly detectors on OOD features: CIFAR-10 ResNet-20 penultimate features (cached) as tabular input.
 
-    PYTHONPATH=. /work/venv/bin/python benchmarks/ad_on_cifar_features.py [--train-subsample 50000]
+    PYTHONPATH=. python benchmarks/ad_on_cifar_features.py [--train-subsample 50000]
 
 Fits each detector on the ID training features (columns constant on train dropped), scores the ID test split and
 every OOD split, prints AUROC per OOD set (ID = negative, OOD = positive) and the seconds per detector. LOF and
@@ -28,7 +28,7 @@ SMALL = {"lof", "ocsvm"}
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default="../shared/data/cifar10-bench")
-    parser.add_argument("--cache-dir", default="/work/cache")
+    parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--detectors", default=",".join(DETECTORS))
     parser.add_argument("--small-subsample", type=int, default=5000)
     args = parser.parse_args()

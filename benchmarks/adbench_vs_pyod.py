@@ -1,6 +1,6 @@
 """Side by side: oodscope's anomaly detectors vs PyOD's on ADBench WDBC and wine, identical splits.
 
-    PYTHONPATH=. /work/venv/bin/python benchmarks/adbench_vs_pyod.py [--protocol dte] [--seeds 0,1,2,3,4] [--neural]
+    PYTHONPATH=. python benchmarks/adbench_vs_pyod.py [--protocol dte] [--seeds 0,1,2,3,4] [--neural]
 
 Prints AUROC (mean ± std over seeds, percent) per dataset x setting for each pair (ours | PyOD) and the seconds
 spent. PyOD must be installed (pip install pyod). ``--neural`` adds Deep SVDD (ours vs PyOD), DTE-C and the other

@@ -2,7 +2,7 @@
 detectors, on a class-balanced subset (the full-data leaderboard of the post-hoc detectors is
 ``oodscope bench clinc150``; BLOOD and AHM re-run the transformer, which 2 CPU cores make slow).
 
-    PYTHONPATH=. python benchmarks/clinc150_text.py --cache-dir /work/cache [--finetune-layers 1]
+    PYTHONPATH=. python benchmarks/clinc150_text.py [--finetune-layers 1]
 
 Prints: extraction time (first run) and cache-read time (second run), ID accuracy, nearest-centroid accuracy,
 and AUROC / FPR@95 / AUPR-Out per detector on ID test vs out-of-scope test.

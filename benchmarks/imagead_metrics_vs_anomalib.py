@@ -1,6 +1,6 @@
 """Side-by-side check of oodscope's AUPRO and AUPIMO against anomalib's implementations on the same maps.
 
-    PYTHONPATH=. /work/venv-ref/bin/python benchmarks/imagead_metrics_vs_anomalib.py [maps.npz [EVERY]]
+    PYTHONPATH=. python benchmarks/imagead_metrics_vs_anomalib.py [maps.npz [EVERY]]
 
 Without an argument it draws synthetic anomaly maps (smooth noise, blob-shaped defects with partly overlapping
 scores); with ``maps.npz`` (arrays ``maps`` (N, H, W) and ``masks`` (N, H, W)) it compares on real maps, e.g.

@@ -1,6 +1,6 @@
 """NAC on ResNet-20: the same neuron states binned with the authors' interval edges and with pytorch-ood's.
 
-    PYTHONPATH=. /work/venv/bin/python benchmarks/nac_interval_edges.py
+    PYTHONPATH=. python benchmarks/nac_interval_edges.py
 """
 import sys; sys.path.insert(0, "benchmarks")
 import numpy as np, oodscope

@@ -1,6 +1,6 @@
 """Fit and score time of the distance/density detectors: CIFAR-10 bench (ResNet-20) and a synthetic 1M x 2048 bank.
 
-    PYTHONPATH=. python benchmarks/scale_distance.py cifar            # cached ResNet-20 features (/work/cache)
+    PYTHONPATH=. python benchmarks/scale_distance.py cifar            # cached ResNet-20 features
     PYTHONPATH=. python benchmarks/scale_distance.py synthetic        # 1M x 2048 float32 bank on disk (np.memmap)
     PYTHONPATH=. python benchmarks/scale_distance.py synthetic --n 200000 --queries 500   # smaller
 
@@ -133,7 +133,7 @@ def synthetic(path: str, n: int, dim: int, n_classes: int, n_queries: int, k: in
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["cifar", "synthetic"])
-    parser.add_argument("--cache-dir", default=os.environ.get("OODSCOPE_CACHE", "/work/cache"))
+    parser.add_argument("--cache-dir", default=os.environ.get("OODSCOPE_CACHE"))
     parser.add_argument("--bank", default="/tmp/oodscope_scale_bank.f32")
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=2048)

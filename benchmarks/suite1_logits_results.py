@@ -1,6 +1,6 @@
 """Results table for the logit detectors, ODIN and the SCOD plug-in on the CIFAR-10 benchmark.
 
-    PYTHONPATH=. /work/venv/bin/python benchmarks/suite1_logits_results.py --models cifar10_resnet20,cifar10_resnet56
+    PYTHONPATH=. python benchmarks/suite1_logits_results.py --models cifar10_resnet20,cifar10_resnet56
 
 Per model: every detector with its paper defaults, and tuned with :func:`oodscope.tune` on the validation splits
 (ID ``val`` = CIFAR-10 val, OOD ``ood_val/tin`` = TIN val), both fitted on the ID ``train`` split; reported on the
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--models", default="cifar10_resnet20,cifar10_resnet56")
     parser.add_argument("--odin-n", type=int, default=500)
     parser.add_argument("--odin-tune-n", type=int, default=250)
-    parser.add_argument("--cache-dir", default="/work/cache")
+    parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (1 is faster on a crowded machine)")
     args = parser.parse_args()
     if args.threads:

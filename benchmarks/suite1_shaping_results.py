@@ -1,12 +1,12 @@
 """Results table for the activation-shaping and head-geometry detectors on the CIFAR-10 benchmark.
 
-    PYTHONPATH=. /work/venv/bin/python benchmarks/suite1_shaping_results.py --models cifar10_resnet20,cifar10_resnet56
+    PYTHONPATH=. python benchmarks/suite1_shaping_results.py --models cifar10_resnet20,cifar10_resnet56
 
 Per model: every detector with its paper defaults and tuned on the validation splits (ID ``val`` = CIFAR-10 val,
 OOD ``ood_val/tin`` = TIN val; best mean AUROC over the detector's ``grid``, with ``oodscope.tune`` when the
 installed oodscope has it, else the same grid search here), both fitted on the ID ``train`` split and reported
 on the ID ``test`` split against every OOD test set: AUROC and FPR@95 (ID positive) in percent, near and far
-means. Outputs are extracted once per model and cached (``--cache-dir``, default ``/work/cache``).
+means. Outputs are extracted once per model and cached (``--cache-dir``, default: the oodscope cache).
 
 AdaSCALE re-runs the network (forward, backward, forward per sample), which is slow on 2 CPU cores: it is fitted
 on ``--adascale-fit`` ID training samples (default 5,000, the method's default) and evaluated on a fixed seeded
@@ -128,7 +128,7 @@ def run_model(model_name: str, cache_dir: str, adascale_n: int, adascale_fit: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cifar10_resnet20,cifar10_resnet56")
-    parser.add_argument("--cache-dir", default="/work/cache")
+    parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--adascale-n", type=int, default=1000)
     parser.add_argument("--adascale-fit", type=int, default=5000, help="ID samples for AdaSCALE's CDF (default 5000)")
     parser.add_argument("--skip-tuning", action="store_true")

@@ -2,7 +2,7 @@
 
 ``outputs(depth)`` extracts every split once with the spatially averaged activations of the stem and the three
 stages (``relu``, ``layer1``, ``layer2``, ``layer3``) into the extraction cache (``$OODSCOPE_CACHE``, default
-``/work/cache`` here); later calls read the cache.
+the oodscope cache); later calls read the cache.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from oodscope.runner import extract_benchmark
 BENCH = Path(__file__).resolve().parent.parent / ".." / "shared" / "data" / "cifar10-bench"
 LAYERS = ["relu", "layer1", "layer2", "layer3"]
 OOD = {"near": ["cifar100", "tin"], "far": ["mnist", "textures"]}
-CACHE = os.environ.get("OODSCOPE_CACHE", "/work/cache")
+CACHE = os.environ.get("OODSCOPE_CACHE")
 
 
 def model(depth: int):

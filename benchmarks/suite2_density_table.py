@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="resnet20,resnet56")
     parser.add_argument("--detectors", default=DETECTORS)
-    parser.add_argument("--cache-dir", default=os.environ.get("OODSCOPE_CACHE", "/work/cache"))
+    parser.add_argument("--cache-dir", default=os.environ.get("OODSCOPE_CACHE"))
     parser.add_argument("--heat-iter", type=int, default=None, help="HEAT training updates (default: its own)")
     args = parser.parse_args()
     for model_name in args.models.split(","):

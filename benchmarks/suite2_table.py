@@ -1,6 +1,6 @@
 """Closing-note table for the suite-II distance detectors on the CIFAR-10 bench (ResNet-20 and ResNet-56).
 
-    PYTHONPATH=. /work/venv/bin/python benchmarks/suite2_table.py --depths 20 56 [--n-train 2000 --n-eval 500]
+    PYTHONPATH=. python benchmarks/suite2_table.py --depths 20 56 [--n-train 2000 --n-eval 500]
 
 Feature-space detectors (``mahalanobis``, ``rmds``, ``knn`` exact and IVF, ``gmm``, ``nnguide``) run on the full
 splits (10,000 train; 9,000 ID test; every OOD set complete). Detectors that read intermediate layers or re-run

@@ -2,7 +2,7 @@
 
 Run (pytorch-ood 0.4.0 lives in the reference venv)::
 
-    cd <repo> && PYTHONPATH=. /work/venv-ref/bin/python benchmarks/sweep_speed.py
+    cd <repo> && PYTHONPATH=. python benchmarks/sweep_speed.py
 
 On the CIFAR-10 bench (``../shared/data/cifar10-bench``) with ResNet-20, on a fixed subsample of every set (the
 same for all four timings; ``--n-train``, ``--n-eval``), it times
@@ -202,7 +202,7 @@ def pytorch_ood_race(model, pre, sets, names, batch_size):
     try:
         import pytorch_ood.detector as pod
     except ImportError:
-        print("(d) pytorch-ood is not importable here; run this script with /work/venv-ref/bin/python",
+        print("(d) pytorch-ood is not importable here; run this script with python",
               file=sys.stderr)
         return None, {}
     from torch.utils.data import DataLoader, TensorDataset

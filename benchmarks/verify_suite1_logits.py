@@ -2,10 +2,10 @@
 
 Run in the reference venv (it has pytorch-ood and torchvision) from the project root:
 
-    PYTHONPATH=. /work/venv-ref/bin/python benchmarks/verify_suite1_logits.py [--odin-n 1000]
+    PYTHONPATH=. python benchmarks/verify_suite1_logits.py [--odin-n 1000]
 
 Same model (CIFAR-10 ResNet-20 of ../shared/data/cifar10-bench), same data, same hyperparameters, and the same
-logits: both implementations get the logits extracted once by oodscope (cached in /work/cache), so only the
+logits: both implementations get the logits extracted once by oodscope (cached), so only the
 scoring differs. Fitting data: KL-Matching templates from the ID train split (both); temperature scaling fits T
 by NLL on the ID val split (both: ``calibration=val`` here, ``fit_logits(val)`` there). ODIN re-runs the network,
 which is slow on 2 CPU cores, so both ODIN implementations score the same fixed subsample: the first
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="cifar10_resnet20")
     parser.add_argument("--odin-n", type=int, default=1000, help="ODIN subsample per set (both implementations)")
-    parser.add_argument("--cache-dir", default="/work/cache")
+    parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
 

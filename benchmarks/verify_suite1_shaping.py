@@ -2,7 +2,7 @@
 
 Run in the reference venv (pytorch-ood needs torchvision)::
 
-    cd /work/wt-3b && PYTHONPATH=. /work/venv-ref/bin/python benchmarks/verify_suite1_shaping.py
+    PYTHONPATH=. python benchmarks/verify_suite1_shaping.py
 
 Same model (CIFAR-10 ResNet-20), same data (the CIFAR-10 bench: fit on the 10,000 ID training images, ID test =
 9,000 test images, every OOD set in full) and the same hyperparameters for both libraries. Both score the same
@@ -87,7 +87,7 @@ def main() -> int:
     torch.manual_seed(0)
     bench = load_benchmark_dir(DATA)
     model, pre = load_model("cifar10_resnet20", DATA / "models" / "cifar10_resnet20.pth")
-    out = extract_benchmark(bench, model, pre, cache_dir="/work/cache", progress=False)
+    out = extract_benchmark(bench, model, pre, cache_dir=None, progress=False)
     train, test = out["train"], out["test"]
     as_t = (lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32))
     train_z, train_y = as_t(train.features), torch.as_tensor(train.labels)

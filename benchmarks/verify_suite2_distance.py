@@ -2,7 +2,7 @@
 
 Run in the reference venv (pytorch-ood cannot be imported in the main one)::
 
-    PYTHONPATH=. /work/venv-ref/bin/python benchmarks/verify_suite2_distance.py [--n-train 2000 --n-eval 1000]
+    PYTHONPATH=. python benchmarks/verify_suite2_distance.py [--n-train 2000 --n-eval 1000]
 
 Feature-space methods (Mahalanobis, RMD, KNN, GMM, NNGuide) run on the full splits from the extraction cache.
 Methods that use intermediate layers or re-run the model (MultiMahalanobis, MahalanobisODIN, NACUE, Gram,
