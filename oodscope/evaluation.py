@@ -35,6 +35,7 @@ class Results:
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
     groups: dict[str, list[str]] = field(default_factory=dict)
     id_name: str = "id"
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)  # hyperparameters chosen on validation data
 
     def group_means(self) -> list[dict[str, Any]]:
         """One record per detector x group: the mean of each metric over the group's datasets."""

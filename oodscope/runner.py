@@ -42,8 +42,13 @@ def extract_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
 
 def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
                   detectors: Sequence[str | Detector], **options: Any) -> tuple[Results, dict[str, float]]:
-    """Extract (cached), fit every detector on the ID train split, evaluate on test vs each OOD group."""
+    """Extract (cached), fit every detector on the ID train split, evaluate on test vs each OOD group.
+
+    With ``tune=True`` each detector's hyperparameters are first chosen on the ID val split against the
+    ``[ood.val]`` sets only (:func:`oodscope.tune`, cached outputs), then it is fitted on train as usual.
+    """
     start = time.perf_counter()
+    tune_first = options.pop("tune", False)
     outputs = extract_benchmark(bench, model, preprocess, **options)
     extract_seconds = time.perf_counter() - start
     for name, out in outputs.items():
@@ -52,6 +57,28 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
     for detector in made.values():  # held-out ID data for detectors that calibrate on it (temperature scaling)
         if "calibration" in detector.get_params() and detector.calibration is None:
             detector.set_params(calibration=outputs["val"])
+    tuned = tune_on_validation(made, outputs, list(bench.ood_val)) if tune_first else {}
     ood = {group: {dataset: outputs[f"{group}/{dataset}"] for dataset in sets} for group, sets in bench.ood.items()}
     results = evaluate(made, outputs["test"], ood, train=outputs["train"], progress=options.get("progress", False))
+    results.tuned = tuned
     return results, {"extract": extract_seconds, "total": time.perf_counter() - start}
+
+
+def tune_on_validation(detectors: dict[str, Detector], outputs: dict[str, Outputs],
+                       ood_val_names: list[str]) -> dict[str, dict[str, Any]]:
+    """Set each detector's grid parameters to the best setting on ``val`` vs ``ood_val/*`` (in place)."""
+    from .tuning import tune
+
+    if not ood_val_names:
+        raise ValueError("tuning needs [ood.val] sets in the benchmark; this one has none")
+    ood_val = {name: outputs[f"ood_val/{name}"] for name in ood_val_names}
+    tuned = {}
+    for name, detector in detectors.items():
+        grid = type(detector).grid
+        if not grid or Need.MODEL in type(detector).needs:  # no grid, or tuning would re-run the network
+            continue
+        fixed = {k: v for k, v in detector.get_params().items() if k not in grid}
+        result = tune(detector.name, None, outputs["val"], ood_val, train=outputs["train"], **fixed)
+        detector.set_params(**result.best_params)
+        tuned[name] = result.best_params
+    return tuned

@@ -38,3 +38,26 @@ def test_bench_errors_are_clear(capsys):
     assert "unknown benchmark 'nosuchbench'" in capsys.readouterr().err
     assert main(["bench", "--detectors", "msp,vimm"]) == 2
     assert "did you mean vim" in capsys.readouterr().err
+
+
+def test_tune_on_validation_sets_best_grid_params_in_place(make_outputs):
+    import oodscope
+    from oodscope.runner import tune_on_validation
+
+    outputs = {"train": make_outputs(name="train"), "val": make_outputs(n=200, name="val"),
+               "ood_val/shifted": make_outputs(n=200, shift=1.5, name="ood_val")}
+    detectors = {"knn": oodscope.create("knn"), "energy": oodscope.create("energy"), "msp": oodscope.create("msp")}
+    tuned = tune_on_validation(detectors, outputs, ["shifted"])
+    reference = oodscope.tune("knn", None, outputs["val"], {"shifted": outputs["ood_val/shifted"]},
+                              train=outputs["train"])
+    assert tuned["knn"] == reference.best_params and detectors["knn"].k == reference.best_params["k"]
+    assert "msp" not in tuned  # no grid: defaults kept
+    assert not hasattr(detectors["knn"], "input_dims_")  # still unfitted: evaluate fits it on train
+    with pytest.raises(ValueError, match=r"\[ood.val\]"):
+        tune_on_validation(detectors, outputs, [])
+
+
+def test_bench_tune_needs_ood_val(capsys, tmp_path):
+    assert main(["bench", "--tune", "--detectors", "knn", "--cache-dir", str(tmp_path), "--quiet",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "[ood.val]" in capsys.readouterr().err

@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the extraction cache")
     parser.add_argument("--seed", type=int, default=0, help="seed of the digits splits and classifier")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose each detector's hyperparameters on [id].val vs [ood.val] before fitting")
     parser.add_argument("--groups", default=None, help="comma-separated OOD groups to run (e.g. near,far); default all")
     parser.add_argument("--full-spectrum", action="store_true",
                         help="add a covariate-shifted copy of the ID test (common corruptions), counted as ID")
@@ -47,12 +49,14 @@ def run(args: argparse.Namespace) -> int:
     extract_options = dict(cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
                            use_cache=not args.no_cache, progress=not args.quiet)
     results, timing = run_benchmark(bench, prepared.model, prepared.preprocess, list(detectors.values()),
-                                    **extract_options)
+                                    tune=args.tune, **extract_options)
     print(f"benchmark {bench.name} ({prepared.model_name}): ID test {len(bench.test)}, "
           + ", ".join(f"{g}/{d} {len(s)}" for g, sets in bench.ood.items() for d, s in sets.items()))
     for name, count in bench.overlaps.items():
         print(f"warning: {count} images of OOD set {name} are identical to ID images")
     print(results.leaderboard())
+    for name, params in results.tuned.items():
+        print(f"tuned on validation: {name} {params}")
     records, report_options = results.table(), {}
     if args.full_spectrum:
         from ..fullspectrum import full_spectrum_records, score_shifted
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     timing.update({f"{name} fit+score": seconds for name, seconds in results.seconds.items()})
     timing["total"] = time.perf_counter() - start
     meta = run_metadata(bench, prepared.model_name, args.weights, prepared.model, timing, command_line(),
-                        {"ID accuracy [%]": results.id_accuracy})
+                        {"ID accuracy [%]": results.id_accuracy, "tuned hyperparameters": results.tuned or "defaults"})
     paths["html"] = write_report(out / "report.html", results, meta, **report_options)
     print(f"extraction {timing['extract']:.2f} s, total {time.perf_counter() - start:.2f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))
