@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._common import check_class_labels
+from ._common import check_class_labels, n_classes_of
+from ._gaussian import chunked_class_means, tied_covariance
 
 ELEMENTS = 1 << 25    # float64 elements per chunk (256 MiB)
 
@@ -41,12 +42,6 @@ def check_labels(labels: np.ndarray, n_samples: int, n_classes: int, who: str) -
     return labels
 
 
-def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    one_hot = np.zeros((len(labels), n_classes))
-    one_hot[np.arange(len(labels)), labels] = 1.0
-    return one_hot
-
-
 def class_stats(features: np.ndarray, labels: np.ndarray, n_classes: int, who: str, covariance: bool = True,
                 chunk: int | None = None) -> ClassStats:
     """Counts, class means, global mean and the (tied) within-class covariance, in two chunked passes."""
@@ -54,24 +49,16 @@ def class_stats(features: np.ndarray, labels: np.ndarray, n_classes: int, who: s
     chunk = chunk or rows_per_chunk(max(dim, n_classes))
     labels = check_labels(labels, n, n_classes, who)
     counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-    sums = np.zeros((n_classes, dim))
-    for start in range(0, n, chunk):
-        block = np.asarray(features[start:start + chunk], dtype=np.float64)
-        sums += _one_hot(labels[start:start + chunk], n_classes).T @ block
-    means = sums / counts[:, None]
-    mean = sums.sum(axis=0) / n
-    within = np.zeros((dim, dim)) if covariance else None
-    variances = np.zeros(dim)
-    for start in range(0, n, chunk):
-        centred = np.asarray(features[start:start + chunk], dtype=np.float64) - means[labels[start:start + chunk]]
-        if covariance:
-            within += centred.T @ centred
-        else:
-            variances += (centred**2).sum(axis=0)
+    means = chunked_class_means(features, labels, n_classes, who, chunk=chunk)
+    mean = counts @ means / n
     if covariance:
-        within /= n
+        within = tied_covariance(features, labels, means, chunk=chunk)
         variances = np.diag(within).copy()
     else:
+        within, variances = None, np.zeros(dim)
+        for start in range(0, n, chunk):
+            centred = np.asarray(features[start:start + chunk], dtype=np.float64) - means[labels[start:start + chunk]]
+            variances += (centred**2).sum(axis=0)
         variances /= n
     return ClassStats(counts=counts, means=means, mean=mean, within=within, variances=variances)
 
@@ -80,6 +67,4 @@ def n_classes_for(train, who: str) -> int:
     """Classes of the classifier: the logits' width when present, else the largest label + 1."""
     if train.labels is None:
         raise ValueError(f"{who}: fit needs the in-distribution training labels")
-    if train.logits is not None:
-        return int(train.logits.shape[1])
-    return int(np.max(train.labels)) + 1
+    return n_classes_of(train.labels, train.logits)
