@@ -295,3 +295,86 @@ def test_missing_layers_are_named(make_outputs):
         oodscope.create("mahalanobis_ensemble", layers="layer9").fit(train)
     with pytest.raises(ValueError, match="epsilon must be >= 0"):
         oodscope.create("mahalanobis_ensemble", epsilon=-1.0).fit(train)
+
+
+# -- memory-bounded (chunked) statistics and search ----------------------------------------------------------
+def tiny_chunks(monkeypatch):
+    """Make every chunked loop of the Gaussian / kNN helpers run on 3-row chunks."""
+    from oodscope.detectors import _gaussian
+
+    monkeypatch.setattr(_gaussian, "ELEMENTS", 1)
+    monkeypatch.setattr(_gaussian, "MIN_ROWS", 3)
+    assert _gaussian.rows_per_chunk(2048) == 3
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "rmds", "mahalanobis_ensemble", "wdiscood", "conjnorm",
+                                  "igeood_features"])
+def test_chunked_gaussian_fit_and_score_equal_unchunked(make_outputs, monkeypatch, name):
+    train, test = make_outputs(n=203, dim=7), make_outputs(n=31, dim=7, shift=1.0)
+    train.features = train.features + 50.0    # a large common offset: centring errors would show
+    test.features = test.features + 50.0
+    whole = oodscope.create(name).fit(train).score(test)
+    tiny_chunks(monkeypatch)
+    chunked = oodscope.create(name).fit(train).score(test)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_mahalanobis_matches_the_unchunked_formula_and_a_memmap(make_outputs, monkeypatch, tmp_path):
+    train, test = make_outputs(n=203, dim=7), make_outputs(n=31, dim=7, shift=1.0)
+    f, y, z = train.features, train.labels, test.features
+    means = np.stack([f[y == c].mean(0) for c in range(4)])
+    precision = np.linalg.inv((f - means[y]).T @ (f - means[y]) / len(f))
+    expected = np.stack([np.einsum("nd,de,ne->n", z - m, precision, z - m) for m in means], axis=1).min(axis=1)
+    tiny_chunks(monkeypatch)
+    bank = np.lib.format.open_memmap(tmp_path / "bank.npy", mode="w+", dtype=np.float32, shape=f.shape)
+    bank[:] = f
+    on_disk = Outputs(features=np.load(tmp_path / "bank.npy", mmap_mode="r"), labels=y)
+    detector = oodscope.create("mahalanobis").fit(Outputs(features=f, labels=y))
+    np.testing.assert_allclose(detector.score(z), expected, rtol=1e-10)
+    mapped = oodscope.create("mahalanobis").fit(on_disk).score(z)        # float32 bank, float64 statistics
+    np.testing.assert_allclose(mapped, oodscope.create("mahalanobis").fit(f.astype(np.float32), y).score(z),
+                               rtol=1e-10)
+    # RMDS's background covariance from the class statistics equals the direct covariance of all rows
+    gaussian = oodscope.create("rmds").fit(train).class_gaussian_
+    mean0, sigma0 = gaussian.background()
+    np.testing.assert_allclose(sigma0, np.cov(f.T, bias=True), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(mean0, f.mean(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("index", ["exact", "ivf", "hnsw"])
+def test_chunked_knn_equals_unchunked(make_outputs, monkeypatch, index):
+    train, test = make_outputs(n=400), make_outputs(n=37, shift=0.5)
+    whole = oodscope.create("knn", k=5, index=index, nlist=4).fit(train)
+    tiny_chunks(monkeypatch)
+    chunked = oodscope.create("knn", k=5, index=index, nlist=4).fit(train)
+    if index == "hnsw":   # the graph depends on the insertion batches: only the approximation bound holds
+        exact = oodscope.create("knn", k=5).fit(train).score(test)
+        assert (chunked.score(test) >= exact - 1e-5).all() and np.mean(chunked.score(test) - exact < 1e-5) > 0.8
+        return
+    # same index contents (rows added 3 at a time) searched 3 queries at a time: the same distances
+    np.testing.assert_allclose(chunked.score(test), whole.score(test), rtol=1e-10, atol=1e-10)
+    if index == "exact":   # and the true k-th neighbour distance of the normalised features
+        a = train.features / np.linalg.norm(train.features, axis=1, keepdims=True)
+        b = test.features / np.linalg.norm(test.features, axis=1, keepdims=True)
+        brute = np.sort(np.linalg.norm(b[:, None] - a[None], axis=2), axis=1)[:, 4]
+        np.testing.assert_allclose(chunked.score(test), brute, atol=1e-5)
+
+
+def test_knn_ivf_with_too_few_neighbours_in_the_probed_cells_raises(make_outputs):
+    train = make_outputs(n=60)
+    detector = oodscope.create("knn", k=50, index="ivf", nlist=30, nprobe=1).fit(train)
+    with pytest.raises(ValueError, match="fewer than k=50 neighbours.*increase nprobe"):
+        detector.score(make_outputs(n=5))
+    with pytest.raises(ValueError, match="nlist"):
+        oodscope.create("knn", index="ivf", nlist=0).fit(train)
+
+
+def test_check_finite_in_chunks_counts_bad_rows():
+    from oodscope.extraction.outputs import check_finite
+
+    values = np.zeros((5000, 4000), dtype=np.float32)    # 20M values: more than one 16M-value chunk
+    values[[3, 4999], 7] = np.nan
+    values[4500, 0] = np.inf
+    with pytest.raises(ValueError, match="3 of 5000 rows contain NaN or inf"):
+        check_finite(values, "features")
+    check_finite(values[:3], "features")

@@ -12,14 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._common import check_class_labels, n_classes_of
-from ._gaussian import chunked_class_means, tied_covariance
-
-ELEMENTS = 1 << 25    # float64 elements per chunk (256 MiB)
-
-
-def rows_per_chunk(dim: int, elements: int = ELEMENTS) -> int:
-    """Rows per chunk so that one float64 block of ``dim`` columns stays near ``elements`` entries."""
-    return max(256, elements // max(int(dim), 1))
+from ._gaussian import ELEMENTS, chunked_class_means, rows_per_chunk, tied_covariance  # noqa: F401
 
 
 @dataclass

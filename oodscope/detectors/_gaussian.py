@@ -1,7 +1,12 @@
 """Gaussian statistics shared by the distance detectors of suite II (vectorised, float64, chunked).
 
-Class-conditional statistics use one matrix product over all classes (``one_hot.T @ X``), never a Python loop
-over samples; scoring works on chunks of rows so memory stays bounded for large banks.
+This module sits below every detector (it imports only :mod:`._common`): :mod:`.mahalanobis`, :mod:`.rmds`,
+:mod:`.mahalanobis_ensemble`, :mod:`.wdiscood` and :mod:`._classstats` build on it.
+
+Class-conditional statistics use one matrix product over all classes per row chunk (a sparse ``one_hot.T @ X``),
+never a Python loop over samples; covariances are accumulated in float64 from one chunk at a time (a symmetric
+rank-k update, ``dsyrk``), and scoring works on chunks of rows. A chunk holds about :data:`ELEMENTS` float64
+values (256 MiB), so a 1M x 2048 float32 bank (or a ``np.memmap`` of it) never gets a float64 copy.
 """
 
 from __future__ import annotations
@@ -9,11 +14,49 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import as_float64, class_means
-from .mahalanobis import min_squared_distance, whitening
+
+ELEMENTS = 1 << 25    # float64 elements per chunk (256 MiB)
+MIN_ROWS = 256        # never fewer rows per chunk than this (tests lower both to exercise the chunking)
+
+
+def rows_per_chunk(dim: int, elements: int | None = None) -> int:
+    """Rows per chunk so that one float64 block of ``dim`` columns stays near ``elements`` entries."""
+    elements = ELEMENTS if elements is None else elements
+    return max(MIN_ROWS, elements // max(int(dim), 1))
+
+
+def chunks(n: int, rows: int):
+    """``(start, stop)`` of consecutive row blocks of at most ``rows`` rows (a loop over chunks, not samples)."""
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
+def whitening(covariance: np.ndarray, rcond: float = 1e-10) -> np.ndarray:
+    """Matrix ``A`` with ``A @ A.T = pinv(covariance)`` (eigen-decomposition, tiny eigenvalues dropped)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    keep = eigenvalues > rcond * max(eigenvalues.max(), 0.0)
+    return eigenvectors[:, keep] / np.sqrt(eigenvalues[keep])
+
+
+def squared_distances(x: np.ndarray, whitener: np.ndarray, whitened_means: np.ndarray) -> np.ndarray:
+    """``||(x - mu_c) A||^2`` for every row of ``x`` and every mean, ``(N, C)`` (one block, float64)."""
+    z = as_float64(x) @ whitener
+    mean_norms = (whitened_means**2).sum(axis=1)
+    return np.maximum((z**2).sum(axis=1, keepdims=True) - 2.0 * z @ whitened_means.T + mean_norms, 0.0)
+
+
+def min_squared_distance(x: np.ndarray, whitener: np.ndarray, whitened_means: np.ndarray,
+                         chunk: int | None = None) -> np.ndarray:
+    """``min_c ||(x - mu_c) A||^2`` for every row of ``x``, in chunks so memory stays bounded."""
+    chunk = chunk or rows_per_chunk(max(x.shape[1], whitener.shape[1], len(whitened_means)))
+    out = np.empty(len(x))
+    for start, stop in chunks(len(x), chunk):
+        out[start:stop] = squared_distances(x[start:stop], whitener, whitened_means).min(axis=1)
+    return out
 
 
 def chunked_class_means(features: np.ndarray, labels: np.ndarray, n_classes: int, who: str,
-                        chunk: int = 65536) -> np.ndarray:
+                        chunk: int | None = None) -> np.ndarray:
     """Per-class means as one sparse one-hot product per row chunk (memory ``O(chunk x D + C x D)``).
 
     Labels are validated by :func:`~._common.class_means` on one row per class present, so the errors
@@ -24,37 +67,51 @@ def chunked_class_means(features: np.ndarray, labels: np.ndarray, n_classes: int
     labels = np.asarray(labels)
     present = np.unique(labels)
     class_means(np.zeros((len(present), 1)), present, n_classes, who)
+    chunk = chunk or rows_per_chunk(features.shape[1])
     sums = np.zeros((n_classes, features.shape[1]))
-    for start in range(0, len(features), chunk):
-        block = labels[start:start + chunk]
+    for start, stop in chunks(len(features), chunk):
+        block = labels[start:stop]
         one_hot = sparse.csr_matrix((np.ones(len(block)), (block, np.arange(len(block)))),
                                     shape=(n_classes, len(block)))
-        sums += one_hot @ as_float64(features[start:start + chunk])
+        sums += one_hot @ as_float64(features[start:stop])
     return sums / np.bincount(labels, minlength=n_classes)[:, None]
 
 
+def _add_scatter(accumulator: np.ndarray, centered: np.ndarray) -> np.ndarray:
+    """``accumulator += centered.T @ centered`` on the upper triangle only (BLAS ``dsyrk``, half the flops)."""
+    from scipy.linalg.blas import dsyrk
+
+    # centered.T is Fortran-ordered (D, n): dsyrk(trans=0) gives centered.T @ centered without a copy
+    return dsyrk(1.0, centered.T, beta=1.0, c=accumulator, trans=0, lower=0, overwrite_c=True)
+
+
+def _symmetric(upper: np.ndarray) -> np.ndarray:
+    return np.triu(upper) + np.triu(upper, 1).T
+
+
 def tied_covariance(features: np.ndarray, labels: np.ndarray, means: np.ndarray,
-                    chunk: int = 262144) -> np.ndarray:
+                    chunk: int | None = None) -> np.ndarray:
     """``1/N sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T`` (float64), accumulated over row chunks."""
     dim = features.shape[1]
-    covariance = np.zeros((dim, dim))
-    for start in range(0, len(features), chunk):
-        centered = as_float64(features[start:start + chunk]) - means[labels[start:start + chunk]]
-        covariance += centered.T @ centered
-    return covariance / len(features)
+    chunk = chunk or rows_per_chunk(dim)
+    scatter = np.zeros((dim, dim), order="F")
+    for start, stop in chunks(len(features), chunk):
+        scatter = _add_scatter(scatter, as_float64(features[start:stop]) - means[labels[start:stop]])
+    return _symmetric(scatter) / len(features)
 
 
-def full_covariance(features: np.ndarray, chunk: int = 262144) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and ``1/N``-normalised covariance of all rows (float64, chunked)."""
-    mean = np.zeros(features.shape[1])
-    for start in range(0, len(features), chunk):
-        mean += as_float64(features[start:start + chunk]).sum(axis=0)
+def full_covariance(features: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and ``1/N``-normalised covariance of all rows (float64, two chunked passes)."""
+    dim = features.shape[1]
+    chunk = chunk or rows_per_chunk(dim)
+    mean = np.zeros(dim)
+    for start, stop in chunks(len(features), chunk):
+        mean += as_float64(features[start:stop]).sum(axis=0)
     mean /= len(features)
-    covariance = np.zeros((features.shape[1], features.shape[1]))
-    for start in range(0, len(features), chunk):
-        centered = as_float64(features[start:start + chunk]) - mean
-        covariance += centered.T @ centered
-    return mean, covariance / len(features)
+    scatter = np.zeros((dim, dim), order="F")
+    for start, stop in chunks(len(features), chunk):
+        scatter = _add_scatter(scatter, as_float64(features[start:stop]) - mean)
+    return mean, _symmetric(scatter) / len(features)
 
 
 def per_class_covariances(features: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:
@@ -80,23 +137,36 @@ def shrink(covariance: np.ndarray, shrinkage: float) -> np.ndarray:
 
 class TiedGaussian:
     """Class means + one shared covariance on one representation; ``distance(x)`` = min over classes of the
-    squared Mahalanobis distance (Lee et al. 2018, Eq. 2), chunked."""
+    squared Mahalanobis distance (Lee et al. 2018, Eq. 2), chunked.
+
+    Also keeps the class counts, so the covariance of all samples regardless of class follows without another
+    pass over the data: ``Sigma_0 = Sigma + sum_c (N_c / N) (mu_c - mu_0)(mu_c - mu_0)^T`` (total scatter =
+    within-class + between-class scatter), see :meth:`background`.
+    """
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, n_classes: int, who: str,
-                 shrinkage: float = 0.0):
-        self.means = chunked_class_means(features, labels, n_classes, who)
-        self.covariance = shrink(tied_covariance(features, labels, self.means), shrinkage)
+                 shrinkage: float = 0.0, chunk: int | None = None):
+        labels = np.asarray(labels)
+        self.means = chunked_class_means(features, labels, n_classes, who, chunk=chunk)
+        self.counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+        self.within = tied_covariance(features, labels, self.means, chunk=chunk)
+        self.covariance = shrink(self.within, shrinkage)
         self.whitener = whitening(self.covariance)
         self.whitened_means = self.means @ self.whitener
 
-    def distances(self, x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    def background(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and ``1/N`` covariance of all training samples (class-agnostic), from the class statistics."""
+        weights = self.counts / self.counts.sum()
+        mean = weights @ self.means
+        offsets = self.means - mean
+        return mean, self.within + (offsets * weights[:, None]).T @ offsets
+
+    def distances(self, x: np.ndarray, chunk: int | None = None) -> np.ndarray:
         """Squared distances to every class mean, ``(N, C)`` (float64)."""
+        chunk = chunk or rows_per_chunk(max(x.shape[1], self.whitener.shape[1], len(self.means)))
         out = np.empty((len(x), len(self.means)))
-        mean_norms = (self.whitened_means**2).sum(axis=1)
-        for start in range(0, len(x), chunk):
-            z = as_float64(x[start:start + chunk]) @ self.whitener
-            out[start:start + chunk] = np.maximum(
-                (z**2).sum(axis=1, keepdims=True) - 2.0 * z @ self.whitened_means.T + mean_norms, 0.0)
+        for start, stop in chunks(len(x), chunk):
+            out[start:stop] = squared_distances(x[start:stop], self.whitener, self.whitened_means)
         return out
 
     def min_distance(self, x: np.ndarray) -> np.ndarray:

@@ -6,6 +6,8 @@ Detection", arXiv:2106.09022 (2021), Eq. 2-3. Class-conditional Gaussians with a
 features regardless of class gives ``MD_0(z)``. The relative distance is ``RMD_k(z) = MD_k(z) - MD_0(z)``;
 the confidence is ``-min_k RMD_k(z)``, so the OOD score is ``min_k MD_k(z) - MD_0(z)``.
 Both covariances are float64 and ``1/N``-normalised; inverses are pseudo-inverses (see :mod:`.mahalanobis`).
+The background covariance comes from the class statistics (total scatter = within-class + between-class
+scatter), so fitting makes one chunked pass over the bank for the covariance, as plain Mahalanobis does.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import numpy as np
 
 from ..extraction.outputs import Need, Outputs
 from ._common import n_classes_of
-from ._gaussian import TiedGaussian, full_covariance
+from ._gaussian import TiedGaussian, min_squared_distance, whitening
 from .base import Detector
-from .mahalanobis import min_squared_distance, whitening
 
 
 class RMDS(Detector):
@@ -28,7 +29,7 @@ class RMDS(Detector):
     def _fit(self, train: Outputs) -> None:
         self.class_gaussian_ = TiedGaussian(train.features, train.labels, n_classes_of(train.labels, train.logits),
                                             self.name)
-        mean, covariance = full_covariance(train.features)
+        mean, covariance = self.class_gaussian_.background()
         self.background_whitener_ = whitening(covariance)
         self.background_mean_ = (mean @ self.background_whitener_)[None, :]
 

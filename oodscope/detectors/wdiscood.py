@@ -28,8 +28,8 @@ from scipy.linalg import eigh
 from ..extraction.outputs import Need, Outputs
 from ._classstats import class_stats, rows_per_chunk, n_classes_for
 from ._common import l2_normalize
+from ._gaussian import whitening
 from .base import Detector
-from .mahalanobis import whitening
 
 
 class WDiscOOD(Detector):

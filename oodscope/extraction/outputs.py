@@ -144,8 +144,12 @@ def check_finite(values: np.ndarray, what: str) -> None:
     """Raise ``ValueError`` naming ``what`` and how many rows hold NaN or inf."""
     if values.dtype.kind not in "fc":
         return
-    finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1) if values.ndim else np.isfinite(values)
-    bad = int(np.size(finite) - np.count_nonzero(finite))
+    if values.ndim == 0:
+        bad = int(not np.isfinite(values))
+    else:   # in row chunks of ~16M values, so a large bank (or a memmap) gets no full-size boolean copy
+        rows = max(1, (1 << 24) // max(1, values[:1].size))
+        bad = sum(int(len(block) - np.count_nonzero(np.isfinite(block.reshape(len(block), -1)).all(axis=1)))
+                  for block in (values[start:start + rows] for start in range(0, len(values), rows)))
     if bad:
         raise ValueError(f"{what}: {bad} of {len(values)} rows contain NaN or inf")
 
