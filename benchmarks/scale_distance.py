@@ -4,25 +4,28 @@
     PYTHONPATH=. python benchmarks/scale_distance.py synthetic        # 1M x 2048 float32 bank on disk (np.memmap)
     PYTHONPATH=. python benchmarks/scale_distance.py synthetic --n 200000 --queries 500   # smaller
 
-The synthetic bank (100 classes, float32, 8 GiB) is written once to ``--bank`` as a memmap and read in chunks,
-so the class statistics never hold a float64 copy of it. What runs at that size:
+The synthetic bank (100 classes, float32, 8 GiB) is written in chunks to ``--bank`` as a memmap (never a
+float64 copy: that would be 16 GiB) and handed to the registered detectors as it is; every detector reads it in
+row chunks (float64 statistics per chunk for the Gaussian family, float32 chunks into faiss for kNN). Each
+detector gets a freshly opened memmap, so the file pages one detector touched are unmapped before the next.
+Per detector it prints fit and score time and the peak resident memory, polled every 0.1 s: ``anon`` is memory
+the process allocated (statistics, the faiss index), ``rss`` adds the pages of the memory-mapped bank file
+that were resident (page cache the kernel can drop at any time). ``--delete`` removes the bank file at the end.
 
-* class-conditional statistics for Mahalanobis / WDiscOOD (chunked float64 scatter, one product per chunk),
-  then their scores (chunked). The registered ``mahalanobis`` detector converts the whole bank to float64
-  (16 GiB) in ``fit``, so here its fitted state is built from :func:`class_stats` and its own ``whitening`` /
-  ``min_squared_distance`` functions;
-* ``conjnorm`` (importance-sampled partition over the full bank), ``igeood_features``;
-* exact kNN (k = 50, L2-normalised): brute force with ``faiss.knn`` over bank chunks, merged top-k, for
-  ``--queries`` queries (the registered ``knn`` detector would copy the 8 GiB bank into a faiss index);
-* not run at that size: ``relation_graph`` (keeps a normalised float32 copy of the bank and scores against all of
-  it) and ``heat`` (trains networks; CPU schedule timed in ``suite2_density_table.py``).
+Default synthetic detectors: ``mahalanobis``, ``rmds``, ``knn`` (exact, ``faiss.IndexFlatL2``) and ``knn_ivf``
+(``IndexIVFFlat``, ``--nlist`` cells, default ``sqrt(N)`` = 1000 here to keep the k-means training affordable on
+2 cores; the detector's own default is faiss's ``4 sqrt(N)``). Others can be named with ``--detectors``
+(``wdiscood``, ``conjnorm``, ``igeood_features``); ``relation_graph`` and ``heat`` are not meant for this size.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
+import resource
 import sys
+import threading
 import time
 
 import numpy as np
@@ -31,8 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import oodscope  # noqa: E402
 from oodscope import Outputs  # noqa: E402
-from oodscope.detectors._classstats import class_stats, rows_per_chunk  # noqa: E402
-from oodscope.detectors.mahalanobis import min_squared_distance, whitening  # noqa: E402
+from oodscope.detectors._gaussian import rows_per_chunk  # noqa: E402
 
 
 BENCH = "../shared/data/cifar10-bench"     # relative to the repository root
@@ -52,100 +54,134 @@ def header(title):
     print(f"\n{title}\n{'detector':<18}{'fit [s]':>10}{'score [s]':>10}{'scored':>10}", flush=True)
 
 
-def cifar(cache_dir: str) -> None:
+CIFAR_DETECTORS = ("mahalanobis", "rmds", "knn", "knn_ivf", "gmm", "nnguide", "wdiscood", "conjnorm", "igeood",
+                   "igeood_features", "relation_graph")
+
+
+def cifar(cache_dir: str, model_name: str = "cifar10_resnet20") -> None:
     from oodscope.data.spec import load_benchmark_dir
     from oodscope.models.zoo import load_model
     from oodscope.runner import extract_benchmark
 
     bench = load_benchmark_dir(BENCH)
-    model, pre = load_model("cifar10_resnet20", f"{BENCH}/models/cifar10_resnet20.pth")
+    model, pre = load_model(model_name, f"{BENCH}/models/{model_name}.pth")
     out = extract_benchmark(bench, model, pre, cache_dir=cache_dir, progress=False)
     scored = [out[k] for k in ("test", "near/cifar100", "near/tin", "far/mnist", "far/textures")]
     n_scored = sum(len(o) for o in scored)
-    header(f"CIFAR-10 bench, ResNet-20 features {out['train'].features.shape} (fit on train, score test + 4 OOD)")
-    for name in ("mahalanobis", "knn", "wdiscood", "conjnorm", "igeood", "igeood_features", "relation_graph"):
-        det = oodscope.create(name)
+    header(f"CIFAR-10 bench, {model_name} features {out['train'].features.shape} (fit on train, score test + 4 OOD); "
+           f"load average {os.getloadavg()}")
+    for name in CIFAR_DETECTORS:
+        det = oodscope.create("knn", index="ivf") if name == "knn_ivf" else oodscope.create(name)
         _, fit_s = timed(lambda: det.fit(out["train"]))
         _, score_s = timed(lambda: [det.score(o) for o in scored])
         row(name, fit_s, score_s, n_scored)
+    print(f"load average {os.getloadavg()}")
+
+
+def sample(means: np.ndarray, labels: np.ndarray, rng) -> np.ndarray:
+    """Post-ReLU-like features of the given classes: ``max(mu_y + 2 e, 0)``, ``e ~ N(0, I)`` (float32)."""
+    return np.maximum(means[labels] + 2.0 * rng.standard_normal((len(labels), means.shape[1]), dtype=np.float32), 0.0)
 
 
 def make_bank(path: str, n: int, dim: int, n_classes: int, seed: int = 0):
+    """Labels, class means and a float32 memmap bank of :func:`sample` rows (written in 32k-row chunks)."""
     labels = np.random.default_rng(seed).integers(0, n_classes, n)
-    if os.path.exists(path) and os.path.getsize(path) == n * dim * 4:
-        return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim)), labels
     rng = np.random.default_rng(seed + 1)
     means = rng.normal(size=(n_classes, dim)).astype(np.float32)
-    bank = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, dim))
-    for start in range(0, n, 32768):
-        stop = min(n, start + 32768)
-        block = rng.standard_normal((stop - start, dim), dtype=np.float32)
-        bank[start:stop] = np.maximum(means[labels[start:stop]] + 2.0 * block, 0.0)   # post-ReLU-like
-    bank.flush()
-    return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim)), labels
+    if not (os.path.exists(path) and os.path.getsize(path) == n * dim * 4):
+        bank = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, dim))
+        for start in range(0, n, 32768):
+            bank[start:start + 32768] = sample(means, labels[start:start + 32768], rng)
+        bank.flush()
+        del bank
+    return labels, means
 
 
-def exact_knn_chunked(bank, queries: np.ndarray, k: int, chunk: int = 131072) -> np.ndarray:
-    """Distance to the k-th nearest L2-normalised bank row, streaming the bank through faiss.knn."""
-    import faiss
+class PeakMemory:
+    """Peak VmRSS and RssAnon of this process while the block runs (polled from /proc/self/status)."""
 
-    q = np.ascontiguousarray(queries / np.linalg.norm(queries, axis=1, keepdims=True), dtype=np.float32)
-    best = np.full((len(q), k), np.inf, dtype=np.float32)
-    for start in range(0, len(bank), chunk):
-        block = np.asarray(bank[start:start + chunk], dtype=np.float32)
-        block = np.ascontiguousarray(block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12))
-        dist, _ = faiss.knn(q, block, min(k, len(block)))
-        best = np.sort(np.concatenate([best, dist], axis=1), axis=1)[:, :k]
-    return np.sqrt(np.maximum(best[:, -1], 0.0))
+    def __enter__(self):
+        self.rss = self.anon = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self):
+        while True:
+            fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+            self.rss = max(self.rss, int(fields["VmRSS"].split()[0]) * 1024)
+            self.anon = max(self.anon, int(fields["RssAnon"].split()[0]) * 1024)
+            if self._stop.wait(0.1):
+                return
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
-def synthetic(path: str, n: int, dim: int, n_classes: int, n_queries: int, k: int, only: set[str]) -> None:
-    (bank, labels), make_s = timed(lambda: make_bank(path, n, dim, n_classes))
-    print(f"synthetic bank {bank.shape} float32 on disk ({bank.nbytes / 2**30:.1f} GiB), {n_classes} classes, "
-          f"made/opened in {make_s:.1f} s; chunk {rows_per_chunk(dim)} rows", flush=True)
-    queries = np.asarray(bank[:n_queries], dtype=np.float32) + np.random.default_rng(2).normal(
-        size=(n_queries, dim)).astype(np.float32)
-    header(f"synthetic {n} x {dim} bank, {n_queries} queries")
+def synthetic(path: str, n: int, dim: int, n_classes: int, n_queries: int, k: int, nlist: int,
+              only: list[str], delete: bool) -> None:
+    start = time.perf_counter()
+    (labels, means), make_s = timed(lambda: make_bank(path, n, dim, n_classes))
+    print(f"synthetic bank {n} x {dim} float32 on disk ({n * dim * 4 / 2**30:.1f} GiB) at {path}, {n_classes} classes, "
+          f"written/opened in {make_s:.0f} s; chunk {rows_per_chunk(dim)} rows; load average {os.getloadavg()}",
+          flush=True)
+    # queries: half fresh samples of the bank's classes (ID), half samples of unseen classes (OOD)
+    rng = np.random.default_rng(2)
+    near = sample(means, rng.integers(0, n_classes, n_queries // 2), rng)
+    unseen = rng.normal(size=(n_classes, dim)).astype(np.float32)
+    far = sample(unseen, rng.integers(0, n_classes, n_queries - len(near)), rng)
+    queries = np.concatenate([near, far])
+    print(f"\nsynthetic {n} x {dim} bank, {n_queries} queries (half new samples of the bank's classes, half of unseen classes)\n"
+          f"{'detector':<18}{'fit [s]':>10}{'score [s]':>10}{'scored':>8}{'anon GiB':>10}{'rss GiB':>9}"
+          f"{'AUROC':>7}  load average", flush=True)
+    from sklearn.metrics import roc_auc_score
 
-    # Mahalanobis from chunked class statistics (the detector's own whitening and chunked scoring)
-    def fit_maha():  # noqa: E306
-        stats = class_stats(bank, labels, n_classes, "mahalanobis")
-        whitener = whitening(stats.within)
-        return whitener, stats.means @ whitener
-    if "mahalanobis" in only:
-        (whitener, wmeans), fit_s = timed(fit_maha)
-        _, score_s = timed(lambda: min_squared_distance(queries, whitener, wmeans))
-        row("mahalanobis*", fit_s, score_s, n_queries, "chunked class_stats + mahalanobis.whitening/min_squared_distance")
-
-    train = Outputs(features=bank, labels=labels, name="bank")
-    test = Outputs(features=queries, name="queries")
-    for name in [d for d in ("wdiscood", "conjnorm", "igeood_features") if d in only]:
-        det = oodscope.create(name)
-        _, fit_s = timed(lambda: det.fit(train))
-        _, score_s = timed(lambda: det.score(test))
-        row(name, fit_s, score_s, n_queries)
-    if "knn" not in only:
-        return
-    _, knn_s = timed(lambda: exact_knn_chunked(bank, queries, k))
-    row(f"knn (k={k})", 0.0, knn_s, n_queries, "exact, faiss.knn streamed over 128k-row bank chunks")
+    target = np.r_[np.zeros(len(near)), np.ones(len(far))]
+    for name in only:
+        gc.collect()
+        train = Outputs(features=np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim)), labels=labels,
+                        name="bank")
+        if name == "knn_ivf":
+            det = oodscope.create("knn", k=k, index="ivf", nlist=nlist)
+        elif name == "knn":
+            det = oodscope.create("knn", k=k)
+        else:
+            det = oodscope.create(name)
+        with PeakMemory() as peak:
+            _, fit_s = timed(lambda: det.fit(train))
+            scores, score_s = timed(lambda: det.score(queries))
+        print(f"{name:<18}{fit_s:>10.1f}{score_s:>10.2f}{n_queries:>8d}{peak.anon / 2**30:>10.2f}"
+              f"{peak.rss / 2**30:>9.2f}{roc_auc_score(target, scores):>7.3f}  {os.getloadavg()}", flush=True)
+        del det, train
+    print(f"process peak RSS (ru_maxrss, includes mapped bank pages): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; total {time.perf_counter() - start:.0f} s")
+    if delete:
+        os.remove(path)
+        print(f"deleted {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=["cifar", "synthetic"])
     parser.add_argument("--cache-dir", default=os.environ.get("OODSCOPE_CACHE"))
+    parser.add_argument("--model", default="cifar10_resnet20", help="cifar mode: zoo model with cached outputs")
     parser.add_argument("--bank", default="/tmp/oodscope_scale_bank.f32")
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--queries", type=int, default=100)
-    parser.add_argument("--detectors", default="mahalanobis,wdiscood,conjnorm,igeood_features,knn")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--detectors", default="mahalanobis,rmds,knn,knn_ivf")
     parser.add_argument("--k", type=int, default=50)
+    parser.add_argument("--nlist", type=int, default=None, help="IVF cells for knn_ivf (default sqrt(N))")
+    parser.add_argument("--delete", action="store_true", help="remove the bank file afterwards")
     args = parser.parse_args()
     if args.what == "cifar":
-        cifar(args.cache_dir)
+        cifar(args.cache_dir, args.model)
     else:
-        synthetic(args.bank, args.n, args.dim, args.classes, args.queries, args.k, set(args.detectors.split(",")))
+        synthetic(args.bank, args.n, args.dim, args.classes, args.queries, args.k,
+                  args.nlist or int(np.sqrt(args.n)), args.detectors.split(","), args.delete)
 
 
 if __name__ == "__main__":

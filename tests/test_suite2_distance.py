@@ -268,12 +268,29 @@ def test_rankfeat_removes_rank_one_and_scores_energy(net_outputs, rng):
 
 
 # -- bad input shared by the class-conditional detectors ---------------------------------------------------
-@pytest.mark.parametrize("name", ["rmds", "mahalanobis_ensemble", "gmm"])
+CLASS_CONDITIONAL = ["mahalanobis", "rmds", "mahalanobis_ensemble", "gmm", "wdiscood", "conjnorm", "igeood",
+                     "igeood_features", "heat"]
+
+
+@pytest.mark.parametrize("name", CLASS_CONDITIONAL)
 def test_class_without_samples_is_named(make_outputs, name):
     train = make_outputs()
     keep = train.labels != 2
-    with pytest.raises(ValueError, match="classes \\[2\\] have no training samples"):
-        oodscope.create(name).fit(train.subset(np.flatnonzero(keep)))
+    params = {"n_iter": 1} if name == "heat" else {}
+    with pytest.raises(ValueError, match=f"{name}.*: classes \\[2\\] have no training samples"):
+        oodscope.create(name, **params).fit(train.subset(np.flatnonzero(keep)))
+
+
+@pytest.mark.parametrize("name", ["conjnorm", "igeood_features", "heat"])
+def test_fewer_samples_than_dimensions_gives_finite_scores(rng, name):
+    # the Gaussian family is checked below; these use per-dimension or importance-sampled statistics
+    x, W = rng.normal(size=(10, 30)), rng.normal(size=(2, 30))
+    y = np.repeat(np.arange(2), 5)
+    train = Outputs(features=x, labels=y, logits=x @ W.T, head=Head(W, np.zeros(2)))
+    z = rng.normal(size=(5, 30)) * 3
+    test = Outputs(features=z, logits=z @ W.T, head=Head(W, np.zeros(2)))
+    params = {"n_iter": 2} if name == "heat" else {}
+    assert np.isfinite(oodscope.create(name, **params).fit(train).score(test)).all()
 
 
 @pytest.mark.parametrize("name", ["mahalanobis", "rmds", "mahalanobis_ensemble"])
