@@ -60,6 +60,7 @@ def test_chunked_statistics_match_direct_formulas(rng):
     assert cov == pytest.approx(np.cov(x.T, bias=True)) and mean == pytest.approx(x.mean(0))
     per_class = per_class_covariances(x, y, means)
     assert per_class[2] == pytest.approx(np.cov(x[y == 2].T, bias=True))
+    np.testing.assert_allclose(per_class_covariances(x, y, means, chunk=3), per_class, rtol=1e-10, atol=1e-14)
 
 
 def test_rmds_hand_computed(make_outputs):
@@ -324,15 +325,16 @@ def tiny_chunks(monkeypatch):
     assert _gaussian.rows_per_chunk(2048) == 3
 
 
-@pytest.mark.parametrize("name", ["mahalanobis", "rmds", "mahalanobis_ensemble", "wdiscood", "conjnorm",
-                                  "igeood_features"])
-def test_chunked_gaussian_fit_and_score_equal_unchunked(make_outputs, monkeypatch, name):
+@pytest.mark.parametrize("name, params", [("mahalanobis", {}), ("rmds", {}), ("mahalanobis_ensemble", {}),
+                                          ("wdiscood", {}), ("conjnorm", {}), ("igeood_features", {}),
+                                          ("gmm", {"max_iter": 0}), ("gmm", {})])
+def test_chunked_gaussian_fit_and_score_equal_unchunked(make_outputs, monkeypatch, name, params):
     train, test = make_outputs(n=203, dim=7), make_outputs(n=31, dim=7, shift=1.0)
     train.features = train.features + 50.0    # a large common offset: centring errors would show
     test.features = test.features + 50.0
-    whole = oodscope.create(name).fit(train).score(test)
+    whole = oodscope.create(name, **params).fit(train).score(test)
     tiny_chunks(monkeypatch)
-    chunked = oodscope.create(name).fit(train).score(test)
+    chunked = oodscope.create(name, **params).fit(train).score(test)
     np.testing.assert_allclose(chunked, whole, rtol=1e-10, atol=1e-10)
 
 

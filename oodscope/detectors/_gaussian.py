@@ -114,16 +114,25 @@ def full_covariance(features: np.ndarray, chunk: int | None = None) -> tuple[np.
     return mean, _symmetric(scatter) / len(features)
 
 
-def per_class_covariances(features: np.ndarray, labels: np.ndarray, means: np.ndarray) -> np.ndarray:
-    """``(C, D, D)`` class covariances ``1/N_c sum_{y_i = c} (x_i - mu_c)(x_i - mu_c)^T`` in one einsum-free
-    product: rows are scaled by the one-hot of their class and multiplied as one batched ``C x N x D`` product
-    over a sorted view (classes are contiguous after an argsort, so each class is one slice)."""
-    order = np.argsort(labels, kind="stable")
-    centered = as_float64(features[order]) - means[labels[order]]
-    bounds = np.searchsorted(labels[order], np.arange(len(means) + 1))
-    counts = np.diff(bounds)
-    # one product per class block; the loop runs over classes, never over samples
-    return np.stack([centered[a:b].T @ centered[a:b] / n for a, b, n in zip(bounds[:-1], bounds[1:], counts)])
+def per_class_covariances(features: np.ndarray, labels: np.ndarray, means: np.ndarray,
+                          chunk: int | None = None) -> np.ndarray:
+    """``(C, D, D)`` class covariances ``1/N_c sum_{y_i = c} (x_i - mu_c)(x_i - mu_c)^T`` (float64), accumulated
+    over row chunks: within a chunk the rows are sorted by class, so each class is one contiguous block and one
+    product (the loop runs over the classes present in the chunk, never over samples)."""
+    n_classes, dim = means.shape
+    labels = np.asarray(labels)
+    chunk = chunk or rows_per_chunk(dim)
+    scatter = np.zeros((n_classes, dim, dim))
+    for start, stop in chunks(len(features), chunk):
+        block_labels = labels[start:stop]
+        order = np.argsort(block_labels, kind="stable")
+        sorted_labels = block_labels[order]
+        centered = as_float64(features[start:stop])[order] - means[sorted_labels]
+        bounds = np.searchsorted(sorted_labels, np.arange(n_classes + 1))
+        for c in np.flatnonzero(np.diff(bounds)):
+            block = centered[bounds[c]:bounds[c + 1]]
+            scatter[c] += block.T @ block
+    return scatter / np.bincount(labels, minlength=n_classes)[:, None, None]
 
 
 def shrink(covariance: np.ndarray, shrinkage: float) -> np.ndarray:

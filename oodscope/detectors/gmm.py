@@ -12,6 +12,10 @@ each diagonal so fewer samples than dimensions stay invertible) and refined by E
 (:class:`sklearn.mixture.GaussianMixture`, ``max_iter`` steps; ``max_iter=0`` keeps the class-conditional
 fit, which is what pytorch-ood's ``GMM`` computes). With ``n_components`` set, sklearn's k-means
 initialisation is used and labels are not needed.
+
+The class-conditional estimates are accumulated over row chunks in float64 (:mod:`._gaussian`) and scoring is
+chunked, so with ``max_iter=0`` a large float32 bank (or a memmap) is never copied whole; EM (``max_iter > 0``)
+and ``n_components`` hand sklearn a float64 copy of the bank.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..extraction.outputs import Need, Outputs
-from ._common import as_float64, class_means, n_classes_of
-from ._gaussian import per_class_covariances
+from ._common import as_float64, n_classes_of
+from ._gaussian import chunked_class_means, chunks, per_class_covariances, rows_per_chunk
 from .base import Detector
 
 
@@ -50,12 +54,12 @@ class GMM(Detector):
     def _fit(self, train: Outputs) -> None:
         from sklearn.mixture import GaussianMixture
 
-        features = as_float64(train.features)
+        features = train.features
         dim = features.shape[1]
         if self.n_components is None:
             labels = train.get(Need.LABELS, who=f"{self.name} with n_components=None (one component per class)")
             n_classes = n_classes_of(labels, train.logits)
-            means = class_means(features, labels, n_classes, self.name)
+            means = chunked_class_means(features, labels, n_classes, self.name)
             covariances = per_class_covariances(features, labels, means) + self.reg_covar * np.eye(dim)
             weights = np.bincount(labels, minlength=n_classes) / len(labels)
             precisions = np.linalg.inv(covariances)
@@ -65,19 +69,19 @@ class GMM(Detector):
             if self.max_iter == 0:
                 _set_state(mixture, weights, means, covariances)
             else:
-                mixture.fit(features)
+                mixture.fit(as_float64(features))
         else:
             if self.n_components > len(features):
                 raise ValueError(f"gmm: n_components={self.n_components} is larger than the training set "
                                  f"({len(features)} samples)")
             mixture = GaussianMixture(self.n_components, covariance_type="full", reg_covar=self.reg_covar,
-                                      max_iter=max(self.max_iter, 1), random_state=self.seed).fit(features)
+                                      max_iter=max(self.max_iter, 1), random_state=self.seed).fit(as_float64(features))
         self.mixture_ = mixture
 
     def _score(self, x: Outputs) -> np.ndarray:
-        features = as_float64(x.features)
-        return np.concatenate([-self.mixture_.score_samples(features[start:start + 65536])
-                               for start in range(0, len(features), 65536)])
+        rows = rows_per_chunk(x.features.shape[1])
+        return np.concatenate([-self.mixture_.score_samples(as_float64(x.features[start:stop]))
+                               for start, stop in chunks(len(x), rows)])
 
 
 def _set_state(mixture, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> None:
