@@ -149,8 +149,8 @@ def synthetic(path: str, n: int, dim: int, n_classes: int, n_queries: int, k: in
             det = oodscope.create("knn", k=k)
         else:
             det = oodscope.create(name)
-        with PeakMemory() as peak:
-            _, fit_s = timed(lambda: det.fit(train))
+        with PeakMemory() as peak:   # (fit returns the detector: keep no reference, or its state outlives del)
+            fit_s = timed(lambda: det.fit(train))[1]
             scores, score_s = timed(lambda: det.score(queries))
         print(f"{name:<18}{fit_s:>10.1f}{score_s:>10.2f}{n_queries:>8d}{peak.anon / 2**30:>10.2f}"
               f"{peak.rss / 2**30:>9.2f}{roc_auc_score(target, scores):>7.3f}  {os.getloadavg()}", flush=True)
