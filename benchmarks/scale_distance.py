@@ -58,7 +58,7 @@ CIFAR_DETECTORS = ("mahalanobis", "rmds", "knn", "knn_ivf", "gmm", "nnguide", "w
                    "igeood_features", "relation_graph")
 
 
-def cifar(cache_dir: str, model_name: str = "cifar10_resnet20") -> None:
+def cifar(cache_dir: str, model_name: str = "cifar10_resnet20", detectors=CIFAR_DETECTORS) -> None:
     from oodscope.data.spec import load_benchmark_dir
     from oodscope.models.zoo import load_model
     from oodscope.runner import extract_benchmark
@@ -70,9 +70,9 @@ def cifar(cache_dir: str, model_name: str = "cifar10_resnet20") -> None:
     n_scored = sum(len(o) for o in scored)
     header(f"CIFAR-10 bench, {model_name} features {out['train'].features.shape} (fit on train, score test + 4 OOD); "
            f"load average {os.getloadavg()}")
-    for name in CIFAR_DETECTORS:
+    for name in detectors:
         det = oodscope.create("knn", index="ivf") if name == "knn_ivf" else oodscope.create(name)
-        _, fit_s = timed(lambda: det.fit(out["train"]))
+        fit_s = timed(lambda: det.fit(out["train"]))[1]
         _, score_s = timed(lambda: [det.score(o) for o in scored])
         row(name, fit_s, score_s, n_scored)
     print(f"load average {os.getloadavg()}")
@@ -172,16 +172,18 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--detectors", default="mahalanobis,rmds,knn,knn_ivf")
+    parser.add_argument("--detectors", default=None,
+                        help="comma-separated; default: mahalanobis,rmds,knn,knn_ivf (synthetic), CIFAR_DETECTORS (cifar)")
     parser.add_argument("--k", type=int, default=50)
     parser.add_argument("--nlist", type=int, default=None, help="IVF cells for knn_ivf (default sqrt(N))")
     parser.add_argument("--delete", action="store_true", help="remove the bank file afterwards")
     args = parser.parse_args()
     if args.what == "cifar":
-        cifar(args.cache_dir, args.model)
+        cifar(args.cache_dir, args.model, args.detectors.split(",") if args.detectors else CIFAR_DETECTORS)
     else:
         synthetic(args.bank, args.n, args.dim, args.classes, args.queries, args.k,
-                  args.nlist or int(np.sqrt(args.n)), args.detectors.split(","), args.delete)
+                  args.nlist or int(np.sqrt(args.n)), (args.detectors or "mahalanobis,rmds,knn,knn_ivf").split(","),
+                  args.delete)
 
 
 if __name__ == "__main__":
