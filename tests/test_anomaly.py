@@ -16,7 +16,7 @@ FAST = {
     "deep_svdd": {"epochs": 3},
     "deep_sad": {"epochs": 3},
     "drpo": {"epochs": 3, "n_projections": 100},
-    "ae_apre_mss": {"epochs": 3},
+    "ae_apre_mss": {"epochs": 200},
     "rp_depth": {"n_projections": 200},
 }
 
@@ -229,6 +229,63 @@ def test_pyod_adapter_matches_pyod_and_our_knn(blobs):
     assert instance.estimator_ is not None and instance.model.n_neighbors == 3
     with pytest.raises(ValueError, match="unknown PyOD model"):
         make("pyod", model="NoSuchModel").fit(train)
+
+
+# -- APRE + MSS autoencoder ----------------------------------------------------------------------------------
+def test_apre_hand_case_and_unit_weights_give_the_gaussian_nll():
+    from scipy.stats import norm
+
+    from oodscope.detectors.anomaly.ae_apre_mss import apre
+
+    mu, var, target = np.array([[1.0, 2.0]]), np.array([[0.5, 2.0]]), np.array([[2.0, 0.0]])
+    # 0.5 * (1 / 0.5 + 4 / 2) + 2 * (log 0.5 + log 2) = 0.5 * 4 + 2 * 0 = 2
+    assert apre(mu, var, target, alpha=0.5, beta=2.0)[0] == pytest.approx(2.0)
+    assert apre(mu, var, target, alpha=1.0, beta=0.0)[0] == pytest.approx(4.0)
+    # PRE (alpha = beta = 1) is twice the Gaussian negative log-likelihood minus D log(2 pi)
+    rng = np.random.default_rng(0)
+    mu, var, target = rng.normal(size=(5, 3)), rng.uniform(0.1, 3, size=(5, 3)), rng.normal(size=(5, 3))
+    nll = -norm.logpdf(target, loc=mu, scale=np.sqrt(var)).sum(axis=1)
+    np.testing.assert_allclose(apre(mu, var, target, 1.0, 1.0), 2 * nll - 3 * np.log(2 * np.pi))
+
+
+def test_mean_shift_hand_case():
+    from oodscope.detectors.anomaly.ae_apre_mss import mean_shift, shift_levels
+
+    train = np.array([[0.0], [1.0], [10.0]])
+    # one shift, k = 2: the query and its nearest training row, (2 + 1) / 2
+    assert mean_shift(shift_levels(train, 2, 1), np.array([[2.0]]), 2)[0, 0] == pytest.approx(1.5)
+    # two shifts: the training rows shifted once are (0.5, 0.5, 5.5); 1.5 -> (1.5 + 0.5) / 2 = 1
+    levels = shift_levels(train, 2, 2)
+    np.testing.assert_allclose(levels[1].ravel(), [0.5, 0.5, 5.5])
+    assert mean_shift(levels, np.array([[2.0]]), 2)[0, 0] == pytest.approx(1.0)
+    # k = 3: the query and its two nearest rows (1 and 0): (2 + 1 + 0) / 3
+    assert mean_shift(shift_levels(train, 3, 1), np.array([[2.0]]), 3)[0, 0] == pytest.approx(1.0)
+
+
+def test_mss_moves_an_isolated_outlier_far_and_inliers_little(blobs):
+    from oodscope.detectors.anomaly.ae_apre_mss import mean_shift, shift_levels
+
+    train, test, y = blobs
+    shifted = mean_shift(shift_levels(train, 10, 1), test, 10)
+    moved = np.linalg.norm(shifted - test, axis=1)
+    assert moved[y == 1].min() > moved[y == 0].max()  # the outliers' targets leave their reconstructions
+
+
+def test_ae_apre_mss_is_seeded_and_mss_is_optional(blobs):
+    from sklearn.metrics import roc_auc_score
+
+    train, test, y = blobs
+    a = make("ae_apre_mss", seed=3).fit(train)
+    np.testing.assert_array_equal(a.score(test), make("ae_apre_mss", seed=3).fit(train).score(test))
+    assert not np.array_equal(a.score(test), make("ae_apre_mss", seed=4).fit(train).score(test))
+    assert a.loss_history_[-1] < a.loss_history_[0]
+    plain = make("ae_apre_mss", shifts=0).fit(train)
+    np.testing.assert_array_equal(plain.targets(test), test)
+    assert roc_auc_score(y, plain.score(test)) > 0.9
+    with pytest.raises(ValueError, match="alpha and beta"):
+        make("ae_apre_mss", alpha=0, beta=0).fit(train)
+    with pytest.raises(ValueError, match="neighbours"):
+        make("ae_apre_mss", k=20).fit(train[:10])
 
 
 # -- deciding: ExCeeD and rejection ---------------------------------------------------------------------------
