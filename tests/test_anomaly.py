@@ -376,3 +376,37 @@ def test_deep_sad_pushes_labelled_anomalies_away(blobs):
                                   make("deep_svdd", **options).fit(X).score(test))
     with pytest.raises(ValueError, match="y must hold"):
         make("deep_sad").fit(X, np.full(len(X), 2))
+
+
+# -- deciding: contamination posterior (gammaGMM) ---------------------------------------------------------------
+def test_gammagmm_joint_probabilities_and_dirichlet_sums_by_hand():
+    from oodscope.anomaly.contamination import _prob_above, joint_probabilities
+
+    # P(1..k anomalous, k+1 not): 0.9 * 0.5, 0.9 * 0.5 * 0.8, 0.9 * 0.5 * 0.2 (the last has no successor)
+    np.testing.assert_allclose(joint_probabilities(np.array([0.9, 0.5, 0.2])), [0.9 * 0.5, 0.9 * 0.5 * 0.8, 0.09])
+    alphas = np.array([3.0, 5.0, 12.0])
+    draws = np.cumsum(np.random.default_rng(0).dirichlet(alphas, size=200_000), axis=1)
+    np.testing.assert_allclose(_prob_above(alphas, 0.3), (draws > 0.3).mean(axis=0), atol=3e-3)
+
+
+def test_gammagmm_posterior_meets_its_priors_and_covers_the_truth():
+    from oodscope.anomaly.contamination import ContaminationPosterior, estimate_contamination, threshold_at
+
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(size=(140, 4)), rng.normal(size=(10, 4)) * 0.5 + 6]  # 10 / 150 = 6.7 % anomalies
+    posterior = estimate_contamination(X, max_components=30, n_samples=20000)
+    assert posterior.converged_
+    samples = posterior.samples_
+    # the paper's hyperparameters fix P(gamma = 0) = p0 and P(gamma > high_gamma) ~ phigh
+    assert (samples == 0).mean() == pytest.approx(0.01, abs=0.004)
+    assert (samples > 0.15).mean() < 0.02 and samples.max() < 0.25
+    low, high = posterior.interval(0.9)
+    assert low < 10 / 150 < high and 0.03 < posterior.mean_ < 0.15
+    scores = np.linalg.norm(X, axis=1)
+    flagged = posterior.predict(scores)
+    assert flagged.sum() == pytest.approx(posterior.mean_ * len(X), abs=1.5) and flagged[-10:].all()
+    for bad in (0.0, 0.6):
+        with pytest.raises(ValueError, match=r"contamination must be in \(0, 0.5\]"):
+            threshold_at(scores, bad)
+    with pytest.raises(ValueError, match="constant score"):
+        ContaminationPosterior().fit(np.c_[scores, np.ones(len(X))])
