@@ -296,14 +296,20 @@ def test_exceed_confidence_matches_the_binomial_definition():
 
     train = np.arange(1.0, 101.0)  # n = 100 distinct scores
     p = anomaly_probability(train, np.array([50.5, 95.5, 1000.0]), contamination=0.1)
-    # psi = (1 + #below) / (2 + n); P(Bin(n, psi) >= n (1 - gamma)) = P(Bin >= 90)
-    expected = [binom.sf(89, 100, (1 + k) / 102) for k in (50, 95, 100)]
+    # psi = (1 + #below) / (2 + n); P(Bin(n, psi) > n - floor(n gamma)) = P(Bin > 90) (ExCeeD / PyOD / RejEx code)
+    expected = [binom.sf(90, 100, (1 + k) / 102) for k in (50, 95, 100)]
     np.testing.assert_allclose(p, expected)
     detector = ExCeeD(contamination=0.1).fit(train)
     assert detector.predict(np.array([95.5]))[0] and not detector.predict(np.array([50.5]))[0]
     confidence = detector.confidence(np.array([1.0, 50.5, 90.6, 1000.0]))
     assert confidence[0] > 0.999 and confidence[-1] > 0.999 and confidence[2] < 0.8  # unsure near the threshold
     assert detector.reject(np.array([90.6]))[0] and not detector.reject(np.array([1.0]))[0]
+    # RejEx's metric is the stability 2 |P - 1/2|; reject iff it is <= 1 - 2 e^-T, i.e. e^-T <= P <= 1 - e^-T
+    p = anomaly_probability(train, np.array([1.0, 50.5, 90.6, 1000.0]), 0.1)
+    np.testing.assert_allclose(detector.stability(np.array([1.0, 50.5, 90.6, 1000.0])), 2 * np.abs(p - 0.5))
+    T = detector.T
+    np.testing.assert_array_equal(detector.reject(np.array([1.0, 50.5, 90.6, 1000.0])),
+                                  (p >= np.exp(-T)) & (p <= 1 - np.exp(-T)))
 
 
 def test_expected_rejection_rate_holds_on_exchangeable_scores():
@@ -314,8 +320,27 @@ def test_expected_rejection_rate_holds_on_exchangeable_scores():
     for _ in range(30):
         detector = ExCeeD(contamination=0.1, T=32).fit(rng.normal(size=500))
         rates.append(detector.reject(rng.normal(size=2000)).mean())
-    assert np.mean(rates) == pytest.approx(detector.expected_rejection_rate(), abs=0.01)
+    assert np.mean(rates) == pytest.approx(detector.exact_rejection_rate(), abs=0.01)
+    # the paper's estimate q2 - q1 (Theorem 3.5) is within a rank of the exact count, and its bound holds (3.6)
+    assert detector.expected_rejection_rate() == pytest.approx(detector.exact_rejection_rate(), abs=2 / 500)
     assert 0 < detector.expected_rejection_rate() < 0.5
+    assert np.mean(np.array(rates) <= detector.rejection_rate_upper_bound(delta=0.1)) >= 0.9
+
+
+def test_rejex_rate_hand_case_and_cost_bound():
+    from scipy.stats import binom
+
+    from oodscope.anomaly.rejection import expected_cost_upper_bound, expected_rejection_rate
+
+    # n = 50, gamma = 0.1, T = 2: q1, q2 solve F(4; 50, q) = 1 - e^-2 and = e^-2
+    grid = np.linspace(0, 1, 2_000_001)
+    cdf = binom.cdf(4, 50, grid)
+    q1, q2 = grid[np.argmin(np.abs(cdf - (1 - np.exp(-2))))], grid[np.argmin(np.abs(cdf - np.exp(-2)))]
+    assert expected_rejection_rate(50, 0.1, T=2) == pytest.approx(q2 - q1, abs=1e-5)
+    assert expected_cost_upper_bound(50, 0.1, T=2, c_fp=1, c_fn=1, c_r=0.1) == pytest.approx(
+        min(0.1, q1) + min(1 - q2, 0.1) + (q2 - q1) * 0.1, abs=1e-5)
+    with pytest.raises(ValueError, match="n \\* contamination"):
+        expected_rejection_rate(5, 0.1)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 0.51, 1.0, "a lot"])
