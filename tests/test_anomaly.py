@@ -435,3 +435,51 @@ def test_gammagmm_posterior_meets_its_priors_and_covers_the_truth():
             threshold_at(scores, bad)
     with pytest.raises(ValueError, match="constant score"):
         ContaminationPosterior().fit(np.c_[scores, np.ones(len(X))])
+
+
+# -- deciding: EAP, the quality of auxiliary anomalies ------------------------------------------------------------
+def test_eap_posterior_mean_hand_case_and_limits():
+    from oodscope.anomaly.eap import posterior_mean
+
+    # prior (normal, anomaly) = (0.9, 0.1), n = 4, P(Y=1|x) = 0.8, p(x) = 0.25: (0.1 + 0.8) / (1 + 1) = 0.45
+    assert posterior_mean(0.8, 0.25, 4, (0.9, 0.1)) == pytest.approx(0.45)
+    assert posterior_mean(0.8, 0.0, 4, (0.9, 0.1)) == pytest.approx(0.1)  # no data there: the prior
+    assert posterior_mean(0.8, 1.0, 10 ** 9, (0.9, 0.1)) == pytest.approx(0.8)  # dense data: the detector
+
+
+def test_rarity_score_and_minimum_k_by_hand():
+    from scipy.stats import beta
+
+    from oodscope.anomaly.eap import minimum_k, rarity_scores
+
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    # k = 1: every ball has radius 1; 0.5 lies in the balls of 0 and 1, 10 in none
+    np.testing.assert_allclose(rarity_scores(real, np.array([[0.5], [10.0]]), 1), [1.0, 0.0])
+    # k = 2: radii (2, 1, 1, 2); 4.5 is only in the ball of 3 (distance 1.5 < 2)
+    np.testing.assert_allclose(rarity_scores(real, np.array([[4.5]]), 2), [2.0])
+    line = np.arange(10.0)[:, None]
+    # the anomaly at 12 first enters the ball of 9 at order 4 (rows 9, 8, 7, 6 within distance 3)
+    p = (4 - 1) / (10 - 1 - 1)
+    assert minimum_k(line, np.array([[12.0]]), min_k=1) == int(beta.ppf(0.95, 1 + p, 2 - p) * 8 + 1)
+
+
+def test_eap_prefers_realistic_auxiliary_anomalies(blobs):
+    from sklearn.metrics import roc_auc_score
+
+    from oodscope.anomaly.eap import expected_anomaly_posterior
+
+    train = blobs[0]
+    rng = np.random.default_rng(0)
+    # anomalies just outside the normal blob (where data can live); 5 of them are labelled training anomalies
+    anomalies = 3.0 + 3.5 * np.r_[1.0, 1.0, 1.0, 0, 0, 0] / np.sqrt(3) + 0.3 * rng.normal(size=(15, 6))
+    X, labels = np.vstack([train, anomalies[:5]]), np.r_[np.zeros(len(train), int), np.ones(5, int)]
+    realistic = anomalies[5:]
+    normal_like = train[:10] + 0.1 * rng.normal(size=(10, 6))  # indistinguishable from normal rows
+    far = 3.0 + 10.0 * (realistic - 3.0)  # unrealistic: outside every k-NN ball of the normal rows
+    eap = expected_anomaly_posterior(X, labels, np.vstack([realistic, normal_like, far]), n_subsets=10, seed=0)
+    good, same, unreal = np.split(eap, 3)
+    assert roc_auc_score(np.r_[np.ones(10), np.zeros(10)], np.r_[good, same]) > 0.7
+    assert good.mean() > same.mean() and good.min() > unreal.max()
+    np.testing.assert_allclose(unreal, labels.mean())  # no data there: EAP is the prior contamination
+    with pytest.raises(ValueError, match=r"contamination must be in \(0, 0.5\]"):
+        expected_anomaly_posterior(train, np.zeros(len(train), int), realistic, n_subsets=2)
