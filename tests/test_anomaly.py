@@ -16,7 +16,7 @@ FAST = {
     "deep_svdd": {"epochs": 3},
     "deep_sad": {"epochs": 3},
     "drpo": {"epochs": 3, "n_projections": 100},
-    "ae_apre_mss": {"epochs": 3},
+    "ae_apre_mss": {"epochs": 200},
     "rp_depth": {"n_projections": 200},
 }
 
@@ -231,6 +231,63 @@ def test_pyod_adapter_matches_pyod_and_our_knn(blobs):
         make("pyod", model="NoSuchModel").fit(train)
 
 
+# -- APRE + MSS autoencoder ----------------------------------------------------------------------------------
+def test_apre_hand_case_and_unit_weights_give_the_gaussian_nll():
+    from scipy.stats import norm
+
+    from oodscope.detectors.anomaly.ae_apre_mss import apre
+
+    mu, var, target = np.array([[1.0, 2.0]]), np.array([[0.5, 2.0]]), np.array([[2.0, 0.0]])
+    # 0.5 * (1 / 0.5 + 4 / 2) + 2 * (log 0.5 + log 2) = 0.5 * 4 + 2 * 0 = 2
+    assert apre(mu, var, target, alpha=0.5, beta=2.0)[0] == pytest.approx(2.0)
+    assert apre(mu, var, target, alpha=1.0, beta=0.0)[0] == pytest.approx(4.0)
+    # PRE (alpha = beta = 1) is twice the Gaussian negative log-likelihood minus D log(2 pi)
+    rng = np.random.default_rng(0)
+    mu, var, target = rng.normal(size=(5, 3)), rng.uniform(0.1, 3, size=(5, 3)), rng.normal(size=(5, 3))
+    nll = -norm.logpdf(target, loc=mu, scale=np.sqrt(var)).sum(axis=1)
+    np.testing.assert_allclose(apre(mu, var, target, 1.0, 1.0), 2 * nll - 3 * np.log(2 * np.pi))
+
+
+def test_mean_shift_hand_case():
+    from oodscope.detectors.anomaly.ae_apre_mss import mean_shift, shift_levels
+
+    train = np.array([[0.0], [1.0], [10.0]])
+    # one shift, k = 2: the query and its nearest training row, (2 + 1) / 2
+    assert mean_shift(shift_levels(train, 2, 1), np.array([[2.0]]), 2)[0, 0] == pytest.approx(1.5)
+    # two shifts: the training rows shifted once are (0.5, 0.5, 5.5); 1.5 -> (1.5 + 0.5) / 2 = 1
+    levels = shift_levels(train, 2, 2)
+    np.testing.assert_allclose(levels[1].ravel(), [0.5, 0.5, 5.5])
+    assert mean_shift(levels, np.array([[2.0]]), 2)[0, 0] == pytest.approx(1.0)
+    # k = 3: the query and its two nearest rows (1 and 0): (2 + 1 + 0) / 3
+    assert mean_shift(shift_levels(train, 3, 1), np.array([[2.0]]), 3)[0, 0] == pytest.approx(1.0)
+
+
+def test_mss_moves_an_isolated_outlier_far_and_inliers_little(blobs):
+    from oodscope.detectors.anomaly.ae_apre_mss import mean_shift, shift_levels
+
+    train, test, y = blobs
+    shifted = mean_shift(shift_levels(train, 10, 1), test, 10)
+    moved = np.linalg.norm(shifted - test, axis=1)
+    assert moved[y == 1].min() > moved[y == 0].max()  # the outliers' targets leave their reconstructions
+
+
+def test_ae_apre_mss_is_seeded_and_mss_is_optional(blobs):
+    from sklearn.metrics import roc_auc_score
+
+    train, test, y = blobs
+    a = make("ae_apre_mss", seed=3).fit(train)
+    np.testing.assert_array_equal(a.score(test), make("ae_apre_mss", seed=3).fit(train).score(test))
+    assert not np.array_equal(a.score(test), make("ae_apre_mss", seed=4).fit(train).score(test))
+    assert a.loss_history_[-1] < a.loss_history_[0]
+    plain = make("ae_apre_mss", shifts=0).fit(train)
+    np.testing.assert_array_equal(plain.targets(test), test)
+    assert roc_auc_score(y, plain.score(test)) > 0.9
+    with pytest.raises(ValueError, match="alpha and beta"):
+        make("ae_apre_mss", alpha=0, beta=0).fit(train)
+    with pytest.raises(ValueError, match="neighbours"):
+        make("ae_apre_mss", k=20).fit(train[:10])
+
+
 # -- deciding: ExCeeD and rejection ---------------------------------------------------------------------------
 def test_exceed_confidence_matches_the_binomial_definition():
     from scipy.stats import binom
@@ -239,14 +296,20 @@ def test_exceed_confidence_matches_the_binomial_definition():
 
     train = np.arange(1.0, 101.0)  # n = 100 distinct scores
     p = anomaly_probability(train, np.array([50.5, 95.5, 1000.0]), contamination=0.1)
-    # psi = (1 + #below) / (2 + n); P(Bin(n, psi) >= n (1 - gamma)) = P(Bin >= 90)
-    expected = [binom.sf(89, 100, (1 + k) / 102) for k in (50, 95, 100)]
+    # psi = (1 + #below) / (2 + n); P(Bin(n, psi) > n - floor(n gamma)) = P(Bin > 90) (ExCeeD / PyOD / RejEx code)
+    expected = [binom.sf(90, 100, (1 + k) / 102) for k in (50, 95, 100)]
     np.testing.assert_allclose(p, expected)
     detector = ExCeeD(contamination=0.1).fit(train)
     assert detector.predict(np.array([95.5]))[0] and not detector.predict(np.array([50.5]))[0]
     confidence = detector.confidence(np.array([1.0, 50.5, 90.6, 1000.0]))
     assert confidence[0] > 0.999 and confidence[-1] > 0.999 and confidence[2] < 0.8  # unsure near the threshold
     assert detector.reject(np.array([90.6]))[0] and not detector.reject(np.array([1.0]))[0]
+    # RejEx's metric is the stability 2 |P - 1/2|; reject iff it is <= 1 - 2 e^-T, i.e. e^-T <= P <= 1 - e^-T
+    p = anomaly_probability(train, np.array([1.0, 50.5, 90.6, 1000.0]), 0.1)
+    np.testing.assert_allclose(detector.stability(np.array([1.0, 50.5, 90.6, 1000.0])), 2 * np.abs(p - 0.5))
+    T = detector.T
+    np.testing.assert_array_equal(detector.reject(np.array([1.0, 50.5, 90.6, 1000.0])),
+                                  (p >= np.exp(-T)) & (p <= 1 - np.exp(-T)))
 
 
 def test_expected_rejection_rate_holds_on_exchangeable_scores():
@@ -257,8 +320,27 @@ def test_expected_rejection_rate_holds_on_exchangeable_scores():
     for _ in range(30):
         detector = ExCeeD(contamination=0.1, T=32).fit(rng.normal(size=500))
         rates.append(detector.reject(rng.normal(size=2000)).mean())
-    assert np.mean(rates) == pytest.approx(detector.expected_rejection_rate(), abs=0.01)
+    assert np.mean(rates) == pytest.approx(detector.exact_rejection_rate(), abs=0.01)
+    # the paper's estimate q2 - q1 (Theorem 3.5) is within a rank of the exact count, and its bound holds (3.6)
+    assert detector.expected_rejection_rate() == pytest.approx(detector.exact_rejection_rate(), abs=2 / 500)
     assert 0 < detector.expected_rejection_rate() < 0.5
+    assert np.mean(np.array(rates) <= detector.rejection_rate_upper_bound(delta=0.1)) >= 0.9
+
+
+def test_rejex_rate_hand_case_and_cost_bound():
+    from scipy.stats import binom
+
+    from oodscope.anomaly.rejection import expected_cost_upper_bound, expected_rejection_rate
+
+    # n = 50, gamma = 0.1, T = 2: q1, q2 solve F(4; 50, q) = 1 - e^-2 and = e^-2
+    grid = np.linspace(0, 1, 2_000_001)
+    cdf = binom.cdf(4, 50, grid)
+    q1, q2 = grid[np.argmin(np.abs(cdf - (1 - np.exp(-2))))], grid[np.argmin(np.abs(cdf - np.exp(-2)))]
+    assert expected_rejection_rate(50, 0.1, T=2) == pytest.approx(q2 - q1, abs=1e-5)
+    assert expected_cost_upper_bound(50, 0.1, T=2, c_fp=1, c_fn=1, c_r=0.1) == pytest.approx(
+        min(0.1, q1) + min(1 - q2, 0.1) + (q2 - q1) * 0.1, abs=1e-5)
+    with pytest.raises(ValueError, match="n \\* contamination"):
+        expected_rejection_rate(5, 0.1)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 0.51, 1.0, "a lot"])
@@ -319,3 +401,85 @@ def test_deep_sad_pushes_labelled_anomalies_away(blobs):
                                   make("deep_svdd", **options).fit(X).score(test))
     with pytest.raises(ValueError, match="y must hold"):
         make("deep_sad").fit(X, np.full(len(X), 2))
+
+
+# -- deciding: contamination posterior (gammaGMM) ---------------------------------------------------------------
+def test_gammagmm_joint_probabilities_and_dirichlet_sums_by_hand():
+    from oodscope.anomaly.contamination import _prob_above, joint_probabilities
+
+    # P(1..k anomalous, k+1 not): 0.9 * 0.5, 0.9 * 0.5 * 0.8, 0.9 * 0.5 * 0.2 (the last has no successor)
+    np.testing.assert_allclose(joint_probabilities(np.array([0.9, 0.5, 0.2])), [0.9 * 0.5, 0.9 * 0.5 * 0.8, 0.09])
+    alphas = np.array([3.0, 5.0, 12.0])
+    draws = np.cumsum(np.random.default_rng(0).dirichlet(alphas, size=200_000), axis=1)
+    np.testing.assert_allclose(_prob_above(alphas, 0.3), (draws > 0.3).mean(axis=0), atol=3e-3)
+
+
+def test_gammagmm_posterior_meets_its_priors_and_covers_the_truth():
+    from oodscope.anomaly.contamination import ContaminationPosterior, estimate_contamination, threshold_at
+
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(size=(140, 4)), rng.normal(size=(10, 4)) * 0.5 + 6]  # 10 / 150 = 6.7 % anomalies
+    posterior = estimate_contamination(X, max_components=30, n_samples=20000)
+    assert posterior.converged_
+    samples = posterior.samples_
+    # the paper's hyperparameters fix P(gamma = 0) = p0 and P(gamma > high_gamma) ~ phigh
+    assert (samples == 0).mean() == pytest.approx(0.01, abs=0.004)
+    assert (samples > 0.15).mean() < 0.02 and samples.max() < 0.25
+    low, high = posterior.interval(0.9)
+    assert low < 10 / 150 < high and 0.03 < posterior.mean_ < 0.15
+    scores = np.linalg.norm(X, axis=1)
+    flagged = posterior.predict(scores)
+    assert flagged.sum() == pytest.approx(posterior.mean_ * len(X), abs=1.5) and flagged[-10:].all()
+    for bad in (0.0, 0.6):
+        with pytest.raises(ValueError, match=r"contamination must be in \(0, 0.5\]"):
+            threshold_at(scores, bad)
+    with pytest.raises(ValueError, match="constant score"):
+        ContaminationPosterior().fit(np.c_[scores, np.ones(len(X))])
+
+
+# -- deciding: EAP, the quality of auxiliary anomalies ------------------------------------------------------------
+def test_eap_posterior_mean_hand_case_and_limits():
+    from oodscope.anomaly.eap import posterior_mean
+
+    # prior (normal, anomaly) = (0.9, 0.1), n = 4, P(Y=1|x) = 0.8, p(x) = 0.25: (0.1 + 0.8) / (1 + 1) = 0.45
+    assert posterior_mean(0.8, 0.25, 4, (0.9, 0.1)) == pytest.approx(0.45)
+    assert posterior_mean(0.8, 0.0, 4, (0.9, 0.1)) == pytest.approx(0.1)  # no data there: the prior
+    assert posterior_mean(0.8, 1.0, 10 ** 9, (0.9, 0.1)) == pytest.approx(0.8)  # dense data: the detector
+
+
+def test_rarity_score_and_minimum_k_by_hand():
+    from scipy.stats import beta
+
+    from oodscope.anomaly.eap import minimum_k, rarity_scores
+
+    real = np.array([[0.0], [1.0], [2.0], [3.0]])
+    # k = 1: every ball has radius 1; 0.5 lies in the balls of 0 and 1, 10 in none
+    np.testing.assert_allclose(rarity_scores(real, np.array([[0.5], [10.0]]), 1), [1.0, 0.0])
+    # k = 2: radii (2, 1, 1, 2); 4.5 is only in the ball of 3 (distance 1.5 < 2)
+    np.testing.assert_allclose(rarity_scores(real, np.array([[4.5]]), 2), [2.0])
+    line = np.arange(10.0)[:, None]
+    # the anomaly at 12 first enters the ball of 9 at order 4 (rows 9, 8, 7, 6 within distance 3)
+    p = (4 - 1) / (10 - 1 - 1)
+    assert minimum_k(line, np.array([[12.0]]), min_k=1) == int(beta.ppf(0.95, 1 + p, 2 - p) * 8 + 1)
+
+
+def test_eap_prefers_realistic_auxiliary_anomalies(blobs):
+    from sklearn.metrics import roc_auc_score
+
+    from oodscope.anomaly.eap import expected_anomaly_posterior
+
+    train = blobs[0]
+    rng = np.random.default_rng(0)
+    # anomalies just outside the normal blob (where data can live); 5 of them are labelled training anomalies
+    anomalies = 3.0 + 3.5 * np.r_[1.0, 1.0, 1.0, 0, 0, 0] / np.sqrt(3) + 0.3 * rng.normal(size=(15, 6))
+    X, labels = np.vstack([train, anomalies[:5]]), np.r_[np.zeros(len(train), int), np.ones(5, int)]
+    realistic = anomalies[5:]
+    normal_like = train[:10] + 0.1 * rng.normal(size=(10, 6))  # indistinguishable from normal rows
+    far = 3.0 + 10.0 * (realistic - 3.0)  # unrealistic: outside every k-NN ball of the normal rows
+    eap = expected_anomaly_posterior(X, labels, np.vstack([realistic, normal_like, far]), n_subsets=10, seed=0)
+    good, same, unreal = np.split(eap, 3)
+    assert roc_auc_score(np.r_[np.ones(10), np.zeros(10)], np.r_[good, same]) > 0.7
+    assert good.mean() > same.mean() and good.min() > unreal.max()
+    np.testing.assert_allclose(unreal, labels.mean())  # no data there: EAP is the prior contamination
+    with pytest.raises(ValueError, match=r"contamination must be in \(0, 0.5\]"):
+        expected_anomaly_posterior(train, np.zeros(len(train), int), realistic, n_subsets=2)

@@ -1,0 +1,242 @@
+"""The posterior distribution of the contamination factor from several detectors' scores (gammaGMM).
+
+Perini, Bürkner & Klami, "Estimating the Contamination Factor's Distribution in Unsupervised Anomaly Detection",
+ICML 2023 (reference code: github.com/Lorenzo-Perini/GammaGMM, ``gammaGMM.py``; we follow it step by step).
+
+1. Each of ``M`` detectors scores the ``n`` examples; each score column is mapped to ``log(s - min s + 0.01)`` and
+   standardised, giving one point in ``R^M`` per example.
+2. A Dirichlet-process Gaussian mixture (variational; truncated at ``K = min(100, n - 1)`` components, concentration
+   ``0.01``, full covariances) is fitted to those points: scikit-learn's ``BayesianGaussianMixture`` with
+   ``weight_concentration_prior_type="dirichlet_process"`` is exactly the model of the reference code. Components
+   with fewer than one expected member (``weight_concentration_[0] < 2``) are dropped and their mass is spread evenly
+   over the rest.
+3. Components are ordered "top-right first" by ``m_k = E[ mean_j mu_kj / (1 + sigma_kj) ]`` (posterior expectation
+   over the component's mean ``mu_k ~ N(m_k, I / beta_k)`` and diagonal variances from the Wishart posterior).
+4. Component ``k`` is anomalous, given that the ``k - 1`` before it are, with probability
+   ``p_k = 1 / (1 + exp(tau + delta m_k))``; the first ``k`` components are the anomalies with probability
+   ``p_1 ... p_k (1 - p_{k+1})``, and then ``gamma`` = the sum of their mixture weights (``Dirichlet(alpha)``).
+   ``delta`` and ``tau`` solve ``P(gamma = 0) = p0`` and ``P(gamma > high_gamma) = phigh`` (``least_squares``,
+   accepted within 10 %, otherwise refit with another seed). Defaults are the paper's: ``p0 = phigh = 0.01``,
+   ``high_gamma = 0.15``, samples of ``gamma`` limited to ``gamma < gamma_lim = 0.25``.
+5. ``gamma``'s posterior is sampled (``n_samples = 10000``): for each draw, sample every component's mean and
+   variances, compute the joint probabilities, pick the number of anomalous components and a Dirichlet draw of the
+   weights; ``p0`` of the draws are ``gamma = 0``. (The reference code rounds ``100 p`` draws per component; we sample
+   the component index directly, the same distribution without rounding.)
+
+The threshold of a detector is then set so that the share of predicted anomalies equals the posterior mean.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ..detectors.anomaly._base import check_contamination
+
+
+def transform_scores(scores: np.ndarray) -> np.ndarray:
+    """``log(s - min s + 0.01)`` per column, standardised (the reference code's ``get_anomaly_scores``)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    if scores.ndim != 2 or len(scores) < 3:
+        raise ValueError(f"gammaGMM: scores must be (n examples, M detectors) with n >= 3, got {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError("gammaGMM: scores contain NaN or inf")
+    constant = np.flatnonzero(np.ptp(scores, axis=0) == 0)
+    if constant.size:
+        raise ValueError(f"gammaGMM: detector column(s) {constant.tolist()} give one constant score; drop those "
+                         "detectors")
+    logs = np.log(scores - scores.min(axis=0) + 0.01)
+    return (logs - logs.mean(axis=0)) / logs.std(axis=0)
+
+
+def _sigmoid(delta: float, tau: float, x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(tau + delta * x))
+
+
+def joint_probabilities(p: np.ndarray) -> np.ndarray:
+    """``P(components 1..k anomalous, k+1 not) = p_1 ... p_k (1 - p_{k+1})`` along the last axis (``p_{K+1} = 0``)."""
+    p = np.asarray(p, dtype=np.float64)
+    following = np.concatenate([1.0 - p[..., 1:], np.ones(p.shape[:-1] + (1,))], axis=-1)
+    return np.cumprod(p, axis=-1) * following
+
+
+def _prob_above(alphas: np.ndarray, threshold: float) -> np.ndarray:
+    """``P(w_1 + ... + w_k > threshold)`` for ``w ~ Dirichlet(alphas)``: the sum is ``Beta(a_k, total - a_k)``."""
+    from scipy.stats import beta
+
+    a = np.cumsum(alphas)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num(beta.sf(threshold, a, alphas.sum() - a), nan=1.0)
+
+
+@dataclass
+class ContaminationPosterior:
+    """Posterior of the contamination factor ``gamma`` from an ``(n, M)`` matrix of anomaly scores (``fit``)."""
+
+    p0: float = 0.01
+    phigh: float = 0.01
+    high_gamma: float = 0.15
+    gamma_lim: float = 0.25
+    max_components: int = 100
+    concentration: float = 0.01
+    n_samples: int = 10000
+    max_iter: int = 1500
+    seed: int = 331
+    max_refits: int = 20
+    samples_: np.ndarray = field(init=False, repr=False, default=None)
+
+    def _check(self) -> None:
+        for name in ("p0", "phigh"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"gammaGMM: {name} must be in (0, 1), got {getattr(self, name)!r}")
+        check_contamination("gammaGMM (gamma_lim)", self.gamma_lim)
+        if not 0.0 < self.high_gamma < self.gamma_lim:
+            raise ValueError(f"gammaGMM: high_gamma must be in (0, gamma_lim={self.gamma_lim}), got {self.high_gamma!r}")
+        if int(self.n_samples) < 10 or int(self.max_components) < 1:
+            raise ValueError("gammaGMM: n_samples must be >= 10 and max_components >= 1")
+
+    def fit(self, scores: np.ndarray) -> "ContaminationPosterior":
+        from scipy.optimize import least_squares
+        from sklearn.mixture import BayesianGaussianMixture
+        from threadpoolctl import threadpool_limits
+
+        self._check()
+        points = transform_scores(scores)
+        n, M = points.shape
+        K = min(int(self.max_components), n - 1)
+        logit_p0 = np.log(self.p0 / (1.0 - self.p0))
+        keep = np.empty(0, dtype=int)
+        for attempt in range(int(self.max_refits)):
+            seed = int(self.seed) + 100 * attempt
+            rng = np.random.default_rng(seed)
+            # one BLAS/OpenMP thread: these matrices are tiny and thread contention slows the fit ~10x on shared CPUs
+            with warnings.catch_warnings(), threadpool_limits(1):
+                warnings.simplefilter("ignore")  # ConvergenceWarning of the variational fit, as in the reference
+                mixture = BayesianGaussianMixture(
+                    weight_concentration_prior_type="dirichlet_process", n_components=K,
+                    weight_concentration_prior=self.concentration, max_iter=int(self.max_iter),
+                    random_state=seed).fit(points)
+            concentration = mixture.weight_concentration_[0]
+            keep = np.flatnonzero(concentration >= 2)
+            if keep.size == 0:
+                continue
+            means, precisions = mixture.means_[keep], mixture.mean_precision_[keep]
+            diag_cov, dof = np.einsum("kii->ki", mixture.covariances_[keep]), mixture.degrees_of_freedom_[keep]
+            m = self._ordering_value(means, precisions, diag_cov, dof, rng, 1000).mean(axis=0)
+            order = np.argsort(-m, kind="stable")
+            m = m[order]
+            alphas = concentration[keep][order] + (concentration.sum() - concentration[keep].sum()) / keep.size
+            above = _prob_above(alphas, self.high_gamma)
+
+            def residuals(params):
+                delta, tau = params
+                return (delta - (logit_p0 - tau) / m[0],
+                        np.sum(above * joint_probabilities(_sigmoid(delta, tau, m))) - self.phigh)
+
+            delta, tau = least_squares(residuals, x0=(-2.0, 1.0), bounds=((-50.0, -1.0), (0.0, 50.0))).x
+            p = _sigmoid(delta, tau, m)
+            p0_est, phigh_est = 1.0 - p[0], np.sum(above * joint_probabilities(p))
+            self.attempts_ = attempt + 1
+            if abs(p0_est - self.p0) < 0.1 * self.p0 and abs(phigh_est - self.phigh) < 0.1 * self.phigh:
+                self.converged_ = True
+                break
+        else:
+            if keep.size == 0:
+                raise ValueError("gammaGMM: the mixture found no component with at least one member; give more data")
+            self.converged_ = False
+            warnings.warn(f"gammaGMM: no (delta, tau) met p0={self.p0} and phigh={self.phigh} within 10 % after "
+                          f"{self.max_refits} fits; the posterior uses the last fit", RuntimeWarning)
+        self.n_components_, self.delta_, self.tau_, self.seed_used_ = keep.size, float(delta), float(tau), seed
+        order_keep = keep[order]
+        self.component_means_, self.anomalous_probability_ = means[order], p
+        self.samples_ = self._sample(mixture.means_[order_keep], mixture.mean_precision_[order_keep],
+                                     np.einsum("kii->ki", mixture.covariances_[order_keep]),
+                                     mixture.degrees_of_freedom_[order_keep], alphas, delta, tau, rng)
+        return self
+
+    @staticmethod
+    def _ordering_value(means, precisions, diag_cov, dof, rng, draws: int) -> np.ndarray:
+        """``draws`` posterior samples of ``mean_j mu_kj / (1 + sigma_kj)`` for every component (``draws x K``)."""
+        K, M = means.shape
+        mu = means[None] + rng.standard_normal((draws, K, M)) / np.sqrt(precisions)[None, :, None]
+        # diagonal of Wishart(dof, cov / dof): (cov_jj / dof) * chi2(dof), as in the reference code's sampling
+        variances = diag_cov[None] / dof[None, :, None] * rng.chisquare(np.broadcast_to(dof[None, :, None],
+                                                                                        (draws, K, M)))
+        return (mu / (1.0 + np.sqrt(variances))).mean(axis=2)
+
+    def _sample(self, means, precisions, diag_cov, dof, alphas, delta, tau, rng) -> np.ndarray:
+        S = int(self.n_samples)
+        joint = joint_probabilities(_sigmoid(delta, tau, self._ordering_value(means, precisions, diag_cov, dof, rng, S)))
+        joint /= joint.sum(axis=1, keepdims=True)
+        picks = (rng.random((S, 1)) > np.cumsum(joint, axis=1)).sum(axis=1).clip(max=len(alphas) - 1)
+        gamma = np.cumsum(rng.dirichlet(alphas, size=S), axis=1)[np.arange(S), picks]
+        gamma[rng.random(S) < self.p0] = 0.0
+        # the reference keeps gamma < gamma_lim and refills by resampling the positive draws
+        inside = gamma[(gamma > 0) & (gamma < self.gamma_lim)]
+        outside = gamma >= self.gamma_lim
+        if outside.any() and inside.size:
+            gamma[outside] = rng.choice(inside, int(outside.sum()), replace=True)
+        return gamma
+
+    # -- summaries -----------------------------------------------------------------------------------------
+    @property
+    def mean_(self) -> float:
+        """Posterior mean of the contamination factor (the threshold the paper recommends)."""
+        self._fitted()
+        return float(self.samples_.mean())
+
+    def interval(self, level: float = 0.9) -> tuple[float, float]:
+        """Equal-tailed credible interval of ``gamma``."""
+        self._fitted()
+        return tuple(float(q) for q in np.quantile(self.samples_, [(1 - level) / 2, (1 + level) / 2]))
+
+    def _fitted(self) -> None:
+        if self.samples_ is None:
+            raise ValueError("gammaGMM: call fit(scores) first")
+
+    def threshold(self, scores: np.ndarray, contamination: float | None = None) -> float:
+        """Score threshold flagging the top ``contamination`` share of ``scores`` (default: the posterior mean)."""
+        gamma = self.mean_ if contamination is None else contamination
+        return threshold_at(scores, gamma)
+
+    def predict(self, scores: np.ndarray, contamination: float | None = None) -> np.ndarray:
+        """``True`` for the examples flagged as anomalies at the posterior-mean contamination."""
+        scores = np.asarray(scores, dtype=np.float64)
+        return scores > self.threshold(scores, contamination)
+
+
+def threshold_at(scores: np.ndarray, contamination: float) -> float:
+    """The ``1 - contamination`` quantile of ``scores`` (refuses a contamination outside (0, 0.5])."""
+    try:
+        contamination = check_contamination("threshold", contamination)
+    except ValueError as error:
+        raise ValueError(f"{error}; an estimated contamination of 0 means no component looked anomalous") from None
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1 or not np.isfinite(scores).all():
+        raise ValueError("threshold: scores must be a finite 1-d array")
+    return float(np.quantile(scores, 1.0 - contamination))
+
+
+DEFAULT_DETECTORS = ("knn_distance", "iforest", "lof")  # the reference code's default ad_list (KNN, IForest, LOF)
+
+
+def score_matrix(X: np.ndarray, detectors: Sequence[str] = DEFAULT_DETECTORS, seed: int = 0) -> np.ndarray:
+    """Fit every detector on ``X`` and score ``X`` itself (unsupervised): an ``(n, M)`` score matrix."""
+    from ..detectors import create, get
+
+    columns = []
+    for name in detectors:
+        options = {"seed": seed} if "seed" in get(name)._param_names() else {}
+        columns.append(create(name, **options).fit(X).score(X))
+    return np.column_stack(columns)
+
+
+def estimate_contamination(X: np.ndarray, detectors: Sequence[str] = DEFAULT_DETECTORS, seed: int = 0,
+                           **options) -> ContaminationPosterior:
+    """gammaGMM on unlabeled data ``X``: the detectors' scores on ``X`` -> posterior of its contamination factor."""
+    return ContaminationPosterior(**options).fit(score_matrix(X, detectors, seed))
