@@ -27,11 +27,11 @@ from ..extraction.outputs import Need, Outputs
 from .base import Detector
 
 
-def gram_row_sums(maps, poles: Sequence[int], chunk: int = 16):
+def gram_row_sums(maps, poles: Sequence[int], chunk: int = 256):
     """``(B, P, C)`` sign-preserving ``p``-th roots of the Gram row sums of ``(B, C, ...)`` maps (torch or numpy).
 
-    Float64, ``chunk`` samples at a time so the working set stays in cache; the powers are updated in place and
-    each row sum ``F^p (F^p^T 1)`` is one batched matrix-vector product.
+    Float64, ``chunk`` samples at a time (bounded memory, one float64 copy of the chunk); the powers are updated
+    in place and each row sum ``F^p (F^p^T 1)`` is one batched matrix-vector product.
     """
     import torch
 
