@@ -358,7 +358,7 @@ def pytorch_ood_makers(pod, model, pre, device):
         "entropy": lambda: pod.Entropy(logits_net),
         "kl_matching": lambda: pod.KLMatching(logits_net),
         "gen": lambda: pod.GEN(logits_net, gamma=create("gen").gamma, M=create("gen").M),
-        "temperature": lambda: pod.TemperatureScaling(logits_net).to(device),
+        "temperature": lambda: pod.TemperatureScaling(logits_net),
         "gradnorm": lambda: pod.GradNorm(logits_net, param_filter=lambda n: n.endswith("fc.weight"),
                                          temperature=create("gradnorm").temperature),
         "react": lambda: pod.ReAct(maps, maps_head, percentile=frac("react", "percentile")),
@@ -401,7 +401,7 @@ def pytorch_ood_race(model, pre, sets, names, batch_size, device):
     aurocs, seconds = {}, {}
     for name in [n for n in PYTORCH_OOD if n in names]:
         start = time.perf_counter()
-        detector = makers[name]()
+        detector = makers[name]().to(device)  # as a user would; without it fit() picks "cpu" and moves the model
         with torch.no_grad():
             if getattr(detector, "requires_fit", False):
                 detector.fit(loaders["train"])
