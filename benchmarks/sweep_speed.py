@@ -266,6 +266,10 @@ def compare_aurocs(auroc_b, auroc_d, outputs, oods, tolerance: float = 0.1) -> b
         if max(diffs) > tolerance:
             if name in EXPLAINED:
                 print(f"      explained: {EXPLAINED[name]}")
+            elif name in SINGULAR and len(outputs["train"]) <= outputs["train"].features.shape[1]:
+                print(f"      explained: {len(outputs['train'])} training samples <= {outputs['train'].features.shape[1]}"
+                      " feature dimensions: the covariance is singular and each library regularises it its own way "
+                      "(use --n-train well above the feature dimension)")
             else:
                 unexplained.append(name)
     if unexplained:
@@ -341,6 +345,10 @@ EXPLAINED = {
     "gmm": "oodscope refines the class-conditional mixture by EM (max_iter=100); pytorch-ood's GMM is the "
            "class-conditional fit, i.e. oodscope gmm(max_iter=0) (its AUROC is printed as 'gmm(max_iter=0)')",
 }
+
+
+# covariance-based methods: ill-posed when the training subsample is not larger than the feature dimension
+SINGULAR = {"mahalanobis", "rmds", "vim", "gmm"}
 
 
 def pytorch_ood_makers(pod, model, pre, device):
