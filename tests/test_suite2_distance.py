@@ -150,6 +150,20 @@ def test_gmm_class_conditional_hand_computed_and_em_improves_likelihood(make_out
         oodscope.create("gmm", n_components=500).fit(train)
 
 
+def test_gmm_em_matches_sklearn_from_the_class_conditional_start(make_outputs):
+    from sklearn.mixture import GaussianMixture
+
+    train, test = make_outputs(n=300, dim=4), make_outputs(n=50, dim=4, shift=1.0)
+    fixed = oodscope.create("gmm", max_iter=0).fit(train)
+    det = oodscope.create("gmm", reg_covar=1e-4).fit(train)
+    reference = GaussianMixture(4, covariance_type="full", reg_covar=1e-4, max_iter=100, random_state=0,
+                                weights_init=fixed.weights_, means_init=fixed.means_,
+                                precisions_init=np.linalg.inv(fixed.covariances_ - 1e-6 * np.eye(4) + 1e-4 * np.eye(4)))
+    reference.fit(train.features)
+    assert det.n_iter_ == reference.n_iter_ >= 1
+    assert det.score(test) == pytest.approx(-reference.score_samples(test.features), rel=1e-9)
+
+
 def test_gmm_fewer_samples_than_dimensions_is_regularised(rng):
     x = rng.normal(size=(12, 20))
     y = np.repeat(np.arange(3), 4)  # 4 samples per class in 20 dimensions: singular class covariances

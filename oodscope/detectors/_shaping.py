@@ -56,7 +56,7 @@ def top_k_mask(x: np.ndarray, k: int | np.ndarray) -> np.ndarray:
     """Boolean mask of each row's ``k`` largest entries (``k`` scalar or one per row; ties by position)."""
     order = np.argsort(-x, axis=1, kind="stable")
     ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(x.shape[1])[None, :].repeat(len(x), 0), axis=1)
+    ranks[np.arange(len(x))[:, None], order] = np.arange(x.shape[1])  # inverse permutation per row
     return ranks < np.reshape(k, (-1, 1))
 
 

@@ -8,14 +8,16 @@ log-likelihood ``-log sum_k pi_k N(z | mu_k, Sigma_k)``.
 
 The mixture has one full-covariance component per known class by default (``n_components=None``), started
 from the class-conditional estimates (class frequencies, means, covariances; float64, ``reg_covar`` added to
-each diagonal so fewer samples than dimensions stay invertible) and refined by EM
-(:class:`sklearn.mixture.GaussianMixture`, ``max_iter`` steps; ``max_iter=0`` keeps the class-conditional
-fit, which is what pytorch-ood's ``GMM`` computes). With ``n_components`` set, sklearn's k-means
-initialisation is used and labels are not needed.
+each diagonal so fewer samples than dimensions stay invertible) and refined by EM, the algorithm of
+:class:`sklearn.mixture.GaussianMixture` (``covariance_type="full"``, ``tol=1e-3`` on the mean log-likelihood,
+at most ``max_iter`` steps; ``max_iter=0`` keeps the class-conditional fit, which is what pytorch-ood's ``GMM``
+computes). That EM is implemented here with batched products over all components at once: sklearn's ``fit``
+would also run a k-means initialisation that the given starting point overrides, and loops over components.
+With ``n_components`` set, sklearn's k-means initialisation and EM are used and labels are not needed.
 
 The class-conditional estimates are accumulated over row chunks in float64 (:mod:`._gaussian`) and scoring is
 chunked, so with ``max_iter=0`` a large float32 bank (or a memmap) is never copied whole; EM (``max_iter > 0``)
-and ``n_components`` hand sklearn a float64 copy of the bank.
+and ``n_components`` work on a float64 copy of the bank.
 """
 
 from __future__ import annotations
@@ -52,8 +54,6 @@ class GMM(Detector):
             raise ValueError(f"gmm: max_iter must be a non-negative integer, got {self.max_iter!r}")
 
     def _fit(self, train: Outputs) -> None:
-        from sklearn.mixture import GaussianMixture
-
         features = train.features
         dim = features.shape[1]
         if self.n_components is None:
@@ -62,33 +62,81 @@ class GMM(Detector):
             means = chunked_class_means(features, labels, n_classes, self.name)
             covariances = per_class_covariances(features, labels, means) + self.reg_covar * np.eye(dim)
             weights = np.bincount(labels, minlength=n_classes) / len(labels)
-            precisions = np.linalg.inv(covariances)
-            mixture = GaussianMixture(n_classes, covariance_type="full", reg_covar=self.reg_covar,
-                                      max_iter=max(self.max_iter, 1), weights_init=weights, means_init=means,
-                                      precisions_init=precisions, random_state=self.seed)
             if self.max_iter == 0:
-                _set_state(mixture, weights, means, covariances)
+                self.weights_, self.means_, self.covariances_, self.n_iter_ = weights, means, covariances, 0
             else:
-                mixture.fit(as_float64(features))
+                self.weights_, self.means_, self.covariances_, self.n_iter_ = em(
+                    as_float64(features), weights, means, covariances, self.reg_covar, self.max_iter)
         else:
+            from sklearn.mixture import GaussianMixture
+
             if self.n_components > len(features):
                 raise ValueError(f"gmm: n_components={self.n_components} is larger than the training set "
                                  f"({len(features)} samples)")
             mixture = GaussianMixture(self.n_components, covariance_type="full", reg_covar=self.reg_covar,
-                                      max_iter=max(self.max_iter, 1), random_state=self.seed).fit(as_float64(features))
-        self.mixture_ = mixture
+                                      max_iter=max(self.max_iter, 1), random_state=self.seed)
+            mixture.fit(as_float64(features))
+            self.weights_, self.means_, self.covariances_ = mixture.weights_, mixture.means_, mixture.covariances_
+            self.n_iter_ = mixture.n_iter_
+        self.precisions_cholesky_ = precision_cholesky(self.covariances_, self.name)
 
     def _score(self, x: Outputs) -> np.ndarray:
-        rows = rows_per_chunk(x.features.shape[1])
-        return np.concatenate([-self.mixture_.score_samples(as_float64(x.features[start:stop]))
+        rows = rows_per_chunk(x.features.shape[1] * len(self.weights_))  # (K, rows, D) block per chunk
+        return np.concatenate([-log_density(as_float64(x.features[start:stop]), self.weights_, self.means_,
+                                            self.precisions_cholesky_)
                                for start, stop in chunks(len(x), rows)])
 
 
-def _set_state(mixture, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> None:
-    """Give an unfitted sklearn mixture fixed parameters (no EM step)."""
-    mixture.weights_, mixture.means_, mixture.covariances_ = weights, means, covariances
-    cholesky = np.linalg.cholesky(covariances)
-    inverse = np.linalg.inv(cholesky)
-    mixture.precisions_cholesky_ = np.transpose(inverse, (0, 2, 1))
-    mixture.precisions_ = np.linalg.inv(covariances)
-    mixture.converged_, mixture.n_iter_, mixture.lower_bound_ = True, 0, -np.inf
+def precision_cholesky(covariances: np.ndarray, who: str = "gmm") -> np.ndarray:
+    """``R_k`` with ``R_k R_k^T = Sigma_k^-1`` (upper triangular ``L_k^-T``, as sklearn keeps it), batched."""
+    try:
+        lower = np.linalg.cholesky(covariances)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"{who}: a component covariance is not positive definite; increase reg_covar") from None
+    eye = np.broadcast_to(np.eye(covariances.shape[-1]), covariances.shape)
+    return np.swapaxes(np.linalg.solve(lower, eye), 1, 2)
+
+
+def weighted_log_probs(x: np.ndarray, weights: np.ndarray, means: np.ndarray, prec_chol: np.ndarray) -> np.ndarray:
+    """``(N, K)`` of ``log pi_k + log N(x | mu_k, Sigma_k)``, all components in one batched product."""
+    dim = x.shape[1]
+    log_det = np.log(np.diagonal(prec_chol, axis1=1, axis2=2)).sum(axis=1)  # 1/2 log det Sigma_k^-1
+    y = x @ prec_chol  # (K, N, D): every component in one batched product
+    y -= np.einsum("kd,kde->ke", means, prec_chol)[:, None, :]
+    squared = np.square(y, out=y).sum(axis=2).T
+    return -0.5 * (dim * np.log(2 * np.pi) + squared) + log_det + np.log(weights)
+
+
+def log_density(x: np.ndarray, weights: np.ndarray, means: np.ndarray, prec_chol: np.ndarray) -> np.ndarray:
+    """``log sum_k pi_k N(x | mu_k, Sigma_k)`` per row."""
+    weighted = weighted_log_probs(x, weights, means, prec_chol)
+    peak = weighted.max(axis=1)
+    return peak + np.log(np.exp(weighted - peak[:, None]).sum(axis=1))
+
+
+def em(x: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray, reg_covar: float,
+       max_iter: int, tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """EM for a full-covariance mixture from the given parameters (sklearn's ``GaussianMixture`` steps).
+
+    Each step: E (log responsibilities and the mean log-likelihood under the current parameters), M (weights
+    ``n_k / N`` with ``n_k = sum_i r_ik + 10 eps``, weighted means, weighted covariances ``+ reg_covar I``);
+    stops when the mean log-likelihood changes by less than ``tol`` or after ``max_iter`` steps.
+    """
+    lower_bound, n_iter = -np.inf, 0
+    eye = np.eye(x.shape[1])
+    for n_iter in range(1, max_iter + 1):
+        previous = lower_bound
+        weighted = weighted_log_probs(x, weights, means, precision_cholesky(covariances))
+        peak = weighted.max(axis=1)
+        log_norm = peak + np.log(np.exp(weighted - peak[:, None]).sum(axis=1))
+        resp = np.exp(weighted - log_norm[:, None])
+        counts = resp.sum(axis=0) + 10 * np.finfo(resp.dtype).eps
+        means = resp.T @ x / counts[:, None]
+        centered = x[None, :, :] - means[:, None, :]  # (K, N, D)
+        covariances = np.matmul(np.swapaxes(centered * resp.T[:, :, None], 1, 2), centered) / counts[:, None, None]
+        covariances += reg_covar * eye
+        weights = counts / counts.sum()
+        lower_bound = float(log_norm.mean())
+        if abs(lower_bound - previous) < tol:
+            break
+    return weights, means, covariances, n_iter

@@ -27,18 +27,26 @@ from ..extraction.outputs import Need, Outputs
 from .base import Detector
 
 
-def gram_row_sums(maps, poles: Sequence[int]):
-    """``(B, P, C)`` sign-preserving ``p``-th roots of the Gram row sums of ``(B, C, ...)`` maps (torch or numpy)."""
+def gram_row_sums(maps, poles: Sequence[int], chunk: int = 256):
+    """``(B, P, C)`` sign-preserving ``p``-th roots of the Gram row sums of ``(B, C, ...)`` maps (torch or numpy).
+
+    Float64, ``chunk`` samples at a time (bounded memory, one float64 copy of the chunk); the powers are updated
+    in place and each row sum ``F^p (F^p^T 1)`` is one batched matrix-vector product.
+    """
     import torch
 
-    x = torch.as_tensor(maps).double().flatten(2)
-    out, powered, power = [], torch.ones_like(x), 0
-    for p in poles:
-        powered = powered * x**(p - power) if p - power != 1 else powered * x
-        power = p
-        sums = (powered * powered.sum(dim=1, keepdim=True)).sum(dim=2)
-        out.append(sums.sign() * sums.abs() ** (1.0 / p))
-    return torch.stack(out, dim=1)
+    maps = torch.as_tensor(maps)
+    flat = maps.flatten(2)
+    out = torch.empty(len(flat), len(poles), flat.shape[1], dtype=torch.float64, device=maps.device)
+    for start in range(0, len(flat), chunk):
+        x = flat[start:start + chunk].double()
+        powered, power = torch.ones_like(x), 0
+        for i, p in enumerate(poles):
+            powered.mul_(x if p - power == 1 else x ** (p - power))
+            power = p
+            sums = torch.bmm(powered, powered.sum(dim=1).unsqueeze(2)).squeeze(2)
+            out[start:start + chunk, i] = sums.sign() * sums.abs() ** (1.0 / p)
+    return out
 
 
 class Gram(Detector):
