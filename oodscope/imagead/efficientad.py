@@ -405,7 +405,7 @@ class EfficientAD(ImageDetector):
                 t = self._teacher_out(batch[:2])
             s = student(self._norm(batch))  # the image, its augmented copy and the penalty image in one pass
             loss_hard = hard_feature_loss((t[:1] - s[:1, :c]) ** 2, self.p_hard)
-            loss_penalty = (s[2:, :c] ** 2).mean() if photos is not None else torch.zeros(())
+            loss_penalty = (s[2:, :c] ** 2).mean() if photos is not None else torch.zeros((), device=s.device)
             a = ae(self._norm(batch[1:2]))
             loss_ae = ((t[1:2] - a) ** 2).mean()
             loss_stae = ((a - s[1:2, c:]) ** 2).mean()
