@@ -11,21 +11,9 @@ from torch.nn import functional as F
 
 from oodscope.imagead import efficientad as E
 from oodscope.metrics import pixel as P
+from test_imagead import TinyNet  # the fixed random stand-in backbone (layers l1, l2 at strides 4 and 8)
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "magnetic-tile"
-
-
-class TinyNet(torch.nn.Module):
-    """A fixed random 2-level conv net (strides 4 and 8) standing in for the ImageNet backbone."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.l1 = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, 2, 1))
-        self.l2 = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(8, 12, 3, 2, 1))
-
-    def forward(self, x):
-        return self.l2(self.l1(x))
 
 
 def test_quantile_matches_numpy(rng):
