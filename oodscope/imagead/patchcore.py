@@ -3,10 +3,16 @@
 Roth, Pemula, Zepeda, Schölkopf, Brox & Gehler, "Towards Total Recall in Industrial Anomaly Detection",
 CVPR 2022.
 
-* Locally aware patch features (Sec. 3.1, Eq. 1-2): the outputs of two mid-level layers (WideResNet-50's
-  ``layer2`` and ``layer3`` in the paper; here EfficientNet-Lite0's ``stage3`` and ``stage5``, the last blocks at
-  output strides 8 and 16) are each averaged over a ``p x p`` neighbourhood (``patchsize`` 3, stride 1), the
-  deeper one is upsampled bilinearly to the resolution of the first, and both are concatenated per position.
+* Locally aware patch features (Sec. 3.1, Eq. 1-2) from two mid-level layers. Rule for "mid-level": the paper's
+  WideResNet-50 ``layer2`` and ``layer3`` are the last blocks at output strides 8 and 16 (the middle two of its
+  four stride levels 4, 8, 16, 32); the EfficientNet-Lite0 blocks ending those strides are ``stage3`` (stride 8,
+  40 channels) and ``stage5`` (stride 16, 112 channels). Aggregation (``aggregation="reference"``, the default,
+  as in the authors' code): per layer, the ``C x p x p`` neighbourhood of every position (``patchsize`` 3) is
+  unfolded into one vector, the deeper layer's vectors are upsampled bilinearly to the first layer's grid, each
+  layer's vector is mapped to ``embed_dim`` (1024) values by 1-D adaptive average pooling, and the stacked layer
+  vectors are pooled once more to ``embed_dim`` values, so each layer gets the same share of the dimensions.
+  ``aggregation="mean"`` averages each layer over the ``p x p`` neighbourhood and concatenates the raw
+  channels (anomalib's variant; there the layer with more channels dominates the distances).
 * Memory bank and coreset (Sec. 3.2, Alg. 1): greedy k-center selection ``m_i = argmax_{m in M - M_C}
   min_{n in M_C} ||psi(m) - psi(n)||`` of ``coreset_ratio |M|`` patches, where ``psi`` is a random linear
   projection to ``projection_dim`` (128) dimensions (Johnson-Lindenstrauss) that makes the selection cheap.
