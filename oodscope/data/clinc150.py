@@ -208,3 +208,52 @@ def prepare(request: Any):
 def prepare_finetuned(request: Any):
     """``oodscope bench clinc150-ft``: the last transformer block and the head fine-tuned on in-scope train."""
     return _prepare(request, int(request.options.get("finetune_layers", 1)))
+
+
+FULL_FINETUNE = {"epochs": 1, "lr": 5e-5, "head_lr": 1e-3, "batch_size": 32, "dropout": True}
+
+
+def prepare_full_finetune(request: Any):
+    """``oodscope bench clinc150-ftfull``: all of all-MiniLM-L6-v2 fine-tuned with a ``[CLS]`` head (BLOOD's setting).
+
+    Every parameter is trained on the in-scope train split (:func:`oodscope.text.finetune.finetune_full`,
+    settings :data:`FULL_FINETUNE`, overridable through ``request.options``; seed ``request.seed``). The trained
+    weights are cached under ``<cache>/models`` keyed by the data and the settings; the run writes a resumable
+    checkpoint next to them, so an interrupted fine-tuning continues where it stopped.
+    """
+    import torch
+
+    from ..text.finetune import finetune_full
+    from ..text.model import TextClassifier, load_encoder
+    from .builtin import Prepared
+
+    if request.model is not None:
+        raise ValueError("clinc150-ftfull builds its own all-MiniLM-L6-v2 classifier; --model does not apply")
+    path = resolve_path(request.data_root, request.cache_dir)
+    data = read_clinc150(path)
+    per_class = int(request.options.get("per_class", 0))
+    if per_class:
+        data = subsample(data, per_class, int(request.options.get("n_oos", 10 * per_class)), request.seed,
+                         request.options.get("per_class_eval"))
+    settings = {key: request.options.get(key, value) for key, value in FULL_FINETUNE.items()}
+    tokenizer, encoder = load_encoder(request.options.get("encoder_path"))
+    bench, reports = build_benchmark(data, tokenizer)
+    for report in reports.values():
+        if len(report.truncated) or len(report.empty) or len(report.replaced):
+            print(report.summary(), file=sys.stderr)
+    model = TextClassifier(encoder, len(bench.class_names), pooling="cls")
+    key = hashlib.sha256(path.read_bytes() + repr((per_class, request.options.get("per_class_eval"),
+                                                   request.options.get("n_oos"), request.seed,
+                                                   sorted(settings.items()))).encode()).hexdigest()
+    weights = _model_cache(request, f"full-cls-v1-seed{request.seed}", key)
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    else:
+        finetune_full(model, bench.train.inputs, bench.train.labels, seed=request.seed,
+                      checkpoint=weights.with_suffix(".ckpt"), log=lambda s: print(s, file=sys.stderr, flush=True),
+                      **settings)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        tmp = weights.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(weights)
+    return Prepared(bench, model.eval(), None, "minilm-l6-cls-finetuned")
