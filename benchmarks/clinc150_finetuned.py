@@ -26,25 +26,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def larson_metrics(id_val: np.ndarray, oos_val: np.ndarray, val_correct: np.ndarray, id_test: np.ndarray,
-                   oos_test: np.ndarray, test_correct: np.ndarray) -> dict[str, float]:
-    """Larson et al.'s oos-threshold evaluation (Sec. 3.2-3.3) with an OOD score (higher = more out-of-scope).
-
-    "The out-of-scope threshold was chosen to be the value which yielded the highest validation score across all
-    intents, treating out-of-scope as its own intent": the threshold maximising 151-way accuracy on val + oos_val
-    (an in-scope query is right when not flagged and its intent is right; an out-of-scope one when flagged).
-    Test metrics: accuracy over the 4,500 in-scope queries (flagged = wrong) and recall on the 1,000 oos ones.
-    """
-    candidates = np.unique(np.r_[id_val, oos_val, np.inf])
-    # flagged = score >= threshold; right in-scope = correctly classified and scored below the threshold
-    right_in = np.searchsorted(np.sort(id_val[val_correct]), candidates, side="left")
-    right_oos = len(oos_val) - np.searchsorted(np.sort(oos_val), candidates, side="left")
-    best = candidates[int(np.argmax(right_in + right_oos))]
-    return {"threshold": float(best), "val_accuracy_151": float(np.max(right_in + right_oos) / (len(id_val) + len(oos_val))),
-            "in_scope_accuracy": float(np.mean((id_test < best) & test_correct)),
-            "oos_recall": float(np.mean(oos_test >= best))}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-root", default=None)
@@ -61,7 +42,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import oodscope
-    from oodscope.data.clinc150 import build_benchmark, read_clinc150, resolve_path
+    from oodscope.data.clinc150 import build_benchmark, oos_threshold_metrics, read_clinc150, resolve_path
     from oodscope.extraction.cache import default_cache_dir
     from oodscope.metrics import ood_metrics
     from oodscope.text.finetune import cls_top, finetune_last_cls, lower_states
@@ -146,7 +127,7 @@ def main() -> None:
     if "larson" in stages:
         results["larson"] = {}
         for name, s in scores.items():
-            results["larson"][name] = larson_metrics(
+            results["larson"][name] = oos_threshold_metrics(
                 s["val"], s["oos_val"], outputs["val"].logits.argmax(1) == outputs["val"].labels,
                 s["test"], s["oos_test"], outputs["test"].logits.argmax(1) == outputs["test"].labels)
             log(f"larson oos-threshold {name:<12} " + json.dumps(results["larson"][name]))
