@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--blood-estimators", type=int, default=50)
-    parser.add_argument("--stages", default="posthoc,larson,blood,ahm")
+    parser.add_argument("--stages", default="posthoc,larson,ahm,blood", help="any of these, run in this order")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -44,6 +44,7 @@ def main() -> None:
     import oodscope
     from oodscope.data.clinc150 import build_benchmark, oos_threshold_metrics, read_clinc150, resolve_path
     from oodscope.extraction.cache import default_cache_dir
+    from oodscope.extraction.outputs import ModelSource
     from oodscope.metrics import ood_metrics
     from oodscope.text.finetune import cls_top, finetune_last_cls, lower_states
     from oodscope.text.model import TextClassifier, load_encoder
@@ -61,6 +62,8 @@ def main() -> None:
                                  "pooling": "cls", "threads": args.threads}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / "clinc150_finetuned.json").exists():  # a later run with other --stages adds to the earlier results
+        results = {**json.loads((out / "clinc150_finetuned.json").read_text()), **results}
 
     def save() -> None:
         (out / "clinc150_finetuned.json").write_text(json.dumps(results, indent=1))
@@ -101,12 +104,13 @@ def main() -> None:
         outputs[name] = oodscope.Outputs(features=features, logits=features.astype(np.float64) @ W.T + b,
                                          labels=splits[name].labels if name in ("train", "test", "val") else None,
                                          W=W, b=b, name=name)
+        outputs[name].source = ModelSource(model=model, inputs=splits[name].inputs, batch_size=64, head="head")
     acc = float(np.mean(outputs["test"].logits.argmax(1) == outputs["test"].labels))
     results["id_test_accuracy"] = acc
     log(f"ID test accuracy {100 * acc:.2f} %")
     save()
 
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict[str, float]] = results.get("ood", {})
 
     def report(name: str, id_scores: np.ndarray, oos_scores: np.ndarray) -> None:
         m = ood_metrics(id_scores, oos_scores)
@@ -132,27 +136,6 @@ def main() -> None:
                 s["test"], s["oos_test"], outputs["test"].logits.argmax(1) == outputs["test"].labels)
             log(f"larson oos-threshold {name:<12} " + json.dumps(results["larson"][name]))
         save()
-    if "blood" in stages:  # through the detector (Need.MODEL: re-runs the network on the scored texts)
-        det = oodscope.create("blood", n_estimators=args.blood_estimators)
-        layers = {}
-        for name in ("test", "oos_test"):
-            store = root / f"blood-{name}-e{args.epochs}-M{args.blood_estimators}.npy"
-            if store.exists():
-                layers[name] = np.load(store)
-                continue
-            t = time.perf_counter()
-            extracted = oodscope.extract(model, (splits[name].inputs, splits[name].labels), name=f"ftcls-{name}",
-                                         cache_dir=None, progress=False, batch_size=64)
-            det.fit(extracted)
-            layers[name] = det.layer_scores(extracted)
-            np.save(store, layers[name])
-            results[f"blood_s_{name}"] = time.perf_counter() - t
-            log(f"blood {name}: {results[f'blood_s_{name}']:.1f} s")
-        results["blood_mean_per_transition"] = {k: v.mean(0).tolist() for k, v in layers.items()}
-        report("blood_M (mean)", layers["test"].mean(1), layers["oos_test"].mean(1))
-        report("blood_L (last)", layers["test"][:, -1], layers["oos_test"][:, -1])
-        for layer in range(layers["test"].shape[1]):
-            report(f"blood transition {layer + 1}->{layer + 2}", layers["test"][:, layer], layers["oos_test"][:, layer])
     if "ahm" in stages:  # masked heads in the last block; configuration chosen on val vs oos_val as the paper does
         from oodscope.text.model import HeadMask
 
@@ -174,6 +157,25 @@ def main() -> None:
         results["ahm_chosen_on_val"] = chosen
         log(f"AHM configuration chosen on val: {chosen} (val AUROC {100 * best:.2f})")
         save()
+    if "blood" in stages:  # through the detector (Need.MODEL: re-runs the network on the scored texts)
+        det = oodscope.create("blood", n_estimators=args.blood_estimators)
+        layers = {}
+        for name in ("test", "oos_test"):
+            store = root / f"blood-{name}-e{args.epochs}-M{args.blood_estimators}.npy"
+            if store.exists():
+                layers[name] = np.load(store)
+                continue
+            t = time.perf_counter()
+            det.fit(outputs["train"])
+            layers[name] = det.layer_scores(outputs[name])
+            np.save(store, layers[name])
+            results[f"blood_s_{name}"] = time.perf_counter() - t
+            log(f"blood {name}: {results[f'blood_s_{name}']:.1f} s")
+        results["blood_mean_per_transition"] = {k: v.mean(0).tolist() for k, v in layers.items()}
+        report("blood_M (mean)", layers["test"].mean(1), layers["oos_test"].mean(1))
+        report("blood_L (last)", layers["test"][:, -1], layers["oos_test"][:, -1])
+        for layer in range(layers["test"].shape[1]):
+            report(f"blood transition {layer + 1}->{layer + 2}", layers["test"][:, layer], layers["oos_test"][:, layer])
     results["total_s"] = time.perf_counter() - start
     save()
     log(f"total {results['total_s']:.1f} s")
