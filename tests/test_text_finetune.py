@@ -148,3 +148,21 @@ def test_tokenize_refuses_a_max_length_without_room_for_special_tokens():
 
     with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
         tokenize(["a"], None, max_length=1)
+
+
+def test_blood_warns_on_a_mean_pooled_classifier_only(cls_model):
+    import warnings
+
+    import oodscope
+    from oodscope.text.model import TextClassifier
+
+    tokens, labels = _tokens(3, n=6), np.arange(6) % 3
+    out = oodscope.extract(cls_model, (tokens, labels), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = oodscope.create("blood", n_estimators=3).fit(out).score(out)
+    assert scores.shape == (6,) and np.all(scores >= 0)
+    mean_model = TextClassifier(cls_model.encoder, 3)  # pooling="mean"
+    out = oodscope.extract(mean_model, (tokens, labels), progress=False)
+    with pytest.warns(UserWarning, match=r"pooling='cls'"):
+        oodscope.create("blood", n_estimators=3).fit(out).score(out)
