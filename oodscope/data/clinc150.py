@@ -157,15 +157,12 @@ def _model_cache(request: Any, tag: str, data_key: str) -> Path:
     return Path(request.cache_dir or default_cache_dir()) / "models" / f"clinc150-minilm-{tag}-{data_key[:16]}.pt"
 
 
-def _prepare(request: Any, finetune_layers: int):
-    import torch
-
-    from ..extraction.extract import extract
-    from ..text.model import TextClassifier, finetune, fit_linear_head, load_encoder, set_head
-    from .builtin import Prepared
+def _load(request: Any, who: str) -> tuple[Path, Benchmark, Any]:
+    """``(data path, benchmark, encoder)`` of a request (subsampled with ``options["per_class"]``)."""
+    from ..text.model import load_encoder
 
     if request.model is not None:
-        raise ValueError("clinc150 builds its own all-MiniLM-L6-v2 classifier; --model does not apply")
+        raise ValueError(f"{who} builds its own all-MiniLM-L6-v2 classifier; --model does not apply")
     path = resolve_path(request.data_root, request.cache_dir)
     data = read_clinc150(path)
     per_class = int(request.options.get("per_class", 0))
@@ -177,6 +174,18 @@ def _prepare(request: Any, finetune_layers: int):
     for report in reports.values():
         if len(report.truncated) or len(report.empty) or len(report.replaced):
             print(report.summary(), file=sys.stderr)
+    return path, bench, encoder
+
+
+def _prepare(request: Any, finetune_layers: int):
+    import torch
+
+    from ..extraction.extract import extract
+    from ..text.model import TextClassifier, finetune, fit_linear_head, set_head
+    from .builtin import Prepared
+
+    path, bench, encoder = _load(request, "clinc150")
+    per_class = int(request.options.get("per_class", 0))
     model = TextClassifier(encoder, len(bench.class_names))
     subset = ((per_class, request.options.get("per_class_eval"), request.options.get("n_oos"), request.seed)
               if per_class else (per_class, request.seed))
@@ -250,23 +259,12 @@ def prepare_full_finetune(request: Any):
     import torch
 
     from ..text.finetune import finetune_full
-    from ..text.model import TextClassifier, load_encoder
+    from ..text.model import TextClassifier
     from .builtin import Prepared
 
-    if request.model is not None:
-        raise ValueError("clinc150-ftfull builds its own all-MiniLM-L6-v2 classifier; --model does not apply")
-    path = resolve_path(request.data_root, request.cache_dir)
-    data = read_clinc150(path)
+    path, bench, encoder = _load(request, "clinc150-ftfull")
     per_class = int(request.options.get("per_class", 0))
-    if per_class:
-        data = subsample(data, per_class, int(request.options.get("n_oos", 10 * per_class)), request.seed,
-                         request.options.get("per_class_eval"))
     settings = {key: request.options.get(key, value) for key, value in FULL_FINETUNE.items()}
-    tokenizer, encoder = load_encoder(request.options.get("encoder_path"))
-    bench, reports = build_benchmark(data, tokenizer)
-    for report in reports.values():
-        if len(report.truncated) or len(report.empty) or len(report.replaced):
-            print(report.summary(), file=sys.stderr)
     model = TextClassifier(encoder, len(bench.class_names), pooling="cls")
     key = hashlib.sha256(path.read_bytes() + repr((per_class, request.options.get("per_class_eval"),
                                                    request.options.get("n_oos"), request.seed,

@@ -48,6 +48,30 @@ def _atomic_save(state: dict[str, Any], path: Path) -> None:
             os.remove(tmp)
 
 
+def _resume(path: Path | None, settings: str, model: nn.Module, optimizer: torch.optim.Optimizer, who: str,
+            total: int, log: Callable[[str], None] | None) -> tuple[int, list[float]]:
+    """``(step, losses)`` of the checkpoint at ``path`` (weights, optimizer and RNG restored), or ``(0, [])``."""
+    if path is None or not path.exists():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("settings") != settings:
+        raise ValueError(f"{who}: checkpoint {path} was written with other settings or data "
+                         f"({state.get('settings')} vs {settings}); delete it to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if log is not None:
+        log(f"{who}: resumed at step {state['step']}/{total} from {path}")
+    return state["step"], state["losses"]
+
+
+def _checkpoint(path: Path | None, settings: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                losses: list[float]) -> None:
+    if path is not None:
+        _atomic_save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "rng": torch.get_rng_state(), "step": step, "losses": losses}, path)
+
+
 def finetune_full(model: nn.Module, tokens: np.ndarray, labels: np.ndarray, epochs: int = 1, lr: float = 5e-5,
                   head_lr: float = 1e-3, batch_size: int = 32, seed: int = 0, dropout: bool = True,
                   checkpoint: str | Path | None = None, every: int = 25,
@@ -80,19 +104,8 @@ def finetune_full(model: nn.Module, tokens: np.ndarray, labels: np.ndarray, epoc
     head = set(id(p) for p in model.head.parameters())
     optimizer = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) not in head], "lr": lr},
                                   {"params": list(model.head.parameters()), "lr": head_lr}])
-    step, losses = 0, []
     path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("settings") != settings:
-            raise ValueError(f"finetune_full: checkpoint {path} was written with other settings or data "
-                             f"({state.get('settings')} vs {settings}); delete it to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        step, losses = state["step"], state["losses"]
-        if log is not None:
-            log(f"finetune_full: resumed at step {step}/{len(plan)} from {path}")
+    step, losses = _resume(path, settings, model, optimizer, "finetune_full", len(plan), log)
     tokens_t, labels_t = torch.as_tensor(tokens), torch.as_tensor(labels)
     model.train(dropout)
     try:
@@ -104,12 +117,11 @@ def finetune_full(model: nn.Module, tokens: np.ndarray, labels: np.ndarray, epoc
             optimizer.step()
             losses.append(float(loss.item()))
             step += 1
-            if path is not None and (step % every == 0 or step == len(plan)):
-                _atomic_save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "rng": torch.get_rng_state(), "step": step, "losses": losses}, path)
-            if log is not None and (step % every == 0 or step == len(plan)):
-                log(f"finetune_full: step {step}/{len(plan)}, mean loss of the last {every}: "
-                    f"{np.mean(losses[-every:]):.4f}")
+            if step % every == 0 or step == len(plan):
+                _checkpoint(path, settings, model, optimizer, step, losses)
+                if log is not None:
+                    log(f"finetune_full: step {step}/{len(plan)}, mean loss of the last {every}: "
+                        f"{np.mean(losses[-every:]):.4f}")
     finally:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -195,18 +207,8 @@ def finetune_last_cls(model: nn.Module, chunks: list[tuple[np.ndarray, torch.Ten
         p.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": block_params, "lr": lr},
                                   {"params": list(model.head.parameters()), "lr": head_lr}])
-    step, losses = 0, []
     path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("settings") != settings:
-            raise ValueError(f"finetune_last_cls: checkpoint {path} was written with other settings or data; "
-                             "delete it to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, losses = state["step"], state["losses"]
-        if log is not None:
-            log(f"finetune_last_cls: resumed at step {step}/{len(plan)} from {path}")
+    step, losses = _resume(path, settings, model, optimizer, "finetune_last_cls", len(plan), log)
     model.eval()
     try:
         while step < len(plan):
@@ -221,9 +223,7 @@ def finetune_last_cls(model: nn.Module, chunks: list[tuple[np.ndarray, torch.Ten
             losses.append(float(loss.item()))
             step += 1
             if step % every == 0 or step == len(plan):
-                if path is not None:
-                    _atomic_save({"settings": settings, "model": model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "step": step, "losses": losses}, path)
+                _checkpoint(path, settings, model, optimizer, step, losses)
                 if log is not None:
                     log(f"finetune_last_cls: step {step}/{len(plan)}, mean loss of the last {every}: "
                         f"{np.mean(losses[-every:]):.4f}")
