@@ -103,7 +103,7 @@ def main() -> None:
         features = top_features(name)
         outputs[name] = oodscope.Outputs(features=features, logits=features.astype(np.float64) @ W.T + b,
                                          labels=splits[name].labels if name in ("train", "test", "val") else None,
-                                         W=W, b=b, name=name)
+                                         head=oodscope.Head(W, b), name=name)
         outputs[name].source = ModelSource(model=model, inputs=splits[name].inputs, batch_size=64, head="head")
     acc = float(np.mean(outputs["test"].logits.argmax(1) == outputs["test"].labels))
     results["id_test_accuracy"] = acc
