@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--blood-estimators", type=int, default=50)
     parser.add_argument("--stages", default="posthoc,larson,ahm,blood", help="any of these, run in this order")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--blood-subset", type=int, default=0,
+                        help="score BLOOD on this many texts of each of test / oos_test (seeded), 0: all")
     args = parser.parse_args()
 
     import torch
@@ -159,23 +161,30 @@ def main() -> None:
         save()
     if "blood" in stages:  # through the detector (Need.MODEL: re-runs the network on the scored texts)
         det = oodscope.create("blood", n_estimators=args.blood_estimators)
-        layers = {}
+        layers, tag = {}, f"M={args.blood_estimators}" + (f", {args.blood_subset} per split" if args.blood_subset else "")
         for name in ("test", "oos_test"):
-            store = root / f"blood-{name}-e{args.epochs}-M{args.blood_estimators}.npy"
+            store = root / f"blood-{name}-e{args.epochs}-M{args.blood_estimators}-n{args.blood_subset}.npy"
             if store.exists():
                 layers[name] = np.load(store)
                 continue
             t = time.perf_counter()
             det.fit(outputs["train"])
-            layers[name] = det.layer_scores(outputs[name])
+            scored = outputs[name]
+            if args.blood_subset and args.blood_subset < len(scored.features):
+                keep = np.sort(np.random.default_rng(args.seed).permutation(len(scored.features))[:args.blood_subset])
+                scored = oodscope.Outputs(features=scored.features[keep], name=name,
+                                          source=ModelSource(model=model, inputs=splits[name].inputs[keep],
+                                                             batch_size=64, head="head"))
+            layers[name] = det.layer_scores(scored)
             np.save(store, layers[name])
             results[f"blood_s_{name}"] = time.perf_counter() - t
             log(f"blood {name}: {results[f'blood_s_{name}']:.1f} s")
-        results["blood_mean_per_transition"] = {k: v.mean(0).tolist() for k, v in layers.items()}
-        report("blood_M (mean)", layers["test"].mean(1), layers["oos_test"].mean(1))
-        report("blood_L (last)", layers["test"][:, -1], layers["oos_test"][:, -1])
+        results[f"blood_mean_per_transition ({tag})"] = {k: v.mean(0).tolist() for k, v in layers.items()}
+        report(f"blood_M (mean; {tag})", layers["test"].mean(1), layers["oos_test"].mean(1))
+        report(f"blood_L (last; {tag})", layers["test"][:, -1], layers["oos_test"][:, -1])
         for layer in range(layers["test"].shape[1]):
-            report(f"blood transition {layer + 1}->{layer + 2}", layers["test"][:, layer], layers["oos_test"][:, layer])
+            report(f"blood transition {layer + 1}->{layer + 2} ({tag})", layers["test"][:, layer],
+                   layers["oos_test"][:, layer])
     results["total_s"] = time.perf_counter() - start
     save()
     log(f"total {results['total_s']:.1f} s")
