@@ -72,6 +72,30 @@ def _checkpoint(path: Path | None, settings: str, model: nn.Module, optimizer: t
                       "rng": torch.get_rng_state(), "step": step, "losses": losses}, path)
 
 
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int, step: int, losses: list[float],
+           loss_at: Callable[[int], torch.Tensor], path: Path | None, settings: str, every: int, who: str,
+           log: Callable[[str], None] | None) -> nn.Module:
+    """Optimizer steps ``step .. n_steps - 1`` on ``loss_at(step)``, checkpointing every ``every`` steps; the model
+    ends frozen and in eval mode, also when interrupted."""
+    try:
+        while step < n_steps:
+            loss = loss_at(step)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.item()))
+            step += 1
+            if step % every == 0 or step == n_steps:
+                _checkpoint(path, settings, model, optimizer, step, losses)
+                if log is not None:
+                    log(f"{who}: step {step}/{n_steps}, mean loss of the last {every}: {np.mean(losses[-every:]):.4f}")
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+    return model
+
+
 def finetune_full(model: nn.Module, tokens: np.ndarray, labels: np.ndarray, epochs: int = 1, lr: float = 5e-5,
                   head_lr: float = 1e-3, batch_size: int = 32, seed: int = 0, dropout: bool = True,
                   checkpoint: str | Path | None = None, every: int = 25,
@@ -108,25 +132,12 @@ def finetune_full(model: nn.Module, tokens: np.ndarray, labels: np.ndarray, epoc
     step, losses = _resume(path, settings, model, optimizer, "finetune_full", len(plan), log)
     tokens_t, labels_t = torch.as_tensor(tokens), torch.as_tensor(labels)
     model.train(dropout)
-    try:
-        while step < len(plan):
-            index = torch.as_tensor(plan[step])
-            loss = nn.functional.cross_entropy(model(tokens_t[index]), labels_t[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.item()))
-            step += 1
-            if step % every == 0 or step == len(plan):
-                _checkpoint(path, settings, model, optimizer, step, losses)
-                if log is not None:
-                    log(f"finetune_full: step {step}/{len(plan)}, mean loss of the last {every}: "
-                        f"{np.mean(losses[-every:]):.4f}")
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-    return model
+
+    def loss_at(k: int) -> torch.Tensor:
+        index = torch.as_tensor(plan[k])
+        return nn.functional.cross_entropy(model(tokens_t[index]), labels_t[index])
+
+    return _train(model, optimizer, len(plan), step, losses, loss_at, path, settings, every, "finetune_full", log)
 
 
 # -- the cheap variant for CPUs: the last block trained for the [CLS] output only --------------------------------
@@ -210,25 +221,12 @@ def finetune_last_cls(model: nn.Module, chunks: list[tuple[np.ndarray, torch.Ten
     path = Path(checkpoint) if checkpoint is not None else None
     step, losses = _resume(path, settings, model, optimizer, "finetune_last_cls", len(plan), log)
     model.eval()
-    try:
-        while step < len(plan):
-            chunk, start = plan[step]
-            index, states, mask = chunks[chunk]
-            x, m = states[start:start + batch_size], mask[start:start + batch_size]
-            loss = nn.functional.cross_entropy(model.head(cls_top(model, x, m)),
-                                               labels_t[torch.as_tensor(index[start:start + batch_size])])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.item()))
-            step += 1
-            if step % every == 0 or step == len(plan):
-                _checkpoint(path, settings, model, optimizer, step, losses)
-                if log is not None:
-                    log(f"finetune_last_cls: step {step}/{len(plan)}, mean loss of the last {every}: "
-                        f"{np.mean(losses[-every:]):.4f}")
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-    return model
+
+    def loss_at(k: int) -> torch.Tensor:
+        chunk, start = plan[k]
+        index, states, mask = chunks[chunk]
+        x, m = states[start:start + batch_size], mask[start:start + batch_size]
+        return nn.functional.cross_entropy(model.head(cls_top(model, x, m)),
+                                           labels_t[torch.as_tensor(index[start:start + batch_size])])
+
+    return _train(model, optimizer, len(plan), step, losses, loss_at, path, settings, every, "finetune_last_cls", log)
