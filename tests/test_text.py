@@ -168,6 +168,7 @@ def test_text_model_through_extract_layers_head_and_cache(tiny_model, rng, tmp_p
         oodscope.extract(tiny_model, tokens[:, 0], use_cache=False, progress=False)
 
 
+@pytest.mark.filterwarnings("ignore:blood. the classifier reads mean-pooled")
 def test_blood_maps_match_the_network_and_estimator_is_unbiased(tiny_model, rng):
     import torch
 

@@ -18,6 +18,7 @@ BUILTIN: dict[str, str] = {
     "cifar10": "oodscope.data.cifar10:prepare",
     "clinc150": "oodscope.data.clinc150:prepare",
     "clinc150-ft": "oodscope.data.clinc150:prepare_finetuned",
+    "clinc150-ftfull": "oodscope.data.clinc150:prepare_full_finetune",
 }
 
 

@@ -157,15 +157,12 @@ def _model_cache(request: Any, tag: str, data_key: str) -> Path:
     return Path(request.cache_dir or default_cache_dir()) / "models" / f"clinc150-minilm-{tag}-{data_key[:16]}.pt"
 
 
-def _prepare(request: Any, finetune_layers: int):
-    import torch
-
-    from ..extraction.extract import extract
-    from ..text.model import TextClassifier, finetune, fit_linear_head, load_encoder, set_head
-    from .builtin import Prepared
+def _load(request: Any, who: str) -> tuple[Path, Benchmark, Any]:
+    """``(data path, benchmark, encoder)`` of a request (subsampled with ``options["per_class"]``)."""
+    from ..text.model import load_encoder
 
     if request.model is not None:
-        raise ValueError("clinc150 builds its own all-MiniLM-L6-v2 classifier; --model does not apply")
+        raise ValueError(f"{who} builds its own all-MiniLM-L6-v2 classifier; --model does not apply")
     path = resolve_path(request.data_root, request.cache_dir)
     data = read_clinc150(path)
     per_class = int(request.options.get("per_class", 0))
@@ -177,6 +174,18 @@ def _prepare(request: Any, finetune_layers: int):
     for report in reports.values():
         if len(report.truncated) or len(report.empty) or len(report.replaced):
             print(report.summary(), file=sys.stderr)
+    return path, bench, encoder
+
+
+def _prepare(request: Any, finetune_layers: int):
+    import torch
+
+    from ..extraction.extract import extract
+    from ..text.model import TextClassifier, finetune, fit_linear_head, set_head
+    from .builtin import Prepared
+
+    path, bench, encoder = _load(request, "clinc150")
+    per_class = int(request.options.get("per_class", 0))
     model = TextClassifier(encoder, len(bench.class_names))
     subset = ((per_class, request.options.get("per_class_eval"), request.options.get("n_oos"), request.seed)
               if per_class else (per_class, request.seed))
@@ -208,3 +217,67 @@ def prepare(request: Any):
 def prepare_finetuned(request: Any):
     """``oodscope bench clinc150-ft``: the last transformer block and the head fine-tuned on in-scope train."""
     return _prepare(request, int(request.options.get("finetune_layers", 1)))
+
+
+def oos_threshold_metrics(id_val: np.ndarray, oos_val: np.ndarray, val_correct: np.ndarray, id_test: np.ndarray,
+                          oos_test: np.ndarray, test_correct: np.ndarray) -> dict[str, float]:
+    """Larson et al.'s oos-threshold evaluation (Sec. 3.2-3.3) with an OOD score (higher = more out-of-scope).
+
+    "The out-of-scope threshold was chosen to be the value which yielded the highest validation score across all
+    intents, treating out-of-scope as its own intent": the threshold maximising 151-way accuracy on val + oos_val
+    (an in-scope query is right when not flagged and its intent is right; an out-of-scope one when flagged).
+    Test metrics: accuracy over the 4,500 in-scope queries (flagged = wrong) and recall on the 1,000 oos ones.
+    """
+    id_val, oos_val, id_test, oos_test = (np.asarray(a, np.float64) for a in (id_val, oos_val, id_test, oos_test))
+    val_correct, test_correct = np.asarray(val_correct, bool), np.asarray(test_correct, bool)
+    if len(val_correct) != len(id_val) or len(test_correct) != len(id_test):
+        raise ValueError("oos_threshold_metrics: the correctness flags must match the in-scope scores one to one")
+    if min(len(id_val), len(oos_val), len(id_test), len(oos_test)) == 0:
+        raise ValueError("oos_threshold_metrics: needs in-scope and out-of-scope scores for both val and test")
+    candidates = np.unique(np.r_[id_val, oos_val, np.inf])
+    # flagged = score >= threshold; right in-scope = correctly classified and scored below the threshold
+    right_in = np.searchsorted(np.sort(id_val[val_correct]), candidates, side="left")
+    right_oos = len(oos_val) - np.searchsorted(np.sort(oos_val), candidates, side="left")
+    best = candidates[int(np.argmax(right_in + right_oos))]
+    return {"threshold": float(best),
+            "val_accuracy_151": float(np.max(right_in + right_oos) / (len(id_val) + len(oos_val))),
+            "in_scope_accuracy": float(np.mean((id_test < best) & test_correct)),
+            "oos_recall": float(np.mean(oos_test >= best))}
+
+
+FULL_FINETUNE = {"epochs": 1, "lr": 5e-5, "head_lr": 1e-3, "batch_size": 32, "dropout": True}
+
+
+def prepare_full_finetune(request: Any):
+    """``oodscope bench clinc150-ftfull``: all of all-MiniLM-L6-v2 fine-tuned with a ``[CLS]`` head (BLOOD's setting).
+
+    Every parameter is trained on the in-scope train split (:func:`oodscope.text.finetune.finetune_full`,
+    settings :data:`FULL_FINETUNE`, overridable through ``request.options``; seed ``request.seed``). The trained
+    weights are cached under ``<cache>/models`` keyed by the data and the settings; the run writes a resumable
+    checkpoint next to them, so an interrupted fine-tuning continues where it stopped.
+    """
+    import torch
+
+    from ..text.finetune import finetune_full
+    from ..text.model import TextClassifier
+    from .builtin import Prepared
+
+    path, bench, encoder = _load(request, "clinc150-ftfull")
+    per_class = int(request.options.get("per_class", 0))
+    settings = {key: request.options.get(key, value) for key, value in FULL_FINETUNE.items()}
+    model = TextClassifier(encoder, len(bench.class_names), pooling="cls")
+    key = hashlib.sha256(path.read_bytes() + repr((per_class, request.options.get("per_class_eval"),
+                                                   request.options.get("n_oos"), request.seed,
+                                                   sorted(settings.items()))).encode()).hexdigest()
+    weights = _model_cache(request, f"full-cls-v1-seed{request.seed}", key)
+    if weights.exists():
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    else:
+        finetune_full(model, bench.train.inputs, bench.train.labels, seed=request.seed,
+                      checkpoint=weights.with_suffix(".ckpt"), log=lambda s: print(s, file=sys.stderr, flush=True),
+                      **settings)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        tmp = weights.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(weights)
+    return Prepared(bench, model.eval(), None, "minilm-l6-cls-finetuned")

@@ -9,13 +9,23 @@ draws (Sec. 3; ``v^T J`` is one vector-Jacobian product). The score is the mean 
 consecutive block outputs (BLOOD_M) or the last transition only (BLOOD_L); ID data, which fine-tuning
 smoothed, gets lower values, so higher = more OOD. ``M = 50`` follows the authors' code.
 
+Checked against the authors' code (github.com/fjelenic/between-layer-ood, ``get_grad_layers``): the
+representation is the ``[CLS]`` token (position 0) of each block's output; the transitions are those between
+consecutive block outputs ``h_l -> h_{l+1}``, ``l = 1 .. L-1`` (the embedding layer's output is not used); the
+derivative is taken with the other token positions of layer ``l`` held fixed; ``v`` and ``w`` are standard normal,
+``M = 50`` draws; the model is in eval mode; BLOOD_M averages the transitions; the classifier is the whole
+pre-trained transformer fine-tuned with a linear head on the last layer's ``[CLS]`` state.
+
 It runs the network again (``Need.MODEL``) and needs a model that exposes its between-layer maps, such as
-:class:`oodscope.text.model.TextClassifier` (``between_layer_maps``); it has no training step. The paper's
-setting is a fine-tuned model (``oodscope bench clinc150-ft``): on a frozen pre-trained encoder the
-transformations are those of pre-training, whatever the head learned.
+:class:`oodscope.text.model.TextClassifier` (``between_layer_maps``); it has no training step. Use it on a
+fine-tuned ``TextClassifier(..., pooling="cls")`` (``benchmarks/clinc150_finetuned.py``, ``oodscope bench
+clinc150-ftfull``): with mean pooling, or on a frozen pre-trained encoder, the ``[CLS]`` transformations are not the
+ones fine-tuning shaped, and the score loses its reason to separate ID from OOD (a warning says so).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -56,6 +66,10 @@ class BLOOD(Detector):
         if not hasattr(source.model, "blocks"):
             raise ValueError(f"blood: the model {type(source.model).__name__} does not expose transformer blocks; "
                              "use oodscope.text.model.TextClassifier (or a model with a BERT-style .blocks)")
+        if getattr(source.model, "pooling", "cls") != "cls":
+            warnings.warn("blood: the classifier reads mean-pooled states, BLOOD measures the [CLS] token's "
+                          "transformations (the paper's fine-tuned [CLS] classifier); build "
+                          "TextClassifier(..., pooling='cls') and fine-tune it for the paper's setting", stacklevel=3)
         generator = torch.Generator().manual_seed(int(self.seed))
 
         def score_batch(tokens, probe):

