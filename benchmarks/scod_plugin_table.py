@@ -22,7 +22,7 @@ import numpy as np
 
 import oodscope
 from oodscope.data.spec import load_benchmark_dir
-from oodscope.metrics import scod_auc_rc
+from oodscope.metrics import auroc, fpr95, scod_auc_rc
 from oodscope.models.zoo import load_model
 from oodscope.runner import extract_benchmark
 
@@ -52,6 +52,19 @@ def main() -> None:
             "scod_plugin fixed (c_in=0, c_out=0.5)": lambda n_ood: oodscope.create("scod_plugin", c_in=0.0,
                                                                                     c_out=0.5),
         }
+        oods = {s: out[s] for s in OOD_SETS}
+        default = oodscope.create("scod_plugin").fit(train)
+        tuned = oodscope.tune("scod_plugin", None, out["val"], {"tin_val": out["ood_val/tin"]}, train=train)
+        print(f"\n{model_name}: scod_plugin rows for suite1_logits_results.md (AUROC / FPR@95 %)\n")
+        for setting, params, detector in [("default", default.get_params(), default),
+                                          ("tuned", tuned.best_params, tuned.best_detector)]:
+            id_scores = detector.score(test)
+            cells = [(100 * auroc(id_scores, o := detector.score(oods[s])), 100 * fpr95(id_scores, o))
+                     for s in OOD_SETS]
+            means = [np.mean(np.array(cells)[[0, 1]], axis=0), np.mean(np.array(cells)[[2, 3]], axis=0)]
+            shown = ", ".join(f"{k}={v}" for k, v in params.items() if k in ("ood", "c_fn", "pi_in", "ratio"))
+            print(f"| scod_plugin | {setting} | {shown} | "
+                  + " | ".join(f"{a:.2f} / {f:.2f}" for a, f in [*cells, *means]) + " |")
         print(f"\n{model_name}: SCOD AUC-RC x 100 (c_fn = 0.75, lower is better; ID test accuracy "
               f"{100 * (1 - errors.mean()):.2f} %)\n")
         print("| rejector | " + " | ".join(s.split("/")[1] for s in OOD_SETS) + " | mean |")
