@@ -221,6 +221,29 @@ def row(method: str, setting: str, params: dict, scores: dict[str, np.ndarray]) 
     return f"| {method} | {setting} | {fmt_params(params)} | " + " | ".join(cells) + " |"
 
 
+def report(work: Path, method: str) -> None:
+    """Rows from saved files only (for a run that is still going or was stopped)."""
+    names = ["test", *OOD_SETS]
+    rows = [json.loads(p.read_text()) for p in sorted((work / "tune").glob("*.json"))]
+    valid = [r for r in rows if r["error"] is None]
+    grid = oodscope.detectors.get(method).grid
+    order = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
+    valid.sort(key=lambda r: order.index({k: type(grid[k][0])(v) for k, v in r["params"].items()}))
+    best = max(valid, key=lambda r: r["auroc"]) if valid else None
+    print(f"{work}: {len(rows)} of {len(order)} tuning rows saved; best so far "
+          f"{best['params'] if best else None} (val AUROC {best['auroc'] if best else float('nan'):.2f})")
+    for r in valid:
+        print(f"    tune {setting_key(r['params'])}: AUROC {r['auroc']:.2f} FPR@95 {r['fpr95']:.2f}"
+              + (f" (shared-gradient check {r['shared_gradient_auroc']:.2f})" if "shared_gradient_auroc" in r else ""))
+    for directory in sorted((work / "scores").glob("*")):
+        files = {n: directory / f"{n.replace('/', '-')}.npy" for n in names}
+        if all(f.exists() for f in files.values()):
+            scores = {n: np.load(f) for n, f in files.items()}
+            print(row(method, directory.name, {}, scores) + f"  (sizes {[len(v) for v in scores.values()]})")
+        else:
+            print(f"| {method} | {directory.name} | incomplete: {[n for n, f in files.items() if f.exists()]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cifar10_resnet20")
@@ -228,9 +251,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=0, help="samples per test set (0 = all)")
     parser.add_argument("--work", default="oodscope-results/perturbation")
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--report", action="store_true",
+                        help="compute nothing: print the rows of every setting whose test-set scores are all saved, "
+                             "and the tuning rows saved so far")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     work = Path(args.work) / args.model / args.method
+    if args.n:
+        work = work / f"n={args.n}"
+    if args.report:
+        report(work, args.method)
+        return
     if args.method == "adascale":
         cache_adascale_features(work / "feats")
 
