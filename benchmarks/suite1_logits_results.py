@@ -110,8 +110,8 @@ def run_model(model_name: str, args) -> None:
     print(f"\n{model_name}: SCOD AUC-RC x 100 (c_fn = 0.75, lower is better)\n")
     print("| rejector | " + " | ".join(s.split('/')[1] for s in OOD_SETS) + " |")
     print("|---|" + "---|" * len(OOD_SETS))
-    for name, kw in [("msp", {}), ("energy", {}), ("scod_plugin", {}), ("scod_plugin", {"c_out": 0.1}),
-                     ("scod_plugin", {"c_out": 0.01}), ("scod_plugin", {"c_out": 0.001})]:
+    for name, kw in [("msp", {}), ("energy", {}), ("scod_plugin", {}), ("scod_plugin", {"c_in": 0.0, "c_out": 0.1}),
+                     ("scod_plugin", {"c_in": 0.0, "c_out": 0.01}), ("scod_plugin", {"c_in": 0.0, "c_out": 0.001})]:
         detector = oodscope.create(name, **kw).fit(train)
         id_scores = detector.score(test)
         cells = [f"{100 * scod_auc_rc(id_scores, errors, detector.score(oods[s])):.2f}" for s in OOD_SETS]

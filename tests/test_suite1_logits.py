@@ -12,6 +12,7 @@ from torch import nn
 
 import oodscope
 from oodscope import Outputs
+from oodscope.detectors.scod_plugin import lagrangian_score as plugin_lagrangian
 from oodscope.detectors.scod_plugin import plugin_score
 from oodscope.detectors.temperature import fit_temperature
 from oodscope.metrics import aurc, scod_auc_rc, scod_risk_coverage_curve
@@ -99,7 +100,11 @@ def test_bad_parameters_are_named():
              ("odin", {"epsilon": -0.1}, "epsilon (perturbation size) must be >= 0"),
              ("odin", {"input_std": [0.2, -1.0]}, "input_std"),
              ("scod_plugin", {"c_in": 0.5, "c_out": 0.5}, "c_in + c_out must be < 1"),
-             ("scod_plugin", {"c_out": -0.1}, "c_out must be a cost >= 0"),
+             ("scod_plugin", {"c_in": 0.0, "c_out": -0.1}, "c_out must be a cost >= 0"),
+             ("scod_plugin", {"c_out": 0.1}, "give both c_in and c_out"),
+             ("scod_plugin", {"c_fn": 1.5}, "scod_plugin: c_fn (cost of accepting an OOD sample) must lie in [0, 1]"),
+             ("scod_plugin", {"pi_in": 0.0}, "scod_plugin: pi_in (share of ID samples at test time)"),
+             ("scod_plugin", {"ratio": "log"}, "scod_plugin: ratio must be 'exp'"),
              ("scod_plugin", {"ood": "enrgy"}, "did you mean energy")]
     for name, params, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -194,30 +199,79 @@ def test_scod_auc_rc_properties(rng):
 def test_scod_plugin_hand_computed_and_limits():
     train = logits_outputs([[2.0, 0.0], [0.0, 4.0], [1.0, 1.0]], labels=[0, 1, 0])
     test = logits_outputs([[3.0, 0.0], [0.5, 0.0]])
-    detector = oodscope.create("scod_plugin", ood="maxlogit", c_in=0.1, c_out=0.3).fit(train)
-    median = np.median([-2.0, -4.0, -1.0])  # maxlogit scores of the training samples
     msp = softmax(test.logits, axis=1).max(axis=1)
-    expected = 0.6 * (1 - msp) + 0.3 * np.exp(-test.logits.max(axis=1) - median)
+    median = np.median([-2.0, -4.0, -1.0])  # maxlogit scores of the training samples
+    rho = np.exp(-test.logits.max(axis=1) - median)
+    # default: the budget family t(x) = [(1 - c_fn)(1 - MSP) + c_fn rho] / [pi_in + (1 - pi_in) rho]
+    detector = oodscope.create("scod_plugin", ood="maxlogit", c_fn=0.75, pi_in=0.6).fit(train)
+    expected = (0.25 * (1 - msp) + 0.75 * rho) / (0.6 + 0.4 * rho)
     np.testing.assert_allclose(detector.score(test), expected)
-    # c_out = 0: Chow's rule, 1 - MSP exactly
-    chow = oodscope.create("scod_plugin", c_out=0.0).fit(train)
+    # first sample by hand: MSP = e^3 / (e^3 + 1), rho = exp(-3 + 2) = e^-1
+    first = (0.25 / (np.exp(3) + 1) + 0.75 / np.e) / (0.6 + 0.4 / np.e)
+    assert detector.score(test)[0] == pytest.approx(first, rel=1e-12)
+    # the paper's theta(z) = -1/z on the ID score z = max logit: rho = 1 / max logit
+    inverse = oodscope.create("scod_plugin", ood="maxlogit", ratio="inverse").fit(train)
+    rho_inv = 1 / test.logits.max(axis=1)
+    np.testing.assert_allclose(inverse.score(test), (0.25 * (1 - msp) + 0.75 * rho_inv) / (0.5 + 0.5 * rho_inv))
+    with pytest.raises(ValueError, match=r"scod_plugin: ratio='inverse' needs a positive ID score.*ratio='exp'"):
+        inverse.score(logits_outputs([[-1.0, -2.0]]))
+    # fixed costs (Lemma 3.1): (1 - c_in - c_out)(1 - MSP) + c_out rho; c_out = 0 is Chow's rule
+    fixed = oodscope.create("scod_plugin", ood="maxlogit", c_in=0.1, c_out=0.3).fit(train)
+    np.testing.assert_allclose(fixed.score(test), 0.6 * (1 - msp) + 0.3 * rho)
+    chow = oodscope.create("scod_plugin", c_in=0.0, c_out=0.0).fit(train)
     np.testing.assert_allclose(chow.score(test), 1 - msp)
 
 
-def test_scod_plugin_rule_is_bayes_optimal_on_a_discrete_problem(rng):
-    """Lemma 3.1: abstaining where the plug-in score exceeds c_in minimises the SCOD Lagrangian."""
-    n, c_in, c_out = 10, 0.15, 0.35
+def test_scod_plugin_reduces_to_selective_classification_and_ood_detection(rng):
+    """The paper's SCOD rule generalises both problems: c_fn = 0 with only ID data ranks by 1 - MSP (Chow),
+    c_fn = 1 ranks by the density ratio alone (OOD detection)."""
+    confidence, rho = rng.uniform(0.2, 1.0, 50), np.exp(rng.normal(size=50))
+    sc = plugin_lagrangian(confidence, rho, c_fn=0.0, pi_in=1.0)
+    np.testing.assert_allclose(sc, 1 - confidence)
+    ood = plugin_lagrangian(confidence, rho, c_fn=1.0, pi_in=0.3)
+    np.testing.assert_array_equal(np.argsort(ood), np.argsort(rho))
+
+
+def test_scod_budget_family_is_a_threshold_family_of_one_score(rng):
+    """Eq. 3 with multiplier lambda: the Lagrangian rule, solved by brute force over every rejector of a discrete
+    problem, abstains exactly where t(x) > lambda; and it is optimal among rejectors with no larger test rejection
+    rate, so sweeping a threshold on t traces the constrained optimum for every budget b_rej."""
+    n, c_fn, pi_in = 9, 0.75, 0.6
     p_in, p_out = rng.dirichlet(np.ones(n)), rng.dirichlet(np.ones(n))
     max_posterior = rng.uniform(0.4, 1.0, n)
+    t = plugin_lagrangian(max_posterior, p_out / p_in, c_fn, pi_in)
+    rejectors = np.array(list(itertools.product([False, True], repeat=n)))
+    objective = ((1 - c_fn) * ((p_in * (1 - max_posterior)) * ~rejectors).sum(1)
+                 + c_fn * (p_out * ~rejectors).sum(1))                     # Eq. 3 objective
+    rejection_rate = (pi_in * p_in + (1 - pi_in) * p_out) @ rejectors.T    # P_te(r = 1)
+    for lam in np.r_[0.01, np.sort(t)[:-1] + np.diff(np.sort(t)) / 2, t.max() + 0.1]:
+        lagrangian = objective + lam * rejection_rate
+        rule = t > lam
+        assert lagrangian[np.all(rejectors == rule, axis=1)][0] == pytest.approx(lagrangian.min())
+        rate = (pi_in * p_in + (1 - pi_in) * p_out) @ rule
+        feasible = rejection_rate <= rate + 1e-12
+        assert objective[np.all(rejectors == rule, axis=1)][0] == pytest.approx(objective[feasible].min())
 
-    def cost(reject):
-        accept = ~reject
-        return ((1 - c_in - c_out) * np.sum(p_in * (1 - max_posterior) * accept)
-                + c_in * np.sum(p_in * reject) + c_out * np.sum(p_out * accept))
 
-    rule = plugin_score(max_posterior, p_out / p_in, c_in, c_out) > c_in
-    best = min(cost(np.array(r, dtype=bool)) for r in itertools.product([0, 1], repeat=n))
-    assert cost(rule) == pytest.approx(best)
+def test_scod_plugin_detector_traces_the_lambda_sweep(rng):
+    """AUC-RC from thresholding the detector equals evaluating the rule at every lambda (the paper's sweep)."""
+    logits_id, logits_ood = rng.normal(size=(60, 4)) * 3, rng.normal(size=(40, 4))
+    labels = rng.integers(0, 4, 60)
+    train = logits_outputs(rng.normal(size=(100, 4)) * 3, labels=rng.integers(0, 4, 100))
+    detector = oodscope.create("scod_plugin", pi_in=0.6).fit(train)
+    test, ood = logits_outputs(logits_id), logits_outputs(logits_ood)
+    errors = logits_id.argmax(1) != labels
+    coverage, risk = scod_risk_coverage_curve(detector.score(test), errors, detector.score(ood), c_fn=0.75)
+    pool = np.r_[logits_id, logits_ood]
+    conf = softmax(pool, axis=1).max(1)
+    rho = detector.density_ratio(logits_outputs(pool))
+    losses = np.r_[0.25 * errors, np.full(40, 0.75)]
+    t = np.sort(detector.score(logits_outputs(pool)))
+    assert np.all(np.diff(t) > 0) and len(coverage) == 100  # no ties: one curve point per sample
+    for k, lam in enumerate(np.r_[(t[:-1] + t[1:]) / 2, t[-1] + 1]):
+        accept = ~(0.25 * (1 - conf) + 0.75 * rho > lam * (0.6 + 0.4 * rho))   # rule at lambda, not via t
+        assert accept.mean() == pytest.approx(coverage[k])
+        assert losses[accept].sum() / accept.sum() == pytest.approx(risk[k])
 
 
 # -- tuning ---------------------------------------------------------------------------------------------------

@@ -241,7 +241,8 @@ def test_adascale_without_model_names_the_fix():
 @pytest.mark.parametrize("name, param", [("react", "percentile"), ("ash_p", "percentile"), ("ash_b", "percentile"),
                                          ("ash_s", "percentile"), ("scale", "percentile"),
                                          ("vra", "upper_percentile"), ("dice", "sparsity"),
-                                         ("adascale", "max_percentile")])
+                                         ("adascale", "max_percentile"), ("vra", "lower_percentile"),
+                                         ("adascale", "min_percentile"), ("adascale", "k1"), ("adascale", "k2")])
 @pytest.mark.parametrize("value", [0, 100, -5, 150])
 def test_percentiles_outside_open_interval_are_refused(make_outputs, name, param, value):
     with pytest.raises(ValueError, match=f"{name}: {param} must be a percentile strictly between 0 and 100"):
@@ -253,12 +254,35 @@ def test_percentile_order_is_checked(make_outputs):
         oodscope.create("vra", lower_percentile=95, upper_percentile=90).fit(make_outputs())
 
 
-@pytest.mark.parametrize("name", ["react", "ash_s", "scale", "vra", "dice", "optimal_shaping", "residual", "fdbd"])
+@pytest.mark.parametrize("name", ["react", "ash_p", "ash_b", "ash_s", "scale", "vra", "dice", "optimal_shaping",
+                                  "residual", "fdbd"])
 def test_head_shape_mismatch_names_detector(make_outputs, name):
     train = make_outputs()
     train.head = Head(np.zeros((4, 5)), np.zeros(4))
     with pytest.raises(ValueError, match=f"{name}: head W has 5 inputs but features .* have 16 dimensions"):
         oodscope.create(name).fit(train)
+
+
+def test_percentile_that_is_not_a_number_is_refused(make_outputs):
+    for value in ("90", None, True, np.nan):
+        with pytest.raises(ValueError, match="react: percentile must be a percentile strictly between 0 and 100"):
+            oodscope.create("react", percentile=value).fit(make_outputs())
+
+
+@pytest.mark.parametrize("name, when", [("odin", "score"), ("adascale", "fit")])
+def test_model_needing_detectors_on_cached_outputs_name_detector_and_fix(make_outputs, name, when):
+    """Outputs read back from disk carry no model: ODIN fails when it scores (fitting learns nothing), AdaSCALE
+    already when it fits (its ID statistic needs the perturbation); both name themselves and oodscope.extract."""
+    cached = make_outputs(name="cifar10-test (cache)")
+    cached.source = None
+    message = (rf"{name} needs model but dataset 'cifar10-test \(cache\)' has none: this detector runs the network "
+               r"again; pass the outputs of oodscope.extract\(...\) made in this session")
+    detector = oodscope.create(name)
+    with pytest.raises(ValueError, match=message):
+        detector.fit(cached).score(cached) if when == "score" else detector.fit(cached)
+    with pytest.raises(ValueError, match=rf"every setting of {name} failed; first error: .*oodscope.extract"):
+        oodscope.tune(name, {"epsilon": [0.001]} if name == "odin" else {"lam": [10.0]}, cached, cached,
+                      train=cached)
 
 
 def test_every_new_detector_has_a_grid_of_its_parameters():

@@ -1,26 +1,63 @@
 """Plug-in SCOD rejector: one abstention score from classifier confidence and an OOD score.
 
 Narasimhan, Menon, Jitkrittum & Kumar, "Plugin estimators for selective classification with out-of-distribution
-detection", ICLR 2024. For the SCOD objective with costs ``c_in`` (rejecting an ID sample) and ``c_out``
-(accepting an OOD sample), the Bayes-optimal rejector (Lemma 3.1) abstains when
+detection", ICLR 2024 (arXiv:2301.12386).
 
-    ``(1 - c_in - c_out) * (1 - max_y P_in(y|x)) + c_out * P_out(x) / P_in(x)  >  c_in``.
+**Problem (their Eq. 3).** A classifier ``h`` with a rejector ``r`` (``r(x) = 1``: abstain) on a test population
+``P_te = pi_in P_in + (1 - pi_in) P_out`` minimises
 
-The black-box plug-in estimator (Sec. 4, "Plug-in BB") replaces ``max_y P_in(y|x)`` by the classifier's
-confidence ``s_sc(x)`` (the maximum softmax probability) and the density ratio by a transform of an existing
-OOD score. This detector returns the left-hand side as the rejection score (higher = abstain first):
+    ``(1 - c_fn) P_in(y != h(x), r(x) = 0) + c_fn P_out(r(x) = 0)``   subject to   ``P_te(r(x) = 1) <= b_rej``:
 
-    ``score(x) = (1 - c_in - c_out) * (1 - max_c softmax(f(x))_c) + c_out * exp(s_ood(x) - m)``,
+an accepted misclassified ID sample costs ``1 - c_fn``, an accepted OOD sample ``c_fn``, and at most a share
+``b_rej`` of the test population may be rejected.
 
-where ``s_ood`` is the score of the oodscope detector named by ``ood`` (higher = more OOD, read as a
-negative log density ratio ``-log P_in(x)/P_out(x)`` up to a constant, exact for the energy score with a flat
-``P_out``) and ``m`` is its median on the fitting ID data. The unknown constant of the density ratio is absorbed
-by ``c_out``: ``m`` only fixes the scale so that ``exp`` stays in range. Sweeping a threshold over the score
-traces the SCOD risk-coverage curve (:func:`oodscope.metrics.scod.scod_auc_rc`).
+**Lagrangian and Bayes-optimal rule (Eq. 4, Lemma 3.1, Eq. 5).** With a multiplier ``lambda >= 0`` the objective
+becomes a cost-sensitive one: ``c_in`` per rejected ID sample, ``c_out`` per accepted OOD sample, and the Bayes
+rejector abstains where ``(1 - c_in - c_out) (1 - max_y P_in(y|x)) + c_out P_out(x)/P_in(x) > c_in``
+(:func:`plugin_score`). Writing ``P_te(r=1) = pi_in P_in(r=1) + (1 - pi_in) (1 - P_out(r=0))`` gives the
+Lagrangian, up to a constant, as ``(1 - c_fn) P_in(err, r=0) + lambda pi_in P_in(r=1) + (c_fn - lambda (1 -
+pi_in)) P_out(r=0)``; point-wise, ``x`` is rejected iff
 
-Limits: ``c_out = 0`` gives Chow's rule (rank by MSP, pure selective classification); ``c_in + c_out -> 1``
-ranks by the OOD score alone. Defaults ``c_in = 0``, ``c_out = 0.5`` weight the two terms equally; the costs
-are application choices, so ``grid`` covers ``c_out``.
+    ``(1 - c_fn)(1 - max_y P_in(y|x)) + c_fn rho(x)  >  lambda (pi_in + (1 - pi_in) rho(x))``,
+    ``rho(x) = P_out(x) / P_in(x)``,
+
+i.e. iff ``t(x) > lambda`` with
+
+    ``t(x) = [(1 - c_fn)(1 - max_y P_in(y|x)) + c_fn rho(x)] / [pi_in + (1 - pi_in) rho(x)]``   (:func:`lagrangian_score`).
+
+(Normalising the three weights to sum to one gives the paper's ``(1 - c_in - c_out, c_in, c_out)`` form with
+``c_in = lambda pi_in / S``, ``c_out = (c_fn - lambda (1 - pi_in)) / S``, ``S = 1 + lambda (2 pi_in - 1)``; the
+un-normalised ``c_in = lambda pi_in``, ``c_out = c_fn - lambda (1 - pi_in)`` are the paper's Sec. 4.3 values as
+derived in its public ICLR review; the equation numbers 3, 4, 5, 8 and Lemma 3.1 are the ones that review cites.) Each budget ``b_rej`` fixes one ``lambda``, so **the whole family of plug-in rejectors over
+all budgets is the threshold family of the single score t(x)**, and thresholding ``t`` traces exactly the
+risk-coverage curve the paper's AUC-RC integrates (:func:`oodscope.metrics.scod.scod_auc_rc`). This detector
+returns ``t(x)`` (higher = abstain first).
+
+**Black-box plug-in ("Plug-in BB", the rejector ``r_BB`` of Eq. 8).** ``max_y P_in(y|x)`` is replaced by the
+classifier's confidence ``s_sc(x)`` = maximum softmax probability, and the density ratio by a transform of an OOD
+score. The paper's ``s_ood`` estimates ``P_in(x)/P_out(x)`` (higher = more ID) and, as we read Eq. 8, enters
+through ``theta(z) = -1/z``, i.e. ``rho = 1 / s_ood`` (this transform is from our reading, corroborated by the
+third-party implementation named below, which inverts the OOD score; the text of Eq. 8 itself could not be
+re-checked in this session). oodscope scores are higher = more OOD, so ``ratio`` chooses how an oodscope score ``s`` of
+the detector named by ``ood`` becomes ``rho``:
+
+* ``"exp"`` (default): ``rho = exp(s - m)``, ``m`` the median of ``s`` on the fitting data. Exact up to a
+  constant factor when ``s`` is a negative log-density of ``P_in`` and ``P_out`` is flat - the energy score
+  ``-logsumexp f(x)`` is such an estimate (Liu et al. 2020) - so ``m`` only fixes that unknown factor.
+* ``"inverse"``: the paper's ``theta(z) = -1/z`` applied to the ID score ``z = -s``, i.e. ``rho = 1 / (-s)``; for
+  detectors whose negated score is a positive density-ratio-like quantity (e.g. ``maxlogit`` with positive max
+  logits, feature norms). A non-positive ``-s`` raises an error.
+
+With ``c_in`` and ``c_out`` given (both), the detector instead returns the fixed-cost Lemma 3.1 score
+``(1 - c_in - c_out)(1 - s_sc) + c_out rho`` (abstain where it exceeds ``c_in``); ``c_out = 0`` is Chow's rule.
+
+**Defaults and what could not be confirmed.** ``c_fn = 0.75`` is the cost used in the paper's experiments as far
+as could be checked here: the paper's full text was not retrievable in this session, and 0.75 is corroborated by
+a third-party implementation of the paper's plug-in (edadaltocg/detectors, ``scod_eval.plugin_bb``), not by the
+text itself. The paper gives no default for ``pi_in`` (the ID share of the test population; it is estimated from
+the test pool); ``pi_in = 0.5`` is our neutral choice, set it to the expected share. The identity of the paper's
+"[L1]" / "[L2]" OOD-score variants of Plug-in BB could not be confirmed either; pass any oodscope detector as
+``ood`` (e.g. ``"energy"``, ``"maxlogit"``, ``"residual"``).
 """
 
 from __future__ import annotations
@@ -36,35 +73,60 @@ from .registry import create, get
 
 
 def plugin_score(confidence: np.ndarray, density_ratio: np.ndarray, c_in: float, c_out: float) -> np.ndarray:
-    """Left-hand side of the Bayes rule (Lemma 3.1): abstain where it exceeds ``c_in``.
+    """Left-hand side of the Bayes rule (Lemma 3.1, Eq. 5): abstain where it exceeds ``c_in``.
 
     ``confidence`` estimates ``max_y P_in(y|x)``, ``density_ratio`` estimates ``P_out(x) / P_in(x)``.
     """
     return (1.0 - c_in - c_out) * (1.0 - np.asarray(confidence)) + c_out * np.asarray(density_ratio)
 
 
+def lagrangian_score(confidence: np.ndarray, density_ratio: np.ndarray, c_fn: float, pi_in: float) -> np.ndarray:
+    """``t(x)``: the Lagrangian rejector of Eq. 3 with multiplier ``lambda`` abstains exactly where ``t(x) > lambda``.
+
+    ``t(x) = [(1 - c_fn)(1 - confidence) + c_fn rho] / [pi_in + (1 - pi_in) rho]``, ``rho`` = ``density_ratio``.
+    """
+    rho = np.asarray(density_ratio, dtype=np.float64)
+    numerator = (1.0 - c_fn) * (1.0 - np.asarray(confidence, dtype=np.float64)) + c_fn * rho
+    return numerator / (pi_in + (1.0 - pi_in) * rho)
+
+
 class SCODPlugin(Detector):
-    """``score(x) = (1 - c_in - c_out) (1 - MSP(x)) + c_out exp(s_ood(x) - median_ID s_ood)``."""
+    """``t(x) = [(1 - c_fn)(1 - MSP) + c_fn rho] / [pi_in + (1 - pi_in) rho]``, ``rho`` from an OOD score."""
 
     name = "scod_plugin"
     needs = frozenset({Need.LOGITS})  # plus what the ``ood`` detector needs (it checks its own inputs)
-    grid = {"c_out": [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9]}
+    grid = {"pi_in": [0.1, 0.25, 0.5, 0.75, 0.9]}
 
-    def __init__(self, ood: str = "energy", c_in: float = 0.0, c_out: float = 0.5,
-                 ood_params: dict[str, Any] | None = None):
+    def __init__(self, ood: str = "energy", c_fn: float = 0.75, pi_in: float = 0.5, ratio: str = "exp",
+                 c_in: float | None = None, c_out: float | None = None, ood_params: dict[str, Any] | None = None):
         self.ood = ood
+        self.c_fn = c_fn
+        self.pi_in = pi_in
+        self.ratio = ratio
         self.c_in = c_in
         self.c_out = c_out
         self.ood_params = ood_params
 
     def _check_params(self) -> None:
-        for key in ("c_in", "c_out"):
-            value = getattr(self, key)
-            if not (np.isfinite(value) and value >= 0):
-                raise ValueError(f"scod_plugin: {key} must be a cost >= 0, got {value}")
-        if not self.c_in + self.c_out < 1:
-            raise ValueError(f"scod_plugin: c_in + c_out must be < 1 (got {self.c_in} + {self.c_out}); "
-                             "otherwise the confidence term has no weight")
+        if not (np.isfinite(self.c_fn) and 0.0 <= self.c_fn <= 1.0):
+            raise ValueError(f"scod_plugin: c_fn (cost of accepting an OOD sample) must lie in [0, 1], got {self.c_fn}")
+        if not (np.isfinite(self.pi_in) and 0.0 < self.pi_in <= 1.0):
+            raise ValueError(f"scod_plugin: pi_in (share of ID samples at test time) must lie in (0, 1], "
+                             f"got {self.pi_in}")
+        if self.ratio not in ("exp", "inverse"):
+            raise ValueError(f"scod_plugin: ratio must be 'exp' (rho = exp(s - median)) or 'inverse' (the paper's "
+                             f"theta(z) = -1/z on z = -s), got {self.ratio!r}")
+        if (self.c_in is None) != (self.c_out is None):
+            raise ValueError("scod_plugin: give both c_in and c_out (fixed-cost rule of Lemma 3.1) or neither "
+                             "(the budget family, from c_fn and pi_in)")
+        if self.c_in is not None:
+            for key in ("c_in", "c_out"):
+                value = getattr(self, key)
+                if not (np.isfinite(value) and value >= 0):
+                    raise ValueError(f"scod_plugin: {key} must be a cost >= 0, got {value}")
+            if not self.c_in + self.c_out < 1:
+                raise ValueError(f"scod_plugin: c_in + c_out must be < 1 (got {self.c_in} + {self.c_out}); "
+                                 "otherwise the confidence term has no weight")
         if not isinstance(self.ood, str) or self.ood == self.name:
             raise ValueError(f"scod_plugin: ood must name another registered detector, e.g. 'energy', got {self.ood!r}")
         get(self.ood)  # unknown names raise with suggestions
@@ -73,7 +135,20 @@ class SCODPlugin(Detector):
         self.ood_detector_ = create(self.ood, **(self.ood_params or {})).fit(train)
         self.ood_median_ = float(np.median(self.ood_detector_.score(train)))
 
+    def density_ratio(self, x: Outputs) -> np.ndarray:
+        """``rho(x)``, the estimate of ``P_out(x) / P_in(x)`` from the OOD detector's score (see ``ratio``)."""
+        s = np.asarray(self.ood_detector_.score(x), dtype=np.float64)
+        if self.ratio == "exp":
+            return np.exp(np.minimum(s - self.ood_median_, 700.0))
+        if not (-s > 0).all():
+            raise ValueError(f"scod_plugin: ratio='inverse' needs a positive ID score -s, but the {self.ood} scores "
+                             f"of {x.name!r} reach {s.max():.4g} >= 0; use ratio='exp' or an OOD detector whose "
+                             "negated score is positive")
+        return 1.0 / -s
+
     def _score(self, x: Outputs) -> np.ndarray:
         confidence = probabilities(x.logits).max(axis=1)
-        ratio = np.exp(np.minimum(self.ood_detector_.score(x) - self.ood_median_, 700.0))
-        return plugin_score(confidence, ratio, self.c_in, self.c_out)
+        rho = self.density_ratio(x)
+        if self.c_in is not None:
+            return plugin_score(confidence, rho, self.c_in, self.c_out)
+        return lagrangian_score(confidence, rho, self.c_fn, self.pi_in)

@@ -2,16 +2,22 @@
 
 Narasimhan, Menon, Jitkrittum & Kumar, "Plugin estimators for selective classification with out-of-distribution
 detection", ICLR 2024. A classifier ``h`` with a rejector ``r`` is scored on a test pool that mixes ID samples
-(with labels) and OOD samples. The SCOD loss (their Eq. 3) charges ``1 - c_fn`` for an *accepted misclassified*
-ID sample and ``c_fn`` for an *accepted* OOD sample (a false negative of the OOD detector); rejections cost
-nothing in the risk and are accounted for by the coverage. Following the paper's evaluation, the joint risk at a
-threshold is the summed loss of the accepted samples divided by the number of accepted samples, and samples are
-accepted in order of the rejection score (lowest first). ``AUC-RC`` is the area under this risk vs. coverage
-curve (coverage = accepted share of the whole pool), computed like :func:`~oodscope.metrics.selective.aurc`
-(ties accepted together). Lower is better.
+(with labels) and OOD samples. The SCOD objective (their Eq. 3) charges ``1 - c_fn`` for an *accepted
+misclassified* ID sample and ``c_fn`` for an *accepted* OOD sample (a false negative of the OOD detector);
+rejections cost nothing in the risk and are accounted for by the coverage. Following the paper's evaluation
+("Evaluation metrics", page 8 of the paper; the joint risk is divided by the number of accepted inputs, as its public review
+restates), the joint risk at a threshold is the summed loss of the accepted samples divided by the number of
+accepted samples, and samples are accepted in order of the rejection score (lowest first). ``AUC-RC`` is the area
+under this risk vs. coverage curve (coverage = accepted share of the whole pool), computed like
+:func:`~oodscope.metrics.selective.aurc` (ties accepted together). Lower is better.
 
-``c_fn = 0.75`` is the default cost of the paper's experiments. Rejection scores follow the detector convention:
-higher = reject first.
+The paper sweeps the rejection budget ``b_rej`` of Eq. 3 (one Lagrange multiplier per budget); for the plug-in
+rejector that family is exactly the threshold family of one score (see :mod:`oodscope.detectors.scod_plugin`),
+so thresholding that score here gives the paper's curve.
+
+``c_fn = 0.75`` is the default. It is the cost of the paper's experiments as far as could be checked in this
+session (the paper's full text was not retrievable; 0.75 is the default of a third-party implementation of its
+plug-in evaluation, edadaltocg/detectors). Rejection scores follow the detector convention: higher = reject first.
 """
 
 from __future__ import annotations

@@ -1,0 +1,81 @@
+"""SCOD AUC-RC of the plug-in rejector and its baselines on the CIFAR-10 benchmark (cached outputs only).
+
+    PYTHONPATH=. python benchmarks/scod_plugin_table.py [--models cifar10_resnet20,cifar10_resnet56]
+
+Narasimhan et al. (ICLR 2024): the test pool is the ID test split plus one OOD test set; an accepted misclassified
+ID sample costs ``1 - c_fn``, an accepted OOD sample ``c_fn`` (``c_fn = 0.75``); the joint risk is the summed cost
+of the accepted samples over their number, AUC-RC its area over coverage (x 100, lower is better). Rows:
+
+* ``msp``: Chow's rule (selective classification only); ``energy``: OOD detection only.
+* ``scod_plugin``: the plug-in rejector's budget family ``t(x)`` with the energy score as density ratio
+  (``rho = exp(energy - median)``), ``pi_in = 0.5`` (default) and with the pool's true ID share ``pi_in = n_id /
+  (n_id + n_ood)`` (the paper estimates ``pi_in`` from the test pool), and with ``maxlogit`` through the paper's
+  ``theta(z) = -1/z`` (``ratio="inverse"``).
+* ``scod_plugin fixed``: the fixed-cost Lemma 3.1 score with ``c_in = 0, c_out = 0.5`` (the earlier default).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import oodscope
+from oodscope.data.spec import load_benchmark_dir
+from oodscope.metrics import auroc, fpr95, scod_auc_rc
+from oodscope.models.zoo import load_model
+from oodscope.runner import extract_benchmark
+
+BENCH = "../shared/data/cifar10-bench"
+OOD_SETS = ["near/cifar100", "near/tin", "far/mnist", "far/textures"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="cifar10_resnet20,cifar10_resnet56")
+    parser.add_argument("--cache-dir", default=None)
+    args = parser.parse_args()
+    bench = load_benchmark_dir(BENCH)
+    for model_name in args.models.split(","):
+        model, pre = load_model(model_name, f"{BENCH}/models/{model_name}.pth")
+        out = extract_benchmark(bench, model, pre, cache_dir=args.cache_dir, progress=False, device="cpu")
+        train, test = out["train"], out["test"]
+        errors = test.logits.argmax(1) != test.labels
+        rows = {
+            "msp (Chow)": lambda n_ood: oodscope.create("msp"),
+            "energy (OOD only)": lambda n_ood: oodscope.create("energy"),
+            "scod_plugin (energy, pi_in=0.5)": lambda n_ood: oodscope.create("scod_plugin"),
+            "scod_plugin (energy, pi_in=pool share)":
+                lambda n_ood: oodscope.create("scod_plugin", pi_in=len(test) / (len(test) + n_ood)),
+            "scod_plugin (maxlogit, ratio=inverse, pi_in=0.5)":
+                lambda n_ood: oodscope.create("scod_plugin", ood="maxlogit", ratio="inverse"),
+            "scod_plugin fixed (c_in=0, c_out=0.5)": lambda n_ood: oodscope.create("scod_plugin", c_in=0.0,
+                                                                                    c_out=0.5),
+        }
+        oods = {s: out[s] for s in OOD_SETS}
+        default = oodscope.create("scod_plugin").fit(train)
+        tuned = oodscope.tune("scod_plugin", None, out["val"], {"tin_val": out["ood_val/tin"]}, train=train)
+        print(f"\n{model_name}: scod_plugin rows for suite1_logits_results.md (AUROC / FPR@95 %)\n")
+        for setting, params, detector in [("default", default.get_params(), default),
+                                          ("tuned", tuned.best_params, tuned.best_detector)]:
+            id_scores = detector.score(test)
+            cells = [(100 * auroc(id_scores, o := detector.score(oods[s])), 100 * fpr95(id_scores, o))
+                     for s in OOD_SETS]
+            means = [np.mean(np.array(cells)[[0, 1]], axis=0), np.mean(np.array(cells)[[2, 3]], axis=0)]
+            shown = ", ".join(f"{k}={v}" for k, v in params.items() if k in ("ood", "c_fn", "pi_in", "ratio"))
+            print(f"| scod_plugin | {setting} | {shown} | "
+                  + " | ".join(f"{a:.2f} / {f:.2f}" for a, f in [*cells, *means]) + " |")
+        print(f"\n{model_name}: SCOD AUC-RC x 100 (c_fn = 0.75, lower is better; ID test accuracy "
+              f"{100 * (1 - errors.mean()):.2f} %)\n")
+        print("| rejector | " + " | ".join(s.split("/")[1] for s in OOD_SETS) + " | mean |")
+        print("|---|" + "---|" * (len(OOD_SETS) + 1))
+        for label, make in rows.items():
+            cells = []
+            for s in OOD_SETS:
+                detector = make(len(out[s])).fit(train)
+                cells.append(100 * scod_auc_rc(detector.score(test), errors, detector.score(out[s]), c_fn=0.75))
+            print(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {np.mean(cells):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
