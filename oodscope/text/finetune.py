@@ -96,6 +96,16 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int, ste
     return model
 
 
+def _reset_head(model: nn.Module, seed: int, train_encoder: bool) -> None:
+    """Seed torch, give the head a fresh Xavier-normal weight and zero bias, and (un)freeze the encoder."""
+    torch.manual_seed(int(seed))
+    with torch.no_grad():
+        nn.init.xavier_normal_(model.head.weight)
+        model.head.bias.zero_()
+    for p in model.parameters():
+        p.requires_grad_(train_encoder)
+
+
 def finetune_full(model: nn.Module, tokens: np.ndarray, labels: np.ndarray, epochs: int = 1, lr: float = 5e-5,
                   head_lr: float = 1e-3, batch_size: int = 32, seed: int = 0, dropout: bool = True,
                   checkpoint: str | Path | None = None, every: int = 25,
@@ -119,12 +129,7 @@ def finetune_full(model: nn.Module, tokens: np.ndarray, labels: np.ndarray, epoc
     settings = repr((epochs, lr, head_lr, batch_size, seed, dropout, len(tokens),
                      hashlib.sha256(tokens.tobytes() + labels.tobytes()).hexdigest()[:16]))
     plan = batch_plan(tokens[:, 1].sum(axis=1), batch_size, epochs, seed)
-    torch.manual_seed(int(seed))
-    with torch.no_grad():
-        nn.init.xavier_normal_(model.head.weight)
-        model.head.bias.zero_()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    _reset_head(model, seed, train_encoder=True)
     head = set(id(p) for p in model.head.parameters())
     optimizer = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) not in head], "lr": lr},
                                   {"params": list(model.head.parameters()), "lr": head_lr}])
@@ -207,12 +212,7 @@ def finetune_last_cls(model: nn.Module, chunks: list[tuple[np.ndarray, torch.Ten
     plan = [pieces[k] for _ in range(epochs) for k in torch.randperm(len(pieces), generator=generator).tolist()]
     settings = repr(("last-cls", epochs, lr, head_lr, batch_size, seed, len(labels_t),
                      hashlib.sha256(np.asarray(labels, np.int64).tobytes()).hexdigest()[:16]))
-    torch.manual_seed(int(seed))
-    with torch.no_grad():
-        nn.init.xavier_normal_(model.head.weight)
-        model.head.bias.zero_()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _reset_head(model, seed, train_encoder=False)
     block_params = list(model.blocks[-1].parameters())
     for p in block_params + list(model.head.parameters()):
         p.requires_grad_(True)
