@@ -245,7 +245,9 @@ def oos_threshold_metrics(id_val: np.ndarray, oos_val: np.ndarray, val_correct: 
             "oos_recall": float(np.mean(oos_test >= best))}
 
 
-FULL_FINETUNE = {"epochs": 1, "lr": 5e-5, "head_lr": 1e-3, "batch_size": 32, "dropout": True}
+# The BLOOD authors' recipe (fjelenic/between-layer-ood, ``TransformerClassifier.train_loop`` as called by their
+# ``run.py``): Adam at 2e-5 for every parameter, head included, 10 epochs, batch 32, dropout on.
+FULL_FINETUNE = {"epochs": 10, "lr": 2e-5, "head_lr": 2e-5, "batch_size": 32, "dropout": True}
 
 
 def prepare_full_finetune(request: Any):
