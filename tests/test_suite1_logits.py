@@ -232,6 +232,47 @@ def test_scod_plugin_reduces_to_selective_classification_and_ood_detection(rng):
     np.testing.assert_array_equal(np.argsort(ood), np.argsort(rho))
 
 
+def test_scod_lagrangian_score_is_the_papers_cost_sensitive_rule_at_every_lambda(rng):
+    """t(x) > lambda is Lemma 3.1's rule (Eq. 5) with the Lagrangian's weights normalised (sum S > 0) to the (1 - c_in
+    - c_out, c_in, c_out) form of Eq. 4; at pi_in = 1/2 the normaliser is 1 and the rule is the black-box rejector of Eq. 8,
+    (1 - c_in - c_out) s_sc + c_out theta(s_ood) < 1 - 2 c_in - c_out with theta(z) = -1/z and s_ood = 1 / rho,
+    c_in = lambda pi_in, c_out = c_fn - lambda (1 - pi_in)."""
+    confidence, rho = rng.uniform(0.1, 1.0, 400), np.exp(rng.normal(0.0, 2.0, 400))
+    c_fn = 0.75
+    for pi_in in (0.5, 0.2, 0.9):
+        t = plugin_lagrangian(confidence, rho, c_fn, pi_in)
+        for lam in (0.05, 0.3, 0.6, 0.9, 1.4, 3.0):
+            norm = 1 + lam * (2 * pi_in - 1)
+            if norm <= 0:  # pi_in < 1/2 and lambda >= 1 / (1 - 2 pi_in): dividing by it would flip the rule
+                continue
+            c_in, c_out = lam * pi_in / norm, (c_fn - lam * (1 - pi_in)) / norm
+            np.testing.assert_array_equal(plugin_score(confidence, rho, c_in, c_out) > c_in, t > lam)
+            if pi_in == 0.5:
+                c_in, c_out = lam * pi_in, c_fn - lam * (1 - pi_in)
+                s_ood = 1 / rho
+                eq8 = (1 - c_in - c_out) * confidence + c_out * (-1 / s_ood) < 1 - 2 * c_in - c_out
+                np.testing.assert_array_equal(eq8, t > lam)
+
+
+def test_scod_scores_are_monotone_in_confidence_and_density_ratio():
+    """Lemma 3.1: with c_out > 0 the abstention score rises with P_out/P_in and falls with max_y P_in(y|x). The
+    budget score t(x) always falls with the confidence; it rises with rho iff c_fn pi_in > (1 - c_fn)(1 - pi_in)(1 -
+    confidence), which holds for every input at the defaults c_fn = 0.75, pi_in = 0.5."""
+    confidence = np.linspace(0.1, 1.0, 37)[:, None]
+    rho = np.exp(np.linspace(-8.0, 8.0, 41))[None, :]
+    fixed = plugin_score(confidence, rho, c_in=0.1, c_out=0.3)
+    assert np.all(np.diff(fixed, axis=1) > 0) and np.all(np.diff(fixed, axis=0) < 0)
+    t = plugin_lagrangian(confidence, rho, c_fn=0.75, pi_in=0.5)
+    assert np.all(np.diff(t, axis=1) > 0) and np.all(np.diff(t, axis=0) < 0)
+    # away from the defaults the direction in rho flips exactly where the derivative's sign says
+    c_fn, pi_in = 0.3, 0.2
+    t = plugin_lagrangian(confidence, rho, c_fn, pi_in)
+    rising = (c_fn * pi_in > (1 - c_fn) * (1 - pi_in) * (1 - confidence)).ravel()
+    assert rising.any() and not rising.all()
+    np.testing.assert_array_equal(np.all(np.diff(t, axis=1) > 0, axis=1), rising)
+    np.testing.assert_array_equal(np.all(np.diff(t, axis=1) < 0, axis=1), ~rising)
+
+
 def test_scod_budget_family_is_a_threshold_family_of_one_score(rng):
     """Eq. 3 with multiplier lambda: the Lagrangian rule, solved by brute force over every rejector of a discrete
     problem, abstains exactly where t(x) > lambda; and it is optimal among rejectors with no larger test rejection

@@ -1,7 +1,7 @@
 """Plug-in SCOD rejector: one abstention score from classifier confidence and an OOD score.
 
 Narasimhan, Menon, Jitkrittum & Kumar, "Plugin estimators for selective classification with out-of-distribution
-detection", ICLR 2024 (arXiv:2301.12386).
+detection", ICLR 2024 (arXiv:2301.12386; earlier arXiv title "Learning to reject meets OOD detection").
 
 **Problem (their Eq. 3).** A classifier ``h`` with a rejector ``r`` (``r(x) = 1``: abstain) on a test population
 ``P_te = pi_in P_in + (1 - pi_in) P_out`` minimises
@@ -9,55 +9,67 @@ detection", ICLR 2024 (arXiv:2301.12386).
     ``(1 - c_fn) P_in(y != h(x), r(x) = 0) + c_fn P_out(r(x) = 0)``   subject to   ``P_te(r(x) = 1) <= b_rej``:
 
 an accepted misclassified ID sample costs ``1 - c_fn``, an accepted OOD sample ``c_fn``, and at most a share
-``b_rej`` of the test population may be rejected.
+``b_rej`` of the *test* population may be rejected.
 
-**Lagrangian and Bayes-optimal rule (Eq. 4, Lemma 3.1, Eq. 5).** With a multiplier ``lambda >= 0`` the objective
-becomes a cost-sensitive one: ``c_in`` per rejected ID sample, ``c_out`` per accepted OOD sample, and the Bayes
-rejector abstains where ``(1 - c_in - c_out) (1 - max_y P_in(y|x)) + c_out P_out(x)/P_in(x) > c_in``
-(:func:`plugin_score`). Writing ``P_te(r=1) = pi_in P_in(r=1) + (1 - pi_in) (1 - P_out(r=0))`` gives the
-Lagrangian, up to a constant, as ``(1 - c_fn) P_in(err, r=0) + lambda pi_in P_in(r=1) + (c_fn - lambda (1 -
-pi_in)) P_out(r=0)``; point-wise, ``x`` is rejected iff
+**Cost-sensitive form and Bayes rule (Eq. 4, Lemma 3.1, Eq. 5).** With costs ``c_in`` per rejected ID sample and
+``c_out`` per accepted OOD sample, ``(1 - c_in - c_out) P_in(y != h(x), r = 0) + c_in P_in(r = 1) + c_out
+P_out(r = 0)`` is minimised point-wise by abstaining where
 
-    ``(1 - c_fn)(1 - max_y P_in(y|x)) + c_fn rho(x)  >  lambda (pi_in + (1 - pi_in) rho(x))``,
-    ``rho(x) = P_out(x) / P_in(x)``,
+    ``(1 - c_in - c_out) (1 - max_y P_in(y|x)) + c_out P_out(x) / P_in(x)  >  c_in``      (:func:`plugin_score`)
 
-i.e. iff ``t(x) > lambda`` with
+(rejecting ``x`` costs ``c_in P_in(x)``, accepting it ``(1 - c_in - c_out)(1 - max_y P_in(y|x)) P_in(x) + c_out
+P_out(x)``); ``c_out = 0`` is Chow's rule, thresholding ``1 - max_y P_in(y|x)`` at ``c_in / (1 - c_in)``.
 
-    ``t(x) = [(1 - c_fn)(1 - max_y P_in(y|x)) + c_fn rho(x)] / [pi_in + (1 - pi_in) rho(x)]``   (:func:`lagrangian_score`).
+**Lagrangian of Eq. 3 (the budget family).** A multiplier ``lambda >= 0`` for the budget gives, up to a constant,
+``(1 - c_fn) P_in(err, r=0) + lambda pi_in P_in(r=1) + (c_fn - lambda (1 - pi_in)) P_out(r=0)``, i.e.
+``c_in = lambda pi_in`` and ``c_out = c_fn - lambda (1 - pi_in)`` with first weight ``1 - c_fn``; point-wise,
+``x`` is rejected iff ``t(x) > lambda`` with
 
-(Normalising the three weights to sum to one gives the paper's ``(1 - c_in - c_out, c_in, c_out)`` form with
-``c_in = lambda pi_in / S``, ``c_out = (c_fn - lambda (1 - pi_in)) / S``, ``S = 1 + lambda (2 pi_in - 1)``; the
-un-normalised ``c_in = lambda pi_in``, ``c_out = c_fn - lambda (1 - pi_in)`` are the paper's Sec. 4.3 values as
-derived in its public ICLR review; the equation numbers 3, 4, 5, 8 and Lemma 3.1 are the ones that review cites.) Each budget ``b_rej`` fixes one ``lambda``, so **the whole family of plug-in rejectors over
-all budgets is the threshold family of the single score t(x)**, and thresholding ``t`` traces exactly the
-risk-coverage curve the paper's AUC-RC integrates (:func:`oodscope.metrics.scod.scod_auc_rc`). This detector
-returns ``t(x)`` (higher = abstain first).
+    ``t(x) = [(1 - c_fn)(1 - max_y P_in(y|x)) + c_fn rho(x)] / [pi_in + (1 - pi_in) rho(x)]``,
+    ``rho(x) = P_out(x) / P_in(x)``                                                      (:func:`lagrangian_score`).
 
-**Black-box plug-in ("Plug-in BB", the rejector ``r_BB`` of Eq. 8).** ``max_y P_in(y|x)`` is replaced by the
-classifier's confidence ``s_sc(x)`` = maximum softmax probability, and the density ratio by a transform of an OOD
-score. The paper's ``s_ood`` estimates ``P_in(x)/P_out(x)`` (higher = more ID) and, as we read Eq. 8, enters
-through ``theta(z) = -1/z``, i.e. ``rho = 1 / s_ood`` (this transform is from our reading, corroborated by the
-third-party implementation named below, which inverts the OOD score; the text of Eq. 8 itself could not be
-re-checked in this session). oodscope scores are higher = more OOD, so ``ratio`` chooses how an oodscope score ``s`` of
-the detector named by ``ood`` becomes ``rho``:
+The three weights sum to ``S = 1 + lambda (2 pi_in - 1)``, so where ``S > 0`` dividing by ``S`` puts them in the
+paper's ``(1 - c_in - c_out, c_in, c_out)`` form of Eq. 4. At ``pi_in = 1/2`` (the default) ``S = 1``: the un-normalised
+``c_in = lambda pi_in``, ``c_out = c_fn - lambda (1 - pi_in)`` then *are* the paper's costs, and the rule equals
+the black-box rejector of Eq. 8 written with ``s_sc`` and the threshold ``t_BB = 1 - 2 c_in - c_out``
+(tests check both identities). Each budget ``b_rej`` fixes one ``lambda``, so **the paper's family of plug-in
+rejectors over all budgets is the threshold family of the single score t(x)**, and thresholding ``t`` traces
+exactly the risk-coverage curve the paper's AUC-RC integrates (:func:`oodscope.metrics.scod.scod_auc_rc`). This
+detector returns ``t(x)`` (higher = abstain first).
 
-* ``"exp"`` (default): ``rho = exp(s - m)``, ``m`` the median of ``s`` on the fitting data. Exact up to a
-  constant factor when ``s`` is a negative log-density of ``P_in`` and ``P_out`` is flat - the energy score
-  ``-logsumexp f(x)`` is such an estimate (Liu et al. 2020) - so ``m`` only fixes that unknown factor.
-* ``"inverse"``: the paper's ``theta(z) = -1/z`` applied to the ID score ``z = -s``, i.e. ``rho = 1 / (-s)``; for
-  detectors whose negated score is a positive density-ratio-like quantity (e.g. ``maxlogit`` with positive max
-  logits, feature norms). A non-positive ``-s`` raises an error.
+**Black-box plug-in ("Plug-in BB", rejector ``r_BB`` of Eq. 8).** ``max_y P_in(y|x)`` is replaced by the
+classifier's confidence ``s_sc(x)`` (here the maximum softmax probability) and the density ratio by a transform
+``theta(z) = -1/z`` of an OOD scorer ``s_ood`` that estimates ``P_in(x) / P_out(x)`` (higher = more ID), i.e.
+``rho = 1 / s_ood``. oodscope scores ``s`` are higher = more OOD, so ``ratio`` says which ID score ``z`` the
+transform is applied to (the detector named by ``ood`` gives ``s``):
+
+* ``"exp"`` (default): ``z = exp(-(s - m))``, so ``rho = exp(s - m)``, ``m`` the median of ``s`` on the fitting
+  data. For a score that is a negative log-density of ``P_in`` - the energy score ``-logsumexp f(x)`` is one
+  (Liu et al. 2020) - ``z`` is a density estimate, and ``P_out`` flat makes ``1/z`` the ratio up to the constant
+  factor that ``m`` fixes (the constant is our choice; the ratio's scale matters because ``rho`` is added to
+  ``1 - s_sc``).
+* ``"inverse"``: ``z = -s`` directly, ``rho = 1 / (-s)``; for detectors whose negated score is positive and
+  density-ratio-like (``maxlogit`` with positive max logits, a feature norm). A non-positive ``-s`` raises.
 
 With ``c_in`` and ``c_out`` given (both), the detector instead returns the fixed-cost Lemma 3.1 score
 ``(1 - c_in - c_out)(1 - s_sc) + c_out rho`` (abstain where it exceeds ``c_in``); ``c_out = 0`` is Chow's rule.
 
-**Defaults and what could not be confirmed.** ``c_fn = 0.75`` is the cost used in the paper's experiments as far
-as could be checked here: the paper's full text was not retrievable in this session, and 0.75 is corroborated by
-a third-party implementation of the paper's plug-in (edadaltocg/detectors, ``scod_eval.plugin_bb``), not by the
-text itself. The paper gives no default for ``pi_in`` (the ID share of the test population; it is estimated from
-the test pool); ``pi_in = 0.5`` is our neutral choice, set it to the expected share. The identity of the paper's
-"[L1]" / "[L2]" OOD-score variants of Plug-in BB could not be confirmed either; pass any oodscope detector as
-``ood`` (e.g. ``"energy"``, ``"maxlogit"``, ``"residual"``).
+**Sources, and what is confirmed.** The paper's body could not be read in this work (only its abstract, front page
+and public reviews are stored where we could look; see ``benchmarks/suite1_logits_results.md``, "SCOD plug-in: what
+the paper says"). Confirmed by the ICLR 2024 reviews (openreview.net/forum?id=DASh78rJ7g): Eq. 3 constrains the
+rejection rate on the *test* distribution; Eq. 4 weighs its first term by ``1 - c_in - c_out``; deriving Eq. 4 from
+Eq. 3 gives ``c_in = lambda pi_in``, ``c_out = c_fn - lambda (1 - pi_in)`` and the first weight ``1 - c_out - (1 -
+pi_in) c_in / pi_in = 1 - c_fn`` (reviewer 3's derivation, identical to ours above; the reviewer also suspects Sec.
+4.3 states ``c_in``/``c_out`` swapped; we follow the derivation, which equals the ``1 - c_in - c_out`` form at
+``pi_in = 1/2``); ``r*`` and ``r_BB`` are defined in Eqs. 5 and 8, and Eq. 8 combines an SC score ``s_sc`` with an
+OOD score ``s_ood``; ``pi_in`` is the test population's ID share, to be estimated at deployment (the paper's
+footnote 3), so the paper has no fixed value for it. Lemma 3.1's rule is derived above from Eq. 4 itself. Not
+confirmed from the paper's text: ``theta(z) = -1/z`` and ``t_BB = 1 - 2 c_in - c_out`` (our earlier reading, matched
+by the third-party ``edadaltocg/detectors`` ``scod_eval.plugin_bb`` and re-derived here from Lemma 3.1), and ``c_fn
+= 0.75`` (the default of that implementation). ``pi_in = 0.5`` is our neutral default (set it to the expected ID
+share); ``ood = "energy"`` and the ``exp`` transform are oodscope's choices, not the paper's (reviewer 3 cites
+"Plug-in BB [L1]" beside "SIRC [L1]" in the paper's Table 4, presumably with the feature-L1-norm score of Xia &
+Bouganis 2022; pass any oodscope detector as ``ood``).
 """
 
 from __future__ import annotations

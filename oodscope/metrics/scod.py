@@ -1,23 +1,28 @@
 """Selective classification with OOD detection (SCOD): the joint risk-coverage curve and its area.
 
 Narasimhan, Menon, Jitkrittum & Kumar, "Plugin estimators for selective classification with out-of-distribution
-detection", ICLR 2024. A classifier ``h`` with a rejector ``r`` is scored on a test pool that mixes ID samples
-(with labels) and OOD samples. The SCOD objective (their Eq. 3) charges ``1 - c_fn`` for an *accepted
-misclassified* ID sample and ``c_fn`` for an *accepted* OOD sample (a false negative of the OOD detector);
-rejections cost nothing in the risk and are accounted for by the coverage. Following the paper's evaluation
-("Evaluation metrics", page 8 of the paper; the joint risk is divided by the number of accepted inputs, as its public review
-restates), the joint risk at a threshold is the summed loss of the accepted samples divided by the number of
-accepted samples, and samples are accepted in order of the rejection score (lowest first). ``AUC-RC`` is the area
-under this risk vs. coverage curve (coverage = accepted share of the whole pool), computed like
-:func:`~oodscope.metrics.selective.aurc` (ties accepted together). Lower is better.
+detection", ICLR 2024 (arXiv:2301.12386). A classifier ``h`` with a rejector ``r`` is scored on a test pool that
+mixes ID samples (with labels) and OOD samples. The SCOD objective (their Eq. 3) charges ``1 - c_fn`` for an
+*accepted misclassified* ID sample and ``c_fn`` for an *accepted* OOD sample (a false negative of the OOD detector),
+subject to a budget on the rejection rate of the whole test population. Here, as in the paper's evaluation
+("Evaluation metrics", page 8), the joint risk at a threshold is the summed loss of the accepted samples divided by
+the number of accepted samples; coverage is the accepted share of the whole pool (``1 - b_rej``, since Eq. 3's
+budget is on the test population); samples are accepted in order of the rejection score (lowest first). ``AUC-RC``
+is the area under this risk vs. coverage curve, computed like :func:`~oodscope.metrics.selective.aurc` (ties
+accepted together). Lower is better.
 
-The paper sweeps the rejection budget ``b_rej`` of Eq. 3 (one Lagrange multiplier per budget); for the plug-in
-rejector that family is exactly the threshold family of one score (see :mod:`oodscope.detectors.scod_plugin`),
-so thresholding that score here gives the paper's curve.
+The paper sweeps the budget ``b_rej`` (one Lagrange multiplier per budget); for the plug-in rejector that family is
+exactly the threshold family of one score (see :mod:`oodscope.detectors.scod_plugin`), so thresholding that score
+here gives the paper's curve.
 
-``c_fn = 0.75`` is the default. It is the cost of the paper's experiments as far as could be checked in this
-session (the paper's full text was not retrievable; 0.75 is the default of a third-party implementation of its
-plug-in evaluation, edadaltocg/detectors). Rejection scores follow the detector convention: higher = reject first.
+What is confirmed: the paper's body could not be read in this work. That the joint risk is divided by the number of
+accepted inputs is stated by reviewer 3 of the ICLR 2024 reviews (openreview.net/forum?id=DASh78rJ7g), who read page
+8; that Eq. 3 constrains the *test* rejection rate by reviewer 2. The per-sample weights ``(1 - c_fn, c_fn)`` are
+Eq. 3's costs, our reading of the metric (torch-uncertainty's ``SCODAURC`` uses the same loss, citing this paper,
+and equates Xia & Bouganis' (ACCV 2022) ID-error weight ``beta`` with ``1 - c_fn``; the ``edadaltocg/detectors``
+evaluation instead counts every accepted failure as 1, which is twice our ``c_fn = 1/2`` value). ``c_fn = 0.75`` is
+the default, from that third-party implementation, not from the paper's text. Rejection scores follow the detector
+convention: higher = reject first.
 """
 
 from __future__ import annotations
