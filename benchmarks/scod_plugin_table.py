@@ -12,6 +12,11 @@ of the accepted samples over their number, AUC-RC its area over coverage (x 100,
   (n_id + n_ood)`` (the paper estimates ``pi_in`` from the test pool), and with ``maxlogit`` through the paper's
   ``theta(z) = -1/z`` (``ratio="inverse"``).
 * ``scod_plugin fixed``: the fixed-cost Lemma 3.1 score with ``c_in = 0, c_out = 0.5`` (the earlier default).
+* ``plug-in BB [L1] (our reading)``: the budget score ``t(x)`` (``c_fn = 0.75, pi_in = 0.5``) with the paper's
+  ``theta(z) = -1/z`` applied to the L1 norm of the penultimate features, ``rho = 1 / ||z||_1`` - our guess at the
+  paper's "Plug-in BB [L1]" (named after SIRC [L1] of Xia & Bouganis 2022, whose secondary score is that norm); the
+  paper's text could not be read, so this is not a confirmed reproduction. Computed from the functions, since
+  oodscope has no feature-norm detector.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import numpy as np
 
 import oodscope
 from oodscope.data.spec import load_benchmark_dir
+from oodscope.detectors._common import probabilities
+from oodscope.detectors.scod_plugin import lagrangian_score
 from oodscope.metrics import auroc, fpr95, scod_auc_rc
 from oodscope.models.zoo import load_model
 from oodscope.runner import extract_benchmark
@@ -75,6 +82,14 @@ def main() -> None:
                 detector = make(len(out[s])).fit(train)
                 cells.append(100 * scod_auc_rc(detector.score(test), errors, detector.score(out[s]), c_fn=0.75))
             print(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {np.mean(cells):.2f} |")
+
+        def l1_plugin(x):
+            msp = probabilities(x.logits).max(axis=1)
+            return lagrangian_score(msp, 1.0 / np.abs(x.features).sum(1), c_fn=0.75, pi_in=0.5)
+
+        cells = [100 * scod_auc_rc(l1_plugin(test), errors, l1_plugin(out[s]), c_fn=0.75) for s in OOD_SETS]
+        print("| plug-in BB [L1] (our reading: rho = 1 / feature L1 norm, pi_in=0.5) | "
+              + " | ".join(f"{c:.2f}" for c in cells) + f" | {np.mean(cells):.2f} |")
 
 
 if __name__ == "__main__":

@@ -233,10 +233,10 @@ def test_scod_plugin_reduces_to_selective_classification_and_ood_detection(rng):
 
 
 def test_scod_lagrangian_score_is_the_papers_cost_sensitive_rule_at_every_lambda(rng):
-    """t(x) > lambda is Lemma 3.1's rule (Eq. 5) with the Lagrangian's weights normalised (sum S > 0) to the (1 - c_in
-    - c_out, c_in, c_out) form of Eq. 4; at pi_in = 1/2 the normaliser is 1 and the rule is the black-box rejector of Eq. 8,
-    (1 - c_in - c_out) s_sc + c_out theta(s_ood) < 1 - 2 c_in - c_out with theta(z) = -1/z and s_ood = 1 / rho,
-    c_in = lambda pi_in, c_out = c_fn - lambda (1 - pi_in)."""
+    """t(x) > lambda is Lemma 3.1's rule (Eq. 5) with the Lagrangian's weights normalised (sum S > 0) to the
+    (1 - c_in - c_out, c_in, c_out) form of Eq. 4; at pi_in = 1/2 the normaliser is 1 and the rule is the black-box
+    rejector of Eq. 8, (1 - c_in - c_out) s_sc + c_out theta(s_ood) < 1 - 2 c_in - c_out with theta(z) = -1/z and
+    s_ood = 1 / rho, c_in = lambda pi_in, c_out = c_fn - lambda (1 - pi_in)."""
     confidence, rho = rng.uniform(0.1, 1.0, 400), np.exp(rng.normal(0.0, 2.0, 400))
     c_fn = 0.75
     for pi_in in (0.5, 0.2, 0.9):
