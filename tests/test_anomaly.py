@@ -424,6 +424,32 @@ def test_deep_sad_pushes_labelled_anomalies_away(blobs):
         make("deep_sad").fit(X, np.full(len(X), 2))
 
 
+@pytest.mark.filterwarnings("ignore:gammaGMM:RuntimeWarning")  # "p0/phigh not met" is reported in the json
+def test_adbench_contamination_option_writes_the_posterior(tmp_path, capsys, monkeypatch):
+    """``oodscope adbench --contamination``: contamination.json and the printed line hold the gammaGMM posterior of
+    each data set next to its true share (a smaller mixture and sample than the defaults keep this quick)."""
+    import functools
+
+    import oodscope.anomaly.contamination as contamination
+
+    monkeypatch.setattr(contamination, "estimate_contamination", functools.partial(
+        contamination.estimate_contamination, max_components=20, n_samples=2000, max_refits=2))
+    out = tmp_path / "adb"
+    assert main(["adbench", "--datasets", "wdbc", "--detectors", "knn_distance", "--seeds", "0", "--contamination",
+                 "--out", str(out), "--quiet"]) == 0
+    (estimate,) = json.loads((out / "contamination.json").read_text())
+    assert estimate["dataset"] == "wdbc" and estimate["anomalies"] == 10
+    assert estimate["true"] == pytest.approx(10 / 367)
+    assert estimate["detectors"] == ["knn_distance", "iforest", "lof"]
+    mean, (low, high) = estimate["posterior_mean"], estimate["interval90"]
+    assert 0 < mean <= 0.5 and 0 <= low < mean < high <= 0.25  # gamma_lim = 0.25 bounds every draw
+    assert estimate["predicted_anomalies"] == round(mean * 367)
+    assert isinstance(estimate["converged"], bool)
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("wdbc "))
+    assert line.split()[1:3] == [f"{100 * 10 / 367:.2f}%", f"{100 * mean:.2f}%"]  # true 2.72 %, posterior mean
+    assert f"[{100 * low:.2f}, {100 * high:.2f}]" in line
+
+
 # -- deciding: contamination posterior (gammaGMM) ---------------------------------------------------------------
 def test_gammagmm_joint_probabilities_and_dirichlet_sums_by_hand():
     from oodscope.anomaly.contamination import _prob_above, joint_probabilities
