@@ -21,9 +21,25 @@ ICML 2023 (reference code: github.com/Lorenzo-Perini/GammaGMM, ``gammaGMM.py``; 
 5. ``gamma``'s posterior is sampled (``n_samples = 10000``): for each draw, sample every component's mean and
    variances, compute the joint probabilities, pick the number of anomalous components and a Dirichlet draw of the
    weights; ``p0`` of the draws are ``gamma = 0``. (The reference code rounds ``100 p`` draws per component; we sample
-   the component index directly, the same distribution without rounding.)
+   the component index directly, the same distribution without rounding: on WDBC the reference's rounded scheme on
+   our fitted mixture gives a mean of 10.51 % against our 10.52 %, ``benchmarks/gammagmm_wdbc.py``.)
 
 The threshold of a detector is then set so that the share of predicted anomalies equals the posterior mean.
+
+Checked against the reference code step by step (score transform, ``K``, concentration, ``max_iter``, the ``>= 2``
+filter and the spreading of the lost mass, the ordering statistic, both equations for ``delta, tau`` with their
+bounds, start and 10 % tolerance, the Dirichlet sums, ``gamma_lim``). Three deliberate differences: (a) the
+reference re-scores the data with each refit's seed, we score once and refit only the mixture; (b) after sorting,
+the reference indexes the *unfiltered* ``mean_precision_`` / ``degrees_of_freedom_`` with positions among the
+*kept* components (the same thing only when the kept components are the leading ones); we take the kept
+components' own; (c) the reference gives up after 100 refits and returns ``gamma = 0``, we stop after
+``max_refits`` and keep the last fit with a warning (``converged_ = False``).
+
+How good the estimate is: the paper's own estimate on WDBC (the same 367 rows, true 2.72 %) is 6.57 % (Online
+Supplement, Table 2), with the 10 detectors of its experiments (KNN, IForest, LOF, OCSVM, LSCP, AE, VAE, HBOS,
+LODA, COPOD). With the reference code's default three detectors (ours, ``DEFAULT_DETECTORS``) the mixture's top
+component holds 10.6 % of the rows and the posterior mean is 10.5 %; with the paper's ten PyOD detectors our
+posterior mean is 8.5 % (min-max data, 90 % interval [2.2, 13.4]) or 7.8 % (standardised).
 """
 
 from __future__ import annotations
