@@ -484,6 +484,34 @@ def test_gammagmm_posterior_meets_its_priors_and_covers_the_truth():
         ContaminationPosterior().fit(np.c_[scores, np.ones(len(X))])
 
 
+def test_gammagmm_rescores_with_each_refits_seed(monkeypatch):
+    """As the authors' code: refit i re-scores the data with seed + 100 i (IForest's draws) and fits the mixture
+    with the same seed; a refit that misses p0/phigh is followed by the next until max_refits."""
+    import oodscope.anomaly.contamination as contamination
+
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(size=(60, 3)), rng.normal(size=(5, 3)) + 5]
+    seeds, columns = [], []
+    real = contamination.score_matrix
+
+    def recording(X, detectors, seed):
+        seeds.append(seed)
+        columns.append(real(X, detectors, seed)[:, 1])  # IForest
+        return real(X, detectors, seed)
+
+    monkeypatch.setattr(contamination, "score_matrix", recording)
+    # P(gamma > 1e-4) is ~ P(gamma > 0) = 1 - p0, so phigh = 0.01 can never be met: every refit is rejected
+    with pytest.warns(RuntimeWarning, match="within 10 %"):
+        posterior = contamination.estimate_contamination(X, seed=5, max_refits=3, high_gamma=1e-4, max_components=5,
+                                                         n_samples=500)
+    assert seeds == [5, 105, 205] and not np.allclose(columns[0], columns[1])
+    assert posterior.attempts_ == 3 and posterior.seed_used_ == 205 and not posterior.converged_
+    scores = real(X, contamination.DEFAULT_DETECTORS, 0)
+    with pytest.raises(ValueError, match="rescore gave scores of shape"):
+        contamination.ContaminationPosterior(max_refits=2, high_gamma=1e-4, max_components=5).fit(
+            scores, rescore=lambda seed: scores[:-1])
+
+
 # -- deciding: EAP, the quality of auxiliary anomalies ------------------------------------------------------------
 def test_eap_posterior_mean_hand_case_and_limits():
     from oodscope.anomaly.eap import posterior_mean
