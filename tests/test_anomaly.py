@@ -501,11 +501,11 @@ def test_gammagmm_rescores_with_each_refits_seed(monkeypatch):
 
     monkeypatch.setattr(contamination, "score_matrix", recording)
     # P(gamma > 1e-4) is ~ P(gamma > 0) = 1 - p0, so phigh = 0.01 can never be met: every refit is rejected
-    with pytest.warns(RuntimeWarning, match="within 10 %"):
+    with pytest.warns(RuntimeWarning, match="within 10 %.*closest fit"):
         posterior = contamination.estimate_contamination(X, seed=5, max_refits=3, high_gamma=1e-4, max_components=5,
                                                          n_samples=500)
     assert seeds == [5, 105, 205] and not np.allclose(columns[0], columns[1])
-    assert posterior.attempts_ == 3 and posterior.seed_used_ == 205 and not posterior.converged_
+    assert posterior.attempts_ == 3 and posterior.seed_used_ in seeds and not posterior.converged_  # the closest
     scores = real(X, contamination.DEFAULT_DETECTORS, 0)
     with pytest.raises(ValueError, match="rescore gave scores of shape"):
         contamination.ContaminationPosterior(max_refits=2, high_gamma=1e-4, max_components=5).fit(
