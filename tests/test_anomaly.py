@@ -72,6 +72,27 @@ def test_protocol_splits_follow_their_definitions():
         next(splits(wine, "odds"))
 
 
+def test_adbench_protocol_reproduces_the_published_adbench_numbers():
+    """ADBench (NeurIPS 2022) Tables D4/D5, unsupervised, rows WDBC and wine: the deterministic detectors on
+    ADBench's own splits (resampled to 1000 rows, seeds 1-3) give the published means to the printed digit."""
+    from oodscope.anomaly.datasets import ADBENCH_ANOMALY_ORDER, adbench_order
+    from oodscope.anomaly.protocol import run_protocol, summarise
+
+    wine = load_wine()
+    order = adbench_order(wine)
+    assert sorted(order) == list(range(129)) and wine.y[order][:10].all() and not wine.y[order][10:].any()
+    np.testing.assert_array_equal(wine.source_rows[order][:10], ADBENCH_ANOMALY_ORDER["wine"])
+    (split,) = splits(wine, "adbench", seeds=[1], resample_to=1000)
+    assert len(split.X_train) == 700 and len(split.y_test) == 300 and split.y_test.sum() == 23
+    published = {("knn_distance", "wdbc"): (91.72, 43.72), ("knn_distance", "wine"): (44.98, 8.43),
+                 ("lof", "wdbc"): (89.00, 14.93), ("lof", "wine"): (37.74, 7.77),
+                 ("ocsvm", "wdbc"): (98.86, 71.88), ("ocsvm", "wine"): (73.07, 21.56)}
+    records, _ = run_protocol(["knn_distance", "lof", "ocsvm"], [load_wdbc(), wine], "adbench", resample_to=1000)
+    for r in summarise(records):
+        assert r["n_seeds"] == 3
+        np.testing.assert_allclose((r["auroc"], r["aupr_out"]), published[(r["detector"], r["dataset"])], atol=0.006)
+
+
 # -- reference values -----------------------------------------------------------------------------------------
 def test_knn_distance_matches_sklearn(blobs):
     from sklearn.neighbors import NearestNeighbors
@@ -403,6 +424,32 @@ def test_deep_sad_pushes_labelled_anomalies_away(blobs):
         make("deep_sad").fit(X, np.full(len(X), 2))
 
 
+@pytest.mark.filterwarnings("ignore:gammaGMM:RuntimeWarning")  # "p0/phigh not met" is reported in the json
+def test_adbench_contamination_option_writes_the_posterior(tmp_path, capsys, monkeypatch):
+    """``oodscope adbench --contamination``: contamination.json and the printed line hold the gammaGMM posterior of
+    each data set next to its true share (a smaller mixture and sample than the defaults keep this quick)."""
+    import functools
+
+    import oodscope.anomaly.contamination as contamination
+
+    monkeypatch.setattr(contamination, "estimate_contamination", functools.partial(
+        contamination.estimate_contamination, max_components=20, n_samples=2000, max_refits=2))
+    out = tmp_path / "adb"
+    assert main(["adbench", "--datasets", "wdbc", "--detectors", "knn_distance", "--seeds", "0", "--contamination",
+                 "--out", str(out), "--quiet"]) == 0
+    (estimate,) = json.loads((out / "contamination.json").read_text())
+    assert estimate["dataset"] == "wdbc" and estimate["anomalies"] == 10
+    assert estimate["true"] == pytest.approx(10 / 367)
+    assert estimate["detectors"] == ["knn_distance", "iforest", "lof"]
+    mean, (low, high) = estimate["posterior_mean"], estimate["interval90"]
+    assert 0 < mean <= 0.5 and 0 <= low < mean < high <= 0.25  # gamma_lim = 0.25 bounds every draw
+    assert estimate["predicted_anomalies"] == round(mean * 367)
+    assert isinstance(estimate["converged"], bool)
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("wdbc "))
+    assert line.split()[1:3] == [f"{100 * 10 / 367:.2f}%", f"{100 * mean:.2f}%"]  # true 2.72 %, posterior mean
+    assert f"[{100 * low:.2f}, {100 * high:.2f}]" in line
+
+
 # -- deciding: contamination posterior (gammaGMM) ---------------------------------------------------------------
 def test_gammagmm_joint_probabilities_and_dirichlet_sums_by_hand():
     from oodscope.anomaly.contamination import _prob_above, joint_probabilities
@@ -435,6 +482,34 @@ def test_gammagmm_posterior_meets_its_priors_and_covers_the_truth():
             threshold_at(scores, bad)
     with pytest.raises(ValueError, match="constant score"):
         ContaminationPosterior().fit(np.c_[scores, np.ones(len(X))])
+
+
+def test_gammagmm_rescores_with_each_refits_seed(monkeypatch):
+    """As the authors' code: refit i re-scores the data with seed + 100 i (IForest's draws) and fits the mixture
+    with the same seed; a refit that misses p0/phigh is followed by the next until max_refits."""
+    import oodscope.anomaly.contamination as contamination
+
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(size=(60, 3)), rng.normal(size=(5, 3)) + 5]
+    seeds, columns = [], []
+    real = contamination.score_matrix
+
+    def recording(X, detectors, seed):
+        seeds.append(seed)
+        columns.append(real(X, detectors, seed)[:, 1])  # IForest
+        return real(X, detectors, seed)
+
+    monkeypatch.setattr(contamination, "score_matrix", recording)
+    # P(gamma > 1e-4) is ~ P(gamma > 0) = 1 - p0, so phigh = 0.01 can never be met: every refit is rejected
+    with pytest.warns(RuntimeWarning, match="within 10 %.*closest fit"):
+        posterior = contamination.estimate_contamination(X, seed=5, max_refits=3, high_gamma=1e-4, max_components=5,
+                                                         n_samples=500)
+    assert seeds == [5, 105, 205] and not np.allclose(columns[0], columns[1])
+    assert posterior.attempts_ == 3 and posterior.seed_used_ in seeds and not posterior.converged_  # the closest
+    scores = real(X, contamination.DEFAULT_DETECTORS, 0)
+    with pytest.raises(ValueError, match="rescore gave scores of shape"):
+        contamination.ContaminationPosterior(max_refits=2, high_gamma=1e-4, max_components=5).fit(
+            scores, rescore=lambda seed: scores[:-1])
 
 
 # -- deciding: EAP, the quality of auxiliary anomalies ------------------------------------------------------------

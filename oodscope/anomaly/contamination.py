@@ -17,20 +17,46 @@ ICML 2023 (reference code: github.com/Lorenzo-Perini/GammaGMM, ``gammaGMM.py``; 
    ``p_1 ... p_k (1 - p_{k+1})``, and then ``gamma`` = the sum of their mixture weights (``Dirichlet(alpha)``).
    ``delta`` and ``tau`` solve ``P(gamma = 0) = p0`` and ``P(gamma > high_gamma) = phigh`` (``least_squares``,
    accepted within 10 %, otherwise refit with another seed). Defaults are the paper's: ``p0 = phigh = 0.01``,
-   ``high_gamma = 0.15``, samples of ``gamma`` limited to ``gamma < gamma_lim = 0.25``.
+   ``high_gamma = 0.15``, samples of ``gamma`` limited to ``gamma < gamma_lim = 0.25``. Each refit uses the seed
+   ``seed + 100 * attempt`` for the mixture and, as in the reference, for re-scoring the data with the detectors
+   (``fit(scores, rescore=...)``; :func:`estimate_contamination` does this).
 5. ``gamma``'s posterior is sampled (``n_samples = 10000``): for each draw, sample every component's mean and
    variances, compute the joint probabilities, pick the number of anomalous components and a Dirichlet draw of the
    weights; ``p0`` of the draws are ``gamma = 0``. (The reference code rounds ``100 p`` draws per component; we sample
-   the component index directly, the same distribution without rounding.)
+   the component index directly, the same distribution without rounding: on WDBC the reference's rounded scheme on
+   our fitted mixture gives a mean of 11.07 % against our 11.04 %, ``benchmarks/gammagmm_wdbc.py``.)
 
 The threshold of a detector is then set so that the share of predicted anomalies equals the posterior mean.
+
+Checked against the reference code step by step (score transform, ``K``, concentration, ``max_iter``, the ``>= 2``
+filter and the spreading of the lost mass, the ordering statistic, both equations for ``delta, tau`` with their
+bounds, start and 10 % tolerance, the Dirichlet sums, ``gamma_lim``, re-scoring with each refit's seed), and run
+side by side on WDBC (``benchmarks/gammagmm_wdbc.py``): on the standardised data with KNN, IForest, LOF the authors'
+``run_gammaGMM`` accepts its 69th refit and gives a mean of 11.24 % (90 % interval [8.95, 13.81]); ours on that
+refit's exact scores and seed 11.25 % ([8.90, 13.81]); :func:`estimate_contamination` (its own IForest draws,
+accepted at refit 3) 11.04 % ([8.76, 13.63]). Deliberate differences: (a) after sorting, the reference indexes the
+*unfiltered* ``mean_precision_`` / ``degrees_of_freedom_`` with positions among the *kept* components when it samples
+(the same thing only when the kept components are the leading ones); we take the kept components' own. On min-max
+scaled WDBC this matters: the reference's accepted refit gives 15.35 % ([9.06, 23.23]), ours on its scores 11.35 %
+([8.76, 14.39]), and ours with the slip put back 14.6 % ([9.1, 23.0], a one-off check). (b) The reference gives up
+after 100 refits and returns ``gamma = 0``; we stop after ``max_refits = 20`` (runtime) and keep the refit closest to
+the two priors, with a warning (``converged_ = False``). Whether a refit is
+accepted is chaotic in the scores: rounding one score column to float32 turns an accepted 11.3 % into a rejected
+43 %.
+
+How good the estimate is: the paper's own estimate on WDBC (the same 367 rows, true 2.72 %) is 6.57 % (Online
+Supplement, Table 2; the supplement calls it "not-optimal"), with the 10 detectors of its experiments (KNN, IForest,
+LOF, OCSVM, LSCP, AE, VAE, HBOS, LODA, COPOD). With the reference code's default three detectors (ours,
+``DEFAULT_DETECTORS``) the mixture's top component holds 11 % of the rows and the posterior mean is 11 %, in the
+reference code as in ours; with the paper's ten PyOD detectors our posterior mean is 8.5 % (min-max data, 90 %
+interval [2.2, 13.4]) or 7.8 % (standardised).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -100,20 +126,27 @@ class ContaminationPosterior:
         if int(self.n_samples) < 10 or int(self.max_components) < 1:
             raise ValueError("gammaGMM: n_samples must be >= 10 and max_components >= 1")
 
-    def fit(self, scores: np.ndarray) -> "ContaminationPosterior":
+    def fit(self, scores: np.ndarray, rescore: Callable[[int], np.ndarray] | None = None) -> "ContaminationPosterior":
+        """Posterior from the ``(n, M)`` score matrix ``scores`` (made with the seed ``self.seed``); ``rescore(seed)``,
+        when given, re-scores the same examples with a new seed for every refit, as the reference code does."""
         from scipy.optimize import least_squares
         from sklearn.mixture import BayesianGaussianMixture
         from threadpoolctl import threadpool_limits
 
         self._check()
         points = transform_scores(scores)
-        n, M = points.shape
-        K = min(int(self.max_components), n - 1)
-        logit_p0 = np.log(self.p0 / (1.0 - self.p0))
-        keep = np.empty(0, dtype=int)
+        shape = points.shape
+        best = None
         for attempt in range(int(self.max_refits)):
             seed = int(self.seed) + 100 * attempt
             rng = np.random.default_rng(seed)
+            if attempt and rescore is not None:
+                points = transform_scores(rescore(seed))
+                if points.shape != shape:
+                    raise ValueError(f"gammaGMM: rescore gave scores of shape {points.shape}, expected {shape}")
+            n, M = points.shape
+            K = min(int(self.max_components), n - 1)
+            logit_p0 = np.log(self.p0 / (1.0 - self.p0))
             # one BLAS/OpenMP thread: these matrices are tiny and thread contention slows the fit ~10x on shared CPUs
             with warnings.catch_warnings(), threadpool_limits(1):
                 warnings.simplefilter("ignore")  # ConvergenceWarning of the variational fit, as in the reference
@@ -142,15 +175,20 @@ class ContaminationPosterior:
             p = _sigmoid(delta, tau, m)
             p0_est, phigh_est = 1.0 - p[0], np.sum(above * joint_probabilities(p))
             self.attempts_ = attempt + 1
-            if abs(p0_est - self.p0) < 0.1 * self.p0 and abs(phigh_est - self.phigh) < 0.1 * self.phigh:
-                self.converged_ = True
+            # relative miss of the two priors; the reference accepts a fit when both are within 10 %
+            miss = max(abs(p0_est - self.p0) / self.p0, abs(phigh_est - self.phigh) / self.phigh)
+            if best is None or miss < best[0]:
+                best = (miss, seed, rng, mixture, keep, order, means, alphas, delta, tau, p)
+            if miss < 0.1:
                 break
-        else:
-            if keep.size == 0:
-                raise ValueError("gammaGMM: the mixture found no component with at least one member; give more data")
-            self.converged_ = False
+        if best is None:
+            raise ValueError("gammaGMM: the mixture found no component with at least one member; give more data")
+        miss, seed, rng, mixture, keep, order, means, alphas, delta, tau, p = best
+        self.converged_ = bool(miss < 0.1)
+        if not self.converged_:
             warnings.warn(f"gammaGMM: no (delta, tau) met p0={self.p0} and phigh={self.phigh} within 10 % after "
-                          f"{self.max_refits} fits; the posterior uses the last fit", RuntimeWarning)
+                          f"{self.max_refits} fits; the posterior uses the closest fit (seed {seed}, "
+                          f"{100 * miss:.0f} % off)", RuntimeWarning)
         self.n_components_, self.delta_, self.tau_, self.seed_used_ = keep.size, float(delta), float(tau), seed
         order_keep = keep[order]
         self.component_means_, self.anomalous_probability_ = means[order], p
@@ -236,7 +274,11 @@ def score_matrix(X: np.ndarray, detectors: Sequence[str] = DEFAULT_DETECTORS, se
     return np.column_stack(columns)
 
 
-def estimate_contamination(X: np.ndarray, detectors: Sequence[str] = DEFAULT_DETECTORS, seed: int = 0,
+def estimate_contamination(X: np.ndarray, detectors: Sequence[str] = DEFAULT_DETECTORS, seed: int = 331,
                            **options) -> ContaminationPosterior:
-    """gammaGMM on unlabeled data ``X``: the detectors' scores on ``X`` -> posterior of its contamination factor."""
-    return ContaminationPosterior(**options).fit(score_matrix(X, detectors, seed))
+    """gammaGMM on unlabeled data ``X``: the detectors' scores on ``X`` -> posterior of its contamination factor.
+
+    As in the reference code, refit ``i`` seeds both the detectors (IForest) and the mixture with ``seed + 100 i``.
+    """
+    return ContaminationPosterior(seed=seed, **options).fit(score_matrix(X, detectors, seed),
+                                                            rescore=lambda s: score_matrix(X, detectors, s))

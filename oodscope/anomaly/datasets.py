@@ -7,7 +7,11 @@ Han et al., "ADBench: Anomaly Detection Benchmark", NeurIPS 2022 (Datasets and B
 * ``wine``: all rows of classes 1 and 2 of :func:`sklearn.datasets.load_wine` plus the 10 class-0 rows with
   indices ``WINE_ANOMALY_ROWS`` -> 129 x 13, 10 anomalies (7.75 %).
 
-Rows keep scikit-learn's order; ``y`` is 1 for an anomaly and 0 for a normal row.
+Rows keep scikit-learn's order; ``y`` is 1 for an anomaly and 0 for a normal row. ADBench's own files
+(``Classical/43_WDBC.npz``, ``45_wine.npz``) hold the same rows in another order: the 10 anomalies first, in the order
+``ADBENCH_ANOMALY_ORDER``, then the normal rows in scikit-learn's order (checked row by row against the files of
+github.com/Minqi824/ADBench); :func:`adbench_order` gives that order, which the ``adbench`` protocol needs to draw
+ADBench's exact splits.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import numpy as np
 
 WDBC_ANOMALY_ROWS = (28, 33, 95, 117, 230, 323, 370, 498, 516, 564)
 WINE_ANOMALY_ROWS = (5, 7, 9, 16, 32, 37, 48, 53, 56, 57)
+# the same anomaly rows (scikit-learn indices) in the order of ADBench's .npz files
+ADBENCH_ANOMALY_ORDER = {"wdbc": (28, 117, 230, 95, 370, 323, 516, 498, 33, 564),
+                         "wine": (57, 16, 32, 7, 56, 48, 9, 37, 5, 53)}
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,7 @@ class TabularDataset:
     name: str
     X: np.ndarray
     y: np.ndarray
+    source_rows: np.ndarray | None = None  # row index in the source data set (scikit-learn's), when known
 
     def __post_init__(self) -> None:
         if self.X.ndim != 2 or self.y.shape != (len(self.X),):
@@ -43,7 +51,17 @@ def _subset(name: str, X: np.ndarray, keep: np.ndarray, anomaly_rows: tuple[int,
     anomalies = np.zeros(len(X), dtype=bool)
     anomalies[list(anomaly_rows)] = True
     rows = np.flatnonzero(keep | anomalies)
-    return TabularDataset(name, np.asarray(X[rows], dtype=np.float64), anomalies[rows].astype(np.int64))
+    return TabularDataset(name, np.asarray(X[rows], dtype=np.float64), anomalies[rows].astype(np.int64), rows)
+
+
+def adbench_order(data: TabularDataset) -> np.ndarray:
+    """Row permutation putting ``data`` in the order of ADBench's file (identity for other data sets)."""
+    order = ADBENCH_ANOMALY_ORDER.get(data.name)
+    if order is None or data.source_rows is None:
+        return np.arange(len(data.y))
+    position = {int(row): i for i, row in enumerate(data.source_rows)}
+    first = np.array([position[row] for row in order])
+    return np.concatenate([first, np.flatnonzero(data.y == 0)])
 
 
 def load_wdbc() -> TabularDataset:

@@ -14,7 +14,12 @@ The DTE code (inherited from ADBench's data generator) first resamples data sets
 the default ``None`` keeps the data set as it is.
 
 ``adbench`` (Han et al., "ADBench", NeurIPS 2022): a 70/30 stratified train/test split, min-max scaling fitted on
-the training part, fit on the whole training part (unlabelled, anomalies included), seeds ``1..3``.
+the training part, fit on the whole training part (unlabelled, anomalies included), seeds ``1..3``. ADBench's
+``data_generator.py`` resamples data sets with fewer than 1000 rows to 1000 rows with replacement *before* the split
+(its default ``generate_duplicates=True``; WDBC and wine are both below), so its published numbers on WDBC/wine have
+copies of the same row in train and test; ``resample_to=1000`` reproduces that. The draws follow ADBench's
+sequence exactly (``RandomState(seed)``: ``choice`` for the resample, then ``train_test_split`` on the same state, on
+the rows in ADBench's file order, :func:`~oodscope.anomaly.datasets.adbench_order`), so the splits are ADBench's own.
 
 Every split is scored with the normal test rows as "in-distribution" and the anomalies as "out": AUROC and the
 AUPR with anomalies positive (``aupr_out``) are the numbers ADBench reports.
@@ -63,11 +68,12 @@ def splits(data: TabularDataset, protocol: str, seeds: Iterable[int] | None = No
     """The splits of ``data`` under ``protocol`` (``"dte"`` or ``"adbench"``), one per setting and seed."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {sorted(PROTOCOLS)}")
-    if resample_to is not None and protocol != "dte":
-        raise ValueError("resample_to reproduces the DTE code's small-data resampling; use it with protocol 'dte'")
     seeds = DEFAULT_SEEDS[protocol] if seeds is None else tuple(seeds)
     for setting in PROTOCOLS[protocol]:
         for seed in seeds:
+            if setting == "adbench":
+                yield _adbench_split(data, seed, resample_to)
+                continue
             rng = np.random.default_rng(seed)
             X, y = data.X, data.y
             if resample_to is not None and len(X) < resample_to:
@@ -83,12 +89,23 @@ def splits(data: TabularDataset, protocol: str, seeds: Iterable[int] | None = No
                 boot = rng.choice(len(X), len(X), replace=True)
                 train_x, test_x = _standardise(X[boot], X)
                 yield Split(data.name, setting, seed, train_x, test_x, y)
-            else:
-                from sklearn.model_selection import train_test_split
 
-                train, test = train_test_split(np.arange(len(X)), test_size=0.3, stratify=y, random_state=seed)
-                train_x, test_x = _min_max(X[train], X[test])
-                yield Split(data.name, setting, seed, train_x, test_x, y[test])
+
+def _adbench_split(data: TabularDataset, seed: int, resample_to: int | None) -> Split:
+    """ADBench's split: file row order, optional resample to ``resample_to`` rows, stratified 70/30, min-max."""
+    from sklearn.model_selection import train_test_split
+
+    from .datasets import adbench_order
+
+    order = adbench_order(data)
+    X, y = data.X[order], data.y[order]
+    state = np.random.RandomState(seed)  # ADBench seeds numpy's global state and draws both steps from it
+    if resample_to is not None and len(X) < resample_to:
+        pick = state.choice(np.arange(len(y)), resample_to, replace=True)
+        X, y = X[pick], y[pick]
+    train, test = train_test_split(np.arange(len(y)), test_size=0.3, shuffle=True, stratify=y, random_state=state)
+    train_x, test_x = _min_max(X[train], X[test])
+    return Split(data.name, "adbench", seed, train_x, test_x, y[test])
 
 
 def anomaly_detectors() -> list[str]:

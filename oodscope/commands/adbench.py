@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="leave out the detectors that train a network (DTE-C, Deep SVDD/SAD, DRPO)")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's)")
     parser.add_argument("--resample-to", type=int, default=None,
-                        help="dte only: resample smaller data sets to this many rows first, as the DTE code does "
-                             "(1000); default: off")
+                        help="resample smaller data sets to this many rows (with replacement) first, as the DTE and "
+                             "ADBench codes do (1000; with --protocol adbench this gives ADBench's exact splits); "
+                             "default: off")
     parser.add_argument("--contamination", action="store_true",
                         help="also estimate each data set's contamination factor with gammaGMM (Perini et al., ICML "
                              "2023; kNN, IForest, LOF scores on the whole standardised data set) and report it next "
