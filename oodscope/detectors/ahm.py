@@ -54,8 +54,9 @@ def random_head_mask(n_layers: int, n_heads: int, fraction: float, layers: Seque
                      seed: int = 0) -> np.ndarray:
     """The paper's ``N x H`` mask: all ones, then ``round(fraction * H)`` random zeros in each of ``layers``.
 
-    ``layers=None`` masks every layer (as the paper does); the zeros of a layer are drawn without replacement
-    with ``numpy.random.default_rng(seed)``, layer after layer in increasing order.
+    ``layers=None`` masks every layer (as the paper does); the zeros of a layer are
+    ``rng.choice(H, round(fraction * H), replace=False)`` with one ``rng = numpy.random.default_rng(seed)``, layer
+    after layer in increasing order (for one layer this is the head choice of the earlier last-block-only AHM).
     """
     count = int(round(float(fraction) * n_heads))
     if not 0.0 < float(fraction) < 1.0 or count < 1:
@@ -65,7 +66,7 @@ def random_head_mask(n_layers: int, n_heads: int, fraction: float, layers: Seque
     mask = np.ones((n_layers, n_heads), dtype=np.int64)
     rng = np.random.default_rng(seed)
     for layer in chosen:
-        mask[layer, rng.permutation(n_heads)[:count]] = 0
+        mask[layer, rng.choice(n_heads, size=count, replace=False)] = 0
     return mask
 
 
