@@ -9,7 +9,7 @@ fine-tuned all-MiniLM-L6-v2 [CLS] classifier, vs the unmasked Mahalanobis / kNN 
 AHM re-runs the whole transformer with the mask on (a mask touches every layer), so on the shared CPUs the
 training bank and the validation split are seeded class-balanced subsets (``--train-per-class``,
 ``--val-per-class``; 0 = all); ``oos_val`` (100), the in-scope test split (4,500) and ``oos_test`` (1,000) are
-complete. Steps: (1) the unmasked model: Mahalanobis and kNN (k=50) on its [CLS] embedding; (2) AHM with the
+complete. Steps: (1) the unmasked model: Mahalanobis and kNN (``--knn-k``) on its [CLS] embedding; (2) AHM with the
 default mask (``fraction=0.25`` of the heads of every layer, seed 0); (3) ``AttentionHeadMasking.select_mask``:
 ``--n-masks`` seeded random masks for each p in ``--fractions``, the one with the lowest FPR@95 on val vs
 ``oos_val`` kept; (4) test metrics of the masks of (2) and (3), Mahalanobis and kNN fitted on the same masked
@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.1,0.25,0.5")
     parser.add_argument("--n-masks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--knn-k", type=int, default=0,
+                        help="k of the kNN rows; 0: 50 scaled by the share of the train split in the bank "
+                             "(Sun et al. 2022 scale k with the sampling ratio)")
     args = parser.parse_args()
 
     import torch
@@ -116,11 +119,15 @@ def main() -> None:
         log(f"{label:<58} AUROC {m['auroc']:.2f}  FPR@95 {m['fpr95']:.2f}  AUPR-In {m['aupr_in']:.2f}  "
             f"AUPR-Out {m['aupr_out']:.2f}")
 
+    k = args.knn_k or max(1, round(50 * sizes["train"] / len(bench.train.inputs)))
+    results["knn_k"] = k
+
     def both_distances(label: str, train: np.ndarray, test: np.ndarray, oos: np.ndarray, **extra) -> None:
         for distance in ("mahalanobis", "knn"):
             bank = oodscope.Outputs(features=train, labels=outputs["train"].labels)
-            det = oodscope.create(distance).fit(bank)
-            report(f"{label}, {distance}", det.score(test), det.score(oos), **extra)
+            det = oodscope.create(distance, **({"k": k} if distance == "knn" else {})).fit(bank)
+            name = distance if distance == "mahalanobis" else f"knn k={k}"
+            report(f"{label}, {name}", det.score(test), det.score(oos), **extra)
 
     both_distances("unmasked", outputs["train"].features, outputs["test"].features, outputs["oos_test"].features)
 
