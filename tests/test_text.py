@@ -320,6 +320,10 @@ def test_ahm_equals_a_hand_written_masked_forward_and_ones_equal_the_plain_model
         oodscope.create("ahm", heads=np.ones((2, 4))).fit(train)
     with pytest.raises(ValueError, match="layers"):
         oodscope.create("ahm", layers=[], fraction=0.5).fit(train)
+    one = oodscope.create("ahm", fraction=0.5, layers=-2, seed=1).fit(train)
+    assert list(one.heads_) == [1] and (one.head_mask_[[0, 2]] == 1).all()
+    with pytest.raises(ValueError, match="not both"):
+        oodscope.create("ahm", layers=[0], block=1).fit(train)
 
 
 def test_ahm_is_inference_only_and_select_mask_keeps_the_best_validation_draw(tiny_model, rng):
