@@ -138,12 +138,13 @@ def main() -> None:
                 s["test"], s["oos_test"], outputs["test"].logits.argmax(1) == outputs["test"].labels)
             log(f"larson oos-threshold {name:<12} " + json.dumps(results["larson"][name]))
         save()
-    if "ahm" in stages:  # masked heads in the last block; configuration chosen on val vs oos_val as the paper does
+    if "ahm" in stages:  # masked heads in the LAST block only (the cached lower states are unmasked); the paper's
+        # mask (p of the heads of every layer) re-runs every block: benchmarks/clinc150_ahm.py
         from oodscope.text.model import HeadMask
 
         chosen, best = None, -1.0
         for fraction in (1 / 12, 0.25, 0.5):
-            det = oodscope.create("ahm", fraction=fraction)
+            det = oodscope.create("ahm", fraction=fraction, block=-1)
             heads = det.masked_heads(model)
             with HeadMask(model, heads):
                 masked = {name: top_features(name) for name in splits}

@@ -229,11 +229,131 @@ def test_head_mask_and_ahm(tiny_model, rng):
     direct = oodscope.create("mahalanobis").fit(Outputs(features=masked.numpy().astype(np.float64),
                                                         labels=labels, logits=train.logits))
     assert ahm.score(train) == pytest.approx(direct.score(masked.numpy().astype(np.float64)), rel=1e-4, abs=1e-4)
-    knn = oodscope.create("ahm", fraction=0.5, distance="knn", k=3).fit(train)
+    knn = oodscope.create("ahm", fraction=0.5, distance="knn", k=3, block=2).fit(train)  # the older 1-block mode
     assert knn.heads_ == {2: knn.heads_[2]} and len(knn.heads_[2]) == 2
     assert knn.score(train).shape == (20,)
+    every = oodscope.create("ahm", fraction=0.5).fit(train)  # default: p of the heads of every layer (the paper)
+    assert sorted(every.heads_) == [0, 1, 2] and all(len(h) == 2 for h in every.heads_.values())
     with pytest.raises(ValueError, match="fraction"):
         oodscope.create("ahm", fraction=1.5).fit(train)
+
+
+def test_ahm_random_mask_has_round_p_h_zeros_per_layer_and_is_seeded():
+    from oodscope.detectors.ahm import random_head_mask
+
+    for p, h in ((0.25, 12), (1 / 12, 12), (0.5, 4), (0.3, 12)):
+        mask = random_head_mask(6, h, p, seed=3)
+        assert mask.shape == (6, h) and set(np.unique(mask)) <= {0, 1}
+        assert ((mask == 0).sum(axis=1) == round(p * h)).all()  # exactly round(p * H) heads off in every layer
+    assert np.array_equal(random_head_mask(6, 12, 0.25, seed=3), random_head_mask(6, 12, 0.25, seed=3))
+    assert not np.array_equal(random_head_mask(6, 12, 0.25, seed=3), random_head_mask(6, 12, 0.25, seed=4))
+    only = random_head_mask(6, 12, 0.25, layers=[-1, 1], seed=0)
+    assert ((only == 0).sum(axis=1) == [0, 3, 0, 0, 0, 3]).all()
+    # the layers are drawn one after the other from one seeded generator (reproducible by hand)
+    rng = np.random.default_rng(7)
+    expected = np.ones((3, 8), np.int64)
+    for layer in range(3):
+        expected[layer, rng.choice(8, size=2, replace=False)] = 0
+    assert np.array_equal(random_head_mask(3, 8, 0.25, seed=7), expected)
+    for bad in (0.0, 1.0, 0.01):
+        with pytest.raises(ValueError, match="round"):
+            random_head_mask(6, 12, bad)
+
+
+def _manual_masked_embedding(model, tokens, mask_matrix):
+    """all-MiniLM-style forward written out by hand, each head's attention probabilities times M[layer, head]."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, att = model.split_tokens(tokens)
+    x = model.encoder.embeddings(input_ids=ids)
+    additive = (1.0 - att[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    for layer, block in enumerate(model.blocks):
+        sa = block.attention.self
+        h, d = sa.num_attention_heads, sa.attention_head_size
+
+        def split(t):
+            return t.view(t.shape[0], t.shape[1], h, d).transpose(1, 2)
+
+        q, k, v = split(sa.query(x)), split(sa.key(x)), split(sa.value(x))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5 + additive, dim=-1)
+        probs = probs * torch.as_tensor(mask_matrix[layer], dtype=probs.dtype)[None, :, None, None]
+        context = (probs @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], h * d)
+        out = block.attention.output
+        a = out.LayerNorm(out.dense(context) + x)
+        x = block.output.LayerNorm(block.output.dense(F.gelu(block.intermediate.dense(a))) + a)
+    w = att[..., None].float()
+    pooled = (x * w).sum(1) / w.sum(1)
+    return F.normalize(pooled, dim=1)
+
+
+def test_ahm_equals_a_hand_written_masked_forward_and_ones_equal_the_plain_model(tiny_model, rng):
+    import torch
+
+    from oodscope.detectors.ahm import random_head_mask
+
+    tokens = _tokens(rng, n=24)
+    labels = np.arange(24) % 3
+    train = oodscope.extract(tiny_model, (tokens, labels), use_cache=False, progress=False)
+    with torch.no_grad():  # the hand-written forward reproduces the model when nothing is masked
+        assert _manual_masked_embedding(tiny_model, torch.as_tensor(tokens), np.ones((3, 4))).numpy() == \
+            pytest.approx(train.features, abs=1e-5)
+    mask = random_head_mask(3, 4, 0.5, seed=1)
+    ahm = oodscope.create("ahm", heads=mask).fit(train)
+    assert np.array_equal(ahm.head_mask_, mask)
+    with torch.no_grad():
+        expected = _manual_masked_embedding(tiny_model, torch.as_tensor(tokens), mask).numpy()
+    got = ahm.masked_features(train)
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert not np.allclose(got, train.features, atol=1e-3)
+    # the same mask given as p and seed, or as {block: [heads]}, is the same detector
+    same = oodscope.create("ahm", fraction=0.5, seed=1).fit(train)
+    as_dict = oodscope.create("ahm", heads=same.heads_).fit(train)
+    assert np.array_equal(same.head_mask_, mask) and np.array_equal(as_dict.head_mask_, mask)
+    assert same.score(train) == pytest.approx(ahm.score(train)) == as_dict.score(train)
+    # a mask of ones is the unmasked model: AHM then equals the plain distance detector on the features
+    ones = oodscope.create("ahm", heads=np.ones((3, 4), int)).fit(train)
+    assert ones.heads_ == {} and ones.masked_features(train) == pytest.approx(train.features, abs=1e-6)
+    plain = oodscope.create("mahalanobis").fit(train)
+    assert ones.score(train) == pytest.approx(plain.score(train), rel=1e-4, abs=1e-4)
+    with pytest.raises(ValueError, match=r"\(3, 4\) array of 0"):
+        oodscope.create("ahm", heads=np.ones((2, 4))).fit(train)
+    with pytest.raises(ValueError, match="layers"):
+        oodscope.create("ahm", layers=[], fraction=0.5).fit(train)
+    one = oodscope.create("ahm", fraction=0.5, layers=-2, seed=1).fit(train)
+    assert list(one.heads_) == [1] and (one.head_mask_[[0, 2]] == 1).all()
+    with pytest.raises(ValueError, match="not both"):
+        oodscope.create("ahm", layers=[0], block=1).fit(train)
+
+
+def test_ahm_is_inference_only_and_select_mask_keeps_the_best_validation_draw(tiny_model, rng):
+    """The paper's AHM changes no weight (post-training, inference only); select_mask picks the best draw."""
+    import torch
+
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    tokens = _tokens(rng, n=30)
+    labels = np.arange(30) % 3
+    train = oodscope.extract(tiny_model, (tokens[:18], labels[:18]), use_cache=False, progress=False)
+    id_val = oodscope.extract(tiny_model, (tokens[18:24], labels[18:24]), use_cache=False, progress=False)
+    ood = _tokens(rng, n=6, length=7)
+    ood[:, 0, 1:] = np.where(ood[:, 1, 1:] > 0, 3, 0)  # repeated-token "texts": far from the random ID ones
+    ood_val = oodscope.extract(tiny_model, ood, name="ood", use_cache=False, progress=False)
+    ahm = oodscope.create("ahm", distance="knn", k=3, seed=10)
+    assert ahm.select_mask(train, id_val, ood_val, fractions=(0.25, 0.5), n_masks=3) is ahm
+    table = ahm.selection_
+    assert [(r["fraction"], r["seed"]) for r in table] == [(p, s) for p in (0.25, 0.5) for s in (10, 11, 12)]
+    best = min(table, key=lambda r: (r["fpr95"], -r["auroc"]))
+    assert (ahm.fraction, ahm.seed) == (best["fraction"], best["seed"]) and ahm.heads_ == best["heads"]
+    again = oodscope.create("ahm", distance="knn", k=3, fraction=ahm.fraction, seed=ahm.seed).fit(train)
+    assert ahm.score(ood_val) == pytest.approx(again.score(ood_val))
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert oodscope.extract(tiny_model, tokens[:18], use_cache=False, progress=False).features == \
+        pytest.approx(train.features)  # hooks gone
+    with pytest.raises(ValueError, match="metric"):
+        ahm.select_mask(train, id_val, ood_val, metric="f1")
+    with pytest.raises(ValueError, match="explicit heads"):
+        oodscope.create("ahm", heads={0: [1]}).select_mask(train, id_val, ood_val)
 
 
 # -- the real encoder -----------------------------------------------------------------------------------------
