@@ -123,6 +123,21 @@ def test_nsa_anomaly_generator():
         nsa_anomaly(dest.astype(np.float32), src, rng)
 
 
+def test_nsa_anomaly_survives_thin_patches_on_every_opencv():
+    """Many seeded draws at 128 px include patches 3-4 pixels thin, on which OpenCV 5's seamlessClone asserts;
+    such a patch must be skipped (this draw sequence crashed at its 932nd call before the fix)."""
+    pytest.importorskip("cv2")
+    from oodscope.imagead.nsa import nsa_anomaly
+
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 255, (20, 128, 128, 3), dtype=np.uint8)
+    blended = 0
+    for t in range(1000):
+        image, target = nsa_anomaly(pool[t % 20], pool[(t + 1) % 20], rng)
+        blended += bool(target.max() > 0)
+    assert blended > 900  # thin patches are skipped, not whole examples
+
+
 def test_nsa_end_to_end_pasted_defect_scores_higher(rng):
     pytest.importorskip("cv2")
     yy, xx = np.mgrid[:64, :64]

@@ -72,7 +72,8 @@ def _one_patch(dest: np.ndarray, src: np.ndarray, rng: np.random.Generator, widt
     new_h = int(np.clip(factor * height, lo[0], hi[0]))
     new_w = int(np.clip(int(new_h / height * width), lo[1], hi[1]))
     new_h = int(np.clip(int(new_w / width * height), lo[0], hi[0]))
-    if new_h + 4 > dims[0] or new_w + 4 > dims[1] or new_h < 3 or new_w < 3:
+    # OpenCV 5's seamlessClone asserts on masks under 5 pixels on a side (3 x 3 inside the zero border); no patch
+    if new_h + 4 > dims[0] or new_w + 4 > dims[1] or new_h < 5 or new_w < 5:
         return dest, None
     patch = cv2.resize(patch, (new_w, new_h))
     # destination: a random shifted position where the patch fits
