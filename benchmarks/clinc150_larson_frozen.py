@@ -1,7 +1,10 @@
 """Larson et al.'s oos-threshold figures (in-scope accuracy, out-of-scope recall; EMNLP 2019, Table 2) for the
-frozen all-MiniLM-L6-v2 + linear head of ``oodscope bench clinc150``, from the extraction cache of that command.
+frozen all-MiniLM-L6-v2 + linear head of ``oodscope bench clinc150`` (or, with ``--benchmark clinc150-ftfull``, the
+whole-model fine-tuned [CLS] classifier of ``oodscope bench clinc150-ftfull``), from that command's extraction cache.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_larson_frozen.py --cache-dir /work/cache
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_larson_frozen.py --cache-dir /work/cache \
+        --benchmark clinc150-ftfull
 
 (run ``oodscope bench clinc150 --cache-dir ...`` first, or this extracts every split: ~7 min on 2 free cores).
 """
@@ -18,6 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--benchmark", default="clinc150", choices=["clinc150", "clinc150-ftfull"])
     args = parser.parse_args()
 
     import oodscope
@@ -25,7 +29,7 @@ def main() -> None:
     from oodscope.data.clinc150 import oos_threshold_metrics
     from oodscope.runner import extract_benchmark
 
-    prepared = prepare(BenchRequest(benchmark="clinc150", data_root=args.data_root, cache_dir=args.cache_dir))
+    prepared = prepare(BenchRequest(benchmark=args.benchmark, data_root=args.data_root, cache_dir=args.cache_dir))
     outputs = extract_benchmark(prepared.bench, prepared.model, prepared.preprocess, cache_dir=args.cache_dir,
                                 progress=False)
     test, val = outputs["test"], outputs["val"]
