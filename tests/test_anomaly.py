@@ -413,7 +413,7 @@ def test_deep_sad_pushes_labelled_anomalies_away(blobs):
     known = rng.normal(size=(15, 6)) * 0.5 + 3.0 + shift  # a few labelled anomalies like the test ones
     X = np.vstack([train, known])
     labels = np.r_[np.zeros(len(train)), -np.ones(len(known))]
-    options = {"epochs": 20, "seed": 1}
+    options = {"epochs": 20, "seed": 1, "lr": 1e-3}  # same hyperparameters for both
     plain = make("deep_sad", **options).fit(X)  # no labels: one-class Deep SVDD
     semi = make("deep_sad", **options).fit(X, labels)
     ratio = lambda d: d.score(test[y == 1]).mean() / d.score(test[y == 0]).mean()  # noqa: E731
