@@ -111,17 +111,10 @@ def test_cos_centroid_hand_computed():
 
 # -- transformer classifier (tiny random BERT) -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_model():
-    pytest.importorskip("transformers")
+def tiny_model(tiny_bert):
     import torch
-    from transformers import BertConfig, BertModel
 
-    from oodscope.text.model import TextClassifier
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=32, attn_implementation="eager")
-    model = TextClassifier(BertModel(config, add_pooling_layer=False), n_classes=3)
+    model = tiny_bert()
     with torch.no_grad():
         model.head.weight.normal_()
         model.head.bias.normal_()

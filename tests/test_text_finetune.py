@@ -11,17 +11,8 @@ from oodscope.data.clinc150 import intent_index, oos_threshold_metrics, read_cli
 
 
 @pytest.fixture(scope="module")
-def cls_model():
-    pytest.importorskip("transformers")
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from oodscope.text.model import TextClassifier
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=32, attn_implementation="eager")
-    return TextClassifier(BertModel(config, add_pooling_layer=False), n_classes=3, pooling="cls")
+def cls_model(tiny_bert):
+    return tiny_bert(pooling="cls")
 
 
 def _tokens(seed=0, n=40, length=7):
