@@ -1,17 +1,21 @@
 """Benchmark protocols for tabular anomaly detection (``oodscope adbench``).
 
 ``dte`` (Livernoche et al., "On Diffusion Modeling for Anomaly Detection", ICLR 2024, Sec. 5 and their
-``run.py``), two settings, seeds ``0..4`` by default:
+``run.py`` / ``data_generator.py`` at github.com/vicliv/DTE), two settings, seeds ``0..4`` by default:
 
-* ``dte-semi`` (semi-supervised): fit on a random 50 % of the normal rows; test on the other normal rows and all
-  anomalies.
-* ``dte-unsup`` (unsupervised): fit on a bootstrap resample (with replacement, same size) of the whole data set;
-  test on the whole data set.
+* ``dte-semi`` (semi-supervised): fit on 50 % of the normal rows; test on the other normal rows and all anomalies;
+  a ``StandardScaler`` fitted on the training rows.
+* ``dte-unsup`` (unsupervised): standardise the whole data set, fit on a bootstrap resample of it (with
+  replacement, same size), test on the whole data set.
 
-Both standardise with a ``StandardScaler`` fitted on the training rows, as the DTE code does.
-The DTE code (inherited from ADBench's data generator) first resamples data sets with fewer than 1000 rows to
-1000 rows with replacement; ``resample_to=1000`` reproduces that (duplicates then appear in train and test),
-the default ``None`` keeps the data set as it is.
+The DTE code (inherited from ADBench's data generator) first resamples data sets with fewer than 1000 rows to 1000
+rows with replacement; ``resample_to=1000`` reproduces that (duplicates then appear in train and test) and the
+draws follow the DTE code exactly: ``RandomState(seed)`` on the rows in ADBench's file order
+(:func:`~oodscope.anomaly.datasets.adbench_order`), ``choice`` for the resample, the first half of the normal rows
+of the resampled set as training rows (semi), or the data generator's draw of zero labelled anomalies (a
+permutation of the anomaly indices) followed by the bootstrap ``choice`` (unsup), so the splits are the authors' own.
+The default ``resample_to=None`` keeps the data set as it is; the semi-supervised half is then a seeded random
+permutation of the normal rows (the DTE code's first half would not depend on the seed without the resample).
 
 ``adbench`` (Han et al., "ADBench", NeurIPS 2022): a 70/30 stratified train/test split, min-max scaling fitted on
 the training part, fit on the whole training part (unlabelled, anomalies included), seeds ``1..3``. ADBench's
@@ -74,21 +78,32 @@ def splits(data: TabularDataset, protocol: str, seeds: Iterable[int] | None = No
             if setting == "adbench":
                 yield _adbench_split(data, seed, resample_to)
                 continue
-            rng = np.random.default_rng(seed)
-            X, y = data.X, data.y
-            if resample_to is not None and len(X) < resample_to:
-                pick = rng.choice(len(X), resample_to, replace=True)
-                X, y = X[pick], y[pick]
-            if setting == "dte-semi":
-                normal = rng.permutation(np.flatnonzero(y == 0))
-                n_train = int(round(0.5 * len(normal)))
-                test = np.concatenate([normal[n_train:], np.flatnonzero(y == 1)])
-                train_x, test_x = _standardise(X[normal[:n_train]], X[test])
-                yield Split(data.name, setting, seed, train_x, test_x, y[test])
-            elif setting == "dte-unsup":
-                boot = rng.choice(len(X), len(X), replace=True)
-                train_x, test_x = _standardise(X[boot], X)
-                yield Split(data.name, setting, seed, train_x, test_x, y)
+            yield _dte_split(data, setting, seed, resample_to)
+
+
+def _dte_split(data: TabularDataset, setting: str, seed: int, resample_to: int | None) -> Split:
+    """The DTE code's split: file row order, optional resample, then the semi half or the unsup bootstrap."""
+    from .datasets import adbench_order
+
+    order = adbench_order(data)
+    X, y = data.X[order], data.y[order]
+    state = np.random.RandomState(seed)  # the DTE/ADBench data generator seeds numpy's global state
+    resampled = resample_to is not None and len(X) < resample_to
+    if resampled:
+        pick = state.choice(np.arange(len(y)), resample_to, replace=True)
+        X, y = X[pick], y[pick]
+    if setting == "dte-semi":
+        normal = np.flatnonzero(y == 0)
+        if not resampled:
+            normal = state.permutation(normal)
+        n_train = round(0.5 * len(normal))  # Python's round, as the DTE code
+        test = np.concatenate([normal[n_train:], np.flatnonzero(y == 1)])
+        train_x, test_x = _standardise(X[normal[:n_train]], X[test])
+        return Split(data.name, setting, seed, train_x, test_x, y[test])
+    X, _ = _standardise(X, X)
+    state.permutation(int(np.sum(y == 1)))  # the generator's choice of 0 labelled anomalies draws a permutation
+    boot = state.choice(np.arange(len(y)), len(y), replace=True)
+    return Split(data.name, setting, seed, X[boot], X, y)
 
 
 def _adbench_split(data: TabularDataset, seed: int, resample_to: int | None) -> Split:

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the protocol's)")
     parser.add_argument("--resample-to", type=int, default=None,
                         help="resample smaller data sets to this many rows (with replacement) first, as the DTE and "
-                             "ADBench codes do (1000; with --protocol adbench this gives ADBench's exact splits); "
+                             "ADBench codes do (1000: the DTE code's or ADBench's exact splits); "
                              "default: off")
     parser.add_argument("--contamination", action="store_true",
                         help="also estimate each data set's contamination factor with gammaGMM (Perini et al., ICML "
