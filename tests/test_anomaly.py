@@ -256,6 +256,28 @@ def test_dte_c_predicts_more_diffusion_time_for_noisier_rows(blobs):
     assert np.all((probabilities_sum_to_one >= 0) & (probabilities_sum_to_one <= detector.n_bins - 1))
 
 
+def test_dte_c_double_softmax_is_the_released_codes_loss(blobs):
+    """The released DTE code applies CrossEntropyLoss to softmax outputs; hand-computed on one row, and the fitted
+    detectors differ."""
+    import torch
+
+    from oodscope.detectors.anomaly.dte_c import time_bin_loss
+
+    logits, target = torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0])
+    paper = np.log(1 + 2 * np.exp(-2.0))  # -log softmax(z)_0
+    p = np.exp([2.0, 0.0, 0.0]) / np.exp([2.0, 0.0, 0.0]).sum()
+    released = -p[0] + np.log(np.exp(p).sum())  # the same, with p = softmax(z) as the logits
+    assert time_bin_loss(logits, target).item() == pytest.approx(paper, rel=1e-6)
+    assert time_bin_loss(logits, target, double_softmax=True).item() == pytest.approx(released, rel=1e-6)
+    # on softmax inputs the loss is bounded by [log(e + B - 1) - 1, log(e + B - 1)] for B bins
+    many = torch.randn(500, 7) * 10
+    values = torch.nn.functional.cross_entropy(torch.softmax(many, 1), torch.randint(0, 7, (500,)), reduction="none")
+    assert values.min() >= np.log(np.e + 6) - 1 - 1e-6 and values.max() <= np.log(np.e + 6) + 1e-6
+    train, _, _ = blobs
+    a, b = make("dte_c").fit(train), make("dte_c", double_softmax=True).fit(train)
+    assert not np.allclose(a.score(train[:20]), b.score(train[:20]))
+
+
 def test_pyod_adapter_matches_pyod_and_our_knn(blobs):
     pytest.importorskip("pyod")
     from pyod.models.knn import KNN
