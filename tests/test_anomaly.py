@@ -276,6 +276,8 @@ def test_dte_c_double_softmax_is_the_released_codes_loss(blobs):
     train, _, _ = blobs
     a, b = make("dte_c").fit(train), make("dte_c", double_softmax=True).fit(train)
     assert not np.allclose(a.score(train[:20]), b.score(train[:20]))
+    with pytest.raises(ValueError, match="double_softmax"):
+        make("dte_c", double_softmax="yes").fit(train)
 
 
 def test_pyod_adapter_matches_pyod_and_our_knn(blobs):
