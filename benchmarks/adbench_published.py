@@ -37,18 +37,20 @@ PUBLISHED = {
 }
 
 
-def iforest_shared_stream(dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Our IForest's settings, random state = ``RandomState(seed)`` object (the stream ADBench's IForest used)."""
+def iforest_shared_stream(dataset, protocol: str = "adbench") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Our IForest's settings, random state = ``RandomState(seed)`` object (the stream ADBench's harness, and the
+    DTE harness built on it, give PyOD's ``IForest()``): per setting, the AUROCs and AUPRs over seeds (percent)."""
     from sklearn.ensemble import IsolationForest
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    aurocs, auprs = [], []
-    for split in splits(dataset, "adbench", resample_to=1000):
+    values: dict[str, tuple[list[float], list[float]]] = {}
+    for split in splits(dataset, protocol, resample_to=1000):
         forest = IsolationForest(random_state=np.random.RandomState(split.seed)).fit(split.X_train)
         scores = -forest.score_samples(split.X_test)
+        aurocs, auprs = values.setdefault(split.setting, ([], []))
         aurocs.append(100 * roc_auc_score(split.y_test, scores))
         auprs.append(100 * average_precision_score(split.y_test, scores))
-    return np.array(aurocs), np.array(auprs)
+    return {setting: (np.array(a), np.array(b)) for setting, (a, b) in values.items()}
 
 
 def main() -> None:
@@ -61,7 +63,7 @@ def main() -> None:
     records, _ = run_protocol(detectors, datasets, "adbench", resample_to=1000)
     cells = {(r["detector"], r["dataset"]): r for r in summarise(records)}
     for data in datasets:
-        auroc, aupr = iforest_shared_stream(data)
+        auroc, aupr = iforest_shared_stream(data)["adbench"]
         cells[("iforest*", data.name)] = {"auroc": auroc.mean(), "auroc_std": auroc.std(),
                                           "aupr_out": aupr.mean(), "aupr_out_std": aupr.std()}
     print(f"{'detector':<14}" + "".join(f"{d + ' ' + m:>30}" for d in ("WDBC", "wine") for m in ("AUROC", "AUPR")))

@@ -30,10 +30,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 
 from oodscope.anomaly.datasets import load
-from oodscope.anomaly.protocol import run_protocol, splits, summarise
+from adbench_published import iforest_shared_stream  # benchmarks/ is on sys.path when run as a script
+from oodscope.anomaly.protocol import run_protocol, summarise
 
 # vicliv/DTE README, Tables 1 (semi) and 2 (unsup): AUROC mean (std) over seeds 0-4, percent
 PUBLISHED = {
@@ -55,18 +55,6 @@ PUBLISHED = {
 # FoMo-0D's re-run of the DTE code, PyOD KNN (k = 5), semi-supervised
 FOMO_KNN_SEMI = {"wdbc": (99.23, 0.27), "wine": (99.17, 0.18)}
 SETTINGS = ("dte-semi", "dte-unsup")
-
-
-def iforest_shared_stream(dataset) -> dict[str, np.ndarray]:
-    """Our IForest's settings with the random state the DTE harness gives PyOD's ``IForest()`` (seeded global stream)."""
-    from sklearn.ensemble import IsolationForest
-    from sklearn.metrics import roc_auc_score
-
-    aurocs: dict[str, list[float]] = {setting: [] for setting in SETTINGS}
-    for split in splits(dataset, "dte", resample_to=1000):
-        forest = IsolationForest(random_state=np.random.RandomState(split.seed)).fit(split.X_train)
-        aurocs[split.setting].append(100 * roc_auc_score(split.y_test, -forest.score_samples(split.X_test)))
-    return {setting: np.array(values) for setting, values in aurocs.items()}
 
 
 # (row label, detector, extra parameters); "iforest*" is computed by iforest_shared_stream
@@ -93,8 +81,8 @@ def main() -> None:
     for label, detector, params in rows:
         if detector is None:
             for data in datasets:
-                for setting, values in iforest_shared_stream(data).items():
-                    cells[(label, data.name, setting)] = (values.mean(), values.std())
+                for setting, (aurocs, _) in iforest_shared_stream(data, "dte").items():
+                    cells[(label, data.name, setting)] = (aurocs.mean(), aurocs.std())
             continue
         records, spent = run_protocol([detector], datasets, "dte", resample_to=1000, params={detector: params})
         seconds[label] = spent[detector]
