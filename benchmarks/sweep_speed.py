@@ -66,7 +66,7 @@ GRAM = {"layers": ["relu", "layer1", "layer2", "layer3"]}
 def sweep_detectors() -> list[str]:
     """Registered OOD detectors that need no network re-run and train no network of their own."""
     return [n for n in oodscope.available() if not (get(n).needs & RERUN_NEEDS) and not get(n).trains_network
-            and getattr(get(n), "family", "ood") == "ood"]  # anomaly detectors (tabular) have their own bench
+            and get(n).family == "ood"]  # anomaly detectors (tabular) have their own bench
 
 
 def learns_from_train(detector: Detector) -> bool:
@@ -118,7 +118,7 @@ def excluded_detectors() -> dict[str, str]:
     reasons = {}
     for n in oodscope.available():
         cls = get(n)
-        if getattr(cls, "family", "ood") != "ood":
+        if cls.family != "ood":
             continue
         if cls.trains_network:
             reasons[n] = "trains a network of its own (not post-hoc: the issue's default excludes extra training)"

@@ -127,8 +127,7 @@ def anomaly_detectors() -> list[str]:
     """Registered anomaly detectors that ``oodscope adbench`` runs by default (tabular input, no extra arguments)."""
     from ..detectors import available, get
 
-    return [name for name in available()
-            if getattr(get(name), "family", "ood") == "anomaly" and getattr(get(name), "adbench_default", False)]
+    return [name for name in available(family="anomaly") if getattr(get(name), "adbench_default", False)]
 
 
 def run_protocol(detectors: Sequence[str], datasets: Sequence[TabularDataset], protocol: str,

@@ -34,6 +34,7 @@ class Detector:
     """Base class of all detectors (see module docstring for the contract)."""
 
     name: ClassVar[str] = ""
+    family: ClassVar[str] = "ood"  # one of registry.FAMILIES; subclass bases of other families override it
     needs: ClassVar[frozenset[Need]] = frozenset()
     grid: ClassVar[dict[str, Sequence[Any]]] = {}
     trains_network: ClassVar[bool] = False  # True for methods that train a model of their own (slow)

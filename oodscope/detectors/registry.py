@@ -1,7 +1,9 @@
-"""One registry of detectors, filled by subclassing :class:`~oodscope.detectors.base.Detector`.
+"""One registry of detectors of every family, filled by subclassing :class:`~oodscope.detectors.base.Detector`.
 
-Detector modules are discovered from the :mod:`oodscope.detectors` package on first use, so adding a method is
-adding one file. Modules must not import optional heavy dependencies (faiss, matplotlib, ...) at import time.
+Each class declares its ``family`` (:data:`FAMILIES`); the registry never guesses it. Detector modules are
+discovered on first use from the packages in :data:`PACKAGES`, so adding a method is adding one file (and a new
+family is adding its package here). Modules must not import optional heavy dependencies (faiss, matplotlib,
+OpenCV, ...) at import time.
 """
 
 from __future__ import annotations
@@ -21,11 +23,24 @@ class UnknownDetectorError(KeyError, ValueError):
         return str(self.args[0])
 
 
+#: the families a detector can declare, with what each one scores
+FAMILIES: dict[str, str] = {
+    "ood": "post-hoc OOD detection on a trained classifier's outputs (logits, features, head, layers, model)",
+    "anomaly": "anomaly detection on tabular rows or given features",
+    "image": "image anomaly detection and localisation (fit on defect-free images)",
+}
+#: packages whose modules register detectors (imported once, on first use of the registry)
+PACKAGES = ("oodscope.detectors", "oodscope.imagead")
+_SKIP = {"base", "registry", "evaluate"}
+
 _REGISTRY: dict[str, type["Detector"]] = {}
-_DISCOVERED = False
+_DISCOVERED: set[str] = set()
 
 
 def register(cls: type["Detector"]) -> type["Detector"]:
+    if cls.family not in FAMILIES:
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__}: family {cls.family!r} is not one of "
+                         f"{sorted(FAMILIES)}")
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing.__qualname__ != cls.__qualname__:
         raise ValueError(f"detector name {cls.name!r} is taken by {existing.__module__}.{existing.__qualname__}")
@@ -33,28 +48,37 @@ def register(cls: type["Detector"]) -> type["Detector"]:
     return cls
 
 
-def _discover() -> None:
-    global _DISCOVERED
-    if _DISCOVERED:
-        return
-    package = importlib.import_module("oodscope.detectors")
-    for module in pkgutil.iter_modules(package.__path__):
-        if not module.name.startswith("_") and module.name not in ("base", "registry"):
-            importlib.import_module(f"oodscope.detectors.{module.name}")
-    _DISCOVERED = True
+def _discover(until: str | None = None) -> None:
+    """Import the detector packages in order (all of them, or until ``until`` is registered).
+
+    Stopping early keeps ``create("msp")`` from importing the image package (and with it torch).
+    """
+    for package_name in PACKAGES:
+        if until is not None and until in _REGISTRY:
+            return
+        if package_name in _DISCOVERED:
+            continue
+        package = importlib.import_module(package_name)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_") and module.name not in _SKIP:
+                importlib.import_module(f"{package_name}.{module.name}")
+        _DISCOVERED.add(package_name)
 
 
-def available() -> list[str]:
-    """Names of all registered detectors, sorted."""
+def available(family: str | None = None) -> list[str]:
+    """Names of the registered detectors (of one ``family`` of :data:`FAMILIES`, or all), sorted."""
     _discover()
-    return sorted(_REGISTRY)
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}")
+    return sorted(name for name, cls in _REGISTRY.items() if family is None or cls.family == family)
 
 
 def get(name: str) -> type["Detector"]:
     """The detector class registered under ``name`` (case-insensitive)."""
-    _discover()
     key = name.lower().replace("-", "_")
+    _discover(until=key)
     if key not in _REGISTRY:
+        _discover()
         close = difflib.get_close_matches(key, _REGISTRY, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise UnknownDetectorError(f"unknown detector {name!r}{hint} (oodscope.available() lists all {len(_REGISTRY)})")

@@ -9,46 +9,40 @@ An :class:`ImageDetector` is a :class:`~oodscope.detectors.base.Detector` (same 
 * ``anomaly_map(images)``: ``(N, H, W)`` float64 at the input resolution (``None`` for detectors with
   ``localises = False``); ``score_and_map`` gives both from one pass.
 
-Image detectors live in their own registry (:func:`available`, :func:`create`) so that OOD benchmarks, which run
-every registered detector on cached logits/features, never pick them up. The base class is unchanged.
+Image detectors are registered in the one detector registry under ``family = "image"``; :func:`available`,
+:func:`get` and :func:`create` here are that registry restricted to the family.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..detectors import registry
 from ..detectors.base import Detector, NotFittedError
 from ..extraction.outputs import Need
 
-_REGISTRY: dict[str, type["ImageDetector"]] = {}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def available() -> list[str]:
     """Names of the image anomaly detectors."""
-    package = importlib.import_module("oodscope.imagead")
-    for module in pkgutil.iter_modules(package.__path__):
-        if not module.name.startswith("_") and module.name != "base":
-            importlib.import_module(f"oodscope.imagead.{module.name}")
-    return sorted(_REGISTRY)
+    return registry.available(family="image")
 
 
 def get(name: str) -> type["ImageDetector"]:
-    from ..detectors.registry import close_names_hint
-
+    """The image detector class registered under ``name``."""
     names = available()
     key = name.lower().replace("-", "_")
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown image anomaly detector {name!r}{close_names_hint(key, names)} "
-                         f"(available: {', '.join(names)})")
-    return _REGISTRY[key]
+    if key not in names:
+        raise registry.UnknownDetectorError(
+            f"unknown image anomaly detector {name!r}{registry.close_names_hint(key, names)} "
+            f"(available: {', '.join(names)})")
+    return registry.get(key)
 
 
 def create(name: str, **params: Any) -> "ImageDetector":
@@ -173,17 +167,9 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 class ImageDetector(Detector):
     """Base class of image anomaly detectors (see module docstring)."""
 
+    family: ClassVar[str] = "image"
     needs: ClassVar[frozenset[Need]] = frozenset({Need.MODEL})
     localises: ClassVar[bool] = True  # False: image scores only, anomaly_map returns None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # register in the image registry, not in the OOD detector registry (Detector.__init_subclass__)
-        super(Detector, cls).__init_subclass__(**kwargs)
-        if cls.__dict__.get("name"):
-            existing = _REGISTRY.get(cls.name)
-            if existing is not None and existing.__qualname__ != cls.__qualname__:
-                raise ValueError(f"image detector name {cls.name!r} is taken by {existing.__qualname__}")
-            _REGISTRY[cls.name] = cls
 
     def fit(self, train: Any, y: np.ndarray | None = None) -> "ImageDetector":
         """Learn from defect-free images (labels, if given, must all be 0)."""

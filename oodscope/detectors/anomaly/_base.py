@@ -18,7 +18,7 @@ class AnomalyDetector(Detector):
     """
 
     needs = frozenset({Need.FEATURES})
-    family: ClassVar[str] = "anomaly"  # left out of the default OOD benchmark (see oodscope.runner)
+    family: ClassVar[str] = "anomaly"  # run by ``oodscope adbench``, not by the default OOD benchmark
     adbench_default: ClassVar[bool] = True  # run by ``oodscope adbench`` unless named otherwise
 
     def _check_inputs(self, data: Outputs, fitting: bool) -> None:

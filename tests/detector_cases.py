@@ -1,0 +1,221 @@
+"""One tiny, fast case per registered detector of every family, for the contract and bad-input suites.
+
+``case(name)`` returns ``Case(detector, train, test)``: a fresh detector with tiny settings (trained ones run a
+few steps), its in-distribution training data and a test set whose last rows are planted outliers. New
+detectors are covered without being listed: a detector with no entry in :data:`TINY` runs with its defaults on
+the input kind its ``needs`` and ``family`` declare. Only detectors whose defaults are too slow, or that need a
+named layer, have an entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+import oodscope
+from oodscope.detectors import get
+from oodscope.extraction.outputs import Need
+
+N_OUTLIERS = 6  # the last rows of every test set are planted outliers
+
+
+@dataclass
+class Case:
+    detector: Any
+    train: Any
+    test: Any
+
+
+def _conv_net():
+    import torch
+    from torch import nn
+
+    class SmallNet(nn.Module):
+        """conv stem -> conv body -> global average pool -> linear head (3 classes)."""
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+            self.body = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.pool(self.body(self.stem(x))).flatten(1))
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        return SmallNet().eval()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@lru_cache(maxsize=None)
+def image_outputs() -> tuple[Any, Any]:
+    """Train/test outputs of a small random conv net on 8x8 images (logits, features, head, layers, model)."""
+    from oodscope.data.transforms import ImageNormalize as Normalize
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (90, 8, 8, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(3), 30)
+    x[y == 1] //= 2
+    x[y == 2] = 255 - x[y == 2] // 3
+    test = np.concatenate([x[::6], np.full((N_OUTLIERS, 8, 8, 3), 255, np.uint8)])
+    options = dict(preprocess=Normalize(mean=[0.5] * 3, std=[0.25] * 3), layers=["stem", "body"],
+                   use_cache=False, progress=False, batch_size=32)
+    model = _conv_net()
+    train = oodscope.extract(model, (x, y), name="train", **options)
+    test_out = oodscope.extract(model, test, name="test", **options)
+    return train, test_out
+
+
+@lru_cache(maxsize=None)
+def gaussian_outputs() -> tuple[Any, Any]:
+    """Class-clustered 16-d features with a linear head, 4 classes; outliers shifted off every class."""
+    from oodscope import Head, Outputs
+
+    rng = np.random.default_rng(0)
+    means = np.eye(4, 16) * 4.0
+    W, b = means / 4.0, np.zeros(4)
+
+    def make(n, name, shift=0.0):
+        y = rng.integers(0, 4, n)
+        features = means[y] + rng.normal(size=(n, 16)) + shift
+        return features, y
+
+    f_train, y_train = make(200, "train")
+    f_in, _ = make(24, "test")
+    f_out, _ = make(N_OUTLIERS, "out", shift=6.0)
+    f_test = np.concatenate([f_in, f_out])
+    train = Outputs(logits=f_train @ W.T + b, features=f_train, labels=y_train, head=Head(W, b), name="train")
+    test = Outputs(logits=f_test @ W.T + b, features=f_test, head=Head(W, b), name="test")
+    return train, test
+
+
+@lru_cache(maxsize=None)
+def tabular_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(2)
+    train = rng.normal(size=(120, 5))
+    test = np.concatenate([rng.normal(size=(24, 5)), rng.normal(size=(N_OUTLIERS, 5)) + 6.0])
+    return train, test
+
+
+@lru_cache(maxsize=None)
+def images() -> tuple[np.ndarray, np.ndarray]:
+    """Defect-free 32x32 grey images; the outliers have a bright square pasted in."""
+    rng = np.random.default_rng(3)
+    train = np.clip(rng.normal(0.5, 0.05, (12, 1, 32, 32)), 0, 1).astype(np.float32)
+    test = np.clip(rng.normal(0.5, 0.05, (12, 1, 32, 32)), 0, 1).astype(np.float32)
+    test[-N_OUTLIERS:, 0, 8:20, 8:20] = 1.0
+    return train, test
+
+
+@lru_cache(maxsize=None)
+def text_outputs() -> tuple[Any, Any]:
+    """A tiny random BERT classifier's outputs on random token sequences (for the text detectors)."""
+    import torch
+
+    from conftest import tiny_bert_classifier
+
+    model = tiny_bert_classifier()
+    with torch.no_grad():
+        model.head.weight.normal_(generator=torch.Generator().manual_seed(0))
+        model.head.bias.normal_(generator=torch.Generator().manual_seed(1))
+    rng = np.random.default_rng(4)
+
+    def tokens(n, low, high):
+        out = np.zeros((n, 2, 7), np.int64)
+        for i, k in enumerate(rng.integers(3, 8, n)):
+            out[i, 0, :k] = np.r_[1, rng.integers(low, high, k - 2), 2]
+            out[i, 1, :k] = 1
+        return out
+
+    train = oodscope.extract(model, (tokens(24, 3, 25), rng.integers(0, 3, 24)), name="train", use_cache=False,
+                             progress=False)
+    test = oodscope.extract(model, np.concatenate([tokens(12, 3, 25), tokens(N_OUTLIERS, 25, 50)]), name="test",
+                            use_cache=False, progress=False)
+    return train, test
+
+
+def _tiny_backbone():
+    from oodscope.imagead import Backbone
+
+    import torch
+
+    class TinyNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(),
+                                          torch.nn.Conv2d(16, 16, 3, 2, 1))
+            self.l2 = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 3, 2, 1))
+
+        def forward(self, x):
+            return self.l2(self.l1(x))
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        return Backbone(TinyNet())
+    finally:
+        torch.random.set_rng_state(state)
+
+
+# tiny settings: only for detectors whose defaults are slow or that must be told a layer
+TINY: dict[str, dict[str, Any]] = {
+    "ae_apre_mss": {"epochs": 5},
+    "deep_sad": {"epochs": 3},
+    "deep_svdd": {"epochs": 3},
+    "drpo": {"epochs": 3, "n_projections": 50},
+    "dte_c": {"epochs": 3, "hidden": (16, 16), "T": 50},
+    "heat": {"n_iter": 3, "hidden_dim": 16, "n_hidden_layers": 1, "batch_size": 64, "sgld_steps": 2},
+    "gram": {"layers": ["stem", "body"], "poles": [1, 2]},
+    "mahalanobis_ensemble": {"layers": ["stem", "body"]},
+    "nac": {"layers": ["stem", "body"], "o_star": 1},
+    "rankfeat": {"layer": "body", "iterations": 5},
+    "adascale": {"fit_samples": 60},
+    "blood": {"n_estimators": 4},
+    "ahm": {"fraction": 0.5, "k": 3},
+    "sig_maha_knn": {},
+    # image anomaly detectors: a small random backbone instead of EfficientNet, few training steps
+    "patchcore": {"layers": ("l1", "l2"), "coreset_ratio": 0.5},
+    "gaussian_ad": {"layers": ("l1", "l2")},
+    "gaussian_ad_npca": {"layers": ("l1", "l2")},
+    "efficientad": {"layers": ("l1", "l2"), "distill_steps": 2, "distill_batch_size": 2,
+                    "distill_norm_batches": 1, "train_steps": 3, "generic_images": None},
+    "cae": {"input_size": 32, "width": 0.125, "latent_dim": 8, "steps": 3, "batch_size": 4, "feature_size": 32},
+    "nsa": {"input_size": 32, "steps": 3, "batch_size": 4, "decoder_width": 8},
+}
+TEXT = {"blood", "ahm"}
+BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
+
+
+def data_for(name: str) -> tuple[Any, Any]:
+    cls = get(name)
+    family = getattr(cls, "family", "ood")
+    if family == "image":
+        return images()
+    if name in TEXT:
+        return text_outputs()
+    if family == "anomaly":
+        return tabular_data()
+    if cls.needs & {Need.MODEL, Need.LAYERS}:
+        return image_outputs()
+    return gaussian_outputs()
+
+
+def case(name: str) -> Case:
+    params = dict(TINY.get(name, {}))
+    if name in BACKBONE:
+        params["backbone"] = _tiny_backbone()
+    train, test = data_for(name)
+    return Case(oodscope.create(name, **params), train, test)
+
+
+def fitted(name: str) -> Case:
+    c = case(name)
+    c.detector.fit(c.train)
+    return c
