@@ -68,9 +68,8 @@ def main() -> None:
         for split in splits(load(dataset), args.protocol, seeds):
             normal, anomalous = split.y_test == 0, split.y_test == 1
             for ours, spec in pairs.items():
-                options = {"seed": split.seed} if "seed" in create(ours)._param_names() else {}
                 start = time.perf_counter()
-                s = create(ours, **options).fit(split.X_train).score(split.X_test)
+                s = create(ours).with_seed(split.seed).fit(split.X_train).score(split.X_test)
                 seconds[ours] = seconds.get(ours, 0.0) + time.perf_counter() - start
                 key = (dataset, split.setting, ours)
                 results.setdefault(key, {"ours": [], "pyod": []})["ours"].append(100 * auroc(s[normal], s[anomalous]))

@@ -5,7 +5,7 @@
 Per model: every detector with its paper defaults, and tuned with :func:`oodscope.tune` on the validation splits
 (ID ``val`` = CIFAR-10 val, OOD ``ood_val/tin`` = TIN val), both fitted on the ID ``train`` split; reported on the
 ID ``test`` split against every OOD test set: AUROC and FPR@95 (ID positive) in percent, near and far means.
-Temperature scaling fits T on the ``val`` split (``calibration=val``), also when tuned (its grid adds fixed T).
+Temperature scaling fits T on the ``val`` split (``fit(train, val=val)``), also when tuned (its grid adds fixed T).
 
 ODIN re-runs the network (forward, backward, forward), which is slow on 2 CPU cores: it is evaluated on a fixed
 seeded subsample of ``--odin-n`` samples per test set and tuned on ``--odin-tune-n`` samples of each validation
@@ -50,7 +50,7 @@ def evaluate_row(detector, test: Outputs, oods: dict[str, Outputs]) -> dict[str,
 
 
 def fmt_params(params: dict) -> str:
-    shown = {k: v for k, v in params.items() if k not in ("calibration", "ood_params")}
+    shown = {k: v for k, v in params.items() if k not in ("ood_params",)}
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "-"
 
 
@@ -81,13 +81,12 @@ def run_model(model_name: str, args) -> None:
 
     rows = []
     for name in DETECTORS:
-        fixed = {"calibration": val} if name == "temperature" else {}
-        default = oodscope.create(name, **fixed).fit(train)
+        default = oodscope.create(name).fit(train, val=val)
         shown = {k: v for k, v in default.get_params().items()}
         rows.append((name, "default", fmt_params(shown), evaluate_row(default, test, oods)))
         grid = oodscope.create(name).grid
         if grid:
-            tuned = oodscope.tune(name, None, val, {"tin_val": tin_val}, train=train, **fixed)
+            tuned = oodscope.tune(name, None, val, {"tin_val": tin_val}, train=train, val=val)
             rows.append((name, "tuned", fmt_params(tuned.best_params), evaluate_row(tuned.best_detector, test, oods)))
 
     # ODIN on fixed subsamples (re-runs the network)

@@ -34,9 +34,11 @@ EPSILONS = (0.0, 0.0014)  # a subset of the paper's grid (EPSILON_GRID), to boun
 
 def evaluate(detector, train, test, sets, combine=None):
     start = time.perf_counter()
-    detector.fit(train)
     if combine is not None:
-        detector.fit_combination(*combine, epsilons=EPSILONS)
+        id_val, ood_val = combine
+        detector.set_params(epsilons=EPSILONS).fit(train, val=id_val, ood_val=ood_val)
+    else:
+        detector.fit(train)
     fit = time.perf_counter() - start
     start = time.perf_counter()
     s_id = detector.score(test)
@@ -102,7 +104,7 @@ def main() -> None:
             if name not in skip:
                 rows[name] = evaluate(detector, s_train, s_test, s_sets, comb)
                 if comb is not None:
-                    rows[name]["epsilon"] = detector.epsilon
+                    rows[name]["epsilon"] = detector.epsilon_
                 print(f"resnet{depth} {name}: {json.dumps(rows[name])}", flush=True)
                 if args.json:
                     Path(args.json).write_text(json.dumps(results, indent=1))

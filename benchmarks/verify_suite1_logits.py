@@ -7,7 +7,7 @@ Run in the reference venv (it has pytorch-ood and torchvision) from the project 
 Same model (CIFAR-10 ResNet-20 of ../shared/data/cifar10-bench), same data, same hyperparameters, and the same
 logits: both implementations get the logits extracted once by oodscope (cached), so only the
 scoring differs. Fitting data: KL-Matching templates from the ID train split (both); temperature scaling fits T
-by NLL on the ID val split (both: ``calibration=val`` here, ``fit_logits(val)`` there). ODIN re-runs the network,
+by NLL on the ID val split (both: ``fit(train, val=val)`` here, ``fit_logits(val)`` there). ODIN re-runs the network,
 which is slow on 2 CPU cores, so both ODIN implementations score the same fixed subsample: the first
 ``--odin-n`` samples (default 1000) of the ID test split and of every OOD set after a seeded permutation
 (seed 0), with T = 1000, eps = 0.0014 and the perturbation in [0, 1] pixel units (pytorch-ood's
@@ -55,7 +55,7 @@ def main() -> None:
 
     ours: dict[str, oodscope.Detector] = {
         "MSP": oodscope.create("msp"), "MaxLogit": oodscope.create("maxlogit"), "Energy": oodscope.create("energy"),
-        "Entropy": oodscope.create("entropy"), "TemperatureScaling": oodscope.create("temperature", calibration=val),
+        "Entropy": oodscope.create("entropy"), "TemperatureScaling": oodscope.create("temperature"),
         "GEN": oodscope.create("gen"), "KLMatching": oodscope.create("kl_matching")}
     tscale = pood.TemperatureScaling(None).fit_logits(t(val), torch.from_numpy(val.labels))
     reference = {
@@ -63,7 +63,7 @@ def main() -> None:
         "Entropy": pood.Entropy(None), "TemperatureScaling": tscale, "GEN": pood.GEN(None, gamma=0.1, M=100),
         "KLMatching": pood.KLMatching(None).fit_logits(t(train))}
     for detector in ours.values():
-        detector.fit(train)
+        detector.fit(train, val=val)
     t_ours, t_ref = ours["TemperatureScaling"].temperature_, float(tscale.t.detach())
     nll = lambda temp: float(torch.nn.functional.cross_entropy(t(val).double() / temp, torch.from_numpy(val.labels)))
     print(f"temperature: oodscope T = {t_ours:.4f} (val NLL {nll(t_ours):.5f}), "

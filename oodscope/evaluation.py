@@ -80,13 +80,23 @@ class Results:
         return paths
 
 
-def _as_detectors(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str) -> dict[str, Detector]:
+def labelled_detectors(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str) -> dict[str, Detector]:
+    """``{label: detector}``: a mapping is kept as given; a list is keyed by :attr:`Detector.label` (the name plus
+    every non-default parameter, e.g. ``knn_distance(k=1)``). Two entries with one label are refused, never merged."""
     if isinstance(detectors, str):
         detectors = [detectors]
     if isinstance(detectors, Mapping):
         return dict(detectors)
-    made = [create(d) if isinstance(d, str) else d for d in detectors]
-    return {d.name or type(d).__name__.lower(): d for d in made}
+    made: dict[str, Detector] = {}
+    for entry in detectors:
+        detector = create(entry) if isinstance(entry, str) else entry
+        label = detector.label
+        if label in made:
+            kind = "the same detector object" if made[label] is detector else "two detectors with the same settings"
+            raise ValueError(f"evaluate: {kind} given twice as {label!r}; results are keyed by label, so give "
+                             "each a distinct setting or pass a {label: detector} mapping")
+        made[label] = detector
+    return made
 
 
 def _as_groups(ood: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -96,7 +106,7 @@ def _as_groups(ood: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str, id_test: Any,
-             ood: Mapping[str, Any], *, train: Any = None, model: Any = None,
+             ood: Mapping[str, Any], *, train: Any = None, val: Any = None, model: Any = None,
              preprocess: Callable | None = None, layers: Iterable[str] = (), progress: bool = False,
              **extract_options: Any) -> Results:
     """Score the ID test set and every OOD set with every detector and compute the metrics.
@@ -107,11 +117,13 @@ def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str,
         id_test: ID test data (:class:`Outputs`, or raw data when ``model`` is given).
         ood: ``{group: {dataset: data}}`` (e.g. ``near``/``far``) or a flat ``{dataset: data}``.
         train: ID training data, needed only to fit unfitted detectors.
+        val: held-out labelled ID data, given to unfitted detectors that declare ``Need.VALIDATION``
+            (``fit(train, val=val)``, e.g. temperature scaling's temperature).
         model, preprocess, layers, extract_options: when given, raw datasets are extracted with
             :func:`oodscope.extract` (cached) before scoring.
         progress: show a progress bar over detectors (fit and score).
     """
-    detectors = _as_detectors(detectors)
+    detectors = labelled_detectors(detectors)
     groups = _as_groups(ood)
     load = _loader(model, preprocess, layers, extract_options)
     id_outputs = load(id_test, "id_test")
@@ -128,7 +140,8 @@ def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str,
                 raise ValueError(f"detector {det_name!r} is not fitted and no train data was given")
             if train_outputs is None:
                 train_outputs = load(train, "train")
-            detector.fit(train_outputs)
+                val_outputs = None if val is None else load(val, "val")
+            detector.fit(train_outputs, val=val_outputs)
         scores[det_name] = {id_outputs.name: detector.score(id_outputs)}
         for sets in ood_outputs.values():
             for name, outputs in sets.items():

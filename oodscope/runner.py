@@ -8,11 +8,12 @@ from typing import Any, Callable, Sequence
 
 from .data.benchmark import Benchmark
 from .detectors import Detector, available, create, get
-from .evaluation import Results, evaluate
+from .evaluation import Results, evaluate, labelled_detectors
 from .extraction import Need, Outputs
 from .extraction.extract import extract
 
-POST_HOC_NEEDS = frozenset({Need.LOGITS, Need.FEATURES, Need.HEAD, Need.LABELS})
+POST_HOC_NEEDS = frozenset({Need.LOGITS, Need.FEATURES, Need.HEAD, Need.LABELS, Need.VALIDATION,
+                            Need.OOD_VALIDATION})
 
 
 def default_detectors() -> list[str]:
@@ -53,13 +54,13 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
     extract_seconds = time.perf_counter() - start
     for name, out in outputs.items():
         out.name = name
-    made = {d if isinstance(d, str) else d.name: create(d) if isinstance(d, str) else d for d in detectors}
-    for detector in made.values():  # held-out ID data for detectors that calibrate on it (temperature scaling)
-        if "calibration" in detector.get_params() and detector.calibration is None:
-            detector.set_params(calibration=outputs["val"])
+    made = labelled_detectors(detectors)
     tuned = tune_on_validation(made, outputs, list(bench.ood_val)) if tune_first else {}
     ood = {group: {dataset: outputs[f"{group}/{dataset}"] for dataset in sets} for group, sets in bench.ood.items()}
-    results = evaluate(made, outputs["test"], ood, train=outputs["train"], progress=options.get("progress", False))
+    # held-out data goes to the detectors that declare it (Need.VALIDATION: the val split; the OOD val sets are
+    # kept for tuning, never used to fit)
+    results = evaluate(made, outputs["test"], ood, train=outputs["train"], val=outputs["val"],
+                       progress=options.get("progress", False))
     results.tuned = tuned
     return results, {"extract": extract_seconds, "total": time.perf_counter() - start}
 
@@ -78,7 +79,8 @@ def tune_on_validation(detectors: dict[str, Detector], outputs: dict[str, Output
         if not grid or Need.MODEL in type(detector).needs:  # no grid, or tuning would re-run the network
             continue
         fixed = {k: v for k, v in detector.get_params().items() if k not in grid}
-        result = tune(detector.name, None, outputs["val"], ood_val, train=outputs["train"], **fixed)
+        result = tune(detector.name, None, outputs["val"], ood_val, train=outputs["train"], val=outputs["val"],
+                      **fixed)
         detector.set_params(**result.best_params)
         tuned[name] = result.best_params
     return tuned

@@ -66,7 +66,7 @@ def _settings(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 def tune(name: str, grid: Mapping[str, Sequence[Any]] | None, id_val: Outputs,
          ood_val: Outputs | Mapping[str, Outputs] | Sequence[Outputs], *, train: Outputs | None = None,
-         **fixed: Any) -> TuneResult:
+         val: Outputs | None = None, **fixed: Any) -> TuneResult:
     """Grid-search the detector ``name`` on validation data; best = highest mean AUROC over ``ood_val``.
 
     Args:
@@ -75,7 +75,9 @@ def tune(name: str, grid: Mapping[str, Sequence[Any]] | None, id_val: Outputs,
         id_val: ID validation outputs (e.g. the ``val`` split).
         ood_val: one OOD validation :class:`Outputs`, a ``{name: Outputs}`` mapping or a list of them.
         train: ID data the detectors are fitted on (default: ``id_val``, for stateless detectors only).
-        fixed: parameters held fixed for every setting (e.g. ``calibration=val`` for temperature scaling).
+        val: held-out ID data for detectors that declare ``Need.VALIDATION`` (``fit(train, val=val)``, e.g. the
+            temperature of temperature scaling); ignored by the others.
+        fixed: parameters held fixed for every setting.
 
     Returns:
         :class:`TuneResult` with ``best_params``, ``best_detector`` (fitted) and ``table``: one record per setting
@@ -100,7 +102,7 @@ def tune(name: str, grid: Mapping[str, Sequence[Any]] | None, id_val: Outputs,
         start = time.perf_counter()
         row: dict[str, Any] = {"params": params, "per_set": {}, "auroc": np.nan, "fpr95": np.nan, "error": None}
         try:
-            detector = cls(**fixed, **params).fit(fit_on)
+            detector = cls(**fixed, **params).fit(fit_on, val=val)
             id_scores = detector.score(id_val)
             for set_name, outputs in sets.items():
                 ood_scores = detector.score(outputs)

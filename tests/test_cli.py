@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+import oodscope
 from oodscope.cli import main
 
 
@@ -29,8 +30,24 @@ def test_detectors_command_lists_each_detector(capsys):
     assert main(["detectors"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     vim = next(line for line in lines if line.split()[0] == "vim")
-    assert "features,head,logits" in vim and "alpha" in vim
-    assert {line.split()[0] for line in lines} >= {"msp", "maxlogit", "energy", "mahalanobis", "knn", "vim"}
+    assert vim.split()[1:3] == ["ood", "features,head,logits"] and "CVPR 2022" in vim
+    names = {line.split()[0] for line in lines[1:-1]}
+    assert names == set(oodscope.available()) and lines[-1] == f"{len(names)} detectors"
+    assert {"patchcore", "efficientad", "msp", "iforest"} <= names  # every family, image detectors included
+    assert not any("``" in line or ":class:" in line for line in lines)  # no raw reST markup
+    # columns are aligned: the needs column starts at the same offset on every row
+    assert len({line.index(line.split()[2], len(line.split()[0]) + 2) for line in lines[1:-1]}) == 1
+
+
+def test_detectors_command_filters_by_family(capsys):
+    assert main(["detectors", "--family", "anomaly"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = {line.split()[0] for line in lines[1:-1]}
+    assert names == set(oodscope.available(family="anomaly")) and "iforest" in names and "msp" not in names
+    assert all(line.split()[1] == "anomaly" for line in lines[1:-1])
+    assert main(["detectors", "--family", "image"]) == 0
+    image = {line.split()[0] for line in capsys.readouterr().out.strip().splitlines()[1:-1]}
+    assert image == {"cae", "efficientad", "gaussian_ad", "gaussian_ad_npca", "nsa", "patchcore"}
 
 
 def test_bench_errors_are_clear(capsys):

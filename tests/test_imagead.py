@@ -212,12 +212,15 @@ def test_gaussian_ad_is_mahalanobis_and_npca(rng):
     assert P.image_auroc(npca.score(test), labels) > 0.8
 
 
-def test_image_detectors_stay_out_of_ood_registry():
+def test_image_detectors_are_one_family_of_the_one_registry():
     import oodscope
     from oodscope.imagead import available
+    from oodscope.runner import default_detectors
 
     assert {"patchcore", "gaussian_ad", "gaussian_ad_npca"} <= set(available())
-    assert "patchcore" not in oodscope.available()
+    assert set(available()) == set(oodscope.available(family="image")) <= set(oodscope.available())
+    assert oodscope.detectors.get("patchcore").family == "image"
+    assert not set(available()) & set(default_detectors())  # the OOD benchmark never runs them
 
 
 def test_records_report_missing_pixel_metrics_as_none(tmp_path, rng):

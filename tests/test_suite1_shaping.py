@@ -26,7 +26,7 @@ def test_react_clips_at_train_percentile_then_energy():
     W = np.array([[1.0, 0.0], [0.0, 1.0]])
     train = outputs_from(np.arange(20.0).reshape(10, 2), W)  # values 0..19
     react = oodscope.create("react", percentile=50).fit(train)
-    assert react.threshold_ == pytest.approx(9.5)
+    assert react.clip_ == pytest.approx(9.5)
     x = outputs_from([[20.0, 1.0], [3.0, 4.0]], W)
     assert react.score(x) == pytest.approx(energy(np.array([[9.5, 1.0], [3.0, 4.0]])))
 

@@ -94,12 +94,14 @@ def test_fit_combination_weights_the_informative_layer(make_outputs, rng):
         data.layers = {"noise": rng.normal(size=(len(data), 3))}
     ood_val.layers = {"noise": rng.normal(size=(len(ood_val), 3))}
     ood_val.features = ood_val.features + 3.0  # only the penultimate layer separates
-    detector = oodscope.create("mahalanobis_ensemble", layers=["penultimate", "noise"]).fit(train)
-    detector.fit_combination(id_val, ood_val)
+    detector = oodscope.create("mahalanobis_ensemble", layers=["penultimate", "noise"])
+    detector.fit(train, val=id_val, ood_val=ood_val)
     assert detector.weights_[0] > 10 * abs(detector.weights_[1])
     assert detector.validation_auroc_ > 0.95
-    with pytest.raises(ValueError, match="call fit"):
-        oodscope.create("mahalanobis_ensemble").fit_combination(id_val, ood_val)
+    with pytest.raises(ValueError, match="pass both"):
+        oodscope.create("mahalanobis_ensemble", layers=["penultimate", "noise"]).fit(train, ood_val=ood_val)
+    refit = detector.fit(train)  # a plain refit drops the combination: equal weights again
+    assert np.array_equal(refit.weights_, np.ones(2)) and not hasattr(refit, "validation_auroc_")
 
 
 def test_input_preprocessing_moves_towards_the_closest_class(net_outputs):
@@ -114,8 +116,8 @@ def test_input_preprocessing_moves_towards_the_closest_class(net_outputs):
     with pytest.raises(ValueError, match="runs the network again"):
         oodscope.create("mahalanobis_ensemble", epsilon=0.001).fit(train).score(cached)
     # epsilon chosen from a grid on validation data
-    detector.fit_combination(train, ood, epsilons=[0.0, 0.002])
-    assert detector.epsilon in (0.0, 0.002) and np.isfinite(detector.score(ood)).all()
+    detector.set_params(epsilons=[0.0, 0.002]).fit(train, val=train, ood_val=ood)
+    assert detector.epsilon_ in (0.0, 0.002) and detector.epsilon == 0.0 and np.isfinite(detector.score(ood)).all()
 
 
 # -- KNN indexes -------------------------------------------------------------------------------------------

@@ -265,12 +265,11 @@ DEFAULT_DETECTORS = ("knn_distance", "iforest", "lof")  # the reference code's d
 
 def score_matrix(X: np.ndarray, detectors: Sequence[str] = DEFAULT_DETECTORS, seed: int = 0) -> np.ndarray:
     """Fit every detector on ``X`` and score ``X`` itself (unsupervised): an ``(n, M)`` score matrix."""
-    from ..detectors import create, get
+    from ..detectors import create
 
     columns = []
     for name in detectors:
-        options = {"seed": seed} if "seed" in get(name)._param_names() else {}
-        columns.append(create(name, **options).fit(X).score(X))
+        columns.append(create(name).with_seed(seed).fit(X).score(X))
     return np.column_stack(columns)
 
 

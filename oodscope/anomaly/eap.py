@@ -127,7 +127,7 @@ def expected_anomaly_posterior(X: np.ndarray, y: np.ndarray, auxiliary: np.ndarr
     min_share = (k + 1 + len(anomalies)) / n
     if min_share >= 0.99:
         raise ValueError(f"EAP: {n} training rows are too few for k={k} and {len(anomalies)} anomalies")
-    takes_seed = "seed" in get(detector)._param_names()
+    takes_seed = get(detector).is_stochastic()
     total = np.zeros(len(auxiliary))
     for share in rng.uniform(min_share, 0.99, size=int(n_subsets)):
         keep = rng.random(n) < share

@@ -148,10 +148,11 @@ def run_protocol(detectors: Sequence[str], datasets: Sequence[TabularDataset], p
             normal, anomalous = split.y_test == 0, split.y_test == 1
             for name in detectors:
                 options = dict(params.get(name, {}))
-                if "seed" in get(name)._param_names():
-                    options.setdefault("seed", split.seed)
                 start = time.perf_counter()
-                detector = create(name, **options).fit(split.X_train)
+                detector = create(name, **options)
+                if "seed" not in options:
+                    detector.with_seed(split.seed)
+                detector.fit(split.X_train)
                 scores = detector.score(split.X_test)
                 seconds[name] += time.perf_counter() - start
                 values = ood_metrics(scores[normal], scores[anomalous])

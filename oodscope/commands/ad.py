@@ -66,11 +66,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        cls = get(name)
         kwargs = dict(params.get(name, {}))
-        if "seed" in cls._param_names():
-            kwargs.setdefault("seed", args.seed)
-        detector = cls(**kwargs)
+        detector = get(name)(**kwargs)
+        if "seed" not in kwargs:
+            detector.with_seed(args.seed)
         result = run_detector(detector, data.train, data.test, notes)
         runs.append(result)
         records += result.records

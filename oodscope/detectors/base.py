@@ -13,24 +13,37 @@ A detector is a small estimator in the scikit-learn mould:
 A subclass only writes ``_fit`` (optional) and ``_score``; the base class checks inputs (presence, NaN/inf,
 dimensions), refuses ``score`` before ``fit`` and provides the threshold helpers ``calibrate`` / ``predict``.
 Subclasses that set ``name`` are registered automatically (see :mod:`oodscope.detectors.registry`).
+
+The class is a scikit-learn estimator (``sklearn.base.clone``, ``Pipeline``, ``GridSearchCV`` with a scorer on
+scores work) and offers PyOD's name for the score, ``decision_function``. Attributes in :data:`RESERVED` belong to
+the base class (the threshold set by ``calibrate``, the fitted input shapes); a ``_fit`` that sets one is an error.
+
+Held-out data reaches a detector through one route: ``fit(train, val=..., ood_val=...)``. A detector that uses
+labelled ID validation data declares ``Need.VALIDATION`` (and outliers for tuning, ``Need.OOD_VALIDATION``) and
+writes ``_fit(self, train, val, ood_val)``; every other detector writes ``_fit(self, train)`` and is given neither.
+A stochastic detector takes a ``seed`` parameter; callers set it with :meth:`Detector.with_seed`.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from ..extraction.outputs import Need, Outputs, as_outputs
 from . import registry
+
+#: attributes owned by the base class; a detector's ``_fit`` must not set them
+RESERVED = frozenset({"threshold_", "input_dims_", "keep_"})
+HELD_OUT = frozenset({Need.VALIDATION, Need.OOD_VALIDATION})
 
 
 class NotFittedError(ValueError, AttributeError):
     """Raised when a detector is used before ``fit``."""
 
 
-class Detector:
+class Detector(BaseEstimator):
     """Base class of all detectors (see module docstring for the contract)."""
 
     name: ClassVar[str] = ""
@@ -41,44 +54,80 @@ class Detector:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        clash = RESERVED & {k for k in vars(cls)}
+        if clash:
+            raise TypeError(f"{cls.__qualname__} defines {sorted(clash)}, which the Detector base class owns; "
+                            "name the detector's own fitted state differently")
         if cls.__dict__.get("name"):
             registry.register(cls)
 
-    # -- parameters (scikit-learn style) -------------------------------------------------------------------
+    # -- parameters (scikit-learn's estimator protocol) -----------------------------------------------------
     @classmethod
     def _param_names(cls) -> list[str]:
-        signature = inspect.signature(cls.__init__)
-        return [p.name for p in signature.parameters.values()
-                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-
-    def get_params(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self._param_names()}
+        return list(cls._get_param_names())
 
     def set_params(self, **params: Any) -> "Detector":
         unknown = set(params) - set(self._param_names())
         if unknown:
             raise ValueError(f"{self.name}: unknown parameters {sorted(unknown)}; known: {self._param_names()}")
-        for key, value in params.items():
-            setattr(self, key, value)
-        return self
+        return super().set_params(**params)
 
     def clone(self, **params: Any) -> "Detector":
         """A new, unfitted detector with the same (or overridden) parameters."""
-        return type(self)(**{**self.get_params(), **params})
+        return type(self)(**{**self.get_params(deep=False), **params})
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
+    @classmethod
+    def is_stochastic(cls) -> bool:
+        """Whether the detector draws random numbers (it then takes a ``seed`` parameter)."""
+        return "seed" in cls._param_names()
+
+    def with_seed(self, seed: int) -> "Detector":
+        """Set ``seed`` if the detector is stochastic; a no-op otherwise. Returns ``self``."""
+        if self.is_stochastic():
+            self.set_params(seed=int(seed))
+        return self
+
+    @property
+    def label(self) -> str:
+        """The name plus every non-default parameter, e.g. ``knn_distance(k=1)``: unique per configuration."""
+        defaults = type(self)().get_params(deep=False) if _constructible(type(self)) else {}
+        changed = {k: v for k, v in self.get_params(deep=False).items()
+                   if k not in defaults or not _same(v, defaults[k])}
+        name = self.name or type(self).__name__
+        return name + ("(" + ", ".join(f"{k}={_short(v)}" for k, v in changed.items()) + ")" if changed else "")
 
     # -- the contract ------------------------------------------------------------------------------------
-    def fit(self, train: Outputs | np.ndarray, y: np.ndarray | None = None) -> "Detector":
-        """Learn from in-distribution data (an :class:`Outputs` or a samples x features array)."""
+    def fit(self, train: Outputs | np.ndarray, y: np.ndarray | None = None, *, val: Outputs | np.ndarray | None = None,
+            ood_val: Outputs | np.ndarray | None = None) -> "Detector":
+        """Learn from in-distribution data (an :class:`Outputs` or a samples x features array).
+
+        ``val`` (labelled held-out ID data) and ``ood_val`` (outliers for tuning) are used by detectors that declare
+        ``Need.VALIDATION`` / ``Need.OOD_VALIDATION`` and ignored by the others.
+        """
         train = as_outputs(train, labels=y, name="train")
         self._check_params()
         self._check_inputs(train, fitting=True)
-        self._fit(train)
+        self._reset_fitted()
+        if self.needs & HELD_OUT:
+            val = None if val is None else as_outputs(val, name="val")
+            ood_val = None if ood_val is None else as_outputs(ood_val, name="ood_val")
+            self._fit(train, val, ood_val)
+        else:
+            self._fit(train)
+        self._check_reserved()
         self.input_dims_ = self._input_dims(train)
         return self
+
+    def _reset_fitted(self) -> None:
+        """Refitting starts from a clean slate: no stale threshold or fitted state survives."""
+        for key in [k for k in vars(self) if k.endswith("_")]:
+            delattr(self, key)
+
+    def _check_reserved(self) -> None:
+        clash = RESERVED & set(vars(self))
+        if clash:
+            raise TypeError(f"{type(self).__qualname__}._fit set {sorted(clash)}, which the Detector base class "
+                            "owns; store the detector's own state under another name")
 
     def score(self, x: Outputs | np.ndarray) -> np.ndarray:
         """One float64 per sample; higher means more out-of-distribution."""
@@ -94,6 +143,10 @@ class Detector:
             bad = int((~np.isfinite(scores)).sum())
             raise FloatingPointError(f"{self.name}: {bad} of {len(x)} scores on {x.name!r} are NaN or inf")
         return scores
+
+    def decision_function(self, x: Outputs | np.ndarray) -> np.ndarray:
+        """PyOD's name for :meth:`score` (higher = more anomalous)."""
+        return self.score(x)
 
     def _fit(self, train: Outputs) -> None:
         """Learn fitted state (attributes ending in ``_``). Stateless detectors keep this default."""
@@ -122,7 +175,7 @@ class Detector:
     def _check_inputs(self, data: Outputs, fitting: bool) -> None:
         if len(data) == 0:
             raise ValueError(f"{self.name}: dataset {data.name!r} is empty")
-        for need in self.needs:
+        for need in self.needs - HELD_OUT:
             if need is Need.LABELS and not fitting:
                 continue
             if need is Need.LAYERS:
@@ -159,3 +212,27 @@ class Detector:
             if dims != self.input_dims_[key]:
                 raise ValueError(f"{self.name}: {key} of {data.name!r} have shape {dims} per sample, "
                                  f"but the detector was fitted on {self.input_dims_[key]}")
+
+
+def _constructible(cls: type) -> bool:
+    try:
+        cls()
+        return True
+    except Exception:  # a detector with required parameters has no defaults to compare with
+        return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    try:
+        return bool(a == b) and type(a) is type(b) or (a is b)
+    except Exception:
+        return a is b
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"array{value.shape}"
+    text = repr(value)
+    return text if len(text) <= 40 else f"<{type(value).__name__}>"

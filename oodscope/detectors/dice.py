@@ -34,8 +34,8 @@ class DICE(Detector):
     def _fit(self, train: Outputs) -> None:
         W = as_float64(train.head.W)
         contribution = as_float64(train.features).mean(axis=0)[None, :] * W
-        self.threshold_ = float(np.percentile(contribution, self.sparsity))
-        self.mask_ = contribution > self.threshold_
+        self.contribution_cut_ = float(np.percentile(contribution, self.sparsity))
+        self.mask_ = contribution > self.contribution_cut_
         self.head_ = Head(np.where(self.mask_, W, 0.0), as_float64(train.head.b))
 
     def _score(self, x: Outputs) -> np.ndarray:

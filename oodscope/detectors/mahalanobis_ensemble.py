@@ -12,10 +12,11 @@ Attacks", NeurIPS 2018, Algorithm 1:
    (e.g. :class:`~oodscope.data.transforms.ImageNormalize`), the step in model-input space is ``eps / std``.
    ``eps`` is chosen from the paper's grid :data:`EPSILON_GRID` on validation data.
 3. The per-layer scores are combined by a logistic regression ``sum_l alpha_l M_l(x)`` fitted on validation
-   data: :meth:`MahalanobisEnsemble.fit_combination` takes ID validation outputs and OOD validation outputs
-   (the paper's "validation on OOD samples" setting; the paper's adversarial-free variant uses FGSM samples of
-   ID data as the OOD side, which can be passed the same way). Until it is called the layer scores are summed
-   with equal weights (pytorch-ood's ``MultiMahalanobis`` default).
+   data: ``fit(train, val=id_val, ood_val=ood_val)`` (the detector declares ``Need.VALIDATION`` and
+   ``Need.OOD_VALIDATION``; the paper's "validation on OOD samples" setting; the paper's adversarial-free
+   variant uses FGSM samples of ID data as the OOD side, which can be passed the same way) also picks
+   ``epsilon_`` from the candidates ``epsilons``. Without ``ood_val`` the layer scores are summed with equal
+   weights (pytorch-ood's ``MultiMahalanobis`` default) and ``epsilon_ = epsilon``.
 
 The OOD score is the regression's decision value on the per-layer squared distances (higher = more OOD).
 Layers are named modules extracted with ``extract(..., layers=[...])`` (spatial mean, the default
@@ -42,13 +43,16 @@ class MahalanobisEnsemble(Detector):
     """Per-layer Mahalanobis distances (optionally on pre-processed inputs), combined linearly."""
 
     name = "mahalanobis_ensemble"
-    needs = frozenset({Need.FEATURES, Need.LAYERS, Need.LABELS})
+    needs = frozenset({Need.FEATURES, Need.LAYERS, Need.LABELS, Need.VALIDATION, Need.OOD_VALIDATION})
     grid = {"epsilon": list(EPSILON_GRID)}
 
-    def __init__(self, layers: Sequence[str] | None = None, epsilon: float = 0.0, batch_size: int = 256):
+    def __init__(self, layers: Sequence[str] | None = None, epsilon: float = 0.0, batch_size: int = 256,
+                 epsilons: Sequence[float] | None = None, seed: int = 0):
         self.layers = layers
         self.epsilon = epsilon
         self.batch_size = batch_size
+        self.epsilons = epsilons  # candidates compared on (val, ood_val); None: just ``epsilon``
+        self.seed = seed  # the validation split of the combination fit
 
     # -- parameters ---------------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -69,16 +73,22 @@ class MahalanobisEnsemble(Detector):
         return data.features if layer == PENULTIMATE else data.layers[layer]
 
     # -- fit ----------------------------------------------------------------------------------------------
-    def _fit(self, train: Outputs) -> None:
+    def _fit(self, train: Outputs, val: Outputs | None, ood_val: Outputs | None) -> None:
         n_classes = n_classes_of(train.labels, train.logits)
         self.gaussians_ = [TiedGaussian(self._values(train, layer), train.labels, n_classes,
                                         f"{self.name} (layer {layer!r})") for layer in self._all_layers()]
         self.weights_ = np.ones(len(self.gaussians_))
         self.bias_ = 0.0
+        self.epsilon_ = float(self.epsilon)
+        if ood_val is not None:
+            if val is None:
+                raise ValueError(f"{self.name}: ood_val is given without val; the combination is fitted on ID "
+                                 "validation data against OOD validation data, pass both")
+            self._fit_combination(train, val, ood_val)
 
     def layer_scores(self, x: Outputs, epsilon: float | None = None) -> np.ndarray:
         """``(N, L)`` squared Mahalanobis distances per layer, after pre-processing with ``epsilon``."""
-        epsilon = self.epsilon if epsilon is None else epsilon
+        epsilon = self.epsilon_ if epsilon is None else epsilon
         if epsilon == 0:
             return np.stack([g.min_distance(self._values(x, layer))
                              for g, layer in zip(self.gaussians_, self._all_layers())], axis=1)
@@ -89,23 +99,22 @@ class MahalanobisEnsemble(Detector):
         return self.layer_scores(x) @ self.weights_ + self.bias_
 
     # -- the validation step: noise magnitude and regression weights --------------------------------------
-    def fit_combination(self, id_val: Outputs, ood_val: Outputs,
-                        epsilons: Sequence[float] | None = None, seed: int = 0) -> "MahalanobisEnsemble":
+    def _fit_combination(self, train: Outputs, id_val: Outputs, ood_val: Outputs) -> None:
         """Fit the logistic-regression weights on ID vs OOD validation outputs (Lee et al., Sec. 3.1).
 
-        ``epsilons`` (default: ``[self.epsilon]``; the paper's grid is :data:`EPSILON_GRID`) are compared by the
+        ``epsilons`` (default: ``[epsilon]``; the paper's grid is :data:`EPSILON_GRID`) are compared by the
         AUROC of a regression fitted on one half of the validation data and evaluated on the other; the best
-        becomes ``self.epsilon`` and the regression is refitted on all validation data.
+        becomes ``epsilon_`` and the regression is refitted on all validation data.
         """
         from sklearn.metrics import roc_auc_score
 
-        if not hasattr(self, "gaussians_"):
-            raise ValueError(f"{self.name}: call fit(train) before fit_combination(id_val, ood_val)")
         for data in (id_val, ood_val):
             self._check_inputs(data, fitting=False)
-            self._check_dims(data)
-        epsilons = [self.epsilon] if epsilons is None else list(epsilons)
-        rng = np.random.default_rng(seed)
+            if self._input_dims(data) != self._input_dims(train):
+                raise ValueError(f"{self.name}: {data.name!r} has shapes {self._input_dims(data)} per sample but "
+                                 f"the training data {self._input_dims(train)}")
+        epsilons = [self.epsilon] if self.epsilons is None else list(self.epsilons)
+        rng = np.random.default_rng(self.seed)
         target = np.r_[np.zeros(len(id_val)), np.ones(len(ood_val))]
         half = rng.permutation(len(target)) < len(target) // 2
         best = None
@@ -115,10 +124,9 @@ class MahalanobisEnsemble(Detector):
             auroc = roc_auc_score(target[~half], model.decision_function(scores[~half]))
             if best is None or auroc > best[0]:
                 best = (auroc, epsilon, scores)
-        self.validation_auroc_, self.epsilon, scores = best
+        self.validation_auroc_, self.epsilon_, scores = best
         model = _regression(scores, target)
         self.weights_, self.bias_ = model.coef_[0].astype(np.float64), float(model.intercept_[0])
-        return self
 
 
 def _regression(scores: np.ndarray, target: np.ndarray):

@@ -32,7 +32,7 @@ class ReAct(Detector):
         check_percentile(self.name, "percentile", self.percentile)
 
     def _fit(self, train: Outputs) -> None:
-        self.threshold_ = float(np.percentile(as_float64(train.features), self.percentile))
+        self.clip_ = float(np.percentile(as_float64(train.features), self.percentile))
 
     def _score(self, x: Outputs) -> np.ndarray:
-        return head_energy(np.minimum(as_float64(x.features), self.threshold_), x.head)
+        return head_energy(np.minimum(as_float64(x.features), self.clip_), x.head)

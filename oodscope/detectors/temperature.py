@@ -8,9 +8,10 @@ temperature ``T > 0`` is fitted by minimising the negative log-likelihood of hel
 and the calibrated confidence is ``max_c softmax(f(x) / T*)_c``; the OOD score is its negative
 (the MSP of Hendrycks & Gimpel 2017 on calibrated logits).
 
-Where the validation data comes from: pass it as ``calibration=`` (an :class:`Outputs` with logits and labels,
-e.g. the benchmark's ``val`` split); then ``fit(train)`` ignores ``train`` for the temperature. Without
-``calibration`` the temperature is fitted on the labelled data given to ``fit``; training data makes a
+Where the validation data comes from: ``fit(train, val=val)`` with ``val`` an :class:`Outputs` with logits and
+labels (e.g. the benchmark's ``val`` split; the detector declares ``Need.VALIDATION``, so ``oodscope bench`` and
+``evaluate(..., val=...)`` pass it); then ``train`` is not used for the temperature. Without ``val`` the
+temperature is fitted on the labelled data given to ``fit``; training data makes a
 well-fitted network look over-confident, so ``T*`` comes out smaller than on held-out data. A fixed
 ``temperature=`` skips the fitting (used by the tuning grid).
 
@@ -61,35 +62,26 @@ class TemperatureScaling(Detector):
     """``score(x) = -max_c softmax(f(x) / T*)_c`` with ``T*`` fitted by NLL on ID validation data."""
 
     name = "temperature"
-    needs = frozenset({Need.LOGITS})
+    needs = frozenset({Need.LOGITS, Need.VALIDATION})
     grid = {"temperature": [None, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0]}
 
-    def __init__(self, temperature: float | None = None, calibration: Outputs | None = None):
+    def __init__(self, temperature: float | None = None):
         self.temperature = temperature
-        self.calibration = calibration
-
-    def __repr__(self) -> str:
-        cal = self.calibration
-        shown = None if cal is None else f"<Outputs {cal.name!r}, {len(cal)} samples>"
-        return f"TemperatureScaling(temperature={self.temperature!r}, calibration={shown})"
 
     def _check_params(self) -> None:
         if self.temperature is not None and not (np.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature: temperature must be > 0 (or None to fit it), got {self.temperature}")
-        if self.calibration is not None and not isinstance(self.calibration, Outputs):
-            raise ValueError("temperature: calibration must be an oodscope.Outputs with logits and labels "
-                             f"(e.g. the extracted validation split), got {type(self.calibration).__name__}")
 
-    def _fit(self, train: Outputs) -> None:
+    def _fit(self, train: Outputs, val: Outputs | None, ood_val: Outputs | None) -> None:
         if self.temperature is not None:
             self.temperature_ = float(self.temperature)
             return
-        data = self.calibration if self.calibration is not None else train
+        data = val if val is not None else train
         logits = data.get(Need.LOGITS, who=self.name)
         if data.labels is None:
             raise ValueError(f"temperature: fitting T needs class labels but dataset {data.name!r} has none; "
-                             "pass calibration=<labelled ID validation Outputs> or a fixed temperature=")
-        if self.calibration is not None and logits.shape[1] != train.get(Need.LOGITS, who=self.name).shape[1]:
+                             "pass fit(train, val=<labelled ID validation Outputs>) or a fixed temperature=")
+        if val is not None and logits.shape[1] != train.get(Need.LOGITS, who=self.name).shape[1]:
             raise ValueError(f"temperature: calibration logits have {logits.shape[1]} classes but {train.name!r} "
                              f"has {train.logits.shape[1]}")
         self.temperature_ = fit_temperature(logits, data.labels, who=self.name)

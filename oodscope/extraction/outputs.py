@@ -27,6 +27,8 @@ class Need(str, enum.Enum):
     LAYERS = "layers"
     MODEL = "model"
     LABELS = "labels"
+    VALIDATION = "validation"  # held-out labelled ID data, given as fit(train, val=...)
+    OOD_VALIDATION = "ood_validation"  # outliers for tuning a combination, given as fit(train, ood_val=...)
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,9 @@ class ImageDetector(Detector):
             raise ValueError(f"{self.name}: fit on defect-free images only; {int(np.sum(labels != 0))} training "
                              "images are labelled anomalous")
         self._check_params()
+        self._reset_fitted()
         self._fit(images)
+        self._check_reserved()
         self.input_dims_ = {"image": images.shape[1:]}
         return self
 
