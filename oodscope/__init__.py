@@ -17,13 +17,14 @@ from .extraction.outputs import Head, Need, Outputs
 __version__ = "0.1.0"
 
 __all__ = ["Detector", "NotFittedError", "available", "create", "Head", "Need", "Outputs", "extract",
-           "evaluate", "Results", "metrics", "__version__", "tune"]
+           "evaluate", "Results", "metrics", "__version__", "tune", "load"]
 
 _LAZY = {"extract": ("oodscope.extraction.extract", "extract"),
          "evaluate": ("oodscope.evaluation", "evaluate"),
          "Results": ("oodscope.evaluation", "Results"),
          "metrics": ("oodscope.metrics", None),
-         "tune": ("oodscope.tuning", "tune")}
+         "tune": ("oodscope.tuning", "tune"),
+         "load": ("oodscope.persistence", "load")}
 
 
 def __getattr__(name: str):

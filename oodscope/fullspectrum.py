@@ -12,7 +12,9 @@ shifted copy, :func:`full_spectrum_records` gives
 * how much each detector reacts to the covariate shift alone (``setting`` = ``"shift-sensitivity"``, dataset
   = the shifted copy): AUROC/AUPR of clean test vs shifted test (50 = blind to the shift) and ``flagged``, the
   share of shifted ID images flagged as OOD at the threshold that keeps 95 % of the clean ID test
-  (5 = no reaction; this is the FPR of shifted ID at 95 % TPR on clean ID).
+  (:func:`oodscope.thresholds.threshold_for_keep`; about 5 = no reaction): the false-alarm rate on shifted ID at
+  95 % TPR on clean ID. With the shifted set in the OOD role of :func:`~oodscope.metrics.fpr_at_tpr` (which counts
+  OOD *accepted*) it is ``100 (1 - fpr_at_tpr(clean, shifted))``.
 """
 
 from __future__ import annotations
@@ -23,15 +25,19 @@ import numpy as np
 
 from .evaluation import METRICS, Results
 from .metrics import ood_metrics
+from .thresholds import flag, threshold_for_keep
 
 SHIFTED = "test_shifted"
 
 
 def flagged_share(clean_scores: np.ndarray, shifted_scores: np.ndarray, keep: float = 0.95) -> float:
-    """Percent of ``shifted_scores`` above the threshold that keeps ``keep`` of ``clean_scores`` as ID."""
-    clean = np.sort(np.asarray(clean_scores, dtype=np.float64))
-    threshold = clean[int(np.ceil(keep * len(clean) - 1e-9)) - 1]  # the lowest threshold keeping >= keep of ID
-    return float(100.0 * np.mean(np.asarray(shifted_scores, dtype=np.float64) > threshold))
+    """Percent of ``shifted_scores`` flagged at ``threshold_for_keep(clean_scores, keep)`` (the one rule of
+    :mod:`oodscope.thresholds`), ``100 (1 - fpr_at_tpr(clean, shifted, keep))`` up to rounding."""
+    threshold = threshold_for_keep(np.ravel(clean_scores), keep)
+    shifted = np.ravel(np.asarray(shifted_scores, dtype=np.float64))
+    if shifted.size == 0:
+        raise ValueError("flagged_share: shifted_scores is empty")
+    return float(100.0 * np.count_nonzero(flag(shifted, threshold)) / shifted.size)
 
 
 def full_spectrum_records(results: Results, shifted_scores: Mapping[str, np.ndarray],

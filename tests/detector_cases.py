@@ -46,12 +46,25 @@ def _conv_net():
         def forward(self, x):
             return self.fc(self.pool(self.body(self.stem(x))).flatten(1))
 
-    state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    try:
-        return SmallNet().eval()
-    finally:
-        torch.random.set_rng_state(state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return SmallNet()
+
+
+def _train(model, x: np.ndarray, y: np.ndarray, steps: int = 60):
+    """A few seeded full-batch Adam steps, so that the head predicts every class (gram needs one per class)."""
+    import torch
+
+    from oodscope.data.transforms import ImageNormalize
+
+    inputs = ImageNormalize(mean=[0.5] * 3, std=[0.25] * 3)(torch.from_numpy(x))
+    targets = torch.from_numpy(y)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimiser.step()
+    return model.eval()
 
 
 @lru_cache(maxsize=None)
@@ -67,7 +80,7 @@ def image_outputs() -> tuple[Any, Any]:
     test = np.concatenate([x[::6], np.full((N_OUTLIERS, 8, 8, 3), 255, np.uint8)])
     options = dict(preprocess=Normalize(mean=[0.5] * 3, std=[0.25] * 3), layers=["stem", "body"],
                    use_cache=False, progress=False, batch_size=32)
-    model = _conv_net()
+    model = _train(_conv_net(), x, y)
     train = oodscope.extract(model, (x, y), name="train", **options)
     test_out = oodscope.extract(model, test, name="test", **options)
     return train, test_out
@@ -75,7 +88,8 @@ def image_outputs() -> tuple[Any, Any]:
 
 @lru_cache(maxsize=None)
 def gaussian_outputs() -> tuple[Any, Any]:
-    """Class-clustered 16-d features with a linear head, 4 classes; outliers shifted off every class."""
+    """Class-clustered 16-d features with a linear head, 4 classes; the outliers belong to no class (centred noise:
+    far from every class mean, near-uniform softmax)."""
     from oodscope import Head, Outputs
 
     rng = np.random.default_rng(0)
@@ -89,7 +103,7 @@ def gaussian_outputs() -> tuple[Any, Any]:
 
     f_train, y_train = make(200, "train")
     f_in, _ = make(24, "test")
-    f_out, _ = make(N_OUTLIERS, "out", shift=6.0)
+    f_out = rng.normal(size=(N_OUTLIERS, 16)) * 0.5
     f_test = np.concatenate([f_in, f_out])
     train = Outputs(logits=f_train @ W.T + b, features=f_train, labels=y_train, head=Head(W, b), name="train")
     test = Outputs(logits=f_test @ W.T + b, features=f_test, head=Head(W, b), name="test")
@@ -106,11 +120,11 @@ def tabular_data() -> tuple[np.ndarray, np.ndarray]:
 
 @lru_cache(maxsize=None)
 def images() -> tuple[np.ndarray, np.ndarray]:
-    """Defect-free 32x32 grey images; the outliers have a bright square pasted in."""
+    """Defect-free 64x64 grey images (EfficientAD's smallest size); the outliers have a bright square pasted in."""
     rng = np.random.default_rng(3)
-    train = np.clip(rng.normal(0.5, 0.05, (12, 1, 32, 32)), 0, 1).astype(np.float32)
-    test = np.clip(rng.normal(0.5, 0.05, (12, 1, 32, 32)), 0, 1).astype(np.float32)
-    test[-N_OUTLIERS:, 0, 8:20, 8:20] = 1.0
+    train = np.clip(rng.normal(0.5, 0.05, (12, 1, 64, 64)), 0, 1).astype(np.float32)
+    test = np.clip(rng.normal(0.5, 0.05, (12, 1, 64, 64)), 0, 1).astype(np.float32)
+    test[-N_OUTLIERS:, 0, 16:40, 16:40] = 1.0
     return train, test
 
 
@@ -174,7 +188,7 @@ TINY: dict[str, dict[str, Any]] = {
     "heat": {"n_iter": 3, "hidden_dim": 16, "n_hidden_layers": 1, "batch_size": 64, "sgld_steps": 2},
     "gram": {"layers": ["stem", "body"], "poles": [1, 2]},
     "mahalanobis_ensemble": {"layers": ["stem", "body"]},
-    "nac": {"layers": ["stem", "body"], "o_star": 1},
+    "nac": {"layers": ["stem", "body"], "m_bins": 50, "o_star": 5},
     "rankfeat": {"layer": "body", "iterations": 5},
     "adascale": {"fit_samples": 60},
     "blood": {"n_estimators": 4},
@@ -186,8 +200,8 @@ TINY: dict[str, dict[str, Any]] = {
     "gaussian_ad_npca": {"layers": ("l1", "l2")},
     "efficientad": {"layers": ("l1", "l2"), "distill_steps": 2, "distill_batch_size": 2,
                     "distill_norm_batches": 1, "train_steps": 3, "generic_images": None},
-    "cae": {"input_size": 32, "width": 0.125, "latent_dim": 8, "steps": 3, "batch_size": 4, "feature_size": 32},
-    "nsa": {"input_size": 32, "steps": 3, "batch_size": 4, "decoder_width": 8},
+    "cae": {"input_size": 128, "width": 0.125, "latent_dim": 8, "steps": 3, "batch_size": 4, "feature_size": 32},
+    "nsa": {"input_size": 48, "steps": 3, "batch_size": 4, "decoder_width": 8},
 }
 TEXT = {"blood", "ahm"}
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}

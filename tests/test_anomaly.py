@@ -473,6 +473,7 @@ def test_adbench_contamination_option_writes_the_posterior(tmp_path, capsys, mon
     import functools
 
     import oodscope.anomaly.contamination as contamination
+    from oodscope.thresholds import flagged_count
 
     monkeypatch.setattr(contamination, "estimate_contamination", functools.partial(
         contamination.estimate_contamination, max_components=20, n_samples=2000, max_refits=2))
@@ -485,7 +486,8 @@ def test_adbench_contamination_option_writes_the_posterior(tmp_path, capsys, mon
     assert estimate["detectors"] == ["knn_distance", "iforest", "lof"]
     mean, (low, high) = estimate["posterior_mean"], estimate["interval90"]
     assert 0 < mean <= 0.5 and 0 <= low < mean < high <= 0.25  # gamma_lim = 0.25 bounds every draw
-    assert estimate["predicted_anomalies"] == round(mean * 367)
+    # what the posterior-mean threshold flags (oodscope.thresholds): floor(367 mean) of 367 tie-free scores
+    assert estimate["predicted_anomalies"] == flagged_count(367, mean) == int(np.floor(367 * mean + 1e-9))
     assert isinstance(estimate["converged"], bool)
     line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("wdbc "))
     assert line.split()[1:3] == [f"{100 * 10 / 367:.2f}%", f"{100 * mean:.2f}%"]  # true 2.72 %, posterior mean

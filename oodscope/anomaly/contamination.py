@@ -26,7 +26,9 @@ ICML 2023 (reference code: github.com/Lorenzo-Perini/GammaGMM, ``gammaGMM.py``; 
    the component index directly, the same distribution without rounding: on WDBC the reference's rounded scheme on
    our fitted mixture gives a mean of 11.07 % against our 11.04 %, ``benchmarks/gammagmm_wdbc.py``.)
 
-The threshold of a detector is then set so that the share of predicted anomalies equals the posterior mean.
+The threshold of a detector is then set so that the share of predicted anomalies equals the posterior mean, with
+the one rule of :mod:`oodscope.thresholds` (:func:`threshold_at`: ``floor(n gamma)`` of ``n`` examples flagged when
+there are no ties; the reference code stops at the posterior and sets no threshold).
 
 Checked against the reference code step by step (score transform, ``K``, concentration, ``max_iter``, the ``>= 2``
 filter and the spreading of the lost mass, the ordering statistic, both equations for ``delta, tau`` with their
@@ -61,6 +63,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..detectors.anomaly._base import check_contamination
+from ..thresholds import flag, threshold_for_contamination
 
 
 def transform_scores(scores: np.ndarray) -> np.ndarray:
@@ -243,21 +246,24 @@ class ContaminationPosterior:
         return threshold_at(scores, gamma)
 
     def predict(self, scores: np.ndarray, contamination: float | None = None) -> np.ndarray:
-        """``True`` for the examples flagged as anomalies at the posterior-mean contamination."""
+        """``True`` for the examples flagged as anomalies at the posterior-mean contamination (``floor(n gamma)`` of
+        the ``n`` scores when there are no ties; :mod:`oodscope.thresholds`)."""
         scores = np.asarray(scores, dtype=np.float64)
-        return scores > self.threshold(scores, contamination)
+        return flag(scores, self.threshold(scores, contamination))
 
 
 def threshold_at(scores: np.ndarray, contamination: float) -> float:
-    """The ``1 - contamination`` quantile of ``scores`` (refuses a contamination outside (0, 0.5])."""
+    """:func:`oodscope.thresholds.threshold_for_contamination` of ``scores``: the smallest score with at least
+    ``1 - contamination`` of the scores at or below it, so ``scores > threshold`` flags ``floor(n contamination)``
+    of them when there are no ties (refuses a contamination outside (0, 0.5])."""
     try:
         contamination = check_contamination("threshold", contamination)
     except ValueError as error:
         raise ValueError(f"{error}; an estimated contamination of 0 means no component looked anomalous") from None
     scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 1 or not np.isfinite(scores).all():
-        raise ValueError("threshold: scores must be a finite 1-d array")
-    return float(np.quantile(scores, 1.0 - contamination))
+    if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all():
+        raise ValueError("threshold: scores must be a finite, non-empty 1-d array")
+    return threshold_for_contamination(scores, contamination)
 
 
 DEFAULT_DETECTORS = ("knn_distance", "iforest", "lof")  # the reference code's default ad_list (KNN, IForest, LOF)

@@ -24,7 +24,9 @@ to account for the detector's epistemic uncertainty.
   inside some ball, taken at the 95 % quantile of a Beta posterior, at least ``k = 5`` (reference
   ``find_minimum_k``).
 * ``P(Y = 1 | x)``: a detector fitted on the sub-sample, its score squashed by ``1 - 2^{-(s / t)^2}`` with ``t`` the
-  training ``1 - gamma`` score quantile (the anomatools ``SquashScaler`` of the reference notebook). The reference
+  training ``1 - gamma`` score percentile (the anomatools ``SquashScaler`` of the reference notebook, whose
+  ``np.percentile(s, int((1 - gamma) * 100))``, linear and truncated to a whole percent, we keep: it is
+  :func:`oodscope.thresholds.threshold_for_contamination` with ``rule="linear_whole_percent"``). The reference
   notebook's detector is SSDO (semi-supervised label propagation) on an Isolation Forest; we use an unsupervised
   detector itself, by default ``knn_distance``: the squashing assumes scores that start at 0 for the most normal
   rows, which distances do (Isolation Forest scores do not; negative scores are shifted by the training minimum,
@@ -37,6 +39,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..detectors.anomaly._base import check_contamination
+from ..thresholds import threshold_for_contamination
 
 
 def posterior_mean(p_anomaly: np.ndarray, density: np.ndarray, n: int, prior: tuple[float, float]) -> np.ndarray:
@@ -85,9 +88,17 @@ def minimum_k(real: np.ndarray, anomalies: np.ndarray, min_k: int = 5) -> int:
 
 
 def squash(scores: np.ndarray, train_scores: np.ndarray, contamination: float) -> np.ndarray:
-    """``1 - 2^{-(s / t)^2}``, ``t`` = training ``1 - contamination`` quantile (scores shifted to start at 0)."""
+    """``1 - 2^{-(s / t)^2}``, ``t`` = training ``1 - contamination`` percentile (scores shifted to start at 0).
+
+    ``t`` follows the reference code (anomatools' ``SquashScaler``): ``np.percentile(s, int((1 - gamma) * 100))``,
+    linear interpolation at the percent truncated to a whole number, i.e.
+    :func:`oodscope.thresholds.threshold_for_contamination` with ``rule="linear_whole_percent"``. ``t`` is where the
+    squashed probability crosses 1/2 (a scale, not a flag threshold); the truncation matters for gamma off whole
+    percents (2.72 % on WDBC gives the 97th percentile, not the 97.28th).
+    """
+    train_scores = np.asarray(train_scores, dtype=np.float64)
     low = min(0.0, float(np.min(train_scores)))
-    t = np.percentile(np.asarray(train_scores) - low, int((1.0 - contamination) * 100))
+    t = threshold_for_contamination(train_scores - low, contamination, rule="linear_whole_percent")
     if not t > 0:
         raise ValueError("EAP: the detector's training score quantile is 0; cannot squash scores into probabilities")
     return 1.0 - np.exp(np.log(0.5) * ((np.asarray(scores, dtype=np.float64) - low) / t) ** 2)

@@ -6,8 +6,13 @@ the Bayesian estimate (uniform prior) of its outlyingness ``psi_n(s) = (1 + #{i:
 probability that it would be predicted anomalous, ``P(Y^ = 1 | s) = P(Bin(n, psi_n) > n - floor(n gamma))``: the
 chance that, drawing ``n`` training scores again, ``s`` lands among the top ``floor(n gamma)``. (This is the
 authors' implementation, PyOD's ``predict_confidence`` and RejEx's ``pred_confidence``.) The confidence in the
-prediction is that probability for a predicted anomaly (``s`` above the training ``1 - gamma`` quantile) and one
-minus it for a predicted normal.
+prediction is that probability for a predicted anomaly and one minus it for a predicted normal. A score is a
+predicted anomaly when it is above :func:`oodscope.thresholds.threshold_for_contamination` of the training scores,
+the smallest training score with at least ``1 - gamma`` of them at or below it: without ties exactly the top
+``floor(n gamma)`` training scores are predicted anomalous, the count the binomial above is built on. The authors'
+code (PyOD's ``predict``) uses PyOD's linear-interpolated percentile instead, which can predict one more training
+score anomalous (``n = 10, gamma = 0.15``: 2 instead of 1) and moves the boundary between two training scores;
+``ExCeeD(threshold_rule="linear")`` reproduces it.
 
 Perini & Davis, "Unsupervised Anomaly Detection with Rejection", NeurIPS 2023 (RejEx; reference code
 github.com/Lorenzo-Perini/RejEx, ``RejEx.py``): the confidence metric is ExCeeD's *stability*
@@ -32,6 +37,7 @@ import numpy as np
 from scipy.stats import binom
 
 from ..detectors.anomaly._base import check_contamination
+from ..thresholds import flag, threshold_for_contamination
 
 
 def _binomial_threshold(n: int, contamination: float) -> int:
@@ -57,9 +63,10 @@ def anomaly_probability(train_scores: np.ndarray, scores: np.ndarray, contaminat
 class ExCeeD:
     """Confidence and rejection on top of any detector's scores (``fit`` on the training scores)."""
 
-    def __init__(self, contamination: float = 0.1, T: float = 32.0):
+    def __init__(self, contamination: float = 0.1, T: float = 32.0, threshold_rule: str = "inverted_cdf"):
         self.contamination = contamination
         self.T = T
+        self.threshold_rule = threshold_rule  # "linear": PyOD's threshold_, as the authors' code (module doc)
 
     def fit(self, train_scores: np.ndarray) -> "ExCeeD":
         self.contamination_ = check_contamination("ExCeeD", self.contamination)
@@ -67,7 +74,7 @@ class ExCeeD:
             raise ValueError(f"ExCeeD: T must be positive, got {self.T!r}")
         self.train_scores_ = np.sort(np.asarray(train_scores, dtype=np.float64))
         anomaly_probability(self.train_scores_, self.train_scores_[:1], self.contamination_)  # validates
-        self.threshold_ = float(np.quantile(self.train_scores_, 1.0 - self.contamination_))
+        self.threshold_ = threshold_for_contamination(self.train_scores_, self.contamination_, self.threshold_rule)
         return self
 
     @property
@@ -80,8 +87,8 @@ class ExCeeD:
         return 2.0 * np.abs(anomaly_probability(self.train_scores_, scores, self.contamination_) - 0.5)
 
     def predict(self, scores: np.ndarray) -> np.ndarray:
-        """``True`` for a predicted anomaly (score above the training ``1 - gamma`` quantile)."""
-        return np.asarray(scores, dtype=np.float64) > self.threshold_
+        """``True`` for a predicted anomaly: ``flag(scores, threshold_for_contamination(train_scores, gamma))``."""
+        return flag(scores, self.threshold_)
 
     def confidence(self, scores: np.ndarray) -> np.ndarray:
         """ExCeeD confidence in the prediction of each score, in [0, 1]."""

@@ -90,6 +90,7 @@ def contamination_report(data) -> dict:
     import numpy as np
 
     from ..anomaly.contamination import DEFAULT_DETECTORS, estimate_contamination
+    from ..thresholds import flagged_count
 
     std = data.X.std(axis=0)
     X = (data.X - data.X.mean(axis=0)) / np.where(std > 0, std, 1.0)
@@ -97,7 +98,7 @@ def contamination_report(data) -> dict:
     low, high = posterior.interval(0.9)
     return {"dataset": data.name, "true": float(data.y.mean()), "posterior_mean": posterior.mean_,
             "interval90": [low, high], "detectors": list(DEFAULT_DETECTORS), "converged": posterior.converged_,
-            "predicted_anomalies": int(round(posterior.mean_ * len(data.y))), "anomalies": data.n_anomalies}
+            "predicted_anomalies": flagged_count(len(data.y), posterior.mean_), "anomalies": data.n_anomalies}
 
 
 def format_contamination(estimates: list[dict]) -> str:

@@ -26,6 +26,7 @@ A stochastic detector takes a ``seed`` parameter; callers set it with :meth:`Det
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -159,17 +160,24 @@ class Detector(BaseEstimator):
 
     # -- thresholding (shared by all detectors) -----------------------------------------------------------
     def calibrate(self, id_val: Outputs | np.ndarray, keep: float = 0.95) -> "Detector":
-        """Set ``threshold_`` so that a share ``keep`` of the ID validation samples is accepted as ID."""
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must be in (0, 1], got {keep}")
-        self.threshold_ = float(np.quantile(self.score(id_val), keep, method="higher"))
+        """Set ``threshold_`` to the smallest ID validation score with at least ``keep`` of them at or below it.
+
+        The one threshold rule of :func:`oodscope.thresholds.threshold_for_keep` (also behind ``fpr_at_tpr``):
+        ``predict`` then accepts at least ``keep`` of ``id_val`` (more only where scores tie at the threshold),
+        and the share of an OOD set it accepts is exactly that set's FPR at TPR = ``keep``.
+        """
+        from ..thresholds import threshold_for_keep
+
+        self.threshold_ = threshold_for_keep(self.score(id_val), keep)
         return self
 
     def predict(self, x: Outputs | np.ndarray) -> np.ndarray:
         """``True`` where a sample is flagged out-of-distribution (score above ``threshold_``)."""
+        from ..thresholds import flag
+
         if not hasattr(self, "threshold_"):
             raise NotFittedError(f"{self.name}: no threshold; call calibrate(id_val) after fit")
-        return self.score(x) > self.threshold_
+        return flag(self.score(x), self.threshold_)
 
     # -- input checks ------------------------------------------------------------------------------------
     def _check_inputs(self, data: Outputs, fitting: bool) -> None:
@@ -212,6 +220,12 @@ class Detector(BaseEstimator):
             if dims != self.input_dims_[key]:
                 raise ValueError(f"{self.name}: {key} of {data.name!r} have shape {dims} per sample, "
                                  f"but the detector was fitted on {self.input_dims_[key]}")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted detector to one file, read by ``oodscope.load(path)`` (:mod:`oodscope.persistence`)."""
+        from ..persistence import save
+
+        return save(self, path)
 
 
 def _constructible(cls: type) -> bool:

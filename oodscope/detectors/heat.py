@@ -58,18 +58,24 @@ def _schedule(t: int, total: int, start: float, end: float, power: float = 2.0) 
     return (start - end) * (1.0 - t / total) ** power + end
 
 
+def _mlp(dim: int, hidden_dim: int, n_hidden_layers: int):
+    """The residual energy network E_theta: ``dim`` -> ``hidden_dim`` (x ``1 + n_hidden_layers``) -> 1."""
+    from torch import nn
+
+    layers = [nn.Linear(dim, hidden_dim), nn.LeakyReLU(0.2)]
+    for _ in range(n_hidden_layers):
+        layers += [nn.Linear(hidden_dim, hidden_dim), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers, nn.Linear(hidden_dim, 1))
+
+
 class _Energy:
     """Prior energy + MLP residual for one prior (torch tensors in, per-sample energies out)."""
 
     def __init__(self, prior: str, dim: int, hidden_dim: int, n_hidden_layers: int, stats, head):
         import torch
-        from torch import nn
 
         self.prior, self.config = prior, PRIORS[prior]
-        layers = [nn.Linear(dim, hidden_dim), nn.LeakyReLU(0.2)]
-        for _ in range(n_hidden_layers):
-            layers += [nn.Linear(hidden_dim, hidden_dim), nn.LeakyReLU(0.2)]
-        self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, 1))
+        self.mlp = _mlp(dim, hidden_dim, n_hidden_layers)
         with torch.no_grad():           # start at the prior: E_theta = 0 before training (see module docstring)
             self.mlp[-1].weight.zero_()
             self.mlp[-1].bias.zero_()
@@ -191,6 +197,11 @@ class HEAT(Detector):
         raw = self._raw_energies(features[rows])
         self.offsets_ = {k: float(v.mean()) for k, v in raw.items()}
         self.scales_ = {k: float(max(v.std(), 1e-12)) for k, v in raw.items()}
+
+    def _init_networks(self) -> None:
+        """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        for energy in self.energies_.values():
+            energy.mlp = _mlp(self.input_dims_["features"][0], self.hidden_dim, self.n_hidden_layers)
 
     def _train(self, energy: _Energy, data, generator) -> list[float]:
         import torch

@@ -185,6 +185,14 @@ class ImageDetector(Detector):
         self.input_dims_ = {"image": images.shape[1:]}
         return self
 
+    def _init_networks(self) -> None:
+        """Re-create the networks for :func:`oodscope.persistence.load`: ``backbone_`` from the parameter.
+
+        Detectors with networks of their own extend this (calling ``super()._init_networks()``).
+        """
+        if hasattr(self, "backbone_"):
+            self.backbone_ = resolve_backbone(self.backbone)
+
     def score_and_map(self, x: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """Image scores ``(N,)`` and anomaly maps ``(N, H, W)`` (``None`` if the method does not localise)."""
         if not hasattr(self, "input_dims_"):

@@ -205,6 +205,11 @@ class ConvAutoencoderAD(ImageDetector):
         for p in self.model_.parameters():
             p.requires_grad_(False)
 
+    def _init_networks(self) -> None:
+        """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        super()._init_networks()
+        self.model_ = PCBAutoencoder(self.input_size, self.latent_dim, self.width)
+
     def reconstruct(self, images) -> np.ndarray:
         """Reconstructions ``(N, 3, H, W)`` at the input resolution."""
         from .base import as_images

@@ -383,6 +383,13 @@ class EfficientAD(ImageDetector):
         self.quantiles_ae_ = map_quantiles(map_ae, self.q_a, self.q_b)
         self.n_validation_ = n_val
 
+    def _init_networks(self) -> None:
+        """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        c, (h, w) = self.out_channels, self.input_dims_["image"][1:]
+        self.teacher_ = pdn_small(c, padding=False).to(self.device_)
+        self.student_ = pdn_small(2 * c).to(self.device_)
+        self.autoencoder_ = AutoEncoder(c, (h, w), pdn_output_size((h, w))).to(self.device_)
+
     def _train(self, train: np.ndarray, photos: torch.Tensor | None, rng: np.random.Generator) -> np.ndarray:
         """Alg. 1: student (hard-feature loss + penalty) and autoencoder trained jointly, batch size 1."""
         c, size = self.out_channels, train.shape[2:]

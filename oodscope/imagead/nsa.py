@@ -224,6 +224,11 @@ class NSA(ImageDetector):
         for p in [*self.decoder_.parameters(), *self.backbone_.model.parameters()]:
             p.requires_grad_(False)
 
+    def _init_networks(self) -> None:
+        """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        super()._init_networks()
+        self.decoder_ = _Decoder(width=self.decoder_width)
+
     def synthetic_batch(self, pool: np.ndarray, batch: int, rng: np.random.Generator):
         """``batch`` training pairs from uint8 ``(N, H, W, 3)`` normal images: half get NSA anomalies."""
         dest = rng.integers(len(pool), size=batch)

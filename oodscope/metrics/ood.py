@@ -11,8 +11,13 @@ Conventions:
 * ``aupr_in``: average precision with ID as the positive class (ranked by ``-score``); ``aupr_out``: OOD as the
   positive class (ranked by ``score``). Average precision as in scikit-learn, ``sum_n (R_n - R_{n-1}) P_n``.
 * ``fpr_at_tpr(..., positive="id")`` (default): the share of OOD samples *accepted* as ID at the most
-  rejecting threshold that still keeps ``tpr`` of the ID samples. ``positive="ood"`` is OpenOOD's convention:
-  the share of ID samples *rejected* when ``tpr`` of the OOD samples are caught.
+  rejecting threshold that still keeps ``tpr`` of the ID samples, i.e. ``mean(ood_scores <= t)`` with
+  ``t = oodscope.thresholds.threshold_for_keep(id_scores, tpr)`` (the smallest ID score with at least ``tpr`` of the
+  ID scores at or below it; ties at ``t`` are all accepted). This is scikit-learn's ``roc_curve`` with ID positive
+  on ``-score``, read at the first operating point with TPR >= ``tpr``, and the rule ``Detector.calibrate`` /
+  ``predict`` apply: ``fpr_at_tpr(id, ood, tpr) == 1 - flag(ood, threshold_for_keep(id, tpr)).mean()``.
+  ``positive="ood"`` is OpenOOD's convention: the share of ID samples *rejected* when ``tpr`` of the OOD samples
+  are caught, the same rule with the roles of the two sets swapped and the scores negated.
 * ``detection_error``: ``min_t 0.5 (1 - TPR(t)) + 0.5 FPR(t)`` (equal priors), as in Lee et al. 2018 and
   Liang et al. 2018 (ODIN, which reports it at 95% TPR; pass ``at_tpr=0.95`` for that).
 * ``autc``: area under the threshold curve of Humblot-Renaux, Escalera & Moeslund, "Beyond AUROC & co. for
@@ -28,6 +33,8 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+
+from ..thresholds import accepted_share, threshold_for_keep
 
 
 def _check(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,19 +103,19 @@ def aupr_out(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
 
 def fpr_at_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95,
                positive: Literal["id", "ood"] = "id") -> float:
-    """False positive rate at the first threshold reaching true positive rate ``tpr`` (see module doc)."""
+    """False positive rate at the first threshold reaching true positive rate ``tpr`` (see module doc).
+
+    ``positive="id"``: share of OOD scores ``<= threshold_for_keep(id_scores, tpr)`` (OOD accepted as ID).
+    ``positive="ood"``: share of ID scores ``>=`` the largest OOD score that still catches ``tpr`` of the OOD set.
+    """
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}")
     id_scores, ood_scores = _check(id_scores, ood_scores)
     if positive == "id":
-        tps, fps = _curve(-id_scores, -ood_scores)
-    elif positive == "ood":
-        tps, fps = _curve(ood_scores, id_scores)
-    else:
-        raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}")
-    tpr_curve, fpr_curve = tps / tps[-1], fps / fps[-1]
-    first = int(np.argmax(tpr_curve >= tpr - 1e-12))
-    return float(fpr_curve[first])
+        return accepted_share(ood_scores, threshold_for_keep(id_scores, tpr))
+    if positive == "ood":  # OOD is "kept" when -score <= t: the same rule on negated scores, sets swapped
+        return accepted_share(-id_scores, threshold_for_keep(-ood_scores, tpr))
+    raise ValueError(f"positive must be 'id' or 'ood', got {positive!r}")
 
 
 def fpr95(id_scores: np.ndarray, ood_scores: np.ndarray, positive: Literal["id", "ood"] = "id") -> float:
@@ -125,7 +132,10 @@ def detection_error(id_scores: np.ndarray, ood_scores: np.ndarray, at_tpr: float
     errors = 0.5 * (1.0 - tpr_curve) + 0.5 * fpr_curve
     if at_tpr is None:
         return float(errors.min())
-    return float(errors[int(np.argmax(tpr_curve >= at_tpr - 1e-12))])
+    if not 0.0 < at_tpr <= 1.0:
+        raise ValueError(f"at_tpr must be in (0, 1], got {at_tpr}")
+    threshold = threshold_for_keep(id_scores, at_tpr)  # the operating point of fpr_at_tpr
+    return float(0.5 * (1.0 - accepted_share(id_scores, threshold)) + 0.5 * accepted_share(ood_scores, threshold))
 
 
 def autc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:

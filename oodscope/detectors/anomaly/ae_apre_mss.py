@@ -151,6 +151,10 @@ class AutoencoderAPREMSS(AnomalyDetector):
         self.levels_ = shift_levels(X, self.k, self.shifts) if self.shifts else []
         self.banks_ = [NeighbourBank(level) for level in self.levels_]
 
+    def _init_networks(self) -> None:
+        """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        self.network_ = _network(self.input_dims_["features"][0])
+
     def reconstruct(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Decoder mean and variance (``softplus + 1e-5``) for each row, float64."""
         out = predict_in_blocks(lambda b: self.network_(b), np.asarray(x))

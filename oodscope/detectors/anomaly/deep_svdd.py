@@ -58,6 +58,10 @@ class DeepSVDDBase(AnomalyDetector):
         check_training(self.name, self.epochs, self.batch_size, self.lr)
         check_hidden(self.name, self.hidden)
 
+    def _init_networks(self) -> None:
+        """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        self.network_ = bias_free_mlp(self.input_dims_["features"][0], tuple(self.hidden))
+
     def _score(self, x: Outputs) -> np.ndarray:
         import torch
 

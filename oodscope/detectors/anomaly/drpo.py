@@ -53,11 +53,6 @@ class DeepRPO(AnomalyDetector):
 
         X = self._x(train)
         sizes = [X.shape[1], *self.hidden]
-        layers: list = []
-        for i in range(len(sizes) - 1):
-            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-            if i < len(sizes) - 2:
-                layers.append(nn.LeakyReLU())
         directions = torch.from_numpy(random_directions(sizes[-1], self.n_projections, self.seed)).float()
 
         def loss_fn(net, batch, generator):
@@ -66,13 +61,30 @@ class DeepRPO(AnomalyDetector):
             mad = (projected - median).abs().median(dim=0).values
             return ((projected - median).abs() / (mad + 1e-6)).mean()
 
-        with seeded(self.seed) as generator:
+        with seeded(self.seed) as generator:  # the layers' initial weights too: same seed, same network
+            layers: list = []
+            for i in range(len(sizes) - 1):
+                layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+                if i < len(sizes) - 2:
+                    layers.append(nn.LeakyReLU())
             self.network_ = nn.Sequential(*layers)
             self.loss_history_ = train_minibatches(self.network_, X, loss_fn, epochs=self.epochs,
                                                    batch_size=min(self.batch_size, len(X)), lr=self.lr,
                                                    weight_decay=0.0, generator=generator)
         self.directions_ = directions.numpy().astype(np.float64)
         self.median_, self.mad_ = median_mad(self._project(X), self.name)
+
+    def _init_networks(self) -> None:
+        """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        import torch.nn as nn
+
+        sizes = [self.input_dims_["features"][0], *self.hidden]
+        layers: list = []
+        for i in range(len(sizes) - 1):
+            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+            if i < len(sizes) - 2:
+                layers.append(nn.LeakyReLU())
+        self.network_ = nn.Sequential(*layers)
 
     def _project(self, x: np.ndarray) -> np.ndarray:
         return in_blocks(lambda rows: rows @ self.directions_, predict_in_blocks(self.network_, x))

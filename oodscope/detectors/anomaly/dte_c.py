@@ -98,6 +98,10 @@ class DTECategorical(AnomalyDetector):
                                                    batch_size=self.batch_size, lr=self.lr,
                                                    weight_decay=self.weight_decay, generator=generator)
 
+    def _init_networks(self) -> None:
+        """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        self.network_ = _network(self.input_dims_["features"][0], tuple(self.hidden), self.n_bins, self.dropout)
+
     def _score(self, x: Outputs) -> np.ndarray:
         import torch
 
