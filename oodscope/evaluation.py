@@ -8,8 +8,6 @@ through the cache (a second ``evaluate`` on the same data reads the cache and ne
 
 from __future__ import annotations
 
-import csv
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,30 +52,29 @@ class Results:
 
     def leaderboard(self) -> str:
         """A text table: detector x group, sorted by group then AUROC, with each detector's time."""
-        width = max([len("detector"), *(len(name) for name in self.seconds)]) + 2
-        lines = [f"{'detector':<{width}}{'group':<12}{'AUROC':>8}{'FPR@95':>9}{'AUPR-In':>9}{'AUPR-Out':>10}"
-                 f"{'time [s]':>10}"]
-        for group in self.groups:
-            rows = sorted((r for r in self.group_means() if r["group"] == group), key=lambda r: -r["auroc"])
-            for r in rows:
-                lines.append(f"{r['detector']:<{width}}{group:<12}{r['auroc']:>8.2f}{r['fpr95']:>9.2f}"
-                             f"{r['aupr_in']:>9.2f}{r['aupr_out']:>10.2f}{self.seconds[r['detector']]:>10.3f}")
+        from .results_io import format_table
+
+        order = {group: i for i, group in enumerate(self.groups)}
+        rows = [{**r, "seconds": self.seconds.get(r["detector"])} for r in self.group_means() if r["group"] in order]
+        columns = [("detector", "detector", ""), ("group", "group", ""), ("AUROC", "auroc", ".2f"),
+                   ("FPR@95", "fpr95", ".2f"), ("AUPR-In", "aupr_in", ".2f"), ("AUPR-Out", "aupr_out", ".2f"),
+                   ("time [s]", "seconds", ".3f")]
+        lines = [format_table(rows, columns, key_order=lambda r: (order[r["group"]], -r["auroc"]))]
         if self.id_accuracy is not None:
             lines.append(f"ID accuracy ({self.id_name}): {self.id_accuracy:.2f} %")
         return "\n".join(lines)
 
-    def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write ``results.json`` and ``results.csv`` (per-dataset rows, then group means)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        table = self.table()
-        paths = {"json": out / "results.json", "csv": out / "results.csv"}
-        paths["json"].write_text(json.dumps(table, indent=1) + "\n")
-        with paths["csv"].open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=RECORD_KEYS)
-            writer.writeheader()
-            writer.writerows(table)
-        return paths
+    def write(self, out_dir: str | Path, meta: Mapping[str, Any] | None = None, *,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+        """Write ``results.json`` and ``results.csv`` (per-dataset rows, then group means) with
+        :func:`oodscope.results_io.write_results`; ``meta`` defaults to :func:`~oodscope.results_io.run_metadata`
+        of an ``evaluate`` run (versions, ID accuracy, each detector's seconds)."""
+        from .results_io import run_metadata, write_results
+
+        if meta is None:
+            meta = run_metadata("evaluate", id_accuracy=self.id_accuracy, id_name=self.id_name,
+                                tuned=self.tuned or None, timings=self.seconds)
+        return write_results(out_dir, self.table(), meta, extra=extra)
 
 
 def labelled_detectors(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str) -> dict[str, Detector]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from oodscope.cli import main
 from oodscope.data.mvtec import load_mvtec
 from oodscope.metrics import pixel as P
+from oodscope.results_io import read_results
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "magnetic-tile"
 
@@ -263,7 +263,7 @@ def test_cli_ad_on_synthetic_folder(tmp_path, rng, capsys):
     root = make_mvtec(tmp_path / "mv", rng)
     out = tmp_path / "out"
     assert main(["ad", str(root), "--detectors", "patchcore,gaussian_ad", "--size", "64", "--out", str(out)]) == 0
-    records = json.loads((out / "results.json").read_text())
+    meta, records = read_results(out / "results.json")
     by = {(r["detector"], r["dataset"]): r for r in records}
     for key in ("auroc", "fpr95", "aupr_in", "aupr_out", "pixel_auroc", "aupro", "aupimo", "f1_max"):
         assert key in by[("patchcore", "all")]

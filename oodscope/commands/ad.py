@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..imagead import available, get
     from ..imagead.evaluate import run_detector
     from ..report.ad import plot_overlays
+    from ..results_io import array_description, run_metadata, write_results
 
     names = available() if args.detectors == "all" else [n.strip() for n in args.detectors.split(",") if n.strip()]
     for name in names:
@@ -56,13 +57,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--param names detectors {sorted(unknown)} that are not in --detectors {names}")
     start = time.perf_counter()
     data = load_mvtec(args.path, size=args.size, crop=args.crop, max_train=args.max_train, seed=args.seed)
+    timings = {"load": time.perf_counter() - start}
     notes = list(data.notes)
     print(f"{data.root}: train {len(data.train)} normal, test {int((data.test.labels == 0).sum())} normal + "
           f"{int(data.test.labels.sum())} anomalous ({', '.join(data.defect_types)}), "
-          f"{data.train.images.shape[-1]} px, loaded in {time.perf_counter() - start:.1f} s")
+          f"{data.train.images.shape[-1]} px, loaded in {timings['load']:.1f} s")
     if not data.test.pixel_ready:
         notes.append("some test images have no ground-truth mask: pixel metrics are reported as missing (null)")
-    records, runs = [], []
+    records, runs, detectors = [], [], {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -71,26 +73,36 @@ def run(args: argparse.Namespace) -> int:
         if "seed" not in kwargs:
             detector.with_seed(args.seed)
         result = run_detector(detector, data.train, data.test, notes)
+        detectors[detector.label] = detector
+        timings[f"{detector.label} fit"] = result.fit_s
+        timings[f"{detector.label} score"] = result.ms_per_image * len(data.test) / 1000.0
         runs.append(result)
         records += result.records
         print(f"  {name}: fit {result.fit_s:.1f} s, {result.ms_per_image:.1f} ms/image", flush=True)
-    print(_table(records))
+    print(format_ad_table(records))
     for note in notes:
         print(f"note: {note}")
-    (out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    timings["total"] = time.perf_counter() - start
+    arrays = {"train images": data.train.images, "test images": data.test.images, "test labels": data.test.labels}
+    if data.test.masks is not None:
+        arrays["test masks"] = data.test.masks
+    meta = run_metadata("ad", argv=getattr(args, "argv", None), data_root=str(data.root),
+                        data_sha256={k: array_description(v) for k, v in arrays.items()},
+                        options={k: getattr(args, k) for k in ("size", "crop", "max_train", "seed")},
+                        detectors=detectors, timings=timings, notes=notes)
+    paths = write_results(out, records, meta)
     figures = plot_overlays(runs, data.test, out)
-    print(f"total {time.perf_counter() - start:.1f} s; wrote {out / 'results.json'}"
-          + "".join(f", {p}" for p in figures))
+    print(f"total {time.perf_counter() - start:.1f} s; wrote " + ", ".join(str(p) for p in [*paths.values(), *figures]))
     return 0
 
 
-def _fmt(value) -> str:
-    return f"{value:>8.2f}" if value is not None else f"{'-':>8}"
+AD_COLUMNS = [("detector", "detector", ""), ("dataset", "dataset", ""), ("AUROC", "auroc", ".2f"),
+              ("F1max", "f1_max", ".2f"), ("pxAUROC", "pixel_auroc", ".2f"), ("AUPRO", "aupro", ".2f"),
+              ("AUPIMO", "aupimo", ".2f")]
 
 
-def _table(records: list[dict]) -> str:
-    lines = [f"{'detector':<18}{'dataset':<12}{'AUROC':>8}{'F1max':>8}{'pxAUROC':>8}{'AUPRO':>8}{'AUPIMO':>8}"]
-    for r in records:
-        lines.append(f"{r['detector']:<18}{r['dataset']:<12}{_fmt(r['auroc'])}{_fmt(r['f1_max'])}"
-                     f"{_fmt(r['pixel_auroc'])}{_fmt(r['aupro'])}{_fmt(r['aupimo'])}")
-    return "\n".join(lines)
+def format_ad_table(records: list[dict]) -> str:
+    """Image and pixel metrics per detector x defect type (``-``: missing)."""
+    from ..results_io import format_table
+
+    return format_table(records, AD_COLUMNS)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--contamination", action="store_true",
                         help="also estimate each data set's contamination factor with gammaGMM (Perini et al., ICML "
                              "2023; kNN, IForest, LOF scores on the whole standardised data set) and report it next "
-                             "to the true one (contamination.json)")
+                             "to the true one (in results.json)")
     parser.add_argument("--out", default="oodscope-adbench", help="output directory (default: ./oodscope-adbench)")
     parser.add_argument("--quiet", action="store_true", help="no per-run lines")
     parser.set_defaults(run=run)
@@ -36,10 +35,11 @@ def run(args: argparse.Namespace) -> int:
     from ..anomaly.datasets import load
     from ..anomaly.protocol import anomaly_detectors, run_protocol, summarise
     from ..evaluation import Results
+    from ..results_io import array_description, run_metadata
     from ..runner import parse_detectors
 
     start = time.perf_counter()
-    from ..detectors import get
+    from ..detectors import create, get
 
     detectors = anomaly_detectors() if args.detectors == "all" else parse_detectors(args.detectors)
     if args.skip_trained:
@@ -49,40 +49,47 @@ def run(args: argparse.Namespace) -> int:
     records, seconds = run_protocol(detectors, datasets, args.protocol, seeds=seeds, resample_to=args.resample_to,
                                     log=None if args.quiet else print)
     summary = summarise(records)
-    print(format_table(summary, args.protocol))
+    print(format_summary(summary, args.protocol))
     groups = {g: list(dict.fromkeys(r["dataset"] for r in summary if r["group"] == g))
               for g in dict.fromkeys(r["group"] for r in summary)}
     results = Results(records=summary, id_accuracy=None, seconds=seconds, groups=groups, id_name="normal")
-    out = Path(args.out)
-    paths = results.write(out)
-    paths["seeds"] = out / "results_seeds.json"
-    paths["seeds"].write_text(json.dumps(records, indent=1) + "\n")
-    paths["summary"] = out / "summary.json"
-    paths["summary"].write_text(json.dumps(summary, indent=1) + "\n")
+    extra = {"seeds": records, "summary": summary}
     if args.contamination:
-        estimates = [contamination_report(data) for data in datasets]
-        print(format_contamination(estimates))
-        paths["contamination"] = out / "contamination.json"
-        paths["contamination"].write_text(json.dumps(estimates, indent=1) + "\n")
+        extra["contamination"] = [contamination_report(data) for data in datasets]
+        print(format_contamination(extra["contamination"]))
+    data_sha256 = {f"{data.name} {part}": array_description(values)
+                   for data in datasets for part, values in (("X", data.X), ("y", data.y))}
+    meta = run_metadata("adbench", argv=getattr(args, "argv", None), protocol=args.protocol,
+                        seeds=sorted({r["seed"] for r in records}), resample_to=args.resample_to,
+                        data_sha256=data_sha256, detectors=[create(name) for name in detectors],
+                        notes=["detectors are created anew for every split; a stochastic one gets the split's seed",
+                               "data_sha256: of the loaded X and y (ADBench's rows of scikit-learn's bundled data)"],
+                        timings={**{f"{name} fit+score": s for name, s in seconds.items()},
+                                 "total": time.perf_counter() - start})
+    paths = results.write(Path(args.out), meta, extra=extra)
     print(f"total {time.perf_counter() - start:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
-def format_table(summary: list[dict], protocol: str) -> str:
-    """Detector rows, one AUROC and one AUPR (anomalies positive) column pair per dataset x setting."""
-    columns = list(dict.fromkeys((r["dataset"], r["group"]) for r in summary))
+def format_summary(summary: list[dict], protocol: str) -> str:
+    """Detector rows, one AUROC and one AUPR (anomalies positive) column (mean ± std over seeds) per dataset x
+    setting."""
+    from ..results_io import format_table, mean_std
+
     cells = {(r["detector"], r["dataset"], r["group"]): r for r in summary}
-    width = 16
-    head = f"{'detector':<16}" + "".join(f"{d + '/' + g:>{2 * width}}" for d, g in columns)
-    sub = f"{'(' + protocol + ')':<16}" + "".join(f"{'AUROC':>{width}}{'AUPR':>{width}}" for _ in columns)
-    lines = [head, sub]
-    for detector in dict.fromkeys(r["detector"] for r in summary):
-        row = f"{detector:<16}"
-        for d, g in columns:
-            r = cells[(detector, d, g)]
-            row += f"{r['auroc']:>9.2f} ±{r['auroc_std']:5.2f}{r['aupr_out']:>9.2f} ±{r['aupr_out_std']:5.2f}"
-        lines.append(row)
-    return "\n".join(lines)
+
+    def pair(dataset: str, group: str, metric: str):
+        def value(row: dict):
+            r = cells.get((row["detector"], dataset, group))
+            return None if r is None else (r[metric], r[f"{metric}_std"])
+        return value
+
+    columns = [(f"detector\n({protocol})", "detector", "")]
+    for d, g in dict.fromkeys((r["dataset"], r["group"]) for r in summary):
+        columns += [(f"{d}/{g}\nAUROC", pair(d, g, "auroc"), mean_std()),
+                    (f"{d}/{g}\nAUPR", pair(d, g, "aupr_out"), mean_std())]
+    rows = [{"detector": detector} for detector in dict.fromkeys(r["detector"] for r in summary)]
+    return format_table(rows, columns)
 
 
 def contamination_report(data) -> dict:
@@ -102,11 +109,10 @@ def contamination_report(data) -> dict:
 
 
 def format_contamination(estimates: list[dict]) -> str:
-    lines = ["contamination (gammaGMM posterior; true = share of anomalies)",
-             f"{'dataset':<10}{'true':>8}{'mean':>8}{'90% interval':>18}"]
-    for e in estimates:
-        low, high = e["interval90"]
-        lines.append(f"{e['dataset']:<10}{100 * e['true']:>7.2f}%{100 * e['posterior_mean']:>7.2f}%"
-                     f"{'[' + format(100 * low, '.2f') + ', ' + format(100 * high, '.2f') + ']':>18}"
-                     + ("" if e["converged"] else "  (p0/phigh not met)"))
-    return "\n".join(lines)
+    from ..results_io import format_table
+
+    percent = lambda v: f"{100 * v:.2f}%"  # noqa: E731
+    columns = [("dataset", "dataset", ""), ("true", "true", percent), ("mean", "posterior_mean", percent),
+               ("90% interval", "interval90", lambda v: f"[{100 * v[0]:.2f}, {100 * v[1]:.2f}]", ">"),
+               ("", lambda e: "" if e["converged"] else "(p0/phigh not met)", "")]
+    return "contamination (gammaGMM posterior; true = share of anomalies)\n" + format_table(estimates, columns)

@@ -1,4 +1,4 @@
-"""``results.json``, ``results.csv`` and a self-contained ``report.html`` for one benchmark run.
+"""A self-contained ``report.html`` for one benchmark run (its ``results.json``: :mod:`oodscope.results_io`).
 
 The report holds a leaderboard (detector x OOD group, then every set), optional full-spectrum and
 covariate-shift tables, one figure per detector (ROC curves of every OOD set against the ID test, score
@@ -9,49 +9,17 @@ package versions, timings). It needs no network and no files beside it. matplotl
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import json
-import platform
-import sys
-from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..evaluation import METRICS, RECORD_KEYS, Results
+from ..evaluation import METRICS, Results
+from ..results_io import command_line, package_versions  # noqa: F401 - re-exported
 
 METRIC_LABELS = {"auroc": "AUROC", "fpr95": "FPR@95", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
-PACKAGES = ("oodscope", "torch", "numpy", "scipy", "scikit-learn", "faiss-cpu", "matplotlib", "torchvision")
-
-
-def write_results(out_dir: str | Path, records: Sequence[Mapping[str, Any]]) -> dict[str, Path]:
-    """``results.json`` (the records as given) and ``results.csv`` (the standard columns, then any extras)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    extras = list(dict.fromkeys(k for r in records for k in r if k not in RECORD_KEYS))
-    paths = {"json": out / "results.json", "csv": out / "results.csv"}
-    paths["json"].write_text(json.dumps(list(records), indent=1) + "\n")
-    with paths["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(RECORD_KEYS) + extras, restval="")
-        writer.writeheader()
-        writer.writerows(records)
-    return paths
-
-
-def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in names:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            if name == "oodscope":
-                from .. import __version__
-
-                versions[name] = __version__
-    return versions
 
 
 # -- figures -----------------------------------------------------------------------------------------------------
@@ -225,6 +193,3 @@ def write_report(path: str | Path, results: Results, meta: Mapping[str, Any], **
     path.write_text(render_report(results, meta, **options), encoding="utf-8")
     return path
 
-
-def command_line() -> str:
-    return " ".join(["oodscope", *sys.argv[1:]]) if sys.argv else "oodscope"
