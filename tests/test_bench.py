@@ -2,7 +2,6 @@
 and the ``bench`` CLI end to end on a tiny benchmark (results files, report.html in headless Chromium, cache)."""
 
 import hashlib
-import json
 import shutil
 import subprocess
 
@@ -17,6 +16,7 @@ from oodscope.evaluation import Results
 from oodscope.fullspectrum import flagged_share, full_spectrum_records
 from oodscope.metrics import auroc, ood_metrics
 from oodscope.models.cifar_resnet import build_cifar_resnet, check_sha256_prefix, load_cifar_resnet
+from oodscope.results_io import read_results
 
 SPEC = """name = "tiny"
 image_size = 32
@@ -259,7 +259,7 @@ def test_bench_cli_on_tiny_folder_writes_report_and_rerun_reads_cache(tiny_bench
     assert main(args + ["--out", str(out), "--full-spectrum"]) == 0
     printed = capsys.readouterr().out
     assert "ID accuracy" in printed and "shifted flagged at 95 % TPR" in printed
-    records = json.loads((out / "results.json").read_text())
+    meta, records = read_results(out / "results.json")
     standard = [r for r in records if "setting" not in r]
     assert all(set(r) == {"detector", "dataset", "group", "auroc", "fpr95", "aupr_in", "aupr_out"} for r in standard)
     assert {(r["detector"], r["dataset"]) for r in standard} >= {("msp", "blobs"), ("knn", "flat"), ("energy", "mean")}
@@ -270,7 +270,7 @@ def test_bench_cli_on_tiny_folder_writes_report_and_rerun_reads_cache(tiny_bench
     assert header.startswith("detector,dataset,group,auroc,fpr95,aupr_in,aupr_out,setting,flagged")
     html = (out / "report.html").read_text()
     assert "cifar10_resnet20" in html and hashlib.sha256(random_weights.read_bytes()).hexdigest() in html
-    assert "torch" in html and "data sha256" in html
+    assert "torch" in html and "data_sha256" in html
     dom = _chromium_dom(out / "report.html", tmp_path)
     assert 'data-images-loaded="3"' in dom  # every embedded PNG decoded by the browser
     assert dom.count("<img") == 3 and '<table id="leaderboard">' in dom and '<table id="shift-sensitivity">' in dom
@@ -286,7 +286,7 @@ def test_bench_cli_on_tiny_folder_writes_report_and_rerun_reads_cache(tiny_bench
 
     monkeypatch.setattr(extract_module, "_run", refuse)
     assert main(args + ["--out", str(tmp_path / "again"), "--full-spectrum"]) == 0
-    assert json.loads((tmp_path / "again" / "results.json").read_text()) == records
+    assert read_results(tmp_path / "again" / "results.json")[1] == records
     capsys.readouterr()
     assert main(args[:-3] + ["--groups", "near,middle", "--out", str(tmp_path / "x")]) == 2
     assert "unknown OOD group(s) ['middle']" in capsys.readouterr().err
@@ -336,6 +336,10 @@ def test_builtin_cifar10_builds_the_spec_from_local_published_files(tmp_path, rn
     with pytest.raises(ValueError, match=r"install torchvision \(pip install 'oodscope\[vision\]'\)"):
         cifar10.build(root)
     train, test = _fake_published_data(root, rng)
+    # the fake batches stand for the published ones: their md5 replaces the published sums (checked before reading)
+    monkeypatch.setattr(cifar10, "CIFAR_MD5", {**cifar10.CIFAR_MD5, **{
+        relative: hashlib.md5((root / relative).read_bytes()).hexdigest() for relative in cifar10.CIFAR_MD5
+        if (root / relative).exists()}})
     folder = cifar10.build(root, n_train_per_class=2, n_val_per_class=1)
     bench = load_benchmark_dir(folder)
     first_x, first_y = train[0]
@@ -394,7 +398,7 @@ def test_done_when_resnet20_on_shared_cifar10_bench(tmp_path):
                  "--cache-dir", str(tmp_path / "cache"), "--quiet",
                  "--detectors", "msp,energy,knn,vim,mahalanobis"]) == 0
     assert "ID accuracy (test) <b id='id-accuracy'>92.59 %</b>" in (out / "report.html").read_text()
-    records = {(r["detector"], r["dataset"]): r["auroc"] for r in json.loads((out / "results.json").read_text())
+    records = {(r["detector"], r["dataset"]): r["auroc"] for r in read_results(out / "results.json")[1]
                if r["dataset"] != "mean"}
 
     sets = {"train": "cifar10_train", "test": "cifar10_test", "cifar100": "cifar100_test", "tin": "tin_test",

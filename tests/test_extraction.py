@@ -10,6 +10,8 @@ from oodscope.data.transforms import ImageNormalize
 
 
 class TinyNet(nn.Module):
+    cache_ignore = ("calls",)  # a call counter never changes the outputs
+
     def __init__(self, seed=0):
         super().__init__()
         torch.manual_seed(seed)

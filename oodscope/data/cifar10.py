@@ -4,7 +4,9 @@
 default ``~/.cache/oodscope/data``):
 
 * CIFAR-10 and CIFAR-100 (python pickles) and MNIST through torchvision (``pip install oodscope[vision]``;
-  torchvision checks their md5 sums);
+  torchvision checks their md5 sums). Batch files already in the data root are checked against the same
+  published md5 sums (:data:`CIFAR_MD5`) before they are read, and read with an unpickler that builds only
+  dicts, lists, strings, numbers and plain numpy arrays (:func:`read_cifar_batch`): a planted file can run no code;
 * Tiny ImageNet (``tiny-imagenet-200.zip``) and the Describable Textures Dataset (``dtd-r1.0.1.tar.gz``) from
   their published URLs, md5-checked (:data:`ARCHIVES`).
 
@@ -27,8 +29,10 @@ the files are already there, so a prepared data root works offline.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import os
-import pickle
+import pickle  # only for the restricted unpickler of the CIFAR batches (read_cifar_batch): no class allowed
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +42,19 @@ from .spec import IMAGE_SUFFIXES, load_benchmark_dir, load_image_list, read_imag
 ARCHIVES = {
     "tin": ("http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de"),
     "dtd": ("https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz", "fff73e5086ae6bdbea199a49dfb8a4c1"),
+}
+# md5 of the published CIFAR python batches, checked before a batch is read, and of the archives (checked by
+# torchvision when it downloads them); the values of torchvision's CIFAR10/CIFAR100 datasets
+CIFAR_MD5 = {
+    "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+    "cifar-10-batches-py/data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "cifar-10-batches-py/data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "cifar-10-batches-py/data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "cifar-10-batches-py/data_batch_4": "634d18415352ddfa80567beed471001a",
+    "cifar-10-batches-py/data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "cifar-10-batches-py/test_batch": "40351d587109b95175f43aff81a1287e",
+    "cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+    "cifar-100-python/test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
 }
 SPEC = """# built by oodscope.data.cifar10 (OpenOOD v1.5-style CIFAR-10 benchmark at 32 x 32)
 name = "cifar10"
@@ -76,13 +93,82 @@ def _torchvision(what: str):
 
 
 # -- readers of the published formats ------------------------------------------------------------------------------
-def _read_cifar_pickles(files: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_md5(path: Path, relative: str) -> None:
+    """Raise ``ValueError`` unless ``path`` has the published md5 of ``relative`` (see :data:`CIFAR_MD5`)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (the folder is incomplete: delete {path.parent} to download "
+                                "it again)")
+    expected, found = CIFAR_MD5[relative], _md5(path)
+    if found != expected:
+        raise ValueError(f"{path}: md5 {found} is not the published {expected} of {relative}; the file is corrupt "
+                         f"or not the CIFAR release (delete {path.parent} to download it again)")
+
+
+# what the unpickler may build for an array: numpy's array reconstruction (old and new module names)
+_ARRAY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"),
+                  ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+
+def _plain_dtype(*args: object) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("object dtypes are not allowed")
+    return dtype
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, tuples, strings, bytes, numbers and plain (non-object) numpy arrays, nothing else:
+    ``find_class`` refuses every other global, so no constructor or function of the file's choice runs."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _ARRAY_GLOBALS:
+            import importlib
+
+            if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 moved numpy.core
+                module = "numpy._core." + module[len("numpy.core."):]
+            value = getattr(importlib.import_module(module), name)
+            return _plain_dtype if value is np.dtype else value
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """One CIFAR python batch (a pickled dict of byte-string keys) with :class:`_BatchUnpickler`."""
+    try:
+        batch = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        raise ValueError(f"{path}: not a CIFAR python batch ({type(error).__name__}: {error})") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch (a {type(batch).__name__}, not a dict)")
+    return batch
+
+
+def _read_cifar_pickles(files: list[Path], label_key: bytes, root: Path | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for file in files:
-        with file.open("rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        if root is not None:  # published files: their md5 first
+            verify_md5(file, file.relative_to(root).as_posix())
+        batch = read_cifar_batch(file)
+        if b"data" not in batch or label_key not in batch:
+            raise ValueError(f"{file}: a CIFAR batch needs {b'data'!r} and {label_key!r}, has {sorted(batch)}")
+        data = np.asarray(batch[b"data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"{file}: CIFAR images must be uint8 N x 3072, got {data.dtype} {data.shape}")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        label_values = np.asarray(batch[label_key])
+        if label_values.shape != (len(data),) or label_values.dtype.kind not in "iu":
+            raise ValueError(f"{file}: {len(data)} images need {len(data)} integer labels, got "
+                             f"{label_values.dtype} {label_values.shape}")
+        labels.append(label_values.astype(np.int64))
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels)
 
 
@@ -90,15 +176,15 @@ def cifar10(root: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray
     folder = root / "cifar-10-batches-py"
     if not folder.exists():
         _torchvision("CIFAR-10").CIFAR10(str(root), train=True, download=True)
-    train = _read_cifar_pickles([folder / f"data_batch_{i}" for i in range(1, 6)], b"labels")
-    return train, _read_cifar_pickles([folder / "test_batch"], b"labels")
+    train = _read_cifar_pickles([folder / f"data_batch_{i}" for i in range(1, 6)], b"labels", root)
+    return train, _read_cifar_pickles([folder / "test_batch"], b"labels", root)
 
 
 def cifar100_test(root: Path) -> tuple[np.ndarray, np.ndarray]:
     folder = root / "cifar-100-python"
     if not folder.exists():
         _torchvision("CIFAR-100").CIFAR100(str(root), train=False, download=True)
-    return _read_cifar_pickles([folder / "test"], b"fine_labels")
+    return _read_cifar_pickles([folder / "test"], b"fine_labels", root)
 
 
 def mnist_test(root: Path) -> np.ndarray:

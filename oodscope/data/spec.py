@@ -33,6 +33,7 @@ OOD sets always get label -1. Identical images shared by an ID split and an OOD 
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 import warnings
 from pathlib import Path
@@ -47,20 +48,39 @@ TOP_KEYS = {"name", "image_size", "image_root", "description", "id", "ood"}
 ID_KEYS = ("train", "val", "test")
 
 
+RESERVED_GROUPS = ("val",)  # [ood.val]: OOD sets for tuning only, never on the leaderboard
+_TUNING_WORDS = ("validation", "valid", "tune", "tuning")
+
+
 class OverlapWarning(UserWarning):
     """ID and OOD sets of a benchmark share identical images."""
 
 
+class SpecWarning(UserWarning):
+    """A benchmark spec that loads but probably does not say what its author meant."""
+
+
+def _warn_near_reserved(spec_path: Path, group: str) -> None:
+    """Warn when an OOD group's name is a near miss of a reserved one (``[ood.vall]`` for ``[ood.val]``)."""
+    if group in RESERVED_GROUPS:
+        return
+    lowered = group.lower()
+    close = difflib.get_close_matches(lowered, RESERVED_GROUPS, n=1, cutoff=0.6)
+    if not close and lowered in _TUNING_WORDS:
+        close = ["val"]
+    if close:
+        warnings.warn(f"{spec_path}: [ood.{group}] looks like a misspelling of the reserved group [ood.{close[0]}] "
+                      f"(OOD sets for tuning only), but is used as a test group on the leaderboard; rename it "
+                      f"[ood.{close[0]}] if it holds tuning data", SpecWarning, stacklevel=3)
+
+
 def load_npz(path: str | Path, image_size: int | None = None, ood: bool = False) -> Split:
     """Read and check one ``.npz`` split; OOD sets get label -1 whatever the file holds."""
+    from ..safeio import load_npz as read_npz
+
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    with np.load(path, allow_pickle=False) as archive:
-        missing = {"images", "labels"} - set(archive.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {archive.files})")
-        images, labels = archive["images"], archive["labels"]
+    arrays = read_npz(path, ("images", "labels"))  # names the file: truncated, corrupt, object arrays, ...
+    images, labels = arrays["images"], arrays["labels"]
     if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
         raise ValueError(f"{path}: images must be uint8 N x H x W x 3, got {images.dtype} {images.shape}")
     if image_size is not None and images.shape[1:3] != (image_size, image_size):
@@ -254,6 +274,7 @@ def load_benchmark_dir(folder: str | Path, check_overlap: bool = True) -> Benchm
         raise ValueError(f"{spec_path}: [ood] must hold tables [ood.<group>] mapping dataset names to files")
     ood: dict[str, dict[str, Split]] = {}
     for group, sets in spec["ood"].items():
+        _warn_near_reserved(spec_path, group)
         ood[group] = {}
         for name, entry in sets.items():
             where = f"{spec_path} [ood.{group}].{name}"

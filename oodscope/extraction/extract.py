@@ -3,13 +3,15 @@
 ``extract(model, data)`` returns :class:`~oodscope.extraction.outputs.Outputs` with logits, penultimate
 features (the input of the classifier head, caught by a forward hook), labels, requested intermediate layers
 (forward hooks on named modules) and the head's ``W, b``. Results are cached on disk (see
-:mod:`oodscope.extraction.cache`), keyed by the model's weights, the data, the preprocessing and the layers, so
-a second call with the same key does not run the model.
+:mod:`oodscope.extraction.cache`), keyed by everything that can change them (:mod:`oodscope.extraction.keys`:
+the model's and the preprocessing's weights, buffers, classes and plain attributes; the data; the layers), so a
+second call with the same key does not run the model, and an interrupted one resumes from its last chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import warnings
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from . import cache
+from .keys import Uncacheable, module_key, value_key
 from .outputs import Head, ModelSource, Outputs
 
 LayerReduce = Literal["mean", "none"]
@@ -60,6 +63,8 @@ def _some_names(modules: dict[str, nn.Module], limit: int = 12) -> str:
 
 # -- cache keys --------------------------------------------------------------------------------------------
 def model_digest(model: nn.Module) -> str:
+    """sha256 of the model's class and ``state_dict`` tensors (its weights; the cache key uses
+    :func:`oodscope.extraction.keys.module_key`, which also covers buffers, submodule classes and attributes)."""
     h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     for name, tensor in model.state_dict().items():
         values = tensor.detach().cpu().contiguous().reshape(-1)
@@ -68,15 +73,23 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def preprocess_key(preprocess: Callable | None) -> str | None:
-    """A stable description of the preprocessing, or ``None`` when it has none (then nothing is cached)."""
+def preprocess_key(preprocess: Callable | None) -> str:
+    """A digest of everything in the preprocessing that can change its output.
+
+    ``None`` is the identity; a module is keyed like the model (weights, buffers, class, attributes: its
+    ``repr`` is not enough, ``Scale(3.0)`` and ``Scale(1.0)`` may print alike), plus its ``cache_key`` if it has
+    one; another callable by its ``cache_key`` if it has one, else by its class and attributes, or, for a named
+    function, its code and the module constants it reads. Raises :class:`~oodscope.extraction.keys.Uncacheable`
+    (for a lambda or local function, say) when that cannot be done.
+    """
     if preprocess is None:
         return "identity"
     key = getattr(preprocess, "cache_key", None)
-    if key is not None:
-        return str(key)
-    text = repr(preprocess)
-    return None if re.search(r" at 0x[0-9a-f]+", text) else text
+    if isinstance(preprocess, nn.Module):
+        return f"module {module_key(preprocess, 'the preprocessing')} {key}"
+    if key is not None and not callable(key):
+        return f"key {key}"
+    return f"value {value_key(preprocess, 'the preprocessing')}"
 
 
 def data_digest(inputs: Any, labels: np.ndarray | None) -> str:
@@ -98,14 +111,21 @@ def _numpy(values: Any) -> np.ndarray:
 
 
 # -- batching ----------------------------------------------------------------------------------------------
-def _iterate(inputs: Any, labels: np.ndarray | None, batch_size: int) -> Iterator[tuple[Any, Any]]:
-    """Batches of (inputs, labels) from an array/tensor or a torch ``Dataset`` yielding ``(x, y)`` pairs."""
+def _iterate(inputs: Any, labels: np.ndarray | None, batch_size: int, start_batch: int = 0
+             ) -> Iterator[tuple[Any, Any]]:
+    """Batches of (inputs, labels) from an array/tensor or a torch ``Dataset`` yielding ``(x, y)`` pairs,
+    from batch ``start_batch`` on."""
     if isinstance(inputs, (np.ndarray, torch.Tensor)):
-        for start in range(0, len(inputs), batch_size):
+        for start in range(start_batch * batch_size, len(inputs), batch_size):
             yield inputs[start:start + batch_size], None if labels is None else labels[start:start + batch_size]
         return
+    skip = 0
+    if start_batch and hasattr(inputs, "__len__") and not isinstance(inputs, torch.utils.data.IterableDataset):
+        inputs = torch.utils.data.Subset(inputs, range(min(start_batch * batch_size, len(inputs)), len(inputs)))
+    else:
+        skip = start_batch
     loader = torch.utils.data.DataLoader(inputs, batch_size=batch_size, shuffle=False)
-    for batch in loader:
+    for batch in itertools.islice(loader, skip, None):
         if isinstance(batch, (list, tuple)) and len(batch) == 2:
             yield batch[0], batch[1]
         else:
@@ -174,29 +194,60 @@ class Probe:
         return {"logits": logits, **self._captured}
 
 
+class _Resume:
+    """Chunks of one cache entry: finished batches are written every ``every`` batches and reused on a rerun."""
+
+    def __init__(self, path: Path, key: str, every: int, batch_size: int):
+        self.path, self.key, self.every, self.batch_size = path, key, every, batch_size
+
+    def load(self) -> tuple[list[dict[str, np.ndarray]], int]:
+        return cache.load_chunks(self.path, self.key, self.batch_size)
+
+    def save(self, arrays: dict[str, np.ndarray], first_batch: int, n_batches: int) -> bool:
+        return cache.save_chunk(self.path, self.key, arrays, first_batch, n_batches, self.batch_size)
+
+
+def _concatenate(parts: list[dict[str, list[np.ndarray]]] | list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    keys = list(dict.fromkeys(k for part in parts for k in part))
+    return {k: np.concatenate([part[k] if isinstance(part[k], np.ndarray) else np.concatenate(part[k])
+                               for part in parts if k in part]) for k in keys}
+
+
 def _run(model: nn.Module, inputs: Any, labels: np.ndarray | None, preprocess: Callable | None,
          head_module: nn.Module | None, layers: list[str], layer_reduce: LayerReduce, device: torch.device,
-         batch_size: int, progress: bool, name: str) -> dict[str, np.ndarray]:
-    chunks: dict[str, list[np.ndarray]] = {}
+         batch_size: int, progress: bool, name: str, resume: _Resume | None = None) -> dict[str, np.ndarray]:
+    done, start_batch = resume.load() if resume is not None else ([], 0)
+    pending: dict[str, list[np.ndarray]] = {}
+    pending_batches = 0
     if isinstance(preprocess, nn.Module):
         preprocess.to(device)
     was_training = model.training
     model.eval()
     try:
         with Probe(model, head_module, layers, layer_reduce) as probe, torch.inference_mode():
-            for batch_inputs, batch_labels in _progress(_iterate(inputs, labels, batch_size), inputs,
-                                                        batch_size, progress, name):
+            batches = _iterate(inputs, labels, batch_size, start_batch)
+            for number, (batch_inputs, batch_labels) in enumerate(
+                    _progress(batches, inputs, batch_size, progress, name, start_batch), start=start_batch):
                 x = torch.as_tensor(batch_inputs).to(device)
                 parts = probe(preprocess(x) if preprocess is not None else x)
                 for key, value in parts.items():
-                    chunks.setdefault(key, []).append(value.detach().float().cpu().numpy())
+                    pending.setdefault(key, []).append(value.detach().float().cpu().numpy())
                 if batch_labels is not None:
-                    chunks.setdefault("labels", []).append(np.asarray(batch_labels, dtype=np.int64))
+                    pending.setdefault("labels", []).append(np.asarray(batch_labels, dtype=np.int64))
+                pending_batches += 1
+                if resume is not None and pending_batches == resume.every:
+                    chunk = _concatenate([pending])
+                    if not resume.save(chunk, number + 1 - pending_batches, pending_batches):
+                        resume = None  # not writable (warned once): go on without chunks
+                    done.append(chunk)
+                    pending, pending_batches = {}, 0
     finally:
         model.train(was_training)
-    if not chunks:
+    if pending:
+        done.append(_concatenate([pending]))
+    if not done:
         raise ValueError(f"dataset {name!r} is empty")
-    return {key: np.concatenate(values) for key, values in chunks.items()}
+    return _concatenate(done)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -212,19 +263,20 @@ def _first(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in a model output of type {type(output).__name__}")
 
 
-def _progress(batches: Iterable, inputs: Any, batch_size: int, show: bool, name: str) -> Iterable:
+def _progress(batches: Iterable, inputs: Any, batch_size: int, show: bool, name: str, start: int = 0) -> Iterable:
     if not show:
         return batches
     from tqdm.auto import tqdm
 
     total = -(-len(inputs) // batch_size) if hasattr(inputs, "__len__") else None
-    return tqdm(batches, total=total, desc=f"extract {name}", unit="batch", leave=False)
+    return tqdm(batches, total=total, initial=start, desc=f"extract {name}", unit="batch", leave=False)
 
 
 def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "data",
             preprocess: Callable | None = None, layers: Iterable[str] = (), layer_reduce: LayerReduce = "mean",
             head: str | Head | None = "auto", batch_size: int = 256, device: str | torch.device = "auto",
-            cache_dir: str | Path | None = None, use_cache: bool = True, progress: bool = True) -> Outputs:
+            cache_dir: str | Path | None = None, use_cache: bool = True, progress: bool = True,
+            checkpoint_every: int = 16) -> Outputs:
     """Run ``model`` once over ``data`` and return its :class:`Outputs` (cached on disk).
 
     Args:
@@ -233,8 +285,9 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
         labels: class labels (``-1`` for OOD) when not inside ``data``.
         name: the dataset's name, used in messages, progress bars and cache file names.
         preprocess: callable applied to each raw batch tensor on the device (e.g. scaling and normalisation).
-            Give it a ``cache_key`` attribute (or a stable ``repr``) so the cache can key on it; otherwise the
-            outputs are not cached.
+            Modules, objects and named functions are keyed by their contents (see
+            :func:`preprocess_key`); a lambda or local function needs a ``cache_key`` attribute, otherwise the
+            outputs are not cached (with a warning).
         layers: names of modules (``dict(model.named_modules())``) whose outputs to keep.
         layer_reduce: ``"mean"`` averages spatial dimensions of layer outputs (N x C); ``"none"`` keeps them.
         head: the classifier head: ``"auto"`` (last ``nn.Linear``), a module name, a :class:`Head`, or ``None``.
@@ -242,43 +295,53 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
         device: ``"auto"`` (CUDA, MPS, else CPU), or any torch device.
         cache_dir: where to cache; default :func:`oodscope.extraction.cache.default_cache_dir`.
         use_cache: read and write the cache.
+        checkpoint_every: with the cache on, write the outputs so far every this many batches, so that an
+            interrupted extraction resumes there (``0``: never).
     """
     inputs, labels = _split_data(data, labels)
     layers = list(dict.fromkeys(layers))
     if layer_reduce not in ("mean", "none"):
         raise ValueError(f"layer_reduce must be 'mean' or 'none', got {layer_reduce!r}")
+    if (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, np.integer))
+            or checkpoint_every < 0):
+        raise ValueError(f"checkpoint_every must be a number of batches >= 0 (0: no chunks), "
+                         f"got {checkpoint_every!r}")
     head_name, head_module = find_head(model, head)
     torch_device = resolve_device(device)
     source = ModelSource(model=model, inputs=inputs, preprocess=preprocess, device=str(torch_device),
                          batch_size=batch_size, head=head_name)
 
-    path = key = None
-    pre_key = preprocess_key(preprocess)
-    if use_cache and pre_key is None:
-        warnings.warn(f"extract({name!r}): the preprocessing has no stable description (give it a cache_key "
-                      "attribute); outputs are not cached", stacklevel=2)
-    elif use_cache:
-        key = hashlib.sha256(repr((cache.FORMAT_VERSION, model_digest(model), data_digest(inputs, labels), pre_key,
-                                   layers, layer_reduce, head_name, head if isinstance(head, str) else None)
-                                  ).encode()).hexdigest()
-        safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        path = Path(cache_dir or cache.default_cache_dir()) / f"{safe_name}-{key[:20]}.npz"
-        cached = cache.load(path, key)
-        if cached is not None:
-            cached.source = source
-            return _with_head(cached, head)
+    path = key = resume = None
+    if use_cache:
+        try:
+            model_key, pre_key = module_key(model, "the model"), preprocess_key(preprocess)
+        except Uncacheable as error:
+            warnings.warn(f"extract({name!r}): outputs are not cached: {error} (give it a cache_key, or name "
+                          "attributes that never change the outputs in a cache_ignore tuple)", stacklevel=2)
+        else:
+            key = hashlib.sha256(repr((cache.FORMAT_VERSION, model_key, data_digest(inputs, labels), pre_key,
+                                       layers, layer_reduce, head_name, head if isinstance(head, str) else None)
+                                      ).encode()).hexdigest()
+            safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+            path = cache.open_dir(cache_dir or cache.default_cache_dir()) / f"{safe_name}-{key[:20]}.npz"
+            cached = cache.load(path, key)
+            if cached is not None:
+                cached.source = source
+                return _with_head(cached, head)
+            if checkpoint_every:
+                resume = _Resume(path, key, int(checkpoint_every), batch_size)
 
     model.to(torch_device)
     arrays = _run(model, inputs, labels, preprocess, head_module, layers, layer_reduce, torch_device,
-                  batch_size, progress, name)
+                  batch_size, progress, name, resume)
     outputs = Outputs(
         logits=arrays["logits"], features=arrays.get("features"), labels=arrays.get("labels"),
         layers={layer: arrays[layer] for layer in layers}, name=name,
         head=None if head_module is None else Head(head_module.weight.detach().cpu().double().numpy(),
                                                    _bias(head_module)),
     )
-    if path is not None:
-        cache.save(path, outputs, key)
+    if path is not None and cache.save(path, outputs, key):
+        cache.remove_chunks(path)
     outputs.source = source
     return _with_head(outputs, head)
 

@@ -124,6 +124,8 @@ def efficientnet_lite0(pretrained: bool = True, weights: str | None = None) -> E
     """The network in eval mode; ``pretrained`` loads the packaged ImageNet weights (or ``weights``, a path)."""
     model = EfficientNetLite0()
     if pretrained or weights:
-        state = torch.load(weights or weights_path(), map_location="cpu", weights_only=True)
+        from ..safeio import load_torch
+
+        state = load_torch(weights or weights_path(), "EfficientNet-Lite0 weights file")
         model.load_state_dict(state, strict=True)
     return model.eval()

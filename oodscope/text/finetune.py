@@ -53,7 +53,13 @@ def _resume(path: Path | None, settings: str, model: nn.Module, optimizer: torch
     """``(step, losses)`` of the checkpoint at ``path`` (weights, optimizer and RNG restored), or ``(0, [])``."""
     if path is None or not path.exists():
         return 0, []
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from ..safeio import load_torch
+
+    # weights_only: a checkpoint is tensors and plain values (the RNG state is a uint8 tensor), so a planted
+    # file cannot run code on resume
+    state = load_torch(path, f"{who} checkpoint")
+    if not isinstance(state, dict) or not {"settings", "model", "optimizer", "rng", "step", "losses"} <= set(state):
+        raise ValueError(f"{who}: {path} is not a checkpoint of {who}; delete it to start over")
     if state.get("settings") != settings:
         raise ValueError(f"{who}: checkpoint {path} was written with other settings or data "
                          f"({state.get('settings')} vs {settings}); delete it to start over")
@@ -69,7 +75,7 @@ def _checkpoint(path: Path | None, settings: str, model: nn.Module, optimizer: t
                 losses: list[float]) -> None:
     if path is not None:
         _atomic_save({"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "rng": torch.get_rng_state(), "step": step, "losses": losses}, path)
+                      "rng": torch.get_rng_state(), "step": int(step), "losses": [float(v) for v in losses]}, path)
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int, step: int, losses: list[float],
@@ -167,8 +173,10 @@ def lower_states(model: nn.Module, tokens: np.ndarray, first: int, chunk: int = 
         index = order[start:start + chunk]
         path = folder / f"chunk-{number:05d}.pt" if folder is not None else None
         if path is not None and path.exists():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if np.array_equal(saved["index"].numpy(), index):
+            from ..safeio import load_torch
+
+            saved = load_torch(path, "lower_states chunk")
+            if isinstance(saved, dict) and np.array_equal(saved["index"].numpy(), index):
                 out.append((index, saved["states"], saved["mask"]))
                 continue
         ids, mask = model.split_tokens(torch.as_tensor(tokens[index]))

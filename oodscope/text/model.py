@@ -63,6 +63,8 @@ def masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class TextClassifier(nn.Module):
     """Encoder + mean pooling + L2 normalisation + linear head over ``(N, 2, L)`` token arrays."""
 
+    cache_ignore = ("_memo",)  # remembered encoder states: outputs are identical with or without them
+
     def __init__(self, encoder: nn.Module, n_classes: int, pooling: str = "mean"):
         super().__init__()
         if n_classes < 2:

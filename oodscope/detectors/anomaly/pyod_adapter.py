@@ -5,11 +5,17 @@ Zhao, Nasrullah & Li, "PyOD: A Python Toolbox for Scalable Outlier Detection", J
 is ``decision_function`` unchanged. ``model`` is a PyOD class name from ``pyod.models`` (``"KNN"``, ``"IForest"``,
 ``"DeepSVDD"``, ...), a dotted path (``"pyod.models.lof.LOF"``) or an unfitted instance (cloned at ``fit``);
 ``params`` are its constructor arguments. PyOD is imported only when the adapter is fitted.
+
+A name or dotted path (which may come from a command line or a saved file) reaches only detector classes of
+PyOD: the path must lie under ``pyod.models.`` (checked before anything is imported) and name a subclass of
+``pyod.models.base.BaseDetector``, so ``"subprocess.Popen"`` or ``"os.system"`` is refused, never imported or
+called.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any
 
 import numpy as np
@@ -22,6 +28,10 @@ _MODULES = {"KNN": "knn", "LOF": "lof", "IForest": "iforest", "OCSVM": "ocsvm", 
             "PCA": "pca", "MCD": "mcd", "HBOS": "hbos", "COPOD": "copod", "ECOD": "ecod", "CBLOF": "cblof",
             "LODA": "loda", "FeatureBagging": "feature_bagging", "AutoEncoder": "auto_encoder", "VAE": "vae",
             "ABOD": "abod", "GMM": "gmm", "KDE": "kde", "INNE": "inne", "LUNAR": "lunar", "DIF": "dif"}
+
+
+_PREFIX = "pyod.models."
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
 def _import_pyod(who: str):
@@ -40,18 +50,26 @@ def resolve_model(model: Any, params: dict, who: str):
             raise ValueError(f"{who}: model must be a PyOD class name or an estimator with fit/decision_function, "
                              f"got {type(model).__name__}")
         return clone(model).set_params(**params) if params else clone(model)
-    _import_pyod(who)
     if "." in model:
         module_name, _, class_name = model.rpartition(".")
+        if not (module_name.startswith(_PREFIX) and _DOTTED.fullmatch(model)):
+            raise ValueError(f"{who}: model {model!r} is not a PyOD detector class: a dotted path must lie under "
+                             f"{_PREFIX} (such as 'pyod.models.knn.KNN')")
     elif model in _MODULES:
-        module_name, class_name = f"pyod.models.{_MODULES[model]}", model
+        module_name, class_name = f"{_PREFIX}{_MODULES[model]}", model
     else:
         raise ValueError(f"{who}: unknown PyOD model {model!r}; give one of {sorted(_MODULES)} or a dotted path "
                          "such as 'pyod.models.knn.KNN'")
+    _import_pyod(who)
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError):
         raise ValueError(f"{who}: cannot import {class_name} from {module_name}") from None
+    from pyod.models.base import BaseDetector
+
+    if not (isinstance(cls, type) and issubclass(cls, BaseDetector)) or cls is BaseDetector:
+        raise ValueError(f"{who}: {model!r} is not a PyOD detector class (a subclass of "
+                         "pyod.models.base.BaseDetector)")
     return cls(**params)
 
 
