@@ -22,6 +22,13 @@ from oodscope.extraction.outputs import Need
 N_OUTLIERS = 6  # the last rows of every test set are planted outliers
 
 
+def detector_names() -> list[str]:
+    """Every registered detector (the families with fit/score; training objectives are tested in test_training)."""
+    from oodscope.detectors.registry import DETECTOR_FAMILIES
+
+    return [name for name in oodscope.available() if get(name).family in DETECTOR_FAMILIES]
+
+
 @dataclass
 class Case:
     detector: Any
@@ -29,8 +36,7 @@ class Case:
     test: Any
 
 
-def _conv_net():
-    import torch
+def _small_net_class():
     from torch import nn
 
     class SmallNet(nn.Module):
@@ -45,6 +51,16 @@ def _conv_net():
 
         def forward(self, x):
             return self.fc(self.pool(self.body(self.stem(x))).flatten(1))
+
+    return SmallNet
+
+
+def SmallNet():  # noqa: N802 - a class factory, so that importing this module imports no torch
+    return _small_net_class()()
+
+
+def _conv_net():
+    import torch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

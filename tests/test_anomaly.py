@@ -1,14 +1,16 @@
 """Anomaly detection: ADBench data builders, protocols, tabular detectors, bad input, batch independence."""
 
-import json
+from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 import oodscope
 from oodscope.anomaly.datasets import WDBC_ANOMALY_ROWS, WINE_ANOMALY_ROWS, load_wdbc, load_wine
 from oodscope.anomaly.protocol import anomaly_detectors, splits
 from oodscope.cli import main
+from oodscope.results_io import read_results
 
 # small settings for the neural detectors so the default test run stays quick
 FAST = {
@@ -172,10 +174,6 @@ def test_bad_input_gets_clear_errors(name, blobs):
     bad[3, 2] = np.nan
     with pytest.raises(ValueError, match="NaN or inf"):
         make(name).fit(bad)
-    constant = train.copy()
-    constant[:, 4] = 1.5
-    with pytest.raises(ValueError, match="constant column"):
-        make(name).fit(constant)
     detector = make(name).fit(train)
     with pytest.raises(ValueError, match="NaN or inf"):
         detector.score(np.where(np.arange(len(test))[:, None] == 5, np.inf, test))
@@ -204,17 +202,17 @@ def test_adbench_command_writes_bench_records(tmp_path, capsys):
                  "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "wine/dte-semi" in printed and "AUROC" in printed and "AUPR" in printed
-    records = json.loads((out / "results.json").read_text())
+    meta, records = read_results(out / "results.json")
     assert all(set(r) == {"detector", "dataset", "group", "auroc", "fpr95", "aupr_in", "aupr_out"} for r in records)
     assert {r["group"] for r in records} == {"dte-semi", "dte-unsup"}
-    per_seed = json.loads((out / "results_seeds.json").read_text())
+    per_seed = read_results(out / "results.json", table="seeds")[1]
     assert len(per_seed) == 2 * 2 * 2  # detectors x settings x seeds
     semi_knn = [r["auroc"] for r in per_seed if r["detector"] == "knn_distance" and r["group"] == "dte-semi"]
     row = next(r for r in records if r["detector"] == "knn_distance" and r["group"] == "dte-semi")
     assert row["auroc"] == pytest.approx(np.mean(semi_knn)) and row["auroc"] > 85
     assert main(["adbench", "--protocol", "adbench", "--datasets", "wine", "--detectors", "mahalanobis_ad",
                  "--quiet", "--out", str(out / "a")]) == 0
-    assert {r["group"] for r in json.loads((out / "a" / "results.json").read_text())} == {"adbench"}
+    assert {r["group"] for r in read_results(out / "a" / "results.json")[1]} == {"adbench"}
     assert main(["adbench", "--datasets", "nosuch"]) == 2
     assert "unknown ADBench dataset" in capsys.readouterr().err
 
@@ -468,8 +466,9 @@ def test_deep_sad_pushes_labelled_anomalies_away(blobs):
 
 @pytest.mark.filterwarnings("ignore:gammaGMM:RuntimeWarning")  # "p0/phigh not met" is reported in the json
 def test_adbench_contamination_option_writes_the_posterior(tmp_path, capsys, monkeypatch):
-    """``oodscope adbench --contamination``: contamination.json and the printed line hold the gammaGMM posterior of
-    each data set next to its true share (a smaller mixture and sample than the defaults keep this quick)."""
+    """``oodscope adbench --contamination``: the "contamination" table of results.json and the printed line hold
+    the gammaGMM posterior of each data set next to its true share (a smaller mixture and sample than the defaults
+    keep this quick)."""
     import functools
 
     import oodscope.anomaly.contamination as contamination
@@ -480,7 +479,7 @@ def test_adbench_contamination_option_writes_the_posterior(tmp_path, capsys, mon
     out = tmp_path / "adb"
     assert main(["adbench", "--datasets", "wdbc", "--detectors", "knn_distance", "--seeds", "0", "--contamination",
                  "--out", str(out), "--quiet"]) == 0
-    (estimate,) = json.loads((out / "contamination.json").read_text())
+    (estimate,) = read_results(out / "results.json", table="contamination")[1]
     assert estimate["dataset"] == "wdbc" and estimate["anomalies"] == 10
     assert estimate["true"] == pytest.approx(10 / 367)
     assert estimate["detectors"] == ["knn_distance", "iforest", "lof"]
@@ -602,3 +601,39 @@ def test_eap_prefers_realistic_auxiliary_anomalies(blobs):
     np.testing.assert_allclose(unreal, labels.mean())  # no data there: EAP is the prior contamination
     with pytest.raises(ValueError, match=r"contamination must be in \(0, 0.5\]"):
         expected_anomaly_posterior(train, np.zeros(len(train), int), realistic, n_subsets=2)
+
+
+# -- columns constant on the normal training rows (ADBench's cardio has them) ----------------------------------
+CARDIO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "adbench" / "6_cardio.npz"
+
+
+@pytest.mark.parametrize("name", [n for n in anomaly_detectors() if n != "sig_maha_knn"])
+def test_constant_training_columns_are_accepted(name, blobs):
+    train, test, labels = blobs
+    clean = roc_auc_score(labels, make(name).fit(train).score(test))
+    train, test = train.copy(), test.copy()
+    train[:, 4] = 1.5  # constant on the normal rows (and on the test rows: the anomalies differ elsewhere)
+    test[:, 4] = 1.5
+    scores = make(name).fit(train).score(test)
+    assert np.isfinite(scores).all() and np.ptp(scores) > 0
+    assert roc_auc_score(labels, scores) > clean - 0.1  # the other columns still carry the anomalies
+
+
+@pytest.mark.skipif(not CARDIO.exists(), reason="needs ../shared/data/adbench")
+def test_adbench_cardio_with_constant_normal_columns_runs_and_matches_pyod():
+    pytest.importorskip("pyod")
+    from pyod.models.knn import KNN
+
+    with np.load(CARDIO, allow_pickle=False) as data:
+        X, y = data["X"].astype(np.float64), data["y"].astype(int)
+    normal = np.flatnonzero(y == 0)
+    rng = np.random.default_rng(1)  # this half of the normal rows has a constant column
+    train_rows = rng.permutation(normal)[: len(normal) // 2]
+    test_rows = np.setdiff1d(np.arange(len(y)), train_rows)
+    train, test = X[train_rows], X[test_rows]
+    assert (np.ptp(train, axis=0) == 0).any()  # the case the issue names: constant columns in the normal half
+    for name in ("iforest", "lof", "ocsvm", "knn_distance", "mahalanobis_ad", "rp_depth", "dte_np"):
+        scores = make(name).fit(train).score(test)
+        assert np.isfinite(scores).all() and roc_auc_score(y[test_rows], scores) > 0.6, name
+    ours = oodscope.create("knn_distance", k=5).fit(train).score(test)
+    np.testing.assert_allclose(ours, KNN(n_neighbors=5).fit(train).decision_function(test), rtol=1e-6, atol=1e-6)

@@ -9,20 +9,20 @@ import pytest
 from sklearn.base import clone
 
 import oodscope
-from detector_cases import N_OUTLIERS, case
+from detector_cases import N_OUTLIERS, case, detector_names
 from oodscope import NotFittedError
 from oodscope.detectors import get
 from oodscope.detectors.base import RESERVED
-from oodscope.detectors.registry import FAMILIES
+from oodscope.detectors.registry import DETECTOR_FAMILIES, FAMILIES
 from oodscope.extraction.outputs import Need, Outputs
 
-ALL = oodscope.available()
+ALL = detector_names()
 OPTIONAL_PACKAGE = "needs the"  # detectors whose optional package is not installed say "needs the X package"
 
 
 def test_every_family_is_covered_and_the_count_is_printed():
     families = {name: get(name).family for name in ALL}
-    counts = {family: sum(f == family for f in families.values()) for family in FAMILIES}
+    counts = {family: sum(f == family for f in families.values()) for family in DETECTOR_FAMILIES}
     print(f"\ncontract suite: {len(ALL)} registered detectors, by family {counts}")
     assert set(families.values()) <= set(FAMILIES)
     assert counts["ood"] >= 40 and counts["anomaly"] >= 10 and counts["image"] == 6
@@ -86,7 +86,7 @@ def test_fit_returns_self_sets_no_reserved_state_and_scores_are_one_float_per_sa
     assert scores.dtype == np.float64 and scores.shape == (len(c.test),) and np.isfinite(scores).all()
     assert np.ptp(scores) > 0, f"{name}: constant scores"
     assert not hasattr(c.detector, "threshold_")  # only calibrate() sets it
-    assert set(vars(c.detector)) & RESERVED == {"input_dims_"}
+    assert "input_dims_" in vars(c.detector) and set(vars(c.detector)) & RESERVED <= {"input_dims_", "input_range_"}
     assert np.array_equal(c.detector.decision_function(c.test), scores)  # PyOD's name for the same scores
 
 
@@ -161,7 +161,7 @@ def test_a_detector_that_sets_a_reserved_name_fails():
             return x.features[:, 0]
 
     with pytest.raises(TypeError, match=r"_fit set \['threshold_'\]"):
-        SetsThreshold().fit(np.ones((3, 2)))
+        SetsThreshold().fit(np.arange(6.0).reshape(3, 2))
 
 
 def test_react_scores_are_identical_before_and_after_calibrate():
@@ -250,3 +250,31 @@ def test_evaluate_keeps_two_configurations_of_one_detector_apart(rng):
     with pytest.raises(ValueError, match=r"given twice as 'knn_distance\(k=3\)'"):
         oodscope.evaluate([same, oodscope.create("knn_distance", k=3)], Outputs(features=test[:60], name="id"),
                           {"far": Outputs(features=ood["far"], name="far")}, train=Outputs(features=train))
+
+
+def test_pyod_suod_combines_oodscope_and_pyod_detectors(rng):
+    pytest.importorskip("suod")
+    from pyod.models.lof import LOF
+    from pyod.models.suod import SUOD
+    from sklearn.metrics import roc_auc_score
+
+    from oodscope.pyod_facade import PyODFacade
+
+    train, test, y = _tabular(rng)
+    suod = SUOD(base_estimators=[PyODFacade(oodscope.create("knn_distance", k=10)), PyODFacade("iforest"), LOF()],
+                n_jobs=1, combination="average", approx_flag_global=False, bps_flag=False, verbose=False)
+    scores = suod.fit(train).decision_function(test)
+    assert np.isfinite(scores).all() and roc_auc_score(y, scores) > 0.95
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fit_and_score_leave_the_global_random_state_alone(name):
+    import torch
+
+    c = case(name)
+    torch_state, numpy_state = torch.random.get_rng_state(), np.random.get_state()[1].copy()
+    try:
+        _fit(c).score(c.test)
+    finally:
+        assert torch.equal(torch.random.get_rng_state(), torch_state), f"{name} changed torch's global RNG"
+        assert np.array_equal(np.random.get_state()[1], numpy_state), f"{name} changed numpy's global RNG"

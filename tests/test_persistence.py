@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 import oodscope
-from detector_cases import case, fitted
+from detector_cases import case, detector_names, fitted
 from oodscope import NotFittedError
 from oodscope.detectors import get
 from oodscope.detectors.registry import FAMILIES
 from oodscope.persistence import load, save
 
-ALL = oodscope.available()
+ALL = detector_names()
 TESTS = Path(__file__).resolve().parent
 OPTIONAL_PACKAGE = "needs the"  # detectors whose optional package is missing say "needs the X package"
 

@@ -108,9 +108,9 @@ def test_bad_parameters_are_named():
         with pytest.raises(ValueError, match=re.escape(message)):
             oodscope.create(name, **params).fit(x)
     with pytest.raises(ValueError, match="needs class labels.*val="):
-        oodscope.create("temperature").fit(logits_outputs([[1.0, 0.0]]))
+        oodscope.create("temperature").fit(logits_outputs([[1.0, 0.0], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="OOD samples"):
-        oodscope.create("temperature").fit(logits_outputs([[1.0, 0.0]], labels=[-1]))
+        oodscope.create("temperature").fit(logits_outputs([[1.0, 0.0], [0.0, 1.0]], labels=[-1, 0]))
 
 
 # -- ODIN -----------------------------------------------------------------------------------------------------

@@ -17,19 +17,12 @@ from oodscope.detectors._gaussian import TiedGaussian, full_covariance, per_clas
 LAYERS = ["stem", "body"]
 
 
-class SmallNet(nn.Module):
-    """conv stem -> conv body -> global average pool -> linear head (3 classes)."""
+def SmallNet(seed=0):
+    """conv stem -> conv body -> global average pool -> linear head (3 classes), seeded (the contract cases' net)."""
+    from detector_cases import SmallNet as Net
 
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.body(self.stem(x))).flatten(1))
+    torch.manual_seed(seed)
+    return Net()
 
 
 PRE = ImageNormalize(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])

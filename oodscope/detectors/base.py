@@ -22,6 +22,12 @@ Held-out data reaches a detector through one route: ``fit(train, val=..., ood_va
 labelled ID validation data declares ``Need.VALIDATION`` (and outliers for tuning, ``Need.OOD_VALIDATION``) and
 writes ``_fit(self, train, val, ood_val)``; every other detector writes ``_fit(self, train)`` and is given neither.
 A stochastic detector takes a ``seed`` parameter; callers set it with :meth:`Detector.with_seed`.
+
+Bad input never becomes a silent number. Besides presence, NaN/inf, shapes and label ranges, a detector that
+learns from its training data (one that writes ``_fit``) refuses fewer than two training samples and training data
+whose rows are all identical (nothing to learn a spread from). ``score`` warns with :class:`SaturationWarning`
+when rows of an input exceed the training data's magnitude by more than :data:`SATURATION` times: softmax,
+distances and kernels saturate there, so such rows get scores that no longer rank them.
 """
 
 from __future__ import annotations
@@ -36,7 +42,13 @@ from ..extraction.outputs import Need, Outputs, as_outputs
 from . import registry
 
 #: attributes owned by the base class; a detector's ``_fit`` must not set them
-RESERVED = frozenset({"threshold_", "input_dims_", "keep_"})
+RESERVED = frozenset({"threshold_", "input_dims_", "input_range_", "keep_"})
+#: rows more than this many times larger (max |value|) than the training data trigger a SaturationWarning
+SATURATION = 1e6
+
+
+class SaturationWarning(UserWarning):
+    """Test rows far outside the training data's magnitude: their scores saturate and may not rank them."""
 HELD_OUT = frozenset({Need.VALIDATION, Need.OOD_VALIDATION})
 
 
@@ -117,6 +129,7 @@ class Detector(BaseEstimator):
             self._fit(train)
         self._check_reserved()
         self.input_dims_ = self._input_dims(train)
+        self.input_range_ = {part: _max_abs(values) for part, values in self._arrays(train).items()}
         return self
 
     def _reset_fitted(self) -> None:
@@ -137,6 +150,7 @@ class Detector(BaseEstimator):
         x = as_outputs(x, name="test")
         self._check_inputs(x, fitting=False)
         self._check_dims(x)
+        self._warn_saturated(x)
         scores = np.asarray(self._score(x), dtype=np.float64)
         if scores.shape != (len(x),):
             raise RuntimeError(f"{self.name}: _score returned shape {scores.shape} for {len(x)} samples")
@@ -192,15 +206,65 @@ class Detector(BaseEstimator):
                 continue
             data.get(need, who=self.name)
         if fitting and Need.LABELS in self.needs:
-            labels = data.labels
-            if (labels < 0).any():
-                raise ValueError(f"{self.name}: training labels of {data.name!r} contain negative (OOD) labels; "
-                                 "fit on in-distribution data only")
+            self._check_labels(data)
+        if fitting and type(self)._fit is not Detector._fit:
+            self._check_not_degenerate(data)
         if Need.HEAD in self.needs and Need.FEATURES in self.needs:
             head_dim, feat_dim = data.head.W.shape[1], data.features.shape[1]
             if head_dim != feat_dim:
                 raise ValueError(f"{self.name}: head W has {head_dim} inputs but features of {data.name!r} have "
                                  f"{feat_dim} dimensions; pass the head of the layer that consumes these features")
+
+    def _check_labels(self, data: Outputs) -> None:
+        labels = np.asarray(data.labels)
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"{self.name}: training labels of {data.name!r} must be integer class indices, got "
+                             f"dtype {labels.dtype}")
+        if (labels < 0).any():
+            raise ValueError(f"{self.name}: training labels of {data.name!r} contain negative (OOD) labels; "
+                             "fit on in-distribution data only")
+        n_classes = (data.head.n_classes if data.head is not None
+                     else data.logits.shape[1] if data.logits is not None and data.logits.ndim == 2 else None)
+        if n_classes is not None and labels.max() >= n_classes:
+            raise ValueError(f"{self.name}: training label {int(labels.max())} of {data.name!r} is out of range: "
+                             f"the classifier has {n_classes} classes (labels 0..{n_classes - 1})")
+
+    def _arrays(self, data: Outputs) -> dict[str, np.ndarray]:
+        """The arrays this detector reads from ``data`` (logits, features, layers, raw inputs for a re-run)."""
+        arrays = {}
+        for need in (Need.LOGITS, Need.FEATURES):
+            if need in self.needs and data.get(need) is not None:
+                arrays[need.value] = data.get(need)
+        if Need.LAYERS in self.needs:
+            arrays.update({f"layer {n!r}": data.layers[n] for n in self.layer_names() if n in data.layers})
+        if Need.MODEL in self.needs and data.source is not None:
+            from ..extraction.outputs import _raw_arrays
+
+            arrays.update({f"raw inputs[{i}]": a for i, a in enumerate(_raw_arrays(data.source.inputs))
+                           if a.dtype.kind in "fiu" and len(a) == len(data)})
+        return arrays
+
+    def _check_not_degenerate(self, data: Outputs) -> None:
+        if len(data) < 2:
+            raise ValueError(f"{self.name}: fit needs at least 2 training samples, {data.name!r} has {len(data)}")
+        arrays = self._arrays(data)
+        if arrays and all(_rows_identical(values) for values in arrays.values()):
+            raise ValueError(f"{self.name}: all {len(data)} training samples of {data.name!r} are identical "
+                             f"({', '.join(arrays)}); the detector has no spread to learn from")
+
+    def _warn_saturated(self, data: Outputs) -> None:
+        import warnings
+
+        for part, values in self._arrays(data).items():
+            reference = getattr(self, "input_range_", {}).get(part)
+            if reference is None or values.dtype.kind not in "fc" or values.size == 0:
+                continue
+            rows = np.abs(values.reshape(len(values), -1)).max(axis=1)
+            count = int((rows > SATURATION * max(reference, 1e-12)).sum())
+            if count:
+                warnings.warn(f"{self.name}: {count} of {len(values)} rows of {part} of {data.name!r} exceed the "
+                              f"training data's magnitude ({reference:.3g}) more than {SATURATION:.0e} times; their "
+                              "scores saturate and may not rank them", SaturationWarning, stacklevel=3)
 
     def layer_names(self) -> list[str]:
         """Intermediate layers this detector reads (detectors that need layers take a ``layers`` parameter)."""
@@ -250,3 +314,16 @@ def _short(value: Any) -> str:
         return f"array{value.shape}"
     text = repr(value)
     return text if len(text) <= 40 else f"<{type(value).__name__}>"
+
+
+def _max_abs(values: np.ndarray) -> float | None:
+    if values.dtype.kind not in "fciu" or values.size == 0:
+        return None
+    return float(np.abs(values).max())
+
+
+def _rows_identical(values: np.ndarray, block: int = 1024) -> bool:
+    """Whether every row equals the first (the first block is checked first, so real data returns fast)."""
+    flat = values.reshape(len(values), -1)
+    first = flat[0]
+    return all(bool((flat[start:start + block] == first).all()) for start in range(0, len(flat), block))

@@ -88,6 +88,7 @@ class Gram(Detector):
 
         from ..extraction.rerun import rerun
 
+        x.get(Need.MODEL, who=self.name)  # the raw inputs are checked (finite) before the re-run
         modules = dict(x.source.model.named_modules())
         missing = [layer for layer in self.layers if layer not in modules]
         if missing:

@@ -66,8 +66,10 @@ class ODIN(Detector):
 
     def _check_inputs(self, data: Outputs, fitting: bool) -> None:
         if fitting or (self.epsilon == 0 and data.logits is not None):
-            if len(data) == 0 and data.source is None:
+            if len(data) == 0:
                 raise ValueError(f"{self.name}: dataset {data.name!r} is empty")
+            if data.source is not None:
+                data.get(Need.MODEL, who=self.name)  # raw inputs checked (finite) even though ODIN learns nothing
             return  # ODIN learns nothing; with epsilon = 0 the cached logits suffice
         super()._check_inputs(data, fitting)
 

@@ -28,9 +28,12 @@ FAMILIES: dict[str, str] = {
     "ood": "post-hoc OOD detection on a trained classifier's outputs (logits, features, head, layers, model)",
     "anomaly": "anomaly detection on tabular rows or given features",
     "image": "image anomaly detection and localisation (fit on defect-free images)",
+    "training": "training objectives: fine-tune a classifier (oodscope.training.finetune), then score it post hoc",
 }
+#: the families whose members are detectors (fit / score); "training" holds objectives
+DETECTOR_FAMILIES = ("ood", "anomaly", "image")
 #: packages whose modules register detectors (imported once, on first use of the registry)
-PACKAGES = ("oodscope.detectors", "oodscope.imagead")
+PACKAGES = ("oodscope.detectors", "oodscope.imagead", "oodscope.training.objectives")
 _SKIP = {"base", "registry", "evaluate"}
 
 _REGISTRY: dict[str, type["Detector"]] = {}

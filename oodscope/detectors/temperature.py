@@ -16,8 +16,12 @@ well-fitted network look over-confident, so ``T*`` comes out smaller than on hel
 ``temperature=`` skips the fitting (used by the tuning grid).
 
 The NLL is convex in ``1/T``, so a bounded scalar search over ``log T`` in ``[1e-3, 1e3]`` finds the global
-minimum (in float64); if it lands on a bound (e.g. every calibration sample is classified correctly, where the
-NLL keeps decreasing as ``T -> 0``) a warning says so.
+minimum (in float64); if it lands on a bound a warning says so. When every calibration sample is classified
+correctly (separable calibration data) the NLL decreases monotonically as ``T -> 0`` and has no minimum: each
+term ``log(1 + sum_c exp((f_c - f_y) / T))`` with ``f_c < f_y`` falls to 0. A search then stops anywhere on the
+numerically flat tail (``T = 0.026`` on the digits benchmark), where the softmax saturates and the scores collapse
+to a few tied values. Instead ``T = 1`` is kept (the uncalibrated MSP) with a warning to use held-out data on which
+the model makes mistakes.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, who: str = "temperat
         raise ValueError(f"{who}: calibration labels must be class indices in [0, {z.shape[1]}); OOD samples "
                          "(label -1) do not belong in the calibration set")
     picked = z[np.arange(len(z)), y]
+    others = np.where(np.arange(z.shape[1])[None, :] == y[:, None], -np.inf, z)
+    if (picked > others.max(axis=1)).all():
+        warnings.warn(f"{who}: every calibration sample is classified correctly, so the NLL has no minimum "
+                      "(it keeps falling as T -> 0, where the scores collapse to ties); keeping T = 1. Fit T on "
+                      "held-out data the model gets partly wrong", stacklevel=3)
+        return 1.0
 
     def nll(log_t: float) -> float:
         t = np.exp(log_t)
@@ -71,6 +81,10 @@ class TemperatureScaling(Detector):
     def _check_params(self) -> None:
         if self.temperature is not None and not (np.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature: temperature must be > 0 (or None to fit it), got {self.temperature}")
+
+    def _check_not_degenerate(self, data: Outputs) -> None:
+        if self.temperature is None:  # a fixed temperature learns nothing from the training data
+            super()._check_not_degenerate(data)
 
     def _fit(self, train: Outputs, val: Outputs | None, ood_val: Outputs | None) -> None:
         if self.temperature is not None:

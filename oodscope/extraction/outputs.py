@@ -29,6 +29,7 @@ class Need(str, enum.Enum):
     LABELS = "labels"
     VALIDATION = "validation"  # held-out labelled ID data, given as fit(train, val=...)
     OOD_VALIDATION = "ood_validation"  # outliers for tuning a combination, given as fit(train, ood_val=...)
+    OUTLIERS = "outliers"  # auxiliary outliers for training-time objectives (oodscope.training)
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,22 @@ class Outputs:
         if value is None:
             raise ValueError(f"{who} needs {need.value} but dataset {self.name!r} has none{_hint(need)}")
         if isinstance(value, np.ndarray):
-            check_finite(value, f"{need.value} of dataset {self.name!r}")
+            what = f"{need.value} of dataset {self.name!r}"
+            if need in (Need.LOGITS, Need.FEATURES) and value.ndim < 2:
+                raise ValueError(f"{who}: {what} have shape {value.shape}; expected (samples, "
+                                 f"{'classes' if need is Need.LOGITS else 'dimensions'}), e.g. x.reshape(-1, 1) "
+                                 "for one column")
+            if need is Need.LABELS and value.ndim != 1:
+                raise ValueError(f"{who}: {what} have shape {value.shape}; expected one integer label per sample")
+            check_finite(value, what)
             if len(value) == 0:
                 raise ValueError(f"dataset {self.name!r} is empty")
+        elif need is Need.HEAD:
+            check_finite(value.W, f"head W given with dataset {self.name!r}")
+            check_finite(value.b, f"head b given with dataset {self.name!r}")
+        elif need is Need.MODEL:
+            for array in _raw_arrays(value.inputs):
+                check_finite(array, f"raw inputs of dataset {self.name!r} (the model re-runs on them)")
         return value
 
     def layer(self, name: str, who: str = "detector") -> np.ndarray:
@@ -119,6 +133,9 @@ class Outputs:
                 f"extract it with extract(..., layers=[{name!r}])"
             )
         values = self.layers[name]
+        if values.ndim < 2:
+            raise ValueError(f"{who}: layer {name!r} of dataset {self.name!r} has shape {values.shape}; expected "
+                             "(samples, channels, ...)")
         check_finite(values, f"layer {name!r} of dataset {self.name!r}")
         return values
 
@@ -130,6 +147,12 @@ class Outputs:
             layers={k: v[index] for k, v in self.layers.items()}, head=self.head,
             name=name or self.name,
         )
+
+
+def _raw_arrays(inputs: Any) -> list[np.ndarray]:
+    """The numpy arrays among a model source's raw inputs (an array, or a tuple/list of them)."""
+    parts = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    return [part for part in parts if isinstance(part, np.ndarray)]
 
 
 def _hint(need: Need) -> str:

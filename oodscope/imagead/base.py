@@ -25,6 +25,7 @@ from ..detectors import registry
 from ..detectors.base import Detector, NotFittedError
 from ..extraction.outputs import Need
 
+RANGE_SLACK = 1e-3  # float images may overshoot [0, 1] by resampling round-off, not more
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -68,6 +69,10 @@ def as_images(data: Any, name: str = "images") -> np.ndarray:
     images = images.astype(np.float32, copy=False)
     if not np.isfinite(images).all():
         raise ValueError(f"{name}: images contain NaN or inf")
+    low, high = float(images.min()), float(images.max())
+    if low < -RANGE_SLACK or high > 1.0 + RANGE_SLACK:
+        hint = "; divide 0..255 values by 255 (or pass uint8)" if high <= 255.0 + RANGE_SLACK and low >= 0 else ""
+        raise ValueError(f"{name}: float images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]{hint}")
     if images.shape[1] == 1:
         images = np.repeat(images, 3, axis=1)
     return images
@@ -94,7 +99,9 @@ class Backbone:
                 raise ValueError(f"unknown backbone {model!r}: pass 'efficientnet_lite0' or a torch nn.Module")
             from ..models.efficientnet_lite import MEAN, STD, efficientnet_lite0
 
-            model, mean, std = efficientnet_lite0(), mean or MEAN, std or STD
+            with torch.random.fork_rng(devices=[]):  # building the modules draws initial weights: not from the caller's RNG
+                model = efficientnet_lite0()
+            mean, std = mean or MEAN, std or STD
         self.model = model.eval().to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -179,6 +186,9 @@ class ImageDetector(Detector):
             raise ValueError(f"{self.name}: fit on defect-free images only; {int(np.sum(labels != 0))} training "
                              "images are labelled anomalous")
         self._check_params()
+        if len(images) < 2 or (images == images[:1]).all():
+            raise ValueError(f"{self.name}: fit needs at least 2 training images that are not all identical, got "
+                             f"{len(images)}" + (" identical images" if len(images) > 1 else ""))
         self._reset_fitted()
         self._fit(images)
         self._check_reserved()

@@ -43,8 +43,9 @@ def train_digits_cnn(images: np.ndarray, labels: np.ndarray, n_classes: int, see
         except Exception:
             cache_path.unlink(missing_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = DigitsCNN(n_classes)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's global RNG is left as it was
+        torch.manual_seed(seed)
+        model = DigitsCNN(n_classes)
     preprocess = digits_preprocess()
     x, y = preprocess(torch.as_tensor(images)), torch.as_tensor(labels)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -13,8 +13,10 @@ from ..base import Detector
 class AnomalyDetector(Detector):
     """A detector for plain ``(N, D)`` data (``Outputs.features``): fit on (mostly) normal rows.
 
-    On top of the base checks (present, finite, same width at score time) ``fit`` refuses constant columns, which
-    carry no information and break every scale estimate (standardisation, covariance, MAD).
+    On top of the base checks (present, finite, same width at score time, not all rows identical) ``fit`` needs
+    2-d rows. Columns that are constant in the training rows are accepted and kept: a column constant on normal
+    rows may be exactly where anomalies differ. Scale estimates treat them as documented per detector (a zero
+    spread is replaced by 1 in standardisation; covariances are regularised or pseudo-inverted).
     """
 
     needs = frozenset({Need.FEATURES})
@@ -30,11 +32,6 @@ class AnomalyDetector(Detector):
                                  f"{features.shape} for {data.name!r}; flatten them first")
             if len(features) < 2:
                 raise ValueError(f"{self.name}: dataset {data.name!r} has {len(features)} row; fit needs at least 2")
-            constant = np.flatnonzero(np.ptp(features, axis=0) == 0)
-            if constant.size:
-                shown = constant[:10].tolist()
-                raise ValueError(f"{self.name}: {constant.size} constant column(s) in {data.name!r} (e.g. {shown}); "
-                                 "drop them before fitting, e.g. X[:, X.std(axis=0) > 0]")
 
     @staticmethod
     def _x(data: Outputs) -> np.ndarray:

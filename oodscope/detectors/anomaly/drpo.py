@@ -23,6 +23,18 @@ from ._base import (AnomalyDetector, check_hidden, check_int, check_training, in
 from .rp_depth import median_mad, projected_outlyingness, random_directions
 
 
+
+def leaky_mlp(sizes: list[int]):
+    """``Linear -> LeakyReLU -> ... -> Linear`` through the given layer sizes (biases kept)."""
+    import torch.nn as nn
+
+    layers: list = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.LeakyReLU())
+    return nn.Sequential(*layers)
+
 class DeepRPO(AnomalyDetector):
     """Mean random-projection outlyingness of a network's output, the network trained to minimise it."""
 
@@ -62,12 +74,7 @@ class DeepRPO(AnomalyDetector):
             return ((projected - median).abs() / (mad + 1e-6)).mean()
 
         with seeded(self.seed) as generator:  # the layers' initial weights too: same seed, same network
-            layers: list = []
-            for i in range(len(sizes) - 1):
-                layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-                if i < len(sizes) - 2:
-                    layers.append(nn.LeakyReLU())
-            self.network_ = nn.Sequential(*layers)
+            self.network_ = leaky_mlp(sizes)
             self.loss_history_ = train_minibatches(self.network_, X, loss_fn, epochs=self.epochs,
                                                    batch_size=min(self.batch_size, len(X)), lr=self.lr,
                                                    weight_decay=0.0, generator=generator)
@@ -76,15 +83,7 @@ class DeepRPO(AnomalyDetector):
 
     def _init_networks(self) -> None:
         """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
-        import torch.nn as nn
-
-        sizes = [self.input_dims_["features"][0], *self.hidden]
-        layers: list = []
-        for i in range(len(sizes) - 1):
-            layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-            if i < len(sizes) - 2:
-                layers.append(nn.LeakyReLU())
-        self.network_ = nn.Sequential(*layers)
+        self.network_ = leaky_mlp([self.input_dims_["features"][0], *self.hidden])
 
     def _project(self, x: np.ndarray) -> np.ndarray:
         return in_blocks(lambda rows: rows @ self.directions_, predict_in_blocks(self.network_, x))
