@@ -9,6 +9,12 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("bench", help="run an OOD benchmark and print the leaderboard")
+    add_bench_arguments(parser)
+    parser.set_defaults(run=run)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a benchmark run (shared with ``oodscope train``, which runs one on the fine-tuned model)."""
     parser.add_argument("benchmark", nargs="?", default="digits",
                         help="built-in name (default: digits) or a folder with benchmark.toml")
     parser.add_argument("--model", default=None, help="model name for benchmark folders, e.g. cifar10_resnet20")
@@ -27,25 +33,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--groups", default=None, help="comma-separated OOD groups to run (e.g. near,far); default all")
     parser.add_argument("--full-spectrum", action="store_true",
                         help="add a covariate-shifted copy of the ID test (common corruptions), counted as ID")
-    parser.set_defaults(run=run)
+
+
+def prepare_from(args: argparse.Namespace):
+    from ..data.builtin import BenchRequest, prepare
+
+    return prepare(BenchRequest(benchmark=args.benchmark, model=args.model, weights=args.weights,
+                                data_root=args.data_root, cache_dir=args.cache_dir, seed=args.seed,
+                                device=args.device))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.builtin import BenchRequest, prepare
-    from ..data.spec import select_groups
-    from ..detectors import create
-    from ..report.html import command_line, write_report, write_results
-    from ..report.meta import run_metadata
-    from ..report.plots import plot_score_distributions
-    from ..runner import parse_detectors, run_benchmark
+    from ..runner import parse_detectors
 
     start = time.perf_counter()
+    parse_detectors(args.detectors)  # unknown names fail before any loading
+    return run_prepared(args, prepare_from(args), start)
+
+
+def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra) -> int:
+    """Extract, fit, score, print the leaderboard and write results.json, results.csv and report.html."""
+    from ..data.spec import select_groups
+    from ..detectors import create
+    from ..report.html import write_report
+    from ..report.meta import bench_metadata
+    from ..report.plots import plot_score_distributions
+    from ..results_io import write_results
+    from ..runner import parse_detectors, run_benchmark
+
     detectors = parse_detectors(args.detectors)
-    prepared = prepare(BenchRequest(benchmark=args.benchmark, model=args.model, weights=args.weights,
-                                    data_root=args.data_root, cache_dir=args.cache_dir, seed=args.seed,
-                                    device=args.device))
     bench = select_groups(prepared.bench, args.groups)
     detectors = {name: create(name) for name in detectors}
+    labelled = {detector.label: detector for detector in detectors.values()}  # the records' detector names
     extract_options = dict(cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
                            use_cache=not args.no_cache, progress=not args.quiet)
     results, timing = run_benchmark(bench, prepared.model, prepared.preprocess, list(detectors.values()),
@@ -72,12 +91,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {r['detector']:<14}AUROC clean vs shifted {r['auroc']:6.2f}, "
                       f"shifted flagged at 95 % TPR {r['flagged']:6.2f} %")
     out = Path(args.out)
-    paths = write_results(out, records)
-    paths["png"] = plot_score_distributions(results, out / "score_distributions.png")
+    timing.pop("total", None)  # run_benchmark's; the command's own total goes last
     timing.update({f"{name} fit+score": seconds for name, seconds in results.seconds.items()})
     timing["total"] = time.perf_counter() - start
-    meta = run_metadata(bench, prepared.model_name, args.weights, prepared.model, timing, command_line(),
-                        {"ID accuracy [%]": results.id_accuracy, "tuned hyperparameters": results.tuned or "defaults"})
+    meta = bench_metadata(bench, prepared.model_name, args.weights, prepared.model, argv=getattr(args, "argv", None),
+                          detectors=labelled, timings=timing, id_accuracy=results.id_accuracy, id_name=results.id_name,
+                          tuned=results.tuned or "defaults", **meta_extra)
+    paths = write_results(out, records, meta)
+    paths["png"] = plot_score_distributions(results, out / "score_distributions.png")
     paths["html"] = write_report(out / "report.html", results, meta, **report_options)
     print(f"extraction {timing['extract']:.2f} s, total {time.perf_counter() - start:.2f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))
