@@ -31,7 +31,7 @@ from oodscope.results_io import format_table
 from oodscope.training import augment, finetune
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
-METHODS = ("cross_entropy", "oe", "energy_oe", "logitnorm")
+METHODS = ("cross_entropy", "oe", "energy_oe", "logitnorm", "mixoe")
 DETECTORS = ("msp", "energy", "knn")
 
 

@@ -183,7 +183,8 @@ def _tabular(rng):
     return inliers, test, y
 
 
-def test_grid_search_over_knn_k_with_a_scorer_on_scores(rng):
+@pytest.mark.parametrize("name", ["knn", "knn_distance"])
+def test_grid_search_over_knn_k_with_a_scorer_on_scores(rng, name):
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GridSearchCV
 
@@ -195,9 +196,9 @@ def test_grid_search_over_knn_k_with_a_scorer_on_scores(rng):
     def auroc(estimator, X_val, y_val):
         return roc_auc_score(y_val, estimator.score(X_val))
 
-    search = GridSearchCV(oodscope.create("knn_distance"), {"k": [1, 5, 50]}, scoring=auroc, cv=split, refit=False)
+    search = GridSearchCV(oodscope.create(name), {"k": [1, 5, 50]}, scoring=auroc, cv=split, refit=False)
     search.fit(X, target)
-    expected = {k: roc_auc_score(y, oodscope.create("knn_distance", k=k).fit(train).score(test)) for k in (1, 5, 50)}
+    expected = {k: roc_auc_score(y, oodscope.create(name, k=k).fit(train).score(test)) for k in (1, 5, 50)}
     assert search.cv_results_["mean_test_score"] == pytest.approx([expected[k] for k in (1, 5, 50)])
     assert search.best_params_ == {"k": max(expected, key=expected.get)}
 

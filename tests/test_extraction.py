@@ -186,3 +186,13 @@ def test_interrupted_write_leaves_no_entry_and_finished_entries_survive(images, 
     calls = model.calls
     oodscope.extract(model, (x, y), name="done", preprocess=PRE, cache_dir=tmp_path, progress=False)
     assert model.calls == calls
+
+
+def test_inputs_of_the_wrong_shape_get_a_message_naming_the_input(images):
+    x, y = images
+    model = TinyNet()
+    with pytest.raises(ValueError, match=r"inputs have shape \(50,\): expected a batch"):
+        oodscope.extract(model, x[:, 0, 0, 0], use_cache=False, progress=False)
+    four = np.concatenate([x, x[..., :1]], axis=3)  # 4 channels for a 3-channel network
+    with pytest.raises(ValueError, match=r"dataset 'data': the model cannot run on a batch of shape \(16, 6, 6, 4\)"):
+        oodscope.extract(model, four, preprocess=PRE, batch_size=16, use_cache=False, progress=False)

@@ -65,8 +65,27 @@ def test_logitnorm_loss_hand_computed():
     assert float(scaled_up) == pytest.approx(float(total), rel=1e-5)
 
 
+def test_mixoe_loss_and_mixing_hand_computed():
+    rows, mixed = LOGITS.tolist(), OUT.tolist()
+    lam, n = 0.3, 3
+    targets = [[lam * (c == y) + (1 - lam) / n for c in range(n)] for y in (0, 1)]
+    soft = np.mean([sum(-t * (v - _lse(r)) for t, v in zip(tt, r)) for tt, r in zip(targets, mixed)])
+    total, terms = oodscope.create("mixoe", beta=2.0).loss(LOGITS, LABELS, OUT, lam=lam)
+    assert terms["mixed"] == pytest.approx(soft) and float(total) == pytest.approx(_ce(rows, [0, 1]) + 2.0 * soft)
+    x = torch.full((2, 8, 8, 3), 200, dtype=torch.uint8)
+    x_out = torch.zeros((4, 8, 8, 3), dtype=torch.uint8)
+    inputs, context = oodscope.create("mixoe").batch(x, x_out, torch.Generator().manual_seed(0))
+    assert inputs.shape == (4, 8, 8, 3) and torch.equal(inputs[:2], x.float())
+    assert torch.allclose(inputs[2:], torch.full((2, 8, 8, 3), 200.0 * context["lam"]))  # mixup of 200 and 0
+    inputs, context = oodscope.create("mixoe", mix="cutmix").batch(x, x_out, torch.Generator().manual_seed(3))
+    pasted = (inputs[2:, :, :, 0] == 0).float().mean()
+    assert context["lam"] == pytest.approx(1.0 - float(pasted))  # lambda = the ID share of the pixels
+    with pytest.raises(ValueError, match="mix must be"):
+        oodscope.create("mixoe", mix="fmix").check_params()
+
+
 def test_objectives_are_one_family_of_the_registry():
-    assert {"cross_entropy", "oe", "energy_oe", "logitnorm"} <= set(oodscope.available(family="training"))
+    assert {"cross_entropy", "oe", "energy_oe", "logitnorm", "mixoe"} <= set(oodscope.available(family="training"))
     assert oodscope.detectors.get("oe").family == "training"
     with pytest.raises(ValueError, match="m_in must be below m_out"):
         oodscope.create("energy_oe", m_in=0.0, m_out=-1.0).check_params()
@@ -107,6 +126,15 @@ def test_oe_lowers_the_outliers_max_softmax_against_the_control():
     accuracy = (exposed(torch.from_numpy(x)).argmax(1).numpy() == y).mean()
     assert accuracy > 0.95  # the ID task is kept
     assert len(history.epochs) == 6 and history.epochs[-1]["oe"] < history.epochs[0]["oe"]
+
+
+def test_mixoe_lowers_the_outliers_max_softmax_against_the_control():
+    x, y, outliers = _toy()
+    control, _ = finetune(_mlp(), (x, y), "cross_entropy", **TOY)
+    mixed, _ = finetune(_mlp(), (x, y), oodscope.create("mixoe", beta=5.0), outliers=outliers, **TOY)
+    _, _, test_outliers = _toy(seed=1)
+    assert _msp(mixed, test_outliers).mean() < _msp(control, test_outliers).mean() - 0.1
+    assert (mixed(torch.from_numpy(x)).argmax(1).numpy() == y).mean() > 0.95
 
 
 def test_energy_oe_separates_the_energies():

@@ -142,6 +142,9 @@ def _split_data(data: Any, labels: Any) -> tuple[Any, np.ndarray | None]:
     if isinstance(data, (np.ndarray, torch.Tensor)):
         if len(data) == 0:
             raise ValueError("cannot extract from an empty dataset")
+        if data.ndim < 2:
+            raise ValueError(f"inputs have shape {tuple(data.shape)}: expected a batch (samples, ...), e.g. images "
+                             "(N, H, W, C) or (N, C, H, W), tokens (N, L) or rows (N, D)")
         if labels is not None and len(labels) != len(data):
             raise ValueError(f"{len(data)} inputs but {len(labels)} labels")
     return data, labels
@@ -229,7 +232,16 @@ def _run(model: nn.Module, inputs: Any, labels: np.ndarray | None, preprocess: C
             for number, (batch_inputs, batch_labels) in enumerate(
                     _progress(batches, inputs, batch_size, progress, name, start_batch), start=start_batch):
                 x = torch.as_tensor(batch_inputs).to(device)
-                parts = probe(preprocess(x) if preprocess is not None else x)
+                try:
+                    parts = probe(preprocess(x) if preprocess is not None else x)
+                except RuntimeError as error:  # shape or channel mismatch inside torch: name the input and the fix
+                    raise ValueError(f"dataset {name!r}: the model cannot run on a batch of shape "
+                                     f"{tuple(x.shape)} ({str(error).splitlines()[0]}); check the number of "
+                                     "channels, the image size and the layout the preprocessing expects") from error
+                if len(_first_value(parts)) != len(x):
+                    raise ValueError(f"dataset {name!r}: a batch of {len(x)} inputs gave "
+                                     f"{len(_first_value(parts))} outputs; the first axis of the inputs must be "
+                                     f"the samples (got inputs of shape {tuple(x.shape)})")
                 for key, value in parts.items():
                     pending.setdefault(key, []).append(value.detach().float().cpu().numpy())
                 if batch_labels is not None:
@@ -248,6 +260,10 @@ def _run(model: nn.Module, inputs: Any, labels: np.ndarray | None, preprocess: C
     if not done:
         raise ValueError(f"dataset {name!r} is empty")
     return _concatenate(done)
+
+
+def _first_value(parts: dict) -> torch.Tensor:
+    return parts["logits"] if "logits" in parts else next(iter(parts.values()))
 
 
 def _first(output: Any) -> torch.Tensor:

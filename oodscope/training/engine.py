@@ -229,11 +229,11 @@ def finetune(model, train: Any, objective: Objective | str, outliers: Any = None
                 if augmentation:
                     x = augment(x, aug_gen)
                     x_out = None if x_out is None else augment(x_out, aug_gen)
-                inputs = x if x_out is None else torch.cat([x, x_out])
+                inputs, context = objective.batch(x, x_out, aug_gen)
                 with torch.autocast("cuda", enabled=scaler is not None):
                     logits = model(prep(inputs.to(device)))
                     total, terms = objective.loss(logits[:len(x)], y.to(device),
-                                                  None if x_out is None else logits[len(x):])
+                                                  logits[len(x):] if len(inputs) > len(x) else None, **context)
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"finetune: the {objective.name} loss is {float(total)} at epoch "
                                              f"{epoch + 1}, step {step + 1}; lower lr (now {lr})"

@@ -4,10 +4,13 @@ An objective is a small estimator like a detector: hyperparameters in ``__init__
 ``clone`` and ``get_params`` work), a registered ``name``, the inputs it ``needs`` (``Need.LABELS`` and, for the
 outlier-exposure family, ``Need.OUTLIERS``) and one method::
 
-    loss(logits, labels, outlier_logits=None) -> (total, {term: value})
+    loss(logits, labels, outlier_logits=None, **context) -> (total, {term: value})
 
 on one mini-batch: ``logits`` of the ID images ``(B, C)``, their integer ``labels`` ``(B,)`` and, when the objective
-needs outliers, the logits of a batch of auxiliary outliers ``(B_out, C)``. ``total`` is the scalar tensor that
+needs outliers, the logits of the second part of the step's inputs (by default the auxiliary outliers). An
+objective that builds its own inputs (MixOE mixes ID images with outliers) overrides
+``batch(x, x_out, generator) -> (inputs, context)``: ``inputs`` are the ID images followed by the second part,
+``context`` is passed to ``loss`` as keyword arguments. ``total`` is the scalar tensor that
 :func:`oodscope.training.finetune` back-propagates; the terms are floats shown in the progress bar and kept in the
 history. ``score`` names the post-hoc detector the paper scores the fine-tuned model with (e.g. ``"energy"`` for
 energy-bounded fine-tuning); every other detector runs on the fine-tuned model as well.
@@ -47,7 +50,13 @@ class Objective(BaseEstimator):
     def check_params(self) -> None:
         """Validate hyperparameters before any training step; subclasses raise ``ValueError`` naming the fix."""
 
-    def loss(self, logits, labels, outlier_logits=None):
+    def batch(self, x, x_out, generator) -> tuple[Any, dict]:
+        """The model inputs of one step: the ID images, then the outliers (if any); no context."""
+        import torch
+
+        return (x if x_out is None else torch.cat([x, x_out])), {}
+
+    def loss(self, logits, labels, outlier_logits=None, **context):
         raise NotImplementedError
 
 
