@@ -157,3 +157,17 @@ def test_blood_warns_on_a_mean_pooled_classifier_only(cls_model):
     out = oodscope.extract(mean_model, (tokens, labels), progress=False)
     with pytest.warns(UserWarning, match=r"pooling='cls'"):
         oodscope.create("blood", n_estimators=3).fit(out).score(out)
+
+
+def test_fine_tuning_leaves_the_callers_random_state_alone(tiny_bert):
+    import numpy as np
+    import torch
+
+    from oodscope.text.finetune import finetune_full
+
+    model = tiny_bert(pooling="cls")
+    tokens = np.zeros((6, 2, 5), np.int64)
+    tokens[:, 0, :3], tokens[:, 1, :3] = [1, 7, 2], 1
+    state = torch.random.get_rng_state()
+    finetune_full(model, tokens, np.array([0, 1, 2, 0, 1, 2]), epochs=1, batch_size=3)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -102,6 +102,18 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int, ste
     return model
 
 
+def _own_rng(function):
+    """Run ``function`` inside a fork of torch's global RNG: it seeds that RNG (head init, dropout masks, restored
+    on resume) for reproducibility, and the caller's RNG state is what it was afterwards."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return function(*args, **kwargs)
+    return wrapper
+
+
 def _reset_head(model: nn.Module, seed: int, train_encoder: bool) -> None:
     """Seed torch, give the head a fresh Xavier-normal weight and zero bias, and (un)freeze the encoder."""
     torch.manual_seed(int(seed))
@@ -112,6 +124,7 @@ def _reset_head(model: nn.Module, seed: int, train_encoder: bool) -> None:
         p.requires_grad_(train_encoder)
 
 
+@_own_rng
 def finetune_full(model: nn.Module, tokens: np.ndarray, labels: np.ndarray, epochs: int = 10, lr: float = 2e-5,
                   head_lr: float | None = None, batch_size: int = 32, seed: int = 0, dropout: bool = True,
                   checkpoint: str | Path | None = None, every: int = 25,
@@ -204,6 +217,7 @@ def cls_top(model: nn.Module, states: torch.Tensor, mask: torch.Tensor) -> torch
     return _cls_block(block, states[:, 0], kv, extended_mask(mask, states.dtype), 0)
 
 
+@_own_rng
 def finetune_last_cls(model: nn.Module, chunks: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]],
                       labels: np.ndarray, epochs: int = 3, lr: float = 1e-4, head_lr: float = 1e-3,
                       batch_size: int = 32, seed: int = 0, checkpoint: str | Path | None = None, every: int = 50,
