@@ -24,36 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-import oodscope
 from oodscope.data.spec import load_benchmark_dir
 from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
+from oodscope.commands.train_bench import summary_columns
 from oodscope.results_io import format_table
-from oodscope.training import augment, finetune
+from oodscope.training import augment
+from oodscope.training.compare import DETECTORS, compare, evaluate_model, summarise
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
 METHODS = ("cross_entropy", "oe", "energy_oe", "logitnorm", "mixoe")
-DETECTORS = ("msp", "energy", "knn")
-
-
-def subsample(split, n: int, seed: int = 0):
-    if n <= 0 or len(split.inputs) <= n:
-        return split.inputs, split.labels
-    pick = np.sort(np.random.default_rng(seed).choice(len(split.inputs), n, replace=False))
-    return split.inputs[pick], None if split.labels is None else split.labels[pick]
-
-
-def evaluate(model, preprocess, bench, per_set: int, cache_dir: Path) -> dict:
-    options = dict(preprocess=preprocess, cache_dir=cache_dir, progress=False, batch_size=500)
-    train = oodscope.extract(model, (bench.train.inputs, bench.train.labels), name="train", **options)
-    test = oodscope.extract(model, subsample(bench.test, per_set), name="test", **options)
-    row = {"id_accuracy": float(100 * np.mean(test.logits.argmax(1) == test.labels))}
-    outputs = {group: {name: oodscope.extract(model, subsample(split, per_set)[0], name=name, **options)
-                       for name, split in sets.items()} for group, sets in bench.ood.items()}
-    results = oodscope.evaluate(list(DETECTORS), test, outputs, train=train)
-    for r in results.group_means():
-        row[f"{r['detector']} {r['group']} auroc"] = r["auroc"]
-        row[f"{r['detector']} {r['group']} fpr95"] = r["fpr95"]
-    return row
 
 
 def bare_loop_images_per_second(model, preprocess, images, outliers, steps: int, seed: int = 0) -> float:
@@ -98,41 +77,26 @@ def main() -> None:
     preprocess = cifar_preprocess("cifar10_resnet20")
     base = load_cifar_resnet("cifar10_resnet20", BENCH / "models" / "cifar10_resnet20.pth")
     cache = Path(args.cache_dir)
-    rows = [{"method": "pretrained (no fine-tuning)", "seed": "-", **evaluate(base, preprocess, bench, args.per_set,
-                                                                             cache)}]
-    print(format_table(rows[-1:], [("method", "method", "")] + [(k, k, ".2f") for k in rows[-1] if k not in
-                                                                 ("method", "seed")]))
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for method in args.methods.split(","):
-            objective = oodscope.create(method)
-            uses_outliers = oodscope.extraction.Need.OUTLIERS in objective.needs
-            model, history = finetune(base, (bench.train.inputs, bench.train.labels), objective,
-                                      outliers if uses_outliers else None, epochs=args.epochs,
-                                      max_steps=args.max_steps, seed=seed, preprocess=preprocess,
-                                      checkpoint_dir=cache / f"{method}-seed{seed}-{args.epochs}x{args.max_steps}",
-                                      progress=False)
-            row = {"method": method, "seed": seed, "own score": objective.score, "train_s": sum(history.seconds),
-                   "img_per_s": history.images_per_second,
-                   **evaluate(model, preprocess, bench, args.per_set, cache)}
-            rows.append(row)
-            print(format_table([row], [(k, k, ".2f" if isinstance(v, float) else "") for k, v in row.items()]),
-                  flush=True)
-    steps = min(args.max_steps, 10)
-    bare = bare_loop_images_per_second(base, preprocess, (bench.train.inputs, bench.train.labels), outliers, steps)
-    engine = [r["img_per_s"] for r in rows if r.get("method") == "oe"]
+    pretrained = {"method": "pretrained (no fine-tuning)", "seeds": 1,
+                  **evaluate_model(base, preprocess, bench, per_set=args.per_set, cache_dir=cache)}
+    rows = compare(base, preprocess, bench, args.methods.split(","), outliers,
+                   seeds=[int(s) for s in args.seeds.split(",")], per_set=args.per_set, cache_dir=cache,
+                   checkpoint_dir=cache / f"{args.epochs}x{args.max_steps}", log=lambda r: print(r, flush=True),
+                   epochs=args.epochs, max_steps=args.max_steps, progress=False)
+    bare = bare_loop_images_per_second(base, preprocess, (bench.train.inputs, bench.train.labels), outliers,
+                                       min(args.max_steps, 10))
+    engine = [r["img_per_s"] for r in rows if r["method"] == "oe"]
     ratio = {"bare_loop_img_per_s": bare, "engine_img_per_s_oe": engine[0] if engine else None,
              "ratio": engine[0] / bare if engine else None}
-    print(f"throughput (OE steps): engine {ratio['engine_img_per_s_oe']} img/s, bare loop {bare:.1f} img/s, "
-          f"ratio {ratio['ratio']}")
+    print(f"throughput (OE steps): {ratio}")
+    summary = summarise(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "throughput": ratio}, indent=1) + "\n")
-    columns = [("method", "method", ""), ("seed", "seed", ""), ("ID acc", "id_accuracy", ".2f")]
-    for detector in DETECTORS:
-        for group in ("near", "far"):
-            columns.append((f"{detector} {group}\nAUROC", f"{detector} {group} auroc", ".2f"))
-            columns.append((f"{detector} {group}\nFPR95", f"{detector} {group} fpr95", ".2f"))
-    print(format_table(rows, columns))
+    out.write_text(json.dumps({"args": vars(args), "pretrained": pretrained, "rows": rows, "summary": summary,
+                               "throughput": ratio}, indent=1) + "\n")
+    no_std = {k: v for k, v in pretrained.items()} | {f"{k}_std": 0.0 for k, v in pretrained.items()
+                                                      if isinstance(v, float)}
+    print(format_table([no_std] + summary, summary_columns(list(DETECTORS), list(bench.ood))))
 
 
 if __name__ == "__main__":

@@ -275,3 +275,35 @@ def test_train_cli_fine_tunes_writes_weights_and_bench_results(tmp_path, capsys)
     assert "needs --outliers" in capsys.readouterr().err
     assert main(args[:8] + ["--method", "msp", "--out", str(tmp_path / "x")]) == 2
     assert "not a training objective" in capsys.readouterr().err
+
+
+def test_train_bench_compares_methods_with_the_control(tmp_path, capsys):
+    from test_bench import _write_bench
+
+    from oodscope.cli import main
+    from oodscope.models.cifar_resnet import build_cifar_resnet
+    from oodscope.results_io import read_results
+
+    bench = _write_bench(tmp_path / "bench", np.random.default_rng(0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        weights = tmp_path / "r20.pth"
+        torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), weights)
+    outliers = tmp_path / "aux.npz"
+    np.savez(outliers, images=np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    args = ["train-bench", str(bench), "--model", "cifar10_resnet20", "--weights", str(weights), "--methods",
+            "oe,logitnorm", "--outliers", str(outliers), "--epochs", "1", "--max-steps", "1", "--train-batch-size",
+            "8", "--seeds", "0,1", "--detectors", "msp,energy", "--groups", "near,far",
+            "--cache-dir", str(tmp_path / "cache"), "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "cross_entropy" in table and "oe" in table and "±" in table
+    meta, rows = read_results(out / "results.json")
+    _, summary = read_results(out / "results.json", table="summary")
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for s in (0, 1) for m in ("cross_entropy", "oe",
+                                                                                          "logitnorm")]
+    assert [s["method"] for s in summary] == ["cross_entropy", "oe", "logitnorm"] and summary[0]["seeds"] == 2
+    oe = [r["msp near auroc"] for r in rows if r["method"] == "oe"]
+    assert summary[1]["msp near auroc"] == pytest.approx(np.mean(oe))
+    assert summary[1]["msp near auroc_std"] == pytest.approx(np.std(oe))
