@@ -243,21 +243,28 @@ def test_the_fine_tuned_model_goes_back_through_extract_with_a_new_cache_key(tmp
 
 
 # -- the CLI: fine-tune a benchmark's model, then benchmark it --------------------------------------------------
-def test_train_cli_fine_tunes_writes_weights_and_bench_results(tmp_path, capsys):
+from oodscope.cli import main  # noqa: E402
+from oodscope.results_io import read_results  # noqa: E402
+
+@pytest.fixture
+def tiny_cli_bench(tmp_path):
+    """A tiny benchmark folder, random ResNet-20 weights and 64 random outlier images."""
     from test_bench import _write_bench
 
-    from oodscope.cli import main
     from oodscope.models.cifar_resnet import build_cifar_resnet
-    from oodscope.results_io import read_results
 
     bench = _write_bench(tmp_path / "bench", np.random.default_rng(0))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         weights = tmp_path / "r20.pth"
         torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), weights)
-    rng = np.random.default_rng(1)
     outliers = tmp_path / "aux.npz"
-    np.savez(outliers, images=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+    np.savez(outliers, images=np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+    return bench, weights, outliers
+
+
+def test_train_cli_fine_tunes_writes_weights_and_bench_results(tmp_path, capsys, tiny_cli_bench):
+    bench, weights, outliers = tiny_cli_bench
     out = tmp_path / "out"
     args = ["train", str(bench), "--model", "cifar10_resnet20", "--weights", str(weights), "--method", "oe",
             "--outliers", str(outliers), "--epochs", "1", "--max-steps", "2", "--train-batch-size", "8",
@@ -277,20 +284,8 @@ def test_train_cli_fine_tunes_writes_weights_and_bench_results(tmp_path, capsys)
     assert "not a training objective" in capsys.readouterr().err
 
 
-def test_train_bench_compares_methods_with_the_control(tmp_path, capsys):
-    from test_bench import _write_bench
-
-    from oodscope.cli import main
-    from oodscope.models.cifar_resnet import build_cifar_resnet
-    from oodscope.results_io import read_results
-
-    bench = _write_bench(tmp_path / "bench", np.random.default_rng(0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        weights = tmp_path / "r20.pth"
-        torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), weights)
-    outliers = tmp_path / "aux.npz"
-    np.savez(outliers, images=np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8))
+def test_train_bench_compares_methods_with_the_control(tmp_path, capsys, tiny_cli_bench):
+    bench, weights, outliers = tiny_cli_bench
     out = tmp_path / "out"
     args = ["train-bench", str(bench), "--model", "cifar10_resnet20", "--weights", str(weights), "--methods",
             "oe,logitnorm", "--outliers", str(outliers), "--epochs", "1", "--max-steps", "1", "--train-batch-size",
