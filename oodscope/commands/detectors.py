@@ -52,5 +52,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'name':<{widths[0]}}  {'family':<{widths[1]}}  {'needs':<{widths[2]}}  paper")
     for name, family, needs, cited in table:
         print(f"{name:<{widths[0]}}  {family:<{widths[1]}}  {needs:<{widths[2]}}  {cited}")
-    print(f"{len(table)} detectors" + (f" in family {args.family!r}" if args.family else ""))
+    counts = {family: sum(row[1] == family for row in table) for family in dict.fromkeys(row[1] for row in table)}
+    print(f"{len(table)} registered: " + ", ".join(f"{n} {family}" for family, n in counts.items()))
     return 0
