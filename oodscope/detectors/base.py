@@ -259,8 +259,7 @@ class Detector(BaseEstimator):
             reference = getattr(self, "input_range_", {}).get(part)
             if reference is None or values.dtype.kind not in "fc" or values.size == 0:
                 continue
-            rows = np.abs(values.reshape(len(values), -1)).max(axis=1)
-            count = int((rows > SATURATION * max(reference, 1e-12)).sum())
+            count = int((_row_max_abs(values) > SATURATION * max(reference, 1e-12)).sum())
             if count:
                 warnings.warn(f"{self.name}: {count} of {len(values)} rows of {part} of {data.name!r} exceed the "
                               f"training data's magnitude ({reference:.3g}) more than {SATURATION:.0e} times; their "
@@ -316,10 +315,17 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else f"<{type(value).__name__}>"
 
 
+def _row_max_abs(values: np.ndarray, elements: int = 1 << 24) -> np.ndarray:
+    """``max |x|`` of every row, in row blocks of about ``elements`` values (no full-size copy of a large bank)."""
+    flat = values.reshape(len(values), -1)
+    rows = max(1, elements // max(1, flat.shape[1]))
+    return np.concatenate([np.abs(flat[start:start + rows]).max(axis=1) for start in range(0, len(flat), rows)])
+
+
 def _max_abs(values: np.ndarray) -> float | None:
     if values.dtype.kind not in "fciu" or values.size == 0:
         return None
-    return float(np.abs(values).max())
+    return float(_row_max_abs(values).max())
 
 
 def _rows_identical(values: np.ndarray, block: int = 1024) -> bool:
