@@ -103,11 +103,7 @@ class Detector(BaseEstimator):
     @property
     def label(self) -> str:
         """The name plus every non-default parameter, e.g. ``knn_distance(k=1)``: unique per configuration."""
-        defaults = type(self)().get_params(deep=False) if _constructible(type(self)) else {}
-        changed = {k: v for k, v in self.get_params(deep=False).items()
-                   if k not in defaults or not _same(v, defaults[k])}
-        name = self.name or type(self).__name__
-        return name + ("(" + ", ".join(f"{k}={_short(v)}" for k, v in changed.items()) + ")" if changed else "")
+        return configuration_label(self)
 
     # -- the contract ------------------------------------------------------------------------------------
     def fit(self, train: Outputs | np.ndarray, y: np.ndarray | None = None, *, val: Outputs | np.ndarray | None = None,
@@ -291,12 +287,15 @@ class Detector(BaseEstimator):
         return save(self, path)
 
 
-def _constructible(cls: type) -> bool:
-    try:
-        cls()
-        return True
-    except Exception:  # a detector with required parameters has no defaults to compare with
-        return False
+def configuration_label(estimator: BaseEstimator) -> str:
+    """``name(param=value, ...)`` with the parameters that differ from the ``__init__`` defaults."""
+    import inspect
+
+    signature = inspect.signature(type(estimator).__init__).parameters
+    changed = {k: v for k, v in estimator.get_params(deep=False).items()
+               if k not in signature or not _same(v, signature[k].default)}
+    name = getattr(estimator, "name", "") or type(estimator).__name__
+    return name + ("(" + ", ".join(f"{k}={_short(v)}" for k, v in changed.items()) + ")" if changed else "")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -216,7 +217,7 @@ def finetune(model, train: Any, objective: Objective | str, outliers: Any = None
             model.train()
             sums: dict[str, float] = {}
             steps, seen = 0, 0
-            started = _now()
+            started = time.perf_counter()
             bar = tqdm(loader, total=steps_per_epoch, desc=f"{objective.name} epoch {epoch + 1}/{epochs}",
                        disable=not progress, leave=False)
             for step, (x, y) in enumerate(bar):
@@ -252,7 +253,7 @@ def finetune(model, train: Any, objective: Objective | str, outliers: Any = None
                     sums[key] = sums.get(key, 0.0) + value
                 bar.set_postfix({k: f"{v / steps:.4f}" for k, v in sums.items()})
             history.epochs.append({k: v / max(steps, 1) for k, v in sums.items()})
-            history.seconds.append(_now() - started)
+            history.seconds.append(time.perf_counter() - started)
             history.images += seen
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,8 +288,3 @@ def _resume(path: Path, identity: dict, model, optimiser, scheduler, generators,
     history.epochs, history.seconds, history.images = past["epochs"], past["seconds"], past["images"]
     return int(state["epoch"])
 
-
-def _now() -> float:
-    import time
-
-    return time.perf_counter()

@@ -43,9 +43,9 @@ class Objective(BaseEstimator):
     @property
     def label(self) -> str:
         """The name plus every non-default parameter, e.g. ``oe(lam=1.0)``."""
-        defaults = type(self)().get_params(deep=False)
-        changed = {k: v for k, v in self.get_params(deep=False).items() if v != defaults.get(k)}
-        return self.name + ("(" + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + ")" if changed else "")
+        from ..detectors.base import configuration_label
+
+        return configuration_label(self)
 
     def check_params(self) -> None:
         """Validate hyperparameters before any training step; subclasses raise ``ValueError`` naming the fix."""
