@@ -17,6 +17,7 @@ ADBench's exact splits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -85,11 +86,100 @@ def load_wine() -> TabularDataset:
 
 
 DATASETS = {"wdbc": load_wdbc, "wine": load_wine}
+FILE_SUFFIXES = (".npz", ".csv", ".parquet")
 
 
-def load(name: str) -> TabularDataset:
-    """A built-in ADBench data set by name (``wdbc`` or ``wine``)."""
+def _checked(name: str, X: np.ndarray, y: np.ndarray, source: str) -> TabularDataset:
+    """A data set from a file's ``X`` and ``y``, refusing what would give silent wrong numbers."""
+    if X.dtype.kind not in "biuf":
+        raise ValueError(f"{source}: X must be numeric, got dtype {X.dtype}")
+    if X.ndim != 2 or len(X) == 0 or X.shape[1] == 0:
+        raise ValueError(f"{source}: X must be a non-empty (rows, features) table, got shape {X.shape}")
+    X = X.astype(np.float64)
+    if not np.isfinite(X).all():
+        raise ValueError(f"{source}: X has {int((~np.isfinite(X)).sum())} NaN/inf values; impute or drop them first")
+    if y.shape != (len(X),):
+        raise ValueError(f"{source}: need one label per row, got y of shape {y.shape} for {len(X)} rows")
+    values = set(np.unique(y).tolist())
+    if not values <= {0, 1}:
+        raise ValueError(f"{source}: labels must be 0 (normal) and 1 (anomaly), got {sorted(values)[:6]}")
+    if values != {0, 1}:
+        raise ValueError(f"{source}: needs both normal (0) and anomalous (1) rows to be scored, got only {values}")
+    return TabularDataset(name, X, y.astype(np.int64))
+
+
+def load_npz(path: str | Path) -> TabularDataset:
+    """An ADBench-format ``.npz`` (arrays ``X`` and ``y``, 1 = anomaly), read with ``allow_pickle=False``."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not {"X", "y"} <= set(data.files):
+                raise ValueError(f"{path}: an ADBench .npz holds arrays 'X' and 'y'; this one has {data.files}")
+            X, y = data["X"], data["y"]
+    except ValueError as error:
+        if "pickle" in str(error).lower():
+            raise ValueError(f"{path}: not a plain numeric .npz (numpy reads it as pickled data, which oodscope "
+                             "does not load); save X and y as numeric arrays with numpy.savez") from None
+        raise
+    except (OSError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+    return _checked(path.stem, X, y, str(path))
+
+
+def load_table(path: str | Path, label_column: str = "y") -> TabularDataset:
+    """A CSV or Parquet table: every column but ``label_column`` (0 normal, 1 anomaly) is a feature."""
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except ImportError as error:
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow): {error}") from None
+    except Exception as error:  # noqa: BLE001 - pandas raises many types for a bad file; name the file
+        raise ValueError(f"{path}: cannot read as {path.suffix[1:]} ({type(error).__name__}: {error})") from None
+    if label_column not in frame.columns:
+        raise ValueError(f"{path}: no label column {label_column!r}; columns are {list(frame.columns)[:10]} "
+                         "(choose one with --label-column)")
+    features = frame.drop(columns=[label_column])
+    text = [c for c in features.columns if features[c].dtype.kind not in "biuf"]
+    if text:
+        raise ValueError(f"{path}: non-numeric feature columns {text[:5]}; encode them first")
+    return _checked(path.stem, features.to_numpy(), frame[label_column].to_numpy(), str(path))
+
+
+def load(name: str, label_column: str = "y") -> TabularDataset:
+    """One data set: a built-in by name (``wdbc``, ``wine``) or a ``.npz``/``.csv``/``.parquet`` file."""
     key = name.lower()
-    if key not in DATASETS:
-        raise ValueError(f"unknown ADBench dataset {name!r}; built in: {sorted(DATASETS)}")
-    return DATASETS[key]()
+    if key in DATASETS:
+        return DATASETS[key]()
+    path = Path(name)
+    if path.suffix in FILE_SUFFIXES:
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file")
+        return load_npz(path) if path.suffix == ".npz" else load_table(path, label_column)
+    raise ValueError(f"unknown ADBench dataset {name!r}; built in: {sorted(DATASETS)}, or a path to a "
+                     f"{'/'.join(FILE_SUFFIXES)} file or a folder of them")
+
+
+def load_all(names: str, label_column: str = "y") -> list[TabularDataset]:
+    """The data sets of a comma-separated list of built-in names, files and folders (a folder: its
+    ``.npz``/``.csv``/``.parquet`` files sorted by name). Two data sets with the same name are refused."""
+    datasets = []
+    for name in (n.strip() for n in names.split(",")):
+        if not name:
+            continue
+        path = Path(name)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES)
+            if not files:
+                raise ValueError(f"{path}: no {'/'.join(FILE_SUFFIXES)} files in this folder")
+            datasets += [load(str(f), label_column) for f in files]
+        else:
+            datasets.append(load(name, label_column))
+    names_seen = [d.name for d in datasets]
+    twice = sorted({n for n in names_seen if names_seen.count(n) > 1})
+    if twice:
+        raise ValueError(f"data sets named twice: {twice}; rename the files")
+    if not datasets:
+        raise ValueError("no data sets given")
+    return datasets

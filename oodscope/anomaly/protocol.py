@@ -8,14 +8,15 @@
 * ``dte-unsup`` (unsupervised): standardise the whole data set, fit on a bootstrap resample of it (with
   replacement, same size), test on the whole data set.
 
-The DTE code (inherited from ADBench's data generator) first resamples data sets with fewer than 1000 rows to 1000
-rows with replacement; ``resample_to=1000`` reproduces that (duplicates then appear in train and test) and the
-draws follow the DTE code exactly: ``RandomState(seed)`` on the rows in ADBench's file order
-(:func:`~oodscope.anomaly.datasets.adbench_order`), ``choice`` for the resample, the first half of the normal rows
-of the resampled set as training rows (semi), or the data generator's draw of zero labelled anomalies (a
-permutation of the anomaly indices) followed by the bootstrap ``choice`` (unsup), so the splits are the authors' own.
-The default ``resample_to=None`` keeps the data set as it is; the semi-supervised half is then a seeded random
-permutation of the normal rows (the DTE code's first half would not depend on the seed without the resample).
+``resample_to=1000`` is the **DTE-exact** mode: the draws follow the DTE code (inherited from ADBench's data
+generator) exactly, on the rows in the file's order (:func:`~oodscope.anomaly.datasets.adbench_order`) with
+``RandomState(seed)``: data sets with fewer than 1000 rows are resampled to 1000 with replacement (duplicates then
+appear in train and test); data sets above 50,000 rows are subsampled to 50,000 without replacement (``run.py``'s
+``max_size``; re-seeded first, as the generator does); the semi-supervised training rows are the **first** half of
+the normal rows in that order (so, without a resample, the same rows for every seed); the unsupervised setting draws
+the generator's zero labelled anomalies (a permutation of the anomaly indices) and then the bootstrap ``choice``.
+These are the authors' own splits for every data set. The default ``resample_to=None`` keeps the data set as it is
+and takes a seeded random permutation of the normal rows for the semi-supervised half.
 
 ``adbench`` (Han et al., "ADBench", NeurIPS 2022): a 70/30 stratified train/test split, min-max scaling fitted on
 the training part, fit on the whole training part (unlabelled, anomalies included), seeds ``1..3``. ADBench's
@@ -32,11 +33,13 @@ AUPR with anomalies positive (``aupr_out``) are the numbers ADBench reports.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..detectors.base import SaturationWarning
 from .datasets import TabularDataset
 
 PROTOCOLS = {"dte": ("dte-semi", "dte-unsup"), "adbench": ("adbench",)}
@@ -81,20 +84,41 @@ def splits(data: TabularDataset, protocol: str, seeds: Iterable[int] | None = No
             yield _dte_split(data, setting, seed, resample_to)
 
 
+DTE_MAX_ROWS = 50_000  # the DTE run.py's generator(max_size=50000)
+ADBENCH_MAX_ROWS = 10_000  # ADBench's generator default max_size
+
+
+def _exact_rows(X: np.ndarray, y: np.ndarray, seed: int, resample_to: int, max_rows: int):
+    """The data generator's row draws (ADBench's ``DataGenerator.generator``, also the DTE code's): with numpy's
+    global state seeded, resample a data set below ``resample_to`` rows to that many with replacement; re-seed and
+    subsample one above ``max_rows`` to that many without replacement. Returns ``(X, y, state, resampled)``; later
+    draws continue from ``state``."""
+    state = np.random.RandomState(seed)
+    resampled = len(y) < resample_to
+    if resampled:
+        pick = state.choice(np.arange(len(y)), resample_to, replace=True)
+        X, y = X[pick], y[pick]
+    if len(y) > max_rows:
+        state = np.random.RandomState(seed)  # the generator calls set_seed(seed) again before subsampling
+        pick = state.choice(np.arange(len(y)), max_rows, replace=False)
+        X, y = X[pick], y[pick]
+    return X, y, state, resampled
+
+
 def _dte_split(data: TabularDataset, setting: str, seed: int, resample_to: int | None) -> Split:
-    """The DTE code's split: file row order, optional resample, then the semi half or the unsup bootstrap."""
+    """The DTE code's split: file row order; with ``resample_to`` its exact draws (resample, subsample, the *first*
+    half of the normal rows); without, a seeded permutation of the normal rows."""
     from .datasets import adbench_order
 
     order = adbench_order(data)
     X, y = data.X[order], data.y[order]
-    state = np.random.RandomState(seed)  # the DTE/ADBench data generator seeds numpy's global state
-    resampled = resample_to is not None and len(X) < resample_to
-    if resampled:
-        pick = state.choice(np.arange(len(y)), resample_to, replace=True)
-        X, y = X[pick], y[pick]
+    if resample_to is None:
+        state = np.random.RandomState(seed)
+    else:
+        X, y, state, _ = _exact_rows(X, y, seed, resample_to, DTE_MAX_ROWS)
     if setting == "dte-semi":
         normal = np.flatnonzero(y == 0)
-        if not resampled:
+        if resample_to is None:
             normal = state.permutation(normal)
         n_train = round(0.5 * len(normal))  # Python's round, as the DTE code
         test = np.concatenate([normal[n_train:], np.flatnonzero(y == 1)])
@@ -107,17 +131,18 @@ def _dte_split(data: TabularDataset, setting: str, seed: int, resample_to: int |
 
 
 def _adbench_split(data: TabularDataset, seed: int, resample_to: int | None) -> Split:
-    """ADBench's split: file row order, optional resample to ``resample_to`` rows, stratified 70/30, min-max."""
+    """ADBench's split: file row order, with ``resample_to`` its exact draws (resample, subsample to 10,000 rows),
+    stratified 70/30, min-max."""
     from sklearn.model_selection import train_test_split
 
     from .datasets import adbench_order
 
     order = adbench_order(data)
     X, y = data.X[order], data.y[order]
-    state = np.random.RandomState(seed)  # ADBench seeds numpy's global state and draws both steps from it
-    if resample_to is not None and len(X) < resample_to:
-        pick = state.choice(np.arange(len(y)), resample_to, replace=True)
-        X, y = X[pick], y[pick]
+    if resample_to is None:
+        state = np.random.RandomState(seed)  # ADBench seeds numpy's global state and draws both steps from it
+    else:
+        X, y, state, _ = _exact_rows(X, y, seed, resample_to, ADBENCH_MAX_ROWS)
     train, test = train_test_split(np.arange(len(y)), test_size=0.3, shuffle=True, stratify=y, random_state=state)
     train_x, test_x = _min_max(X[train], X[test])
     return Split(data.name, "adbench", seed, train_x, test_x, y[test])
@@ -146,6 +171,7 @@ def run_protocol(detectors: Sequence[str], datasets: Sequence[TabularDataset], p
     for data in datasets:
         for split in splits(data, protocol, seeds, resample_to):
             normal, anomalous = split.y_test == 0, split.y_test == 1
+            saturated: set[str] = set()
             for name in detectors:
                 options = dict(params.get(name, {}))
                 start = time.perf_counter()
@@ -153,7 +179,14 @@ def run_protocol(detectors: Sequence[str], datasets: Sequence[TabularDataset], p
                 if "seed" not in options:
                     detector.with_seed(split.seed)
                 detector.fit(split.X_train)
-                scores = detector.score(split.X_test)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", SaturationWarning)
+                    scores = detector.score(split.X_test)
+                for warning in caught:
+                    if issubclass(warning.category, SaturationWarning):
+                        saturated.add(name)
+                    else:
+                        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
                 seconds[name] += time.perf_counter() - start
                 values = ood_metrics(scores[normal], scores[anomalous])
                 records.append({"detector": name, "dataset": split.dataset, "group": split.setting,
@@ -161,6 +194,11 @@ def run_protocol(detectors: Sequence[str], datasets: Sequence[TabularDataset], p
                 if log is not None:
                     log(f"{split.dataset:<8}{split.setting:<11}seed {split.seed}  {name:<16}"
                         f"AUROC {records[-1]['auroc']:6.2f}")
+            if saturated:  # one line per split, not one per detector: the rows are the data's, not the method's
+                warnings.warn(f"{split.dataset} {split.setting} seed {split.seed}: some test rows exceed the training "
+                              "rows' magnitude more than 1e6 times after scaling (a feature almost constant in the "
+                              f"training rows); {', '.join(sorted(saturated))} saturate on them", SaturationWarning,
+                              stacklevel=2)
     return records, seconds
 
 
