@@ -32,7 +32,7 @@ from oodscope.training import augment
 from oodscope.training.compare import DETECTORS, compare, evaluate_model, summarise
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
-METHODS = ("cross_entropy", "oe", "energy_oe", "logitnorm", "mixoe")
+METHODS = ("cross_entropy", "oe", "energy_oe", "logitnorm", "mixoe", "dos", "mos", "abet", "ish")
 
 
 def bare_loop_images_per_second(model, preprocess, images, outliers, steps: int, seed: int = 0) -> float:

@@ -127,6 +127,30 @@ def gaussian_outputs() -> tuple[Any, Any]:
 
 
 @lru_cache(maxsize=None)
+def probability_layer_outputs() -> tuple[Any, Any]:
+    """The Gaussian case plus the probability layers that the DOS / MOS heads record: ``fc.absent_probability``
+    (``N x 1``) and ``fc.others_probability`` (``N x 2`` groups); the planted outliers get high ones."""
+    from oodscope import Outputs
+
+    base_train, base_test = gaussian_outputs()
+    rng = np.random.default_rng(4)
+
+    def layers(n, outliers):
+        absent = rng.uniform(0.0, 0.2, (n, 1))
+        others = rng.uniform(0.0, 0.3, (n, 2))
+        others[np.arange(n), rng.integers(0, 2, n)] = rng.uniform(0.9, 1.0, n)  # the group that does not claim it
+        absent[n - outliers:] = rng.uniform(0.7, 1.0, (outliers, 1))
+        others[n - outliers:] = rng.uniform(0.8, 1.0, (outliers, 2))
+        return {"fc.absent_probability": absent, "fc.others_probability": others}
+
+    train = Outputs(logits=base_train.logits, features=base_train.features, labels=base_train.labels,
+                    head=base_train.head, layers=layers(len(base_train), 0), name="train")
+    test = Outputs(logits=base_test.logits, features=base_test.features, head=base_test.head,
+                   layers=layers(len(base_test), N_OUTLIERS), name="test")
+    return train, test
+
+
+@lru_cache(maxsize=None)
 def tabular_data() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(2)
     train = rng.normal(size=(120, 5))
@@ -220,6 +244,7 @@ TINY: dict[str, dict[str, Any]] = {
     "nsa": {"input_size": 48, "steps": 3, "batch_size": 4, "decoder_width": 8},
 }
 TEXT = {"blood", "ahm"}
+PROBABILITY_LAYERS = {"absent_class", "min_others"}  # read a probability layer of a training objective's head
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
 
 
@@ -230,6 +255,8 @@ def data_for(name: str) -> tuple[Any, Any]:
         return images()
     if name in TEXT:
         return text_outputs()
+    if name in PROBABILITY_LAYERS:
+        return probability_layer_outputs()
     if family == "anomaly":
         return tabular_data()
     if cls.needs & {Need.MODEL, Need.LAYERS}:

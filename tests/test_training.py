@@ -302,3 +302,196 @@ def test_train_bench_compares_methods_with_the_control(tmp_path, capsys, tiny_cl
     oe = [r["msp near auroc"] for r in rows if r["method"] == "oe"]
     assert summary[1]["msp near auroc"] == pytest.approx(np.mean(oe))
     assert summary[1]["msp near auroc_std"] == pytest.approx(np.std(oe))
+
+
+# -- objectives that change the network: DOS, MOS, AbeT, ISH ---------------------------------------------------
+def _auroc(scores_in, scores_out):
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(np.r_[np.zeros(len(scores_in)), np.ones(len(scores_out))], np.r_[scores_in, scores_out])
+
+
+def _own_scores(objective, model, x, y, test_out):
+    """The objective's own detector fitted on the ID rows and scored on ID and outlier rows, via extract."""
+    detector = objective.score_detector()
+    options = dict(use_cache=False, progress=False, layers=detector.layer_names())
+    detector.fit(oodscope.extract(model, (x, y), **options))
+    return (detector.score(oodscope.extract(model, x, **options)),
+            detector.score(oodscope.extract(model, test_out, **options)))
+
+
+def test_dos_loss_hand_computed():
+    joint = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.5, 1.5, 0.0, -2.0]])  # K = 3 classes + the absent class
+    outlier = torch.tensor([[0.0, 0.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    rows = joint.tolist()
+    ce = _ce(rows, [0, 1])
+    absent = np.mean([_lse(r) - r[3] for r in outlier.tolist()])
+    total, terms = oodscope.create("dos", beta=2.0).loss(joint, LABELS, outlier)
+    assert terms["ce"] == pytest.approx(ce) and terms["absent"] == pytest.approx(absent)
+    assert float(total) == pytest.approx(ce + 2.0 * absent)
+
+
+def test_dos_selection_takes_the_most_id_like_outlier_of_each_cluster():
+    from oodscope.training.objectives.dos import diverse_selection
+
+    # three tight clusters in feature direction (at any length: features are L2-normalised first)
+    directions = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    features = np.repeat(directions, 4, axis=0) * np.tile([1.0, 2.0, 5.0, 9.0], 3)[:, None]
+    features += 1e-3 * np.random.default_rng(0).normal(size=features.shape)
+    absent = np.array([0.9, 0.2, 0.5, 0.7, 0.3, 0.8, 0.1, 0.95, 0.6, 0.6, 0.4, 0.05])
+    assert diverse_selection(features, absent, 3, seed=0).tolist() == [1, 6, 11]  # argmin of each block of 4
+
+
+def test_dos_learns_an_absent_class_that_flags_outliers():
+    x, y, outliers = _toy()
+    _, _, test_out = _toy(seed=1)
+    control, _ = finetune(_mlp(), (x, y), "cross_entropy", **TOY)
+    objective = oodscope.create("dos")
+    model, history = finetune(_mlp(), (x, y), objective, outliers=outliers, **TOY)
+    assert (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean() > 0.95  # K logits, the ID task kept
+    assert model(torch.from_numpy(x)).shape == (len(x), 3)
+    s_in, s_out = _own_scores(objective, model, x, y, test_out)
+    assert np.median(s_in) < 0.1 and np.median(s_out) > 0.9  # p_(K+1): absent-class probability
+    assert _auroc(s_in, s_out) > 0.95 > _auroc(-_msp(control, x), -_msp(control, test_out)) + 0.3
+    assert history.epochs[-1]["absent"] < history.epochs[0]["absent"]
+
+
+def test_mos_head_loss_prediction_and_others_score_hand_computed():
+    from oodscope.training.heads import group_softmax_head
+
+    groups = np.array([0, 0, 1])  # group 0: classes 0, 1 (+ others); group 1: class 2 (+ others)
+    linear = nn.Linear(2, 3)
+    head = group_softmax_head(linear, groups)
+    with torch.no_grad():
+        head.groups.weight.copy_(torch.tensor([[0.1, 0.0], [1.0, 0.0], [0.0, 1.0], [0.3, 0.3], [-1.0, 2.0]]))
+        head.groups.bias.copy_(torch.tensor([0.0, 0.5, -0.5, 0.2, 0.0]))
+    x = torch.tensor([[2.0, 1.0], [-1.0, 3.0]])
+    z = (x @ head.groups.weight.T + head.groups.bias).tolist()  # columns: [o0, c0, c1 | o1, c2]
+    g0 = [[v - _lse(r[:3]) for v in r[:3]] for r in z]
+    g1 = [[v - _lse(r[3:]) for v in r[3:]] for r in z]
+    objective = oodscope.create("mos", groups=(0, 0, 1))
+    objective.adapt(nn.Sequential(nn.Linear(2, 3)), 3, (None, None), None)
+    labels = torch.tensor([1, 2])  # sample 0: class 1 (group 0, column 2), sample 1: class 2 (group 1, column 1)
+    expected = -np.mean([g0[0][2] + g1[0][0], g0[1][0] + g1[1][1]])
+    head.joint = True
+    total, _ = objective.loss(head(x), labels)
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    head.deploy()
+    logits = head(x)
+    np.testing.assert_allclose(logits.detach().numpy(), [[g0[i][1], g0[i][2], g1[i][1]] for i in range(2)],
+                               rtol=1e-5, atol=1e-6)
+    seen = {}
+    head.others_probability.register_forward_hook(lambda _m, _i, out: seen.__setitem__("p", out.detach()))
+    head(x)
+    np.testing.assert_allclose(seen["p"].numpy(), np.exp([[g0[i][0], g1[i][0]] for i in range(2)]), rtol=1e-5)
+    from oodscope import Outputs
+
+    outputs = Outputs(logits=logits.detach().numpy(), layers={"fc.others_probability": seen["p"].numpy()})
+    mos = oodscope.create("min_others").fit(outputs).score(outputs)
+    np.testing.assert_allclose(mos, np.exp([min(g0[i][0], g1[i][0]) for i in range(2)]), rtol=1e-5)
+
+
+def test_mos_groups_from_k_means_on_class_means_and_bad_groups_refused():
+    from oodscope.training.objectives.mos import kmeans_groups
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[5.0, 0.1], [5.0, -0.1], [0.1, 5.0], [-0.1, 5.0], [0.0, 4.0]])
+    labels = np.repeat(np.arange(5), 20)
+    features = centres[labels] + 0.01 * rng.normal(size=(100, 2))
+    assert kmeans_groups(features, labels, 5, 2).tolist() == [0, 0, 1, 1, 1]
+    x, y, _ = _toy()
+    with pytest.raises(ValueError, match="one group per class"):
+        finetune(_mlp(), (x, y), oodscope.create("mos", groups=(0, 1)), **TOY)
+    with pytest.raises(ValueError, match="n_groups"):
+        finetune(_mlp(), (x, y), oodscope.create("mos", n_groups=3), **TOY)
+
+
+def test_mos_fine_tuning_claims_id_rows_by_their_group():
+    x, y, _ = _toy()
+    _, _, test_out = _toy(seed=1)
+    objective = oodscope.create("mos", n_groups=2)
+    model, _ = finetune(_mlp(), (x, y), objective, **TOY)
+    assert sorted(np.bincount(objective.groups_).tolist()) == [1, 2]  # k-means on the three class means
+    assert (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean() > 0.95
+    s_in, _ = _own_scores(objective, model, x, y, test_out)
+    assert np.median(s_in) < 0.05  # every ID row is claimed by its group: a small minimum others probability
+
+
+def test_abet_head_and_ablated_energy_hand_computed():
+    from oodscope.training.heads import learned_temperature_head
+
+    linear = nn.Linear(2, 3)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, -1.0]]))
+    head = learned_temperature_head(linear).eval()
+    with torch.no_grad():
+        head.temperature_logit.weight.copy_(torch.tensor([[0.5, -0.5]]))
+        head.temperature_logit.bias.fill_(0.1)
+    x = torch.tensor([[3.0, 4.0]])
+    t = 1 / (1 + math.exp(-(0.5 * 3 - 0.5 * 4 + 0.1) / math.sqrt(1 + 1e-5)))  # BN in eval: running mean 0, var 1
+    cosines = [3 / 5, 4 / 5, -7 / (5 * math.sqrt(2))]
+    np.testing.assert_allclose(head(x).detach().numpy()[0], [c / t for c in cosines], rtol=1e-5)
+    ablated = _lse([c / t for c in cosines])  # AbeT's ID confidence; oodscope's energy is its negative
+    from oodscope import Outputs
+
+    energy = oodscope.create("energy").fit(Outputs(logits=head(x).detach().numpy())).score(
+        Outputs(logits=head(x).detach().numpy()))
+    assert energy[0] == pytest.approx(-ablated, rel=1e-5)
+
+
+def test_abet_learned_temperature_separates_outliers_where_the_control_does_not():
+    x, y, _ = _toy()
+    _, _, test_out = _toy(seed=1)
+    control, _ = finetune(_mlp(), (x, y), "cross_entropy", **TOY)
+    objective = oodscope.create("abet")
+    model, _ = finetune(_mlp(), (x, y), objective, **TOY)
+    assert (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean() > 0.95
+    with pytest.warns(UserWarning, match="does not produce the model's logits"):
+        s_in, s_out = _own_scores(objective, model, x, y, test_out)
+    with torch.no_grad():
+        c_in = -control(torch.from_numpy(x)).logsumexp(1).numpy()
+        c_out = -control(torch.from_numpy(test_out)).logsumexp(1).numpy()
+    assert _auroc(s_in, s_out) > _auroc(c_in, c_out) + 0.3  # far outliers: ReLU logits grow, cosine ones cannot
+
+
+def test_ish_shapes_only_the_head_weight_gradient_hand_computed():
+    from oodscope.training.heads import ish_linear, shaped_activations
+
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 5.0, 1.0]])
+    shaped = shaped_activations(a, 0.5)  # keep the top 2 of 4, times exp(s1 / s2)
+    np.testing.assert_allclose(shaped.numpy(), [[0, 0, 3 * math.exp(10 / 7), 4 * math.exp(10 / 7)],
+                                                [0, 0, 5 * math.exp(1.0), 1 * math.exp(1.0)]], rtol=1e-6)
+    linear = nn.Linear(4, 3)
+    head = ish_linear(linear, 0.5).train()
+    x = a.clone().requires_grad_(True)
+    out = head(x)
+    np.testing.assert_allclose(out.detach().numpy(), linear(a).detach().numpy(), rtol=1e-6)  # forward unchanged
+    grad = torch.tensor([[1.0, -1.0, 0.5], [0.0, 2.0, 1.0]])
+    out.backward(grad)
+    np.testing.assert_allclose(head.weight.grad.numpy(), (grad.T @ shaped).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(x.grad.numpy(), (grad @ linear.weight).detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(head.bias.grad.numpy(), grad.sum(0).numpy(), rtol=1e-6)
+
+
+def test_ish_fine_tunes_and_deploys_a_plain_linear_head():
+    x, y, _ = _toy()
+    model, _ = finetune(_mlp(), (x, y), oodscope.create("ish", percentile=0.5), **TOY)
+    assert type(model[3]) is nn.Linear  # the deployed model carries no training-only head
+    assert (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean() > 0.95
+    control, _ = finetune(_mlp(), (x, y), "cross_entropy", **TOY)
+    assert not torch.equal(model[3].weight, control[3].weight)  # the shaped gradient changed the head's updates
+    with pytest.raises(ValueError, match="percentile"):
+        finetune(_mlp(), (x, y), oodscope.create("ish", percentile=85), **TOY)
+
+
+def test_probability_layer_detectors_refuse_what_is_not_a_probability():
+    from oodscope import Outputs
+
+    train = Outputs(logits=np.zeros((4, 3)), layers={"fc.absent_probability": np.full((4, 1), 0.1)})
+    detector = oodscope.create("absent_class").fit(train)
+    assert detector.score(train).tolist() == [0.1] * 4
+    bad = Outputs(logits=np.zeros((4, 3)), layers={"fc.absent_probability": np.full((4, 1), 3.0)})
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        detector.score(bad)
+    with pytest.raises(ValueError, match="layers"):
+        oodscope.create("min_others").fit(train)

@@ -66,7 +66,14 @@ def summary_columns(detectors: list[str], groups: list[str]) -> list[tuple]:
     def cell(key):
         return lambda r: f"{r[key]:.2f} ± {r[key + '_std']:.2f}" if key in r else None
 
-    columns = [("method", "method", ""), ("seeds", "seeds", "d"), ("ID acc", cell("id_accuracy"), "")]
+    def own(key):  # the method's own score (the paper's), whatever detector that is
+        return lambda r: cell(f"{r['own_score']} {key}")(r) if r.get("own_score") else None
+
+    columns = [("method", "method", ""), ("seeds", "seeds", "d"), ("ID acc", cell("id_accuracy"), ""),
+               ("own score", lambda r: r.get("own_score") or "-", "")]
+    for group in groups:
+        columns.append((f"own {group}\nAUROC", own(f"{group} auroc"), ""))
+        columns.append((f"own {group}\nFPR95", own(f"{group} fpr95"), ""))
     for detector in detectors:
         for group in groups:
             columns.append((f"{detector} {group}\nAUROC", cell(f"{detector} {group} auroc"), ""))

@@ -356,10 +356,31 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
         head=None if head_module is None else Head(head_module.weight.detach().cpu().double().numpy(),
                                                    _bias(head_module)),
     )
+    outputs = _check_head(outputs, head_name, name)
     if path is not None and cache.save(path, outputs, key):
         cache.remove_chunks(path)
     outputs.source = source
     return _with_head(outputs, head)
+
+
+def _check_head(outputs: Outputs, head_name: str | None, name: str) -> Outputs:
+    """Keep the head only if it produces the logits (``features @ W.T + b``, checked on the first rows); a model
+    whose last ``nn.Linear`` is not its classifier (a cosine head, a group softmax, a learned temperature) keeps its
+    features (that layer's input) but no head, so head-based detectors refuse it instead of scoring silently."""
+    if outputs.head is None or outputs.features is None or outputs.logits is None or not len(outputs.logits):
+        return outputs
+    rows = slice(0, 256)
+    features, logits = outputs.features[rows], np.asarray(outputs.logits[rows], dtype=np.float64)
+    if features.ndim == 2 and logits.ndim == 2 and features.shape[1] == outputs.head.W.shape[1] \
+            and logits.shape[1] == outputs.head.W.shape[0]:
+        recomputed = features.astype(np.float64) @ outputs.head.W.T + outputs.head.b
+        if np.allclose(recomputed, logits, rtol=1e-3, atol=1e-3 * (1.0 + np.abs(logits).max())):
+            return outputs
+    warnings.warn(f"extract({name!r}): the last nn.Linear {head_name!r} does not produce the model's logits, so the "
+                  "outputs carry its input as features but no head (detectors that need the head refuse them); "
+                  "pass head=NAME for the classifier layer if there is one", stacklevel=3)
+    outputs.head = None
+    return outputs
 
 
 def _bias(linear: nn.Linear) -> np.ndarray:

@@ -30,19 +30,24 @@ def subsample(split: Any, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
     return split.inputs[pick], None if split.labels is None else split.labels[pick]
 
 
-def evaluate_model(model, preprocess, bench, *, detectors: Sequence[str] = DETECTORS, per_set: int = 0,
+def evaluate_model(model, preprocess, bench, *, detectors: Sequence[Any] = DETECTORS, per_set: int = 0,
                    cache_dir: str | Path | None = None, device: str = "cpu") -> dict[str, float]:
     """ID accuracy and, per detector and OOD group, the mean AUROC and FPR@95 (percent)."""
     from ..evaluation import evaluate
     from ..extraction.extract import extract
 
-    options = dict(preprocess=preprocess, cache_dir=cache_dir, progress=False, batch_size=500, device=device)
+    from ..evaluation import labelled_detectors
+
+    detectors = labelled_detectors(list(detectors))
+    layers = sorted({layer for d in detectors.values() for layer in d.layer_names()})
+    options = dict(preprocess=preprocess, cache_dir=cache_dir, progress=False, batch_size=500, device=device,
+                   layers=layers)
     train = extract(model, (bench.train.inputs, bench.train.labels), name="train", **options)
     test = extract(model, subsample(bench.test, per_set), name="test", **options)
     row = {"id_accuracy": float(100 * np.mean(test.logits.argmax(1) == test.labels))}
     ood = {group: {name: extract(model, subsample(split, per_set)[0], name=name, **options)
                    for name, split in sets.items()} for group, sets in bench.ood.items()}
-    results = evaluate(list(detectors), test, ood, train=train)
+    results = evaluate(detectors, test, ood, train=train)
     for r in results.group_means():
         row[f"{r['detector']} {r['group']} auroc"] = float(r["auroc"])
         row[f"{r['detector']} {r['group']} fpr95"] = float(r["fpr95"])
@@ -72,9 +77,11 @@ def compare(model, preprocess, bench, methods: Sequence[str], outliers: np.ndarr
             where = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{method}-seed{seed}"
             tuned, history = finetune(model, (bench.train.inputs, bench.train.labels), objective, uses, seed=seed,
                                       preprocess=preprocess, checkpoint_dir=where, **schedule)
-            row = {"method": method, "seed": int(seed), "own_score": objective.score,
+            own = objective.score_detector()  # the paper's score, e.g. DOS's absent-class probability
+            scored = [*detectors, *([] if own.label in detectors else [own])]
+            row = {"method": method, "seed": int(seed), "own_score": own.label,
                    "train_s": float(sum(history.seconds)), "img_per_s": float(history.images_per_second),
-                   **evaluate_model(tuned, preprocess, bench, detectors=detectors, per_set=per_set,
+                   **evaluate_model(tuned, preprocess, bench, detectors=scored, per_set=per_set,
                                     cache_dir=cache_dir, device=schedule.get("device", "cpu"))}
             rows.append(row)
             if log is not None:

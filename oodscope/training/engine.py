@@ -178,6 +178,7 @@ def finetune(model, train: Any, objective: Objective | str, outliers: Any = None
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"finetune: schedule must be 'cosine' or 'constant', got {schedule!r}")
     outlier_batch_size = outlier_batch_size or 2 * batch_size
+    outliers_drawn = objective.outliers_per_step(batch_size, outlier_batch_size)
     channels_last = _channels_last(images)
     if augmentation and not channels_last:
         raise ValueError("finetune: augmentation works on channels-last (N, H, W, C) images; pass those or "
@@ -185,6 +186,8 @@ def finetune(model, train: Any, objective: Objective | str, outliers: Any = None
 
     model = copying.deepcopy(model) if copy else model
     model.to(device)
+    model = objective.adapt(model, n_classes, (images, labels), preprocess)
+    model.to(device)  # a head the objective put in place
     steps_per_epoch = math.ceil(len(images) / batch_size)
     if max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, int(max_steps))
@@ -199,7 +202,7 @@ def finetune(model, train: Any, objective: Objective | str, outliers: Any = None
     out_gen = torch.Generator().manual_seed(seed + 2)
     history = History()
     identity = {**_identity(model, objective), "schedule": f"{epochs}x{steps_per_epoch} {schedule} lr={lr} "
-                f"bs={batch_size}/{outlier_batch_size} wd={weight_decay} seed={seed} aug={augmentation}"}
+                f"bs={batch_size}/{outliers_drawn} wd={weight_decay} seed={seed} aug={augmentation}"}
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT
     start_epoch = 0
     if path is not None and path.exists():
@@ -225,18 +228,20 @@ def finetune(model, train: Any, objective: Objective | str, outliers: Any = None
                     break
                 x_out = None
                 if outlier_images is not None:
-                    pick = torch.randint(0, len(outlier_images), (outlier_batch_size,), generator=out_gen)
+                    pick = torch.randint(0, len(outlier_images), (outliers_drawn,), generator=out_gen)
                     x_out = torch.from_numpy(outlier_images[pick.numpy()])
                 if augmentation:
                     x = augment(x, aug_gen)
                     x_out = None if x_out is None else augment(x_out, aug_gen)
+                if x_out is not None:
+                    x_out = objective.select_outliers(x, x_out, model, prep, out_gen)
                 inputs, context = objective.batch(x, x_out, aug_gen)
                 with torch.autocast("cuda", enabled=scaler is not None):
                     logits = model(prep(inputs.to(device)))
                     total, terms = objective.loss(logits[:len(x)], y.to(device),
                                                   logits[len(x):] if len(inputs) > len(x) else None, **context)
                 if not torch.isfinite(total):
-                    raise FloatingPointError(f"finetune: the {objective.name} loss is {float(total)} at epoch "
+                    raise FloatingPointError(f"finetune: the {objective.name} loss is {float(total.detach())} at epoch "
                                              f"{epoch + 1}, step {step + 1}; lower lr (now {lr})"
                                              + (f"; the last good checkpoint is {path}" if path else ""))
                 optimiser.zero_grad(set_to_none=True)
@@ -262,6 +267,7 @@ def finetune(model, train: Any, objective: Objective | str, outliers: Any = None
                               "generators": [g.get_state() for g in (data_gen, aug_gen, out_gen)],
                               "history": json.dumps({"epochs": history.epochs, "seconds": history.seconds,
                                                      "images": history.images})}, path)
+    model = objective.deploy(model)
     model.eval()
     return model, history
 

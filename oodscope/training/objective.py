@@ -14,6 +14,12 @@ objective that builds its own inputs (MixOE mixes ID images with outliers) overr
 :func:`oodscope.training.finetune` back-propagates; the terms are floats shown in the progress bar and kept in the
 history. ``score`` names the post-hoc detector the paper scores the fine-tuned model with (e.g. ``"energy"`` for
 energy-bounded fine-tuning); every other detector runs on the fine-tuned model as well.
+
+Objectives that change the network (DOS's absent class, MOS's group softmax, AbeT's learned temperature, ISH's
+shaped weight gradient) override ``adapt(model, n_classes, train, preprocess)`` to put one of the heads of
+:mod:`oodscope.training.heads` in place of the last ``nn.Linear`` before training; :meth:`deploy` switches every
+such head to its deployed form (``K`` class logits) after training. Objectives that choose their outliers from a
+larger pool each step (DOS) override ``select_outliers``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,35 @@ class Objective(BaseEstimator):
 
     def check_params(self) -> None:
         """Validate hyperparameters before any training step; subclasses raise ``ValueError`` naming the fix."""
+
+    def adapt(self, model, n_classes: int, train: tuple[Any, Any], preprocess) -> Any:
+        """The network to train (``model`` itself by default); called once, before any step, also on resume."""
+        return model
+
+    def deploy(self, model) -> Any:
+        """The fine-tuned network for scoring: every head of :mod:`.heads` in its deployed form (``K`` logits)."""
+        from .heads import _Head, replace_module
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, _Head):
+                replace_module(model, name, module.deploy())
+        return model
+
+    def score_detector(self):
+        """The post-hoc detector the paper scores the fine-tuned model with (:attr:`score`), unfitted; objectives
+        whose score reads a layer of their head name it (after ``adapt``)."""
+        from ..detectors import create
+
+        return create(self.score)
+
+    def outliers_per_step(self, batch_size: int, outlier_batch_size: int) -> int:
+        """How many outliers the engine draws (and augments) per step: ``outlier_batch_size`` by default; an
+        objective that selects from a larger pool (DOS) asks for the pool."""
+        return outlier_batch_size
+
+    def select_outliers(self, x, x_out, model, preprocess, generator) -> Any:
+        """The outliers of one step from the engine's drawn (and augmented) batch ``x_out``; all of it by default."""
+        return x_out
 
     def batch(self, x, x_out, generator) -> tuple[Any, dict]:
         """The model inputs of one step: the ID images, then the outliers (if any); no context."""
