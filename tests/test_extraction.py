@@ -196,3 +196,92 @@ def test_inputs_of_the_wrong_shape_get_a_message_naming_the_input(images):
     four = np.concatenate([x, x[..., :1]], axis=3)  # 4 channels for a 3-channel network
     with pytest.raises(ValueError, match=r"dataset 'data': the model cannot run on a batch of shape \(16, 6, 6, 4\)"):
         oodscope.extract(model, four, preprocess=PRE, batch_size=16, use_cache=False, progress=False)
+
+
+# -- loaders and batches: DataLoader, Dataset, dict batches, (x, y, ...) tuples --------------------------------
+def _keyword_model():
+    class TokenBag(torch.nn.Module):
+        """Mean of token embeddings under the attention mask, then a linear head (keyword inputs)."""
+
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 4)
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, input_ids, attention_mask):
+            mask = attention_mask[..., None].float()
+            return self.fc((self.embed(input_ids) * mask).sum(1) / mask.sum(1))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TokenBag().eval()
+
+
+def _tokens():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 20, (70, 5))
+    mask = np.ones((70, 5), np.int64)
+    mask[::3, 3:] = 0
+    return ids, mask, np.arange(70) % 3
+
+
+class _CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, ids, mask, labels):
+        self.ids, self.mask, self.labels, self.reads = ids, mask, labels, 0
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return {"input_ids": torch.as_tensor(self.ids[i]), "attention_mask": torch.as_tensor(self.mask[i]),
+                "labels": int(self.labels[i])}
+
+
+def test_extract_on_a_dataloader_of_dict_batches_equals_the_arrays_and_reads_each_item_once(tmp_path):
+    model = _keyword_model()
+    ids, mask, labels = _tokens()
+    reference = oodscope.extract(model, {"input_ids": ids, "attention_mask": mask}, labels, use_cache=False,
+                                 progress=False)
+    dataset = _CountingDataset(ids, mask, labels)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    out = oodscope.extract(model, loader, cache_dir=tmp_path, progress=False)
+    np.testing.assert_array_equal(out.logits, reference.logits)
+    np.testing.assert_array_equal(out.features, reference.features)
+    np.testing.assert_array_equal(out.labels, labels)
+    assert dataset.reads == 70
+    dataset.reads = 0
+    again = oodscope.extract(model, dataset, cache_dir=tmp_path, progress=False)  # a cache hit
+    np.testing.assert_array_equal(again.logits, reference.logits)
+    assert dataset.reads == 70  # read once to key the cache, not once more per pass
+
+
+def test_extract_takes_x_y_index_tuples_and_refuses_a_shuffled_loader_silently():
+    x = np.random.default_rng(1).normal(size=(40, 6)).astype(np.float32)
+    y = np.arange(40) % 3
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    reference = oodscope.extract(model, (x, y), use_cache=False, progress=False)
+    batches = [(torch.from_numpy(x[i:i + 8]), torch.from_numpy(y[i:i + 8]), torch.arange(i, i + 8))
+               for i in range(0, 40, 8)]
+    out = oodscope.extract(model, batches, use_cache=False, progress=False)
+    np.testing.assert_allclose(out.logits, reference.logits, rtol=1e-6)
+    np.testing.assert_array_equal(out.labels, y)
+    shuffled = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x)), batch_size=8,
+                                           shuffle=True)
+    with pytest.warns(UserWarning, match="shuffles"):
+        oodscope.extract(model, shuffled, use_cache=False, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        oodscope.extract(model, [], use_cache=False, progress=False)
+    with pytest.raises(ValueError, match="same length"):
+        oodscope.extract(_keyword_model(), {"input_ids": np.zeros((3, 5), np.int64),
+                                            "attention_mask": np.ones((2, 5))}, use_cache=False, progress=False)
+
+
+def test_extract_leaves_the_callers_model_where_it_was(monkeypatch):
+    """The model is moved to the extraction device and back (recorded: this machine has one device)."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    moves = []
+    original_to = torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moves.append(a) or original_to(self, *a, **k))
+    oodscope.extract(model, np.zeros((4, 6), np.float32), use_cache=False, progress=False)
+    assert moves[-1] == (torch.device("cpu"),) and len(moves) >= 2  # to the device, then back home

@@ -15,6 +15,7 @@ import itertools
 import re
 import warnings
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
@@ -94,7 +95,10 @@ def preprocess_key(preprocess: Callable | None) -> str:
 
 def data_digest(inputs: Any, labels: np.ndarray | None) -> str:
     h = hashlib.sha256()
-    if isinstance(inputs, (np.ndarray, torch.Tensor)):
+    if isinstance(inputs, dict):
+        for key in sorted(inputs):
+            h.update(f"{key}:{cache.digest_array(_numpy(inputs[key]))}".encode())
+    elif isinstance(inputs, (np.ndarray, torch.Tensor)):
         h.update(cache.digest_array(_numpy(inputs)).encode())
     else:
         for batch_inputs, batch_labels in _iterate(inputs, None, 512):
@@ -113,23 +117,81 @@ def _numpy(values: Any) -> np.ndarray:
 # -- batching ----------------------------------------------------------------------------------------------
 def _iterate(inputs: Any, labels: np.ndarray | None, batch_size: int, start_batch: int = 0
              ) -> Iterator[tuple[Any, Any]]:
-    """Batches of (inputs, labels) from an array/tensor or a torch ``Dataset`` yielding ``(x, y)`` pairs,
-    from batch ``start_batch`` on."""
-    if isinstance(inputs, (np.ndarray, torch.Tensor)):
-        for start in range(start_batch * batch_size, len(inputs), batch_size):
-            yield inputs[start:start + batch_size], None if labels is None else labels[start:start + batch_size]
-        return
-    skip = 0
-    if start_batch and hasattr(inputs, "__len__") and not isinstance(inputs, torch.utils.data.IterableDataset):
-        inputs = torch.utils.data.Subset(inputs, range(min(start_batch * batch_size, len(inputs)), len(inputs)))
+    """Batches of (inputs, labels) from an array/tensor or a dict of them (keyword inputs of the model), from
+    batch ``start_batch`` on. Other data is materialised first (:func:`materialise`)."""
+    if not isinstance(inputs, (np.ndarray, torch.Tensor, dict)):
+        inputs, found = materialise(inputs)
+        labels = found if labels is None else labels
+    n = _length(inputs)
+    for start in range(start_batch * batch_size, n, batch_size):
+        rows = slice(start, start + batch_size)
+        batch = {k: v[rows] for k, v in inputs.items()} if isinstance(inputs, dict) else inputs[rows]
+        yield batch, None if labels is None else labels[rows]
+
+
+def _length(inputs: Any) -> int:
+    return len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+
+
+LABEL_KEYS = ("labels", "label")
+
+
+def _unpack(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of one batch: a tensor; a dict (labels under ``labels``/``label``, the rest are the
+    model's keyword inputs); or a tuple/list ``(x, y, ...)`` (extra elements such as indices are ignored)."""
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        return inputs, labels
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("extract: an empty batch tuple")
+        inputs = batch[0]
+        labels = batch[1] if len(batch) > 1 else None
+        if isinstance(inputs, Mapping):
+            inputs, inner = _unpack(inputs)
+            labels = inner if labels is None else labels
+        return inputs, labels
+    return batch, None
+
+
+def _stack(parts: list[Any]) -> Any:
+    if isinstance(parts[0], dict):
+        keys = list(parts[0])
+        if any(list(p) != keys for p in parts):
+            raise ValueError("extract: dict batches must all have the same keys")
+        return {k: np.concatenate([_numpy(p[k]) for p in parts]) for k in keys}
+    return np.concatenate([_numpy(p) for p in parts])
+
+
+def materialise(data: Any) -> tuple[Any, np.ndarray | None]:
+    """Read a ``DataLoader``, a ``Dataset`` (map-style or iterable) or any iterable of batches **once** into
+    arrays: ``(inputs, labels)``, inputs an array or a dict of arrays (dict batches). Then hashing the data for the
+    cache and running the model read those arrays, so a ``Dataset``'s items are read once per call, also on a
+    cache hit. (Data larger than memory: pass a memory-mapped array instead.)"""
+    if isinstance(data, torch.utils.data.DataLoader):
+        if isinstance(getattr(data, "sampler", None), torch.utils.data.RandomSampler):
+            warnings.warn("extract: the DataLoader shuffles, so the outputs follow this pass's random order "
+                          "(and the cache key changes every call); pass shuffle=False", stacklevel=3)
+        batches = iter(data)
+    elif isinstance(data, torch.utils.data.Dataset):
+        batches = iter(torch.utils.data.DataLoader(data, batch_size=256, shuffle=False))
+    elif hasattr(data, "__iter__") and not isinstance(data, (str, bytes)):
+        batches = iter(data)
     else:
-        skip = start_batch
-    loader = torch.utils.data.DataLoader(inputs, batch_size=batch_size, shuffle=False)
-    for batch in itertools.islice(loader, skip, None):
-        if isinstance(batch, (list, tuple)) and len(batch) == 2:
-            yield batch[0], batch[1]
-        else:
-            yield batch, None
+        raise ValueError(f"extract: cannot read inputs of type {type(data).__name__}; pass an array, a tensor, a "
+                         "dict of arrays, (inputs, labels), a Dataset or a DataLoader")
+    inputs, labels = [], []
+    for batch in batches:
+        x, y = _unpack(batch)
+        inputs.append(x)
+        labels.append(y)
+    if not inputs:
+        raise ValueError("cannot extract from an empty dataset")
+    if any(y is None for y in labels) and not all(y is None for y in labels):
+        raise ValueError("extract: some batches carry labels and some do not")
+    found = None if labels[0] is None else np.concatenate([_numpy(y).reshape(-1) for y in labels])
+    return _stack(inputs), found
 
 
 def _split_data(data: Any, labels: Any) -> tuple[Any, np.ndarray | None]:
@@ -137,6 +199,17 @@ def _split_data(data: Any, labels: Any) -> tuple[Any, np.ndarray | None]:
         if labels is not None:
             raise ValueError("give labels either inside data=(inputs, labels) or as labels=, not both")
         data, labels = data
+    if not isinstance(data, (np.ndarray, torch.Tensor, dict)):
+        data, found = materialise(data)
+        if found is not None and labels is None:
+            labels = found
+    if isinstance(data, dict):
+        lengths = {k: len(v) for k, v in data.items()}
+        if not lengths or len(set(lengths.values())) != 1 or 0 in lengths.values():
+            raise ValueError(f"dict inputs need one or more non-empty arrays of the same length, got {lengths}")
+        data = {k: v if isinstance(v, (np.ndarray, torch.Tensor)) else np.asarray(v) for k, v in data.items()}
+        if labels is not None and len(labels) != _length(data):
+            raise ValueError(f"{_length(data)} inputs but {len(labels)} labels")
     if labels is not None:
         labels = _numpy(labels).astype(np.int64)
     if isinstance(data, (np.ndarray, torch.Tensor)):
@@ -191,9 +264,9 @@ class Probe:
             hook.remove()
         self._hooks.clear()
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, x: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self._captured.clear()
-        logits = _first(self.model(x))
+        logits = _first(self.model(**x) if isinstance(x, dict) else self.model(x))
         return {"logits": logits, **self._captured}
 
 
@@ -231,17 +304,17 @@ def _run(model: nn.Module, inputs: Any, labels: np.ndarray | None, preprocess: C
             batches = _iterate(inputs, labels, batch_size, start_batch)
             for number, (batch_inputs, batch_labels) in enumerate(
                     _progress(batches, inputs, batch_size, progress, name, start_batch), start=start_batch):
-                x = torch.as_tensor(batch_inputs).to(device)
+                x = _to_device(batch_inputs, device)
                 try:
                     parts = probe(preprocess(x) if preprocess is not None else x)
                 except RuntimeError as error:  # shape or channel mismatch inside torch: name the input and the fix
                     raise ValueError(f"dataset {name!r}: the model cannot run on a batch of shape "
-                                     f"{tuple(x.shape)} ({str(error).splitlines()[0]}); check the number of "
+                                     f"{_shape(x)} ({str(error).splitlines()[0]}); check the number of "
                                      "channels, the image size and the layout the preprocessing expects") from error
-                if len(_first_value(parts)) != len(x):
-                    raise ValueError(f"dataset {name!r}: a batch of {len(x)} inputs gave "
+                if len(_first_value(parts)) != _length(x):
+                    raise ValueError(f"dataset {name!r}: a batch of {_length(x)} inputs gave "
                                      f"{len(_first_value(parts))} outputs; the first axis of the inputs must be "
-                                     f"the samples (got inputs of shape {tuple(x.shape)})")
+                                     f"the samples (got inputs of shape {_shape(x)})")
                 for key, value in parts.items():
                     pending.setdefault(key, []).append(value.detach().float().cpu().numpy())
                 if batch_labels is not None:
@@ -260,6 +333,16 @@ def _run(model: nn.Module, inputs: Any, labels: np.ndarray | None, preprocess: C
     if not done:
         raise ValueError(f"dataset {name!r} is empty")
     return _concatenate(done)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
+    return torch.as_tensor(batch).to(device)
+
+
+def _shape(x: Any) -> Any:
+    return {k: tuple(v.shape) for k, v in x.items()} if isinstance(x, dict) else tuple(x.shape)
 
 
 def _first_value(parts: dict) -> torch.Tensor:
@@ -284,7 +367,7 @@ def _progress(batches: Iterable, inputs: Any, batch_size: int, show: bool, name:
         return batches
     from tqdm.auto import tqdm
 
-    total = -(-len(inputs) // batch_size) if hasattr(inputs, "__len__") else None
+    total = -(-_length(inputs) // batch_size)
     return tqdm(batches, total=total, initial=start, desc=f"extract {name}", unit="batch", leave=False)
 
 
@@ -297,7 +380,11 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
 
     Args:
         model: a torch classifier; its output (or the first tensor in it) is taken as the logits.
-        data: an array/tensor of raw inputs, a tuple ``(inputs, labels)``, or a ``Dataset`` of ``(x, y)``.
+        data: an array/tensor of raw inputs; a dict of arrays (the model's keyword inputs, e.g. ``input_ids`` and
+            ``attention_mask``); a tuple ``(inputs, labels)``; or a ``Dataset`` / ``DataLoader`` / iterable whose
+            items or batches are tensors, ``(x, y, ...)`` tuples or dicts (labels under ``labels``/``label``),
+            read once per call (:func:`materialise`). Models returning an object with ``.logits`` (Hugging Face)
+            work as they are.
         labels: class labels (``-1`` for OOD) when not inside ``data``.
         name: the dataset's name, used in messages, progress bars and cache file names.
         preprocess: callable applied to each raw batch tensor on the device (e.g. scaling and normalisation).
@@ -347,9 +434,14 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
             if checkpoint_every:
                 resume = _Resume(path, key, int(checkpoint_every), batch_size)
 
+    home = next((p.device for p in itertools.chain(model.parameters(), model.buffers())), None)
     model.to(torch_device)
-    arrays = _run(model, inputs, labels, preprocess, head_module, layers, layer_reduce, torch_device,
-                  batch_size, progress, name, resume)
+    try:
+        arrays = _run(model, inputs, labels, preprocess, head_module, layers, layer_reduce, torch_device,
+                      batch_size, progress, name, resume)
+    finally:
+        if home is not None:
+            model.to(home)  # the caller's model stays where it was
     outputs = Outputs(
         logits=arrays["logits"], features=arrays.get("features"), labels=arrays.get("labels"),
         layers={layer: arrays[layer] for layer in layers}, name=name,

@@ -32,6 +32,9 @@ def preprocessed_batches(source: ModelSource) -> Iterator[torch.Tensor]:
     device = resolve_device(source.device)
     if isinstance(source.preprocess, nn.Module):
         source.preprocess.to(device)
+    if isinstance(source.inputs, dict):
+        raise ValueError("detectors that re-run the model on perturbed inputs (ODIN, GradNorm, ...) need one input "
+                         "tensor; these outputs came from dict (keyword) inputs")
     for batch, _ in _iterate(source.inputs, None, source.batch_size):
         x = torch.as_tensor(batch).to(device)
         yield (source.preprocess(x) if source.preprocess is not None else x).float()
