@@ -11,6 +11,8 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oodscope", description="Out-of-distribution and anomaly detection.")
+    parser.add_argument("--version", action="version", version=f"oodscope {_version()}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     package = importlib.import_module("oodscope.commands")
     for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
@@ -28,9 +30,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        print(f"oodscope {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"oodscope {args.command}: error: {message} (--debug for the traceback)", file=sys.stderr)
         return 2
+
+
+#: mistakes a user can fix (bad value, missing file or optional extra, a device this machine lacks): one line, exit 2
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, ImportError, NotADirectoryError, PermissionError)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 if __name__ == "__main__":

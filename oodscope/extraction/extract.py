@@ -266,8 +266,13 @@ class Probe:
 
     def __call__(self, x: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self._captured.clear()
-        logits = _first(self.model(**x) if isinstance(x, dict) else self.model(x))
-        return {"logits": logits, **self._captured}
+        output = self.model(**x) if isinstance(x, dict) else self.model(x)
+        parts = {"logits": _first(output), **self._captured}
+        if "features" not in parts:  # a model without a hookable head may return (logits, features)
+            features = _returned_features(output)
+            if features is not None:
+                parts["features"] = features.flatten(1)
+        return parts
 
 
 class _Resume:
@@ -349,6 +354,27 @@ def _first_value(parts: dict) -> torch.Tensor:
     return parts["logits"] if "logits" in parts else next(iter(parts.values()))
 
 
+def _returned_features(output: Any) -> torch.Tensor | None:
+    """Penultimate features a model returns itself: ``(logits, features, ...)`` or a dict with ``features``."""
+    if isinstance(output, dict) and isinstance(output.get("features"), torch.Tensor):
+        return output["features"]
+    if isinstance(output, (tuple, list)) and len(output) >= 2 and isinstance(output[1], torch.Tensor) \
+            and output[1].ndim >= 2:
+        return output[1]
+    return None
+
+
+def script_head(model: nn.Module) -> Head | None:
+    """The classifier of a TorchScript model: its last ``Linear`` submodule's weights (hooks cannot run on
+    TorchScript, so its features come from a ``(logits, features)`` output)."""
+    linear = [m for _, m in model.named_modules() if getattr(m, "original_name", None) == "Linear"]
+    if not isinstance(model, torch.jit.ScriptModule) or not linear:
+        return None
+    weight = linear[-1].weight.detach().cpu().double().numpy()
+    bias = getattr(linear[-1], "bias", None)
+    return Head(weight, np.zeros(len(weight)) if bias is None else bias.detach().cpu().double().numpy())
+
+
 def _first(output: Any) -> torch.Tensor:
     """The tensor of a module output (first element of tuples, ``logits``/first value of dicts)."""
     if isinstance(output, torch.Tensor):
@@ -409,7 +435,8 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
             or checkpoint_every < 0):
         raise ValueError(f"checkpoint_every must be a number of batches >= 0 (0: no chunks), "
                          f"got {checkpoint_every!r}")
-    head_name, head_module = find_head(model, head)
+    scripted_head = script_head(model) if head == "auto" else None
+    head_name, head_module = (None, None) if isinstance(model, torch.jit.ScriptModule) else find_head(model, head)
     torch_device = resolve_device(device)
     source = ModelSource(model=model, inputs=inputs, preprocess=preprocess, device=str(torch_device),
                          batch_size=batch_size, head=head_name)
@@ -445,8 +472,8 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
     outputs = Outputs(
         logits=arrays["logits"], features=arrays.get("features"), labels=arrays.get("labels"),
         layers={layer: arrays[layer] for layer in layers}, name=name,
-        head=None if head_module is None else Head(head_module.weight.detach().cpu().double().numpy(),
-                                                   _bias(head_module)),
+        head=scripted_head if head_module is None else Head(head_module.weight.detach().cpu().double().numpy(),
+                                                            _bias(head_module)),
     )
     outputs = _check_head(outputs, head_name, name)
     if path is not None and cache.save(path, outputs, key):

@@ -125,6 +125,9 @@ class _Digest:
         for name, sub in named:
             self.modules.setdefault(id(sub), f"{where}.{name}" if name else where)
         for name, sub in named:
+            if isinstance(sub, torch.jit.ScriptModule):  # TorchScript: its code and state define its outputs
+                self.tag(f"torchscript {name} {getattr(sub, 'original_name', '')} {_script_code(sub)}")
+                continue
             self.tag(f"submodule {name} {_qualname(type(sub))} {_class_digest(type(sub))}")
             ignore = set(getattr(sub, "cache_ignore", ()) or ())
             for attr, value in sorted(vars(sub).items()):
@@ -261,6 +264,15 @@ class _Digest:
                 self.value(item, f"{where}.{name}", depth + 1)
 
         self._guarded(value, where, run)
+
+
+def _script_code(module: Any) -> str:
+    """sha256 of a TorchScript module's code (its methods compiled to TorchScript), or of its graph."""
+    try:
+        code = module.code
+    except (AttributeError, RuntimeError):
+        code = str(getattr(module, "graph", ""))
+    return hashlib.sha256(str(code).encode()).hexdigest()
 
 
 def module_key(module: nn.Module, what: str = "model") -> str:
