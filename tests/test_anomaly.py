@@ -752,3 +752,12 @@ def test_adbench_command_takes_a_folder_of_files(tmp_path):
     assert set(semi) == {"40_vowels", "iono"}
     assert semi["40_vowels"] == pytest.approx(82.21, abs=0.1)
     assert 90 < semi["iono"] < 100  # Ionosphere from a CSV: DTE Table 1 KNN 97.44 (mean over 5 seeds)
+
+
+@pytest.mark.parametrize("name", ["deep_svdd", "deep_sad", "dte_c", "drpo"])
+def test_network_detectors_take_a_device_and_refuse_one_this_machine_lacks(name, blobs):
+    train, test, _ = blobs
+    on_cpu = make(name, device="cpu").fit(train).score(test)
+    np.testing.assert_array_equal(on_cpu, make(name).fit(train).score(test))  # the default is the CPU
+    with pytest.raises(ValueError, match="CUDA"):
+        make(name, device="cuda:99").fit(train)

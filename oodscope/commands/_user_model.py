@@ -52,20 +52,9 @@ def load_data(path: str, args: argparse.Namespace, size: int | None):
 
 def check_device(device: str) -> str:
     """A clear error for a device this machine does not have (before any model is loaded)."""
-    import torch
+    from ..extraction.extract import resolve_device
 
-    if device == "auto":
-        return device
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"--device {device!r}: {error}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this machine has no CUDA device (use --device cpu)")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available here (use --device cpu)")
+    resolve_device(device)
     return device
 
 

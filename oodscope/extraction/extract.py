@@ -30,9 +30,20 @@ LayerReduce = Literal["mean", "none"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple MPS, then CPU."""
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; a device this machine lacks is a ``ValueError``."""
     if str(device) != "auto":
-        return torch.device(device)
+        try:
+            resolved = torch.device(device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device {device!r}: {error}") from None
+        if resolved.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this machine has no CUDA device (use 'cpu' or 'auto')")
+        if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+        if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                           and torch.backends.mps.is_available()):
+            raise ValueError(f"device {device!r}: MPS is not available here (use 'cpu' or 'auto')")
+        return resolved
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

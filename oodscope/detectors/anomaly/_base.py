@@ -130,29 +130,43 @@ def predict_in_blocks(fn, x: np.ndarray) -> np.ndarray:
 
 
 def train_minibatches(module, X: np.ndarray, loss_fn, *, epochs: int, batch_size: int, lr: float,
-                      weight_decay: float, generator) -> list[float]:
+                      weight_decay: float, generator, device: str = "cpu", desc: str = "train") -> list[float]:
     """Adam on shuffled mini-batches of ``X`` (float32); ``loss_fn(module, batch, generator)``; mean loss per epoch.
 
     Callers build ``module`` and call this inside :func:`seeded` so initialisation, shuffling and noise are
-    reproducible without touching torch's global random state.
+    reproducible without touching torch's global random state. Training runs on ``device`` (batches are drawn on
+    the CPU with ``generator`` and moved there; a ``loss_fn`` moves its own constants to ``batch.device``); the
+    module goes back to the CPU afterwards, where scoring runs in fixed blocks. A tqdm bar per fit shows the epoch
+    and the loss (off when not a terminal).
     """
     import torch
+    from tqdm.auto import tqdm
 
+    from ...extraction.extract import resolve_device
+
+    target = resolve_device(device)
     data = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    module.to(target)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
     history = []
     module.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=generator)
-        total = 0.0
-        for start in range(0, len(data), batch_size):
-            batch = data[order[start:start + batch_size]]
-            optimizer.zero_grad()
-            loss = loss_fn(module, batch, generator)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(batch)
-        history.append(total / len(data))
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=None)
+    try:
+        for _ in bar:
+            order = torch.randperm(len(data), generator=generator)
+            total = 0.0
+            for start in range(0, len(data), batch_size):
+                batch = data[order[start:start + batch_size]].to(target)
+                optimizer.zero_grad()
+                loss = loss_fn(module, batch, generator)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(batch)
+            history.append(total / len(data))
+            bar.set_postfix(loss=f"{history[-1]:.4g}")
+    finally:
+        bar.close()
+        module.to("cpu")
     module.eval()
     return history
 

@@ -28,9 +28,9 @@ class DeepSAD(DeepSVDDBase):
 
     def __init__(self, hidden: tuple[int, ...] = (64, 32), eta: float = 1.0, epochs: int = 100,
                  batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 1e-6, eps: float = 1e-6,
-                 seed: int = 0):
+                 seed: int = 0, device: str = "cpu"):
         super().__init__(hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         seed=seed)
+                         seed=seed, device=device)
         self.eta = eta
         self.eps = eps
 
@@ -59,10 +59,11 @@ class DeepSAD(DeepSVDDBase):
 
             def loss_fn(net, batch, gen):
                 rows, y = batch[:, :-1], batch[:, -1]
-                distance = ((net(rows) - centre) ** 2).sum(dim=1)
+                distance = ((net(rows) - centre.to(rows.device)) ** 2).sum(dim=1)
                 labelled = torch.where(y == 0, distance, eta * (distance + eps) ** y)
                 return labelled.mean()
 
             self.loss_history_ = train_minibatches(
                 self.network_, np.column_stack([X, labels]), loss_fn, epochs=self.epochs,
-                batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, generator=generator)
+                batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay, generator=generator,
+                device=self.device, desc=self.name)

@@ -46,13 +46,14 @@ class DeepSVDDBase(AnomalyDetector):
     trains_network = True
 
     def __init__(self, hidden: tuple[int, ...] = (64, 32), epochs: int = 100, batch_size: int = 32,
-                 lr: float = 1e-4, weight_decay: float = 1e-6, seed: int = 0):
+                 lr: float = 1e-4, weight_decay: float = 1e-6, seed: int = 0, device: str = "cpu"):
         self.hidden = hidden
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
         self.weight_decay = weight_decay
         self.seed = seed
+        self.device = device  # where the network trains; scores are computed on the CPU
 
     def _check_params(self) -> None:
         check_training(self.name, self.epochs, self.batch_size, self.lr)
@@ -85,6 +86,6 @@ class DeepSVDD(DeepSVDDBase):
             self.centre_ = initial_centre(self.network_, X)
             centre = torch.from_numpy(self.centre_).float()
             self.loss_history_ = train_minibatches(
-                self.network_, X, lambda net, batch, gen: ((net(batch) - centre) ** 2).sum(dim=1).mean(),
-                epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                generator=generator)
+                self.network_, X, lambda net, batch, gen: ((net(batch) - centre.to(batch.device)) ** 2).sum(
+                    dim=1).mean(), epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                weight_decay=self.weight_decay, generator=generator, device=self.device, desc=self.name)

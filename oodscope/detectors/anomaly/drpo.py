@@ -43,13 +43,14 @@ class DeepRPO(AnomalyDetector):
     grid = {"n_projections": [100, 1000], "hidden": [(64, 32), (128, 64)]}
 
     def __init__(self, hidden: tuple[int, ...] = (64, 32), n_projections: int = 1000, epochs: int = 100,
-                 batch_size: int = 128, lr: float = 1e-3, seed: int = 0):
+                 batch_size: int = 128, lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
         self.hidden = hidden
         self.n_projections = n_projections
         self.epochs = epochs
         self.batch_size = batch_size
         self.lr = lr
         self.seed = seed
+        self.device = device  # where the network trains; scores are computed on the CPU
 
     def _check_params(self) -> None:
         check_int(self.name, "n_projections", self.n_projections)
@@ -68,7 +69,7 @@ class DeepRPO(AnomalyDetector):
         directions = torch.from_numpy(random_directions(sizes[-1], self.n_projections, self.seed)).float()
 
         def loss_fn(net, batch, generator):
-            projected = net(batch) @ directions
+            projected = net(batch) @ directions.to(batch.device)
             median = projected.median(dim=0).values
             mad = (projected - median).abs().median(dim=0).values
             return ((projected - median).abs() / (mad + 1e-6)).mean()
@@ -77,7 +78,8 @@ class DeepRPO(AnomalyDetector):
             self.network_ = leaky_mlp(sizes)
             self.loss_history_ = train_minibatches(self.network_, X, loss_fn, epochs=self.epochs,
                                                    batch_size=min(self.batch_size, len(X)), lr=self.lr,
-                                                   weight_decay=0.0, generator=generator)
+                                                   weight_decay=0.0, generator=generator, device=self.device,
+                                                   desc=self.name)
         self.directions_ = directions.numpy().astype(np.float64)
         self.median_, self.mad_ = median_mad(self._project(X), self.name)
 

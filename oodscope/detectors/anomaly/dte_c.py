@@ -54,7 +54,7 @@ class DTECategorical(AnomalyDetector):
 
     def __init__(self, hidden: tuple[int, ...] = (256, 512, 256), T: int = 400, n_bins: int = 7,
                  epochs: int = 400, batch_size: int = 64, lr: float = 1e-4, weight_decay: float = 5e-4,
-                 dropout: float = 0.5, double_softmax: bool = False, seed: int = 0):
+                 dropout: float = 0.5, double_softmax: bool = False, seed: int = 0, device: str = "cpu"):
         self.hidden = hidden
         self.T = T
         self.n_bins = n_bins
@@ -65,6 +65,7 @@ class DTECategorical(AnomalyDetector):
         self.dropout = dropout
         self.double_softmax = double_softmax
         self.seed = seed
+        self.device = device  # where the network trains; scores are computed on the CPU
 
     def _check_params(self) -> None:
         check_int(self.name, "T", self.T, minimum=2)
@@ -87,16 +88,17 @@ class DTECategorical(AnomalyDetector):
         T, n_bins, double_softmax = self.T, self.n_bins, self.double_softmax
 
         def loss_fn(net, batch, generator):
-            t = torch.randint(0, T, (len(batch),), generator=generator)
-            noisy = batch + std[t, None] * torch.randn(batch.shape, generator=generator)
+            t = torch.randint(0, T, (len(batch),), generator=generator)  # drawn on the CPU: same on any device
+            noise = std[t, None] * torch.randn(batch.shape, generator=generator)
             target = torch.clamp(torch.div(t * n_bins, T, rounding_mode="floor"), max=n_bins - 1)
-            return time_bin_loss(net(noisy), target, double_softmax)
+            return time_bin_loss(net(batch + noise.to(batch.device)), target.to(batch.device), double_softmax)
 
         with seeded(self.seed) as generator:
             self.network_ = _network(X.shape[1], tuple(self.hidden), n_bins, self.dropout)
             self.loss_history_ = train_minibatches(self.network_, X, loss_fn, epochs=self.epochs,
                                                    batch_size=self.batch_size, lr=self.lr,
-                                                   weight_decay=self.weight_decay, generator=generator)
+                                                   weight_decay=self.weight_decay, generator=generator,
+                                                   device=self.device, desc=self.name)
 
     def _init_networks(self) -> None:
         """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
