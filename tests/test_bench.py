@@ -437,3 +437,28 @@ def test_done_when_resnet20_on_shared_cifar10_bench(tmp_path):
             truth = np.r_[np.zeros(len(id_scores[detector])), np.ones(len(values))]
             expected = 100 * roc_auc_score(truth, np.r_[id_scores[detector], values])
             assert records[detector, dataset] == pytest.approx(expected, abs=0.02), (detector, dataset)
+
+
+def test_bench_takes_any_model_spec_a_torchscript_file(tiny_bench, tmp_path, capsys):
+    """``oodscope bench FOLDER --model model.pt``: the same specs as ``oodscope fit`` (here TorchScript)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = build_cifar_resnet("cifar10_resnet20").eval()
+
+    class WithFeatures(torch.nn.Module):  # TorchScript cannot be hooked: hand the features over
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            features = self.net.forward_features(x)
+            return self.net.fc(features), features
+
+    torch.jit.save(torch.jit.trace(WithFeatures().eval(), torch.zeros(2, 3, 32, 32)), tmp_path / "m.pt")
+    out = tmp_path / "out"
+    assert main(["bench", str(tiny_bench), "--model", str(tmp_path / "m.pt"), "--detectors", "msp,knn",
+                 "--groups", "near", "--no-cache", "--quiet", "--out", str(out)]) == 0
+    _, records = read_results(out / "results.json")
+    assert {r["detector"] for r in records} == {"msp", "knn"} and all(0 <= r["auroc"] <= 100 for r in records)
+    assert main(["bench", str(tiny_bench), "--model", "no_such_model", "--out", str(out)]) == 2
+    assert "not a zoo name" in capsys.readouterr().err

@@ -17,7 +17,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of a benchmark run (shared with ``oodscope train``, which runs one on the fine-tuned model)."""
     parser.add_argument("benchmark", nargs="?", default="digits",
                         help="built-in name (default: digits) or a folder with benchmark.toml")
-    parser.add_argument("--model", default=None, help="model name for benchmark folders, e.g. cifar10_resnet20")
+    parser.add_argument("--model", default=None,
+                        help="model for benchmark folders: a zoo name (e.g. cifar10_resnet20), a TorchScript file, "
+                             "package.module:callable, torchvision:NAME, timm:NAME or hf:MODEL")
     parser.add_argument("--weights", default=None, help="local weights file for --model")
     parser.add_argument("--data-root", default=None, help="where built-in benchmarks keep downloaded data")
     parser.add_argument("--detectors", default="all", help="comma-separated names, or 'all' (default)")

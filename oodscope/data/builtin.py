@@ -1,7 +1,8 @@
 """Resolve what ``oodscope bench NAME_OR_PATH`` runs: a built-in benchmark or a benchmark folder.
 
 A built-in benchmark is a function ``prepare(request) -> Prepared`` named in :data:`BUILTIN` (module:function,
-imported only when used). A folder with a ``benchmark.toml`` needs a model: ``--model`` (and ``--weights``).
+imported only when used). A folder with a ``benchmark.toml`` needs a model: ``--model SPEC`` (any spec of
+:mod:`oodscope.models.spec`: a zoo name with ``--weights``, a TorchScript file, ``package.module:callable``, ...).
 """
 
 from __future__ import annotations
@@ -54,13 +55,15 @@ def prepare(request: BenchRequest) -> Prepared:
         return getattr(importlib.import_module(module_name), function)(request)
     path = Path(name)
     if path.exists():
-        from ..models.zoo import load_model
+        from ..models.spec import ModelSpec, kind_of, load
         from .spec import load_benchmark_dir
 
         if request.model is None:
-            raise ValueError(f"benchmark folder {path} needs --model (e.g. cifar10_resnet20) and --weights")
+            raise ValueError(f"benchmark folder {path} needs --model: a zoo name (e.g. cifar10_resnet20, with "
+                             "--weights), a TorchScript file, package.module:callable, torchvision:NAME, ...")
+        kind_of(request.model)  # a bad --model is named before the data is read
         bench = load_benchmark_dir(path)
-        model, preprocess = load_model(request.model, request.weights)
+        model, preprocess, _ = load(ModelSpec(request.model, weights=request.weights))
         return Prepared(bench, model, preprocess, request.model)
     raise ValueError(f"unknown benchmark {name!r}: not a built-in ({', '.join(sorted(BUILTIN))}) "
                      f"and no such folder")
