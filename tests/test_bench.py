@@ -462,3 +462,20 @@ def test_bench_takes_any_model_spec_a_torchscript_file(tiny_bench, tmp_path, cap
     assert {r["detector"] for r in records} == {"msp", "knn"} and all(0 <= r["auroc"] <= 100 for r in records)
     assert main(["bench", str(tiny_bench), "--model", "no_such_model", "--out", str(out)]) == 2
     assert "not a zoo name" in capsys.readouterr().err
+
+
+def test_bench_protocols_on_an_image_folder_bench(tiny_bench, random_weights, tmp_path, capsys, monkeypatch):
+    import oodscope.protocols.unit_tests as unit_tests
+
+    monkeypatch.setattr(unit_tests, "N_IMAGES", 64)  # 64 images per synthetic set keep the test short
+    out = tmp_path / "out"
+    assert main(["bench", str(tiny_bench), "--model", "cifar10_resnet20", "--weights", str(random_weights),
+                 "--detectors", "msp,knn", "--groups", "near", "--protocol", "unit-tests,failure", "--no-cache",
+                 "--quiet", "--out", str(out)]) == 0
+    assert "OOD unit tests" in capsys.readouterr().out
+    _, records = read_results(out / "results.json")
+    units = [r for r in records if r.get("setting") == "unit-tests"]
+    assert len(units) == 2 * 8 and all(r["passed"] == (r["auroc"] >= 90.0) for r in units)
+    failure = [r for r in records if r.get("setting") == "failure"]
+    assert [r["dataset"] for r in failure] == ["test+shifted+ood"] * 2
+    assert all(r["error_rate_shifted"] is not None for r in failure)

@@ -35,6 +35,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", default=None, help="comma-separated OOD groups to run (e.g. near,far); default all")
     parser.add_argument("--full-spectrum", action="store_true",
                         help="add a covariate-shifted copy of the ID test (common corruptions), counted as ID")
+    parser.add_argument("--protocol", default=None,
+                        help="comma-separated evaluation protocols to run after the benchmark: failure (reject "
+                             "misclassified or OOD), unit-tests (synthetic OOD sets), scaling (inputs x alpha)")
 
 
 def prepare_from(args: argparse.Namespace):
@@ -63,6 +66,9 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     from ..results_io import write_results
     from ..runner import parse_detectors, run_benchmark
 
+    from .. import protocols
+
+    protocols.parse(getattr(args, "protocol", None))  # an unknown protocol fails before any work
     detectors = parse_detectors(args.detectors)
     bench = select_groups(prepared.bench, args.groups)
     detectors = {name: create(name) for name in detectors}
@@ -92,6 +98,14 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
             if r["setting"] == "shift-sensitivity":
                 print(f"  {r['detector']:<14}AUROC clean vs shifted {r['auroc']:6.2f}, "
                       f"shifted flagged at 95 % TPR {r['flagged']:6.2f} %")
+    for name in protocols.parse(getattr(args, "protocol", None)):
+        protocol_start = time.perf_counter()
+        context = protocols.Context(bench, prepared.model, prepared.preprocess, labelled, results, extract_options,
+                                    seed=getattr(args, "seed", 0))
+        protocol_records, printed = protocols.run(name, context)
+        records += protocol_records
+        timing[f"protocol {name}"] = time.perf_counter() - protocol_start
+        print(printed)
     out = Path(args.out)
     timing.pop("total", None)  # run_benchmark's; the command's own total goes last
     timing.update({f"{name} fit+score": seconds for name, seconds in results.seconds.items()})

@@ -1,0 +1,57 @@
+"""Evaluation protocols from the literature, run on any benchmark with any registered detectors.
+
+Each protocol is one module with a pure function on scores (tested by hand) and a ``run(context)`` that extracts
+what it needs (through the cache) and returns records in the common ``results.json`` schema, each with
+``setting`` = the protocol's name. ``oodscope bench BENCH --protocol failure,unit-tests,scaling`` runs them after
+the ordinary benchmark, on the same fitted detectors.
+
+* ``failure``: failure detection (reject misclassified and semantic-OOD samples, accept the rest): AUROC, AURC,
+  E-AURC and the SCOD risk (:mod:`.failure`).
+* ``unit-tests``: synthetic OOD sets every reasonable detector should flag (:mod:`.unit_tests`).
+* ``scaling``: inputs scaled by ``alpha`` far from the data (:mod:`.scaling`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+PROTOCOLS = {"failure": "failure", "unit-tests": "unit_tests", "scaling": "scaling"}
+
+
+@dataclass
+class Context:
+    """What a protocol gets: the benchmark, the model and its preprocessing, the fitted detectors (by label), the
+    ordinary run's results and the extraction options."""
+
+    bench: Any
+    model: Any
+    preprocess: Callable | None
+    detectors: dict[str, Any]
+    results: Any
+    extract_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def extract(self, data: Any, name: str):
+        from ..extraction.extract import extract
+
+        layers = sorted({layer for d in self.detectors.values() for layer in d.layer_names()})
+        return extract(self.model, data, name=f"{self.bench.name}-{name}", preprocess=self.preprocess,
+                       layers=layers, **self.extract_options)
+
+
+def parse(names: str | None) -> list[str]:
+    """Protocol names from ``--protocol a,b``; an unknown one is an error listing the known ones."""
+    chosen = [n.strip() for n in (names or "").split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {unknown}; known: {', '.join(PROTOCOLS)}")
+    return chosen
+
+
+def run(name: str, context: Context) -> tuple[list[dict[str, Any]], str]:
+    """``(records, printed table)`` of protocol ``name``."""
+    module = importlib.import_module(f"{__name__}.{PROTOCOLS[name]}")
+    records = module.run(context)
+    return records, module.format_records(records)

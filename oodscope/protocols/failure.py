@@ -1,0 +1,89 @@
+"""Failure detection: reject what the model gets wrong, whatever the shift.
+
+Guérin, Delmas, Ferreira & Guiochet, "Out-Of-Distribution Detection Is Not All You Need", AAAI 2023, and the
+model-specific view of "Unified Out-Of-Distribution Detection: A Model-Specific Perspective" (Averly & Chao, ICCV
+2023): a deployed classifier should reject a sample when its prediction on it is wrong, be the sample clean ID,
+covariate-shifted ID or semantic OOD. The pool here is the ID test set, its covariate-shifted copy
+(:func:`oodscope.data.corruptions.shifted_copy`, the ``--full-spectrum`` corruptions) and every OOD set; a sample
+**should be rejected** when it is misclassified (clean or shifted ID) or semantic OOD, and accepted otherwise.
+
+Per detector (its score as the rejection score, higher = reject first):
+
+* ``auroc``: AUROC of the score for the target "should reject" (percent);
+* ``aurc`` / ``eaurc``: area under the risk-coverage curve with risk = share of accepted samples that should
+  have been rejected, and its excess over the oracle (Geifman et al., ICLR 2019; percent, lower is better);
+* ``scod_auc_rc``: the SCOD joint risk-coverage area with ``c_fn = 0.75`` (Narasimhan et al., ICLR 2024;
+  :func:`oodscope.metrics.scod.scod_auc_rc`): ID and shifted-ID samples with their errors, OOD samples as OOD.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..metrics import auroc
+from ..metrics.scod import scod_auc_rc
+from ..metrics.selective import aurc, eaurc
+
+
+def failure_metrics(id_scores: np.ndarray, id_errors: np.ndarray, ood_scores: np.ndarray,
+                    c_fn: float = 0.75) -> dict[str, float]:
+    """Failure-detection metrics of one detector: ``id_scores``/``id_errors`` of every ID sample (clean and
+    shifted; error = misclassified), ``ood_scores`` of the semantic OOD samples (all to be rejected)."""
+    id_scores = np.asarray(id_scores, dtype=np.float64).ravel()
+    errors = np.asarray(id_errors, dtype=np.float64).ravel()
+    ood_scores = np.asarray(ood_scores, dtype=np.float64).ravel()
+    scores = np.r_[id_scores, ood_scores]
+    reject = np.r_[errors, np.ones(ood_scores.size)]
+    if reject.all() or not reject.any():
+        raise ValueError("failure detection needs samples to accept and samples to reject")
+    return {"auroc": 100.0 * auroc(scores[reject == 0], scores[reject == 1]),
+            "aurc": 100.0 * aurc(scores, reject), "eaurc": 100.0 * eaurc(scores, reject),
+            "scod_auc_rc": 100.0 * scod_auc_rc(id_scores, errors, ood_scores, c_fn),
+            "reject_share": 100.0 * float(reject.mean())}
+
+
+def _errors(outputs) -> np.ndarray:
+    if outputs.logits is None or outputs.labels is None or (outputs.labels < 0).any():
+        raise ValueError(f"failure detection needs class labels and logits on {outputs.name!r}")
+    return (outputs.logits.argmax(axis=1) != outputs.labels).astype(np.float64)
+
+
+def run(context) -> list[dict[str, Any]]:
+    from ..data.corruptions import shifted_copy
+
+    bench = context.bench
+    clean = context.extract((bench.test.inputs, bench.test.labels), "test")
+    parts = [clean]
+    images = bench.test.inputs
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[3] == 3 and images.dtype == np.uint8:
+        shifted_images, _ = shifted_copy(images, seed=context.seed)
+        parts.append(context.extract((shifted_images, bench.test.labels), "test_shifted"))
+    ood = [context.extract(split.inputs, f"{group}-{name}") for group, sets in bench.ood.items()
+           for name, split in sets.items()]
+    errors = np.concatenate([_errors(p) for p in parts])
+    pool = "test+shifted+ood" if len(parts) == 2 else "test+ood (no shifted copy: needs uint8 RGB images)"
+    records = []
+    for label, detector in context.detectors.items():
+        values = failure_metrics(np.concatenate([detector.score(p) for p in parts]), errors,
+                                 np.concatenate([detector.score(o) for o in ood]))
+        records.append({"detector": label, "dataset": pool, "group": "failure", **values, "setting": "failure",
+                        "error_rate_clean": 100.0 * float(_errors(clean).mean()),
+                        "error_rate_shifted": 100.0 * float(_errors(parts[-1]).mean()) if len(parts) == 2
+                        else None})
+    return records
+
+
+def format_records(records: list[dict[str, Any]]) -> str:
+    from ..results_io import format_table
+
+    rows = sorted(records, key=lambda r: r["aurc"])
+    first = rows[0] if rows else {}
+    shifted = first.get("error_rate_shifted")
+    head = (f"failure detection on {first.get('dataset')} (reject misclassified or OOD: "
+            f"{first.get('reject_share', 0):.1f} % of the pool; error clean {first.get('error_rate_clean', 0):.1f} %"
+            + (f", shifted {shifted:.1f} %)" if shifted is not None else ")"))
+    return head + "\n" + format_table(rows, [("detector", "detector", ""), ("AUROC", "auroc", ".2f"),
+                                             ("AURC", "aurc", ".2f"), ("E-AURC", "eaurc", ".2f"),
+                                             ("SCOD AUC-RC", "scod_auc_rc", ".2f")])
