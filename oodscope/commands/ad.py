@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "with --size 256, the MVTec AD protocol); default: no crop")
     parser.add_argument("--max-train", type=int, default=None, help="random subsample of train/good")
     parser.add_argument("--seed", type=int, default=0, help="seed of --max-train and of the detectors")
+    parser.add_argument("--device", default="cpu",
+                        help="where backbones and networks run: cpu (default), cuda, cuda:1, mps, auto")
     parser.add_argument("--param", action="append", default=[], metavar="DET.NAME=VALUE",
                         help="detector hyperparameter, e.g. patchcore.coreset_ratio=0.01 (repeatable)")
     parser.set_defaults(run=run)
@@ -55,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(params) - set(names)
     if unknown:
         raise ValueError(f"--param names detectors {sorted(unknown)} that are not in --detectors {names}")
+    from ..extraction.extract import resolve_device
+
+    resolve_device(args.device)  # a device this machine lacks fails before any loading
     start = time.perf_counter()
     data = load_mvtec(args.path, size=args.size, crop=args.crop, max_train=args.max_train, seed=args.seed)
     timings = {"load": time.perf_counter() - start}
@@ -69,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         kwargs = dict(params.get(name, {}))
+        if "device" in get(name)._param_names() and "device" not in kwargs:
+            kwargs["device"] = args.device
+        elif args.device != "cpu" and "device" not in get(name)._param_names():
+            print(f"note: {name} runs on the CPU (it takes no device)")
         detector = get(name)(**kwargs)
         if "seed" not in kwargs:
             detector.with_seed(args.seed)

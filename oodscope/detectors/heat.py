@@ -211,7 +211,10 @@ class HEAT(Detector):
         optimizer = torch.optim.Adam(energy.mlp.parameters(), lr=self.lr, betas=(0.0, 0.999))
         batch = min(self.batch_size, len(data))
         losses = []
-        for _ in range(self.n_iter):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(self.n_iter), desc=f"{self.name} {energy.prior}", unit="step", leave=False, disable=None)
+        for _ in bar:
             real = data[torch.randint(len(data), (batch,), generator=generator)]
             init = energy.project(energy.sample_prior(batch, generator))
             generated = torch.cat([energy.sgld(init, steps, generator), init])
@@ -222,6 +225,8 @@ class HEAT(Detector):
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        bar.close()
         return losses
 
     def _raw_energies(self, features: np.ndarray, chunk: int = 16384) -> dict[str, np.ndarray]:

@@ -149,7 +149,9 @@ class Backbone:
 
 
 def resolve_backbone(backbone: str | nn.Module | Backbone, device: str = "cpu") -> Backbone:
-    return backbone if isinstance(backbone, Backbone) else Backbone(backbone, device=device)
+    from ..extraction.extract import resolve_device
+
+    return backbone if isinstance(backbone, Backbone) else Backbone(backbone, device=str(resolve_device(device)))
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -201,7 +203,7 @@ class ImageDetector(Detector):
         Detectors with networks of their own extend this (calling ``super()._init_networks()``).
         """
         if hasattr(self, "backbone_"):
-            self.backbone_ = resolve_backbone(self.backbone)
+            self.backbone_ = resolve_backbone(self.backbone, device=getattr(self, "device", "cpu"))
 
     def score_and_map(self, x: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """Image scores ``(N,)`` and anomaly maps ``(N, H, W)`` (``None`` if the method does not localise)."""

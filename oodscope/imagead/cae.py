@@ -185,7 +185,9 @@ class ConvAutoencoderAD(ImageDetector):
             self.losses_ = np.empty(self.steps)
             batch = min(self.batch_size, len(images))
             model.train()
-            for step in range(self.steps):  # training steps are sequential by nature
+            from tqdm.auto import tqdm
+
+            for step in tqdm(range(self.steps), desc=self.name, unit="step", leave=False, disable=None):
                 for group in optimiser.param_groups:
                     group["lr"] = self.learning_rate(step)
                 clean = data[torch.randperm(len(data), generator=generator)[:batch]]

@@ -401,7 +401,9 @@ class EfficientAD(ImageDetector):
         order = np.concatenate([rng.permutation(len(train)) for _ in range(-(-self.train_steps // len(train)))]
                                ) if self.train_steps else np.empty(0, dtype=int)
         losses = np.zeros((self.train_steps, 4))  # hard, penalty, ae, stae
-        for step in range(self.train_steps):
+        from tqdm.auto import tqdm
+
+        for step in tqdm(range(self.train_steps), desc=self.name, unit="step", leave=False, disable=None):
             x = torch.from_numpy(train[order[step]:order[step] + 1])
             x_ae = ae_augment(x, rng)
             batch = [x, x_ae]

@@ -34,10 +34,11 @@ class GaussianAD(ImageDetector):
     grid = {"npca_variance": [None, 0.99]}
 
     def __init__(self, backbone="efficientnet_lite0", layers: Sequence[str] = LEVELS,
-                 npca_variance: float | None = None):
+                 npca_variance: float | None = None, device: str = "cpu"):
         self.backbone = backbone
         self.layers = layers
         self.npca_variance = npca_variance
+        self.device = device  # where the backbone runs
 
     def _check_params(self) -> None:
         if len(self.layers) < 1:
@@ -58,7 +59,7 @@ class GaussianAD(ImageDetector):
 
         if len(images) < 2:
             raise ValueError(f"{self.name}: fitting a Gaussian needs at least 2 training images, got {len(images)}")
-        self.backbone_ = resolve_backbone(self.backbone)
+        self.backbone_ = resolve_backbone(self.backbone, device=self.device)
         levels = self._pooled(images)
         self.means_, self.components_, self.cholesky_ = [], [], []
         for x in levels:
@@ -94,5 +95,5 @@ class GaussianADNPCA(GaussianAD):
     grid = {"npca_variance": [0.9, 0.95, 0.99]}
 
     def __init__(self, backbone="efficientnet_lite0", layers: Sequence[str] = LEVELS,
-                 npca_variance: float | None = 0.99):
-        super().__init__(backbone, layers, npca_variance)
+                 npca_variance: float | None = 0.99, device: str = "cpu"):
+        super().__init__(backbone, layers, npca_variance, device)

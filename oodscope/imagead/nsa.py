@@ -209,7 +209,9 @@ class NSA(ImageDetector):
             optimiser = torch.optim.Adam(params, lr=self.lr)
             self.losses_ = np.empty(self.steps)
             batch = self.batch_size
-            for step in range(self.steps):  # training steps are sequential by nature
+            from tqdm.auto import tqdm
+
+            for step in tqdm(range(self.steps), desc=self.name, unit="step", leave=False, disable=None):
                 lr = self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * step / self.steps))
                 for group in optimiser.param_groups:
                     group["lr"] = lr

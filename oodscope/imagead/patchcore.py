@@ -120,8 +120,9 @@ class PatchCore(ImageDetector):
     def __init__(self, backbone="efficientnet_lite0", layers: Sequence[str] = ("stage3", "stage5"),
                  patchsize: int = 3, coreset_ratio: float = 0.1, projection_dim: int | None = 128,
                  num_neighbors: int = 9, sigma: float = 4.0, seed: int = 0, aggregation: str = "reference",
-                 embed_dim: int = 1024):
+                 embed_dim: int = 1024, device: str = "cpu"):
         self.backbone = backbone
+        self.device = device  # where the backbone runs
         self.layers = layers
         self.patchsize = patchsize
         self.aggregation = aggregation
@@ -161,7 +162,7 @@ class PatchCore(ImageDetector):
     def _fit(self, images: np.ndarray) -> None:
         from ..detectors.knn import exact_index
 
-        self.backbone_ = resolve_backbone(self.backbone)
+        self.backbone_ = resolve_backbone(self.backbone, device=self.device)
         bank = self._embed(images)
         self.grid_shape_ = tuple(bank.shape[1:3])
         bank = bank.reshape(-1, bank.shape[-1]).numpy()

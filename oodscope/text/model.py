@@ -213,7 +213,9 @@ def finetune(model: TextClassifier, tokens: np.ndarray, labels: np.ndarray, n_la
     generator = torch.Generator().manual_seed(seed)
     # mini-batches inside the length-sorted chunks, visited in a seeded random order
     pieces = [(i, s) for i, (index, _, _) in enumerate(cached) for s in range(0, len(index), batch_size)]
-    for epoch in range(epochs):
+    from tqdm.auto import tqdm
+
+    for epoch in tqdm(range(epochs), desc="finetune", unit="epoch", leave=False, disable=None):
         total, seen = 0.0, 0
         for k in torch.randperm(len(pieces), generator=generator).tolist():
             chunk, start = pieces[k]
