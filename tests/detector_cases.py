@@ -129,7 +129,7 @@ def gaussian_outputs() -> tuple[Any, Any]:
 @lru_cache(maxsize=None)
 def probability_layer_outputs() -> tuple[Any, Any]:
     """The Gaussian case plus the probability layers that the DOS / MOS heads record: ``fc.absent_probability``
-    (``N x 1``) and ``fc.others_probability`` (``N x 2`` groups); the planted outliers get high ones."""
+    (``N x 1``) and ``fc.others_probability`` (``N x 3`` groups); the planted outliers get high ones."""
     from oodscope import Outputs
 
     base_train, base_test = gaussian_outputs()
@@ -137,10 +137,10 @@ def probability_layer_outputs() -> tuple[Any, Any]:
 
     def layers(n, outliers):
         absent = rng.uniform(0.0, 0.2, (n, 1))
-        others = rng.uniform(0.0, 0.3, (n, 2))
-        others[np.arange(n), rng.integers(0, 2, n)] = rng.uniform(0.9, 1.0, n)  # the group that does not claim it
+        others = rng.uniform(0.9, 1.0, (n, 3))  # groups that do not claim the sample say "others"
+        others[np.arange(n), rng.integers(0, 2, n)] = rng.uniform(0.0, 0.3, n)  # its own group (never the last)
         absent[n - outliers:] = rng.uniform(0.7, 1.0, (outliers, 1))
-        others[n - outliers:] = rng.uniform(0.8, 1.0, (outliers, 2))
+        others[n - outliers:] = rng.uniform(0.8, 1.0, (outliers, 3))
         return {"fc.absent_probability": absent, "fc.others_probability": others}
 
     train = Outputs(logits=base_train.logits, features=base_train.features, labels=base_train.labels,

@@ -19,6 +19,11 @@ from ``--mean``/``--std`` or the model's own configuration (torchvision's and ti
 image processor), else ImageNet's statistics; tables and arrays are cast to float32. :class:`ModelSpec` records
 everything needed to rebuild the same model and preprocessing (``oodscope score`` reloads it from ``model.json``),
 with the sha256 of any file it reads, so a model file changed after ``fit`` is refused.
+
+Trust: a model is code. A TorchScript file is read by TorchScript's own deserialiser (TorchScript modules and
+tensors, no arbitrary Python objects) and its code runs when the model is called; ``package.module:callable``
+imports and runs Python; state dicts (``--weights``) are read with ``weights_only=True``. Point ``--model`` only at
+models you would run anyway.
 """
 
 from __future__ import annotations
