@@ -151,6 +151,20 @@ def probability_layer_outputs() -> tuple[Any, Any]:
 
 
 @lru_cache(maxsize=None)
+def generative_images() -> tuple[np.ndarray, np.ndarray]:
+    """Smooth 8x8 uint8 images (a horizontal gradient with noise); the outliers are white noise, which no density
+    model of smooth images finds likely."""
+    rng = np.random.default_rng(5)
+
+    def smooth(n):
+        ramp = np.linspace(40, 200, 8)[None, None, :, None]
+        return np.clip(ramp + rng.normal(0, 6, (n, 8, 8, 3)), 0, 255).astype(np.uint8)
+
+    noise = rng.integers(0, 256, (N_OUTLIERS, 8, 8, 3), dtype=np.uint8)
+    return smooth(48), np.concatenate([smooth(24), noise])
+
+
+@lru_cache(maxsize=None)
 def tabular_data() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(2)
     train = rng.normal(size=(120, 5))
@@ -227,6 +241,8 @@ TINY: dict[str, dict[str, Any]] = {
     "dte_c": {"epochs": 3, "hidden": (16, 16), "T": 50},
     "heat": {"n_iter": 3, "hidden_dim": 16, "n_hidden_layers": 1, "batch_size": 64, "sgld_steps": 2},
     "gram": {"layers": ["stem", "body"], "poles": [1, 2]},
+    **{name: {"hidden": 8, "blocks": 1, "epochs": 2, "batch_size": 16} for name in
+       ("pixelcnn_nll", "likelihood_ratio", "input_complexity", "typicality")},
     "mahalanobis_ensemble": {"layers": ["stem", "body"]},
     "nac": {"layers": ["stem", "body"], "m_bins": 50, "o_star": 5},
     "rankfeat": {"layer": "body", "iterations": 5},
@@ -253,6 +269,8 @@ def data_for(name: str) -> tuple[Any, Any]:
     family = getattr(cls, "family", "ood")
     if family == "image":
         return images()
+    if family == "generative":
+        return generative_images()
     if name in TEXT:
         return text_outputs()
     if name in PROBABILITY_LAYERS:

@@ -29,12 +29,13 @@ FAMILIES: dict[str, str] = {
     "anomaly": "anomaly detection on tabular rows or given features",
     "image": "image anomaly detection and localisation (fit on defect-free images)",
     "training": "training objectives: fine-tune a classifier (oodscope.training.finetune), then score it post hoc",
+    "generative": "density models of the input images: likelihoods and the statistics that correct them",
 }
 #: the families whose members are detectors (fit / score); "training" holds objectives
-DETECTOR_FAMILIES = ("ood", "anomaly", "image")
+DETECTOR_FAMILIES = ("ood", "anomaly", "image", "generative")
 #: packages whose modules register detectors (imported once, on first use of the registry)
-PACKAGES = ("oodscope.detectors", "oodscope.imagead", "oodscope.training.objectives")
-_SKIP = {"base", "registry", "evaluate"}
+PACKAGES = ("oodscope.detectors", "oodscope.imagead", "oodscope.training.objectives", "oodscope.generative")
+_SKIP = {"base", "registry", "evaluate", "pixelcnn"}
 
 _REGISTRY: dict[str, type["Detector"]] = {}
 _DISCOVERED: set[str] = set()

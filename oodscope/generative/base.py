@@ -1,0 +1,144 @@
+"""The generative family of the detector contract: density models of the input images.
+
+A :class:`GenerativeDetector` is a :class:`~oodscope.detectors.base.Detector` (parameters, ``fit``/``score``,
+``calibrate``/``predict``, ``save``/``load``) whose inputs are **8-bit images**: ``fit(images)`` trains a density
+model on ID images, ``score(images)`` gives one float per image, higher = more OOD. Images are uint8
+``(N, H, W, C)`` (the ``.npz`` layout) or ``(N, C, H, W)``, or floats in [0, 1] on the 1/255 grid (likelihoods of
+8-bit data need the 8-bit values). Images of another size or channel count than the training images, values
+outside [0, 1] and NaN are errors.
+
+The detectors of this family share their trained models: a model is keyed by the training images' sha256 and the
+model's settings and kept in memory for the process, so ``pixelcnn_nll``, ``likelihood_ratio``,
+``input_complexity`` and ``typicality`` fitted on the same images train one PixelCNN (and the likelihood ratio one
+background model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..detectors.base import Detector, NotFittedError
+from ..extraction.outputs import Need
+
+_TRAINED: dict[str, tuple[dict, list[float], list[float]]] = {}  # key -> (state dict, bits/dim, seconds) per epoch
+
+
+def as_uint8_images(data: Any, who: str) -> np.ndarray:
+    """``(N, C, H, W)`` uint8 from uint8 ``NHWC``/``NCHW`` or floats in [0, 1] on the 1/255 grid."""
+    images = np.asarray(getattr(data, "images", getattr(data, "inputs", data)))
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"{who}: expected a non-empty batch of images (N, H, W, C) or (N, C, H, W), got shape "
+                         f"{images.shape}")
+    if images.dtype.kind == "f":
+        if not np.isfinite(images).all():
+            raise ValueError(f"{who}: images contain NaN or inf")
+        low, high = float(images.min()), float(images.max())
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"{who}: float images must lie in [0, 1], got [{low:.4g}, {high:.4g}] (or pass uint8)")
+        scaled = images * 255.0
+        if np.abs(scaled - np.round(scaled)).max() > 1e-3:
+            raise ValueError(f"{who}: likelihoods need 8-bit images; these floats are not multiples of 1/255 "
+                             "(pass the uint8 images)")
+        images = np.round(scaled).astype(np.uint8)
+    elif images.dtype != np.uint8:
+        raise ValueError(f"{who}: expected uint8 images or floats in [0, 1], got dtype {images.dtype}")
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"{who}: expected 1 or 3 channels, got shape {images.shape}")
+    return np.ascontiguousarray(images)
+
+
+class GenerativeDetector(Detector):
+    """Base class of the density-model detectors (see module docstring)."""
+
+    family: ClassVar[str] = "generative"
+    needs: ClassVar[frozenset[Need]] = frozenset({Need.MODEL})
+    trains_network: ClassVar[bool] = True
+
+    def __init__(self, hidden: int = 64, blocks: int = 5, epochs: int = 3, batch_size: int = 64, lr: float = 1e-3,
+                 seed: int = 0, device: str = "cpu"):
+        self.hidden = hidden
+        self.blocks = blocks
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.seed = seed
+        self.device = device
+
+    def _check_params(self) -> None:
+        for name in ("hidden", "blocks", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, np.integer)) and value >= 1):
+                raise ValueError(f"{self.name}: {name} must be an integer >= 1, got {value!r}")
+        if not float(self.lr) > 0:
+            raise ValueError(f"{self.name}: lr must be > 0, got {self.lr!r}")
+
+    # -- the contract on images ---------------------------------------------------------------------------------
+    def fit(self, train: Any, y: np.ndarray | None = None) -> "GenerativeDetector":
+        images = as_uint8_images(train, f"{self.name}: training images")
+        self._check_params()
+        if len(images) < 2 or (images == images[:1]).all():
+            raise ValueError(f"{self.name}: fit needs at least 2 training images that are not all identical")
+        self._reset_fitted()
+        self._fit(images)
+        self._check_reserved()
+        self.input_dims_ = {"image": images.shape[1:]}
+        return self
+
+    def score(self, x: Any) -> np.ndarray:
+        if not hasattr(self, "input_dims_"):
+            raise NotFittedError(f"{self.name} is not fitted: call fit(train_images) first")
+        images = as_uint8_images(x, f"{self.name}: test images")
+        if images.shape[1:] != tuple(self.input_dims_["image"]):
+            raise ValueError(f"{self.name}: images are (C, H, W) = {images.shape[1:]} but the model was trained on "
+                             f"{tuple(self.input_dims_['image'])}; resize them the same way")
+        scores = np.asarray(self._score(images), dtype=np.float64)
+        if scores.shape != (len(images),) or not np.isfinite(scores).all():
+            raise FloatingPointError(f"{self.name}: scores are not {len(images)} finite values")
+        return scores
+
+    # -- the shared, cached density models --------------------------------------------------------------------
+    def _model_settings(self, perturb: float) -> dict[str, Any]:
+        return {"hidden": int(self.hidden), "blocks": int(self.blocks), "epochs": int(self.epochs),
+                "batch_size": int(self.batch_size), "lr": float(self.lr), "seed": int(self.seed),
+                "perturb": float(perturb)}
+
+    def _density_model(self, images: np.ndarray, perturb: float = 0.0):
+        """A PixelCNN trained on ``images`` with this detector's settings (once per process and settings)."""
+        from .pixelcnn import PixelCNN, train
+
+        import torch
+
+        settings = self._model_settings(perturb)
+        key = hashlib.sha256(images.tobytes() + repr((images.shape, sorted(settings.items()))).encode()).hexdigest()
+        with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not from the caller's RNG
+            torch.manual_seed(int(self.seed))
+            model = PixelCNN(images.shape[1], int(self.hidden), int(self.blocks))
+        if key not in _TRAINED:
+            log = train(model, images, epochs=int(self.epochs), batch_size=int(self.batch_size), lr=float(self.lr),
+                        seed=int(self.seed), device=self.device, perturb=perturb,
+                        desc=f"{self.name}{' background' if perturb else ''}")
+            _TRAINED[key] = ({k: v.clone() for k, v in model.state_dict().items()}, log.bits_per_dim, log.seconds)
+        state, bits, seconds = _TRAINED[key]
+        model.load_state_dict(state)
+        return model.eval(), {"train_bits_per_dim": list(bits), "train_seconds": list(seconds)}
+
+    def _new_network(self):
+        from .pixelcnn import PixelCNN
+
+        return PixelCNN(int(self.input_dims_["image"][0]), int(self.hidden), int(self.blocks))
+
+    def _init_networks(self) -> None:
+        """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        self.network_ = self._new_network().eval()
+        if hasattr(self, "background_"):
+            self.background_ = self._new_network().eval()
+
+    def _bits_per_dim(self, images: np.ndarray, network=None) -> np.ndarray:
+        from .pixelcnn import evaluate_bits_per_dim
+
+        return evaluate_bits_per_dim(network if network is not None else self.network_, images)

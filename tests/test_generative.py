@@ -1,0 +1,135 @@
+"""Generative OOD detectors: the discretised logistic likelihood by hand, PixelCNN causality, the four scores,
+the likelihood failure on simple images and its corrections (tiny models, few steps), bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import expit
+
+import oodscope
+from oodscope.generative.input_complexity import png_bits_per_dim
+from oodscope.generative.pixelcnn import PixelCNN, discretised_logistic_log_prob, nll_bits_per_dim
+
+TINY = dict(hidden=16, blocks=2, epochs=10, batch_size=16, lr=3e-3)
+
+
+def test_discretised_logistic_is_a_distribution_over_the_256_values():
+    values = torch.arange(256, dtype=torch.float64) * (2 / 255) - 1
+    for mean, log_scale in ((0.0, 0.0), (0.3, -3.0), (-0.9, -5.0), (0.99, -1.0)):
+        logp = discretised_logistic_log_prob(values, torch.tensor(mean, dtype=torch.float64),
+                                             torch.tensor(log_scale, dtype=torch.float64))
+        assert float(logp.exp().sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bits_per_dim_of_a_constant_model_by_hand():
+    model = PixelCNN(3, hidden=8, blocks=1)
+    with torch.no_grad():
+        model.out[-1].weight.zero_()
+        model.out[-1].bias.zero_()  # every pixel: mean 0, log-scale 0 (scale 1)
+    image = np.random.default_rng(0).integers(0, 256, (1, 3, 4, 4), dtype=np.uint8)
+    x = image.astype(np.float64) * 2 / 255 - 1
+    upper = np.where(x > 0.999, 1.0, expit(x + 1 / 255))
+    lower = np.where(x < -0.999, 0.0, expit(x - 1 / 255))
+    expected = -np.log2(upper - lower).sum() / x.size
+    got = float(nll_bits_per_dim(model, torch.from_numpy(image))[0].detach())
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_pixelcnn_sees_only_previous_pixels():
+    torch.manual_seed(0)
+    model = PixelCNN(3, hidden=8, blocks=2)
+    x = torch.rand(1, 3, 6, 6, requires_grad=True)
+    out = model(x)
+    for row, col in ((0, 0), (2, 3), (5, 5)):
+        (grad,) = torch.autograd.grad(out[0, :, row, col].sum(), x, retain_graph=True)
+        seen = grad[0].abs().sum(0)
+        flat = seen.flatten()
+        position = row * 6 + col
+        assert float(flat[position:].sum()) == 0.0  # the pixel itself and everything after it: no influence
+        if position > 0:
+            assert float(flat[:position].sum()) > 0.0
+
+
+def _smooth_and_simple(seed=0):
+    """ID: 16x16 images with a flat upper half and a textured lower half; OOD: flat everywhere (simpler than any
+    ID image, as MNIST's black background is simpler than CIFAR-10)."""
+    rng = np.random.default_rng(seed)
+
+    def flat(n):
+        base = rng.integers(40, 200, (n, 1, 1, 3)).astype(float)
+        return np.repeat(np.repeat(base, 16, 1), 16, 2) + rng.normal(0, 2, (n, 16, 16, 3))
+
+    def textured(n):
+        images = flat(n)
+        images[:, 8:] += rng.normal(0, 40, (n, 8, 16, 3))
+        return np.clip(images, 0, 255).astype(np.uint8)
+
+    return textured(160), textured(40), np.clip(flat(40), 0, 255).astype(np.uint8)
+
+
+def _auroc(s_in, s_out):
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(np.r_[np.zeros(len(s_in)), np.ones(len(s_out))], np.r_[s_in, s_out])
+
+
+def test_likelihood_prefers_simple_images_and_the_corrections_fix_it():
+    """Nalisnick et al.'s failure in miniature: constant images get a *higher* likelihood than the ID test images;
+    typicality and input complexity rank them as OOD."""
+    train, test, simple = _smooth_and_simple()
+    nll = oodscope.create("pixelcnn_nll", **TINY).fit(train)
+    assert _auroc(nll.score(test), nll.score(simple)) < 0.1  # the flat images look *more* in-distribution
+    typical = oodscope.create("typicality", **TINY).fit(train)
+    assert typical.entropy_ == pytest.approx(float(np.mean(nll.score(train))), rel=1e-9)  # one shared model
+    assert _auroc(typical.score(test), typical.score(simple)) > 0.9
+    complexity = oodscope.create("input_complexity", **TINY).fit(train)
+    np.testing.assert_allclose(complexity.score(simple), nll.score(simple) - png_bits_per_dim(
+        simple.transpose(0, 3, 1, 2)), rtol=1e-12)
+    assert _auroc(complexity.score(test), complexity.score(simple)) > 0.9
+
+
+def test_likelihood_ratio_subtracts_the_background_model():
+    train, test, simple = _smooth_and_simple(1)
+    ratio = oodscope.create("likelihood_ratio", perturb=0.3, **TINY).fit(train)
+    main = oodscope.create("pixelcnn_nll", **TINY).fit(train)
+    background = ratio._bits_per_dim(test.transpose(0, 3, 1, 2), ratio.background_)
+    np.testing.assert_allclose(ratio.score(test), main.score(test) - background, rtol=1e-12)
+    assert not np.allclose(background, main.score(test))  # the background model saw perturbed images
+    assert ratio.background_training_["train_bits_per_dim"][-1] > main.training_["train_bits_per_dim"][-1]
+
+
+def test_png_code_length_by_hand():
+    constant = np.full((1, 3, 32, 32), 7, np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (1, 3, 32, 32), dtype=np.uint8)
+    small, large = png_bits_per_dim(constant)[0], png_bits_per_dim(noise)[0]
+    assert small < 0.5 < 7.5 < large < 8.5  # white noise does not compress (8 bits + PNG overhead)
+
+
+def test_bad_images_are_refused_with_a_message():
+    train, test, _ = _smooth_and_simple()
+    detector = oodscope.create("pixelcnn_nll", **{**TINY, "epochs": 1}).fit(train)
+    with pytest.raises(ValueError, match="trained on"):
+        detector.score(test[:, :8])
+    with pytest.raises(ValueError, match="8-bit"):
+        detector.score(test.astype(np.float32) / 256.0 + 1e-3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        detector.score(test.astype(np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        detector.score(np.full(test.shape, np.nan, np.float32))
+    with pytest.raises(ValueError, match="channels"):
+        detector.score(np.zeros((2, 16, 16, 5), np.uint8))
+    np.testing.assert_allclose(detector.score(test.astype(np.float32) / 255.0), detector.score(test))
+    with pytest.raises(ValueError, match="not all identical"):
+        oodscope.create("pixelcnn_nll", **TINY).fit(np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="perturb"):
+        oodscope.create("likelihood_ratio", perturb=1.5).fit(train)
+
+
+def test_a_diverging_fit_stops_with_a_clear_error():
+    train, _, _ = _smooth_and_simple()
+    with pytest.raises(FloatingPointError, match="lower lr"):
+        oodscope.create("pixelcnn_nll", hidden=8, blocks=1, epochs=1, lr=1e12).fit(train)
