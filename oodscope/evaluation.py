@@ -116,9 +116,11 @@ def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str,
         train: ID training data, needed only to fit unfitted detectors.
         val: held-out labelled ID data, given to unfitted detectors that declare ``Need.VALIDATION``
             (``fit(train, val=val)``, e.g. temperature scaling's temperature).
-        model, preprocess, layers, extract_options: when given, raw datasets are extracted with
-            :func:`oodscope.extract` (cached) before scoring.
+        model: when given, raw datasets are extracted with :func:`oodscope.extract` (cached) before scoring.
+        preprocess: the model's input preprocessing, for that extraction.
+        layers: intermediate layers to record in that extraction.
         progress: show a progress bar over detectors (fit and score).
+        **extract_options: further options of :func:`oodscope.extract` (``cache_dir``, ``device``, ...).
     """
     detectors = labelled_detectors(detectors)
     groups = _as_groups(ood)

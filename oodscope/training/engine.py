@@ -139,7 +139,7 @@ def _check_outliers(outliers: Any, train_images: np.ndarray, objective: Objectiv
     return images
 
 
-def finetune(model, train: Any, objective: Objective | str, outliers: Any = None, *, epochs: int = 10,
+def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any = None, *, epochs: int = 10,
              lr: float = 0.001, batch_size: int = 128, outlier_batch_size: int | None = None,
              schedule: str = "cosine", momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0,
              device: str = "cpu", checkpoint_dir: str | Path | None = None, preprocess: Callable | None = None,
@@ -152,13 +152,21 @@ def finetune(model, train: Any, objective: Objective | str, outliers: Any = None
         train: ID images (uint8 ``N x H x W x C``, the ``.npz`` layout, or float ``N x C x H x W``) and labels.
         objective: a registered training objective (``oodscope.available(family="training")``) or its name.
         outliers: auxiliary outlier images of the same size, for objectives that declare ``Need.OUTLIERS``.
-        epochs, lr, batch_size, outlier_batch_size (default ``2 * batch_size``, as in OE's code), schedule
-            (``"cosine"`` per step to 0, or ``"constant"``), momentum, weight_decay: SGD with Nesterov momentum.
-        seed: data order, augmentation, outlier draws. device: ``"cpu"``, ``"cuda"``, ... (AMP on CUDA).
+        epochs: passes over the ID training images.
+        lr: SGD's learning rate (Nesterov momentum).
+        batch_size: ID images per step.
+        outlier_batch_size: outliers per step (default ``2 * batch_size``, as in OE's code).
+        schedule: ``"cosine"`` (per step, to 0) or ``"constant"``.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        seed: data order, augmentation, outlier draws.
+        device: ``"cpu"``, ``"cuda"``, ... (AMP on CUDA).
         checkpoint_dir: where the per-epoch checkpoint lives; a rerun resumes from it.
         preprocess: maps a raw image batch tensor to the model input (e.g. the model's ``ImageNormalize``).
         augmentation: random crop (padding 4) and horizontal flip of channels-last images.
         max_steps: stop each epoch after this many steps (for short CPU schedules; part of the checkpoint identity).
+        copy: train a copy of ``model`` (default) or ``model`` itself.
+        progress: show a progress bar per epoch with the loss terms.
     """
     import torch
     from tqdm.auto import tqdm
