@@ -2,8 +2,9 @@
 
 The main script keeps each run's last checkpoint in ``CACHE/<method>-seed<s>/finetune.pt`` (under
 ``CACHE/<epochs>x<max_steps>`` with the current script; ``CACHE/<method>-seed<s>-<epochs>x<max_steps>`` for the
-runs in ``finetune_cifar10.md``); the extraction cache makes this a re-read of the same outputs. Each method is
-scored with its own score (MSP, or energy for energy-OE) and the control with both.
+first runs of ``finetune_cifar10.md``); the extraction cache makes this a re-read of the same outputs. Each method is
+scored with its own score (the objective's ``score_detector()``) and the control with MSP, energy and SCALE. The
+objectives that change the network rebuild their head (``adapt``) before the checkpoint is loaded and deploy it.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/finetune_cifar10_per_set.py --runs 3x79
 """
@@ -22,7 +23,8 @@ from oodscope.models.cifar_resnet import build_cifar_resnet, cifar_preprocess
 from oodscope.training.compare import subsample
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
-SCORES = {"cross_entropy": ("msp", "energy"), "oe": ("msp",), "energy_oe": ("energy",), "logitnorm": ("msp",)}
+METHODS = ("cross_entropy", "oe", "energy_oe", "logitnorm", "mixoe", "dos", "mos", "abet", "ish")
+CONTROL_SCORES = ("msp", "energy", "scale")
 
 
 def main() -> None:
@@ -37,25 +39,33 @@ def main() -> None:
     cache = Path(args.cache_dir)
     options = dict(preprocess=preprocess, cache_dir=cache, progress=False, batch_size=500)
     sets = {name: subsample(split, args.per_set)[0] for sets in bench.ood.values() for name, split in sets.items()}
-    print(f"{'method':<14}{'score':<8}" + "".join(f"{name + ' AUROC':>16}{'FPR95':>8}" for name in sets))
-    for method, scores in SCORES.items():
-        results = {score: {name: [] for name in sets} for score in scores}
+    print(f"{'method':<14}{'score':<14}" + "".join(f"{name + ' AUROC':>16}{'FPR95':>8}" for name in sets))
+    for method in METHODS:
+        objective = oodscope.detectors.get(method)()
+        results: dict = {}
         for seed in args.seeds.split(","):
-            path = cache / f"{method}-seed{seed}-{args.runs}" / "finetune.pt"
-            model = build_cifar_resnet("cifar10_resnet20")
+            flat = cache / f"{method}-seed{seed}-{args.runs}" / "finetune.pt"
+            path = flat if flat.exists() else cache / args.runs / f"{method}-seed{seed}" / "finetune.pt"
+            model = objective.adapt(build_cifar_resnet("cifar10_resnet20"), 10,
+                                    (bench.train.inputs, bench.train.labels), preprocess)
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-            model.eval()
-            test = oodscope.extract(model, subsample(bench.test, args.per_set), name="test", **options)
+            model = objective.deploy(model).eval()
+            detectors = [oodscope.create(d) for d in CONTROL_SCORES] if method == "cross_entropy" else \
+                [objective.score_detector()]
+            layers = sorted({layer for d in detectors for layer in d.layer_names()})
+            test = oodscope.extract(model, subsample(bench.test, args.per_set), name="test", layers=layers,
+                                    **options)
             for name, images in sets.items():
-                ood = oodscope.extract(model, images, name=name, **options)
-                for score in scores:
-                    detector = oodscope.create(score).fit(test)
+                ood = oodscope.extract(model, images, name=name, layers=layers, **options)
+                for detector in detectors:
+                    detector.fit(test)
                     m = oodscope.metrics.ood_metrics(detector.score(test), detector.score(ood))
-                    results[score][name].append((100 * m["auroc"], 100 * m["fpr95"]))
-        for score in scores:
-            cells = "".join(f"{np.mean([v[0] for v in results[score][n]]):>16.2f}"
-                            f"{np.mean([v[1] for v in results[score][n]]):>8.2f}" for n in sets)
-            print(f"{method:<14}{score:<8}{cells}")
+                    results.setdefault(detector.label, {n: [] for n in sets})[name].append(
+                        (100 * m["auroc"], 100 * m["fpr95"]))
+        for score, by_set in results.items():
+            cells = "".join(f"{np.mean([v[0] for v in by_set[n]]):>16.2f}"
+                            f"{np.mean([v[1] for v in by_set[n]]):>8.2f}" for n in sets)
+            print(f"{method:<14}{score:<14}{cells}", flush=True)
 
 
 if __name__ == "__main__":
