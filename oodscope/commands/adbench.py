@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "to the true one (in results.json)")
     parser.add_argument("--out", default="oodscope-adbench", help="output directory (default: ./oodscope-adbench)")
     parser.add_argument("--quiet", action="store_true", help="no per-run lines")
+    parser.add_argument("--device", default="cpu",
+                        help="where the network detectors (Deep SVDD/SAD, DTE-C, DRPO) train: cpu (default), cuda, "
+                             "mps, auto; scores are computed on the CPU")
     parser.set_defaults(run=run)
 
 
@@ -53,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
         detectors = [name for name in detectors if not get(name).trains_network]
     datasets = load_all(args.datasets, args.label_column)
     seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
+    from ..extraction.extract import resolve_device
+
+    resolve_device(args.device)  # a device this machine lacks fails before any fit
+    params = {name: {"device": args.device} for name in detectors if "device" in get(name)._param_names()}
     records, seconds = run_protocol(detectors, datasets, args.protocol, seeds=seeds, resample_to=args.resample_to,
+                                    params=params,
                                     log=None if args.quiet else print)
     summary = summarise(records)
     print(format_summary(summary, args.protocol))
