@@ -19,7 +19,7 @@ import torch
 
 import oodscope
 from oodscope.data.spec import load_benchmark_dir
-from oodscope.models.cifar_resnet import build_cifar_resnet, cifar_preprocess
+from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
 from oodscope.training.compare import subsample
 
 BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
@@ -46,8 +46,9 @@ def main() -> None:
         for seed in args.seeds.split(","):
             flat = cache / f"{method}-seed{seed}-{args.runs}" / "finetune.pt"
             path = flat if flat.exists() else cache / args.runs / f"{method}-seed{seed}" / "finetune.pt"
-            model = objective.adapt(build_cifar_resnet("cifar10_resnet20"), 10,
-                                    (bench.train.inputs, bench.train.labels), preprocess)
+            pretrained = load_cifar_resnet("cifar10_resnet20", BENCH / "models" / "cifar10_resnet20.pth")
+            model = objective.adapt(pretrained, 10, (bench.train.inputs, bench.train.labels), preprocess)  # MOS:
+            # its k-means groups come from the pretrained model's features, as in training
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
             model = objective.deploy(model).eval()
             detectors = [oodscope.create(d) for d in CONTROL_SCORES] if method == "cross_entropy" else \
