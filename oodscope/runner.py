@@ -50,11 +50,17 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
     """
     start = time.perf_counter()
     tune_first = options.pop("tune", False)
+    made = labelled_detectors(detectors)
+    # detectors that read nothing but recorded layers (a training objective's head statistics: absent_class,
+    # min_others) need those layers in the one extraction pass
+    recorded = sorted({layer for d in made.values() if d.needs == frozenset({Need.LAYERS})
+                       for layer in d.layer_names()})
+    if recorded and "layers" not in options:
+        options["layers"] = recorded
     outputs = extract_benchmark(bench, model, preprocess, **options)
     extract_seconds = time.perf_counter() - start
     for name, out in outputs.items():
         out.name = name
-    made = labelled_detectors(detectors)
     tuned = tune_on_validation(made, outputs, list(bench.ood_val)) if tune_first else {}
     ood = {group: {dataset: outputs[f"{group}/{dataset}"] for dataset in sets} for group, sets in bench.ood.items()}
     # held-out data goes to the detectors that declare it (Need.VALIDATION: the val split; the OOD val sets are

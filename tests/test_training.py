@@ -284,6 +284,21 @@ def test_train_cli_fine_tunes_writes_weights_and_bench_results(tmp_path, capsys,
     assert "not a training objective" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method", ["dos", "mos"])
+def test_train_cli_runs_the_objectives_that_change_the_head_and_adds_their_own_score(method, tmp_path, capsys,
+                                                                                      tiny_cli_bench):
+    bench, weights, outliers = tiny_cli_bench
+    out = tmp_path / "out"
+    args = ["train", str(bench), "--model", "cifar10_resnet20", "--weights", str(weights), "--method", method,
+            "--epochs", "1", "--max-steps", "2", "--train-batch-size", "8", "--detectors", "msp",
+            "--cache-dir", str(tmp_path / "cache"), "--quiet", "--out", str(out)]
+    assert main(args + (["--outliers", str(outliers)] if method == "dos" else [])) == 0
+    own = oodscope.create(method).score
+    _, records = read_results(out / "results.json")
+    assert {r["detector"] for r in records} == {"msp", own}
+    assert all(0 <= r["auroc"] <= 100 for r in records)
+
+
 def test_train_bench_compares_methods_with_the_control(tmp_path, capsys, tiny_cli_bench):
     bench, weights, outliers = tiny_cli_bench
     out = tmp_path / "out"

@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
           f"{history.images_per_second:.1f} img/s; last epoch {history.epochs[-1]}; wrote {out / 'finetuned.pth'}")
     prepared.model = model.eval()
     prepared.model_name = f"{prepared.model_name}+{objective.label}"
+    named = [n.strip() for n in args.detectors.split(",")] if args.detectors != "all" else None
+    if named is not None and objective.score not in named:  # the paper's own score is always on the leaderboard
+        args.detectors = ",".join(named + [objective.score])
     training = {"objective": objective.label, "own_score": objective.score, "epochs": args.epochs,
                 "max_steps": args.max_steps, "lr": args.lr, "batch_size": args.train_batch_size,
                 "seed": args.train_seed, "outliers": args.outliers, "history": history.epochs,
