@@ -50,6 +50,24 @@ class Results:
         """Per-dataset records followed by the group means, each with exactly :data:`RECORD_KEYS`."""
         return [{k: r[k] for k in RECORD_KEYS} for r in self.records] + self.group_means()
 
+    def degenerate_notes(self, few_values: int = 10) -> list[str]:
+        """One line per detector whose result needs a word: scores that take at most ``few_values`` distinct
+        values on the ID test set (collapsed, e.g. a saturated calibration), or a ranking that is inverted (group
+        mean AUROC under 50: the detector scores OOD as *more* ID than ID)."""
+        notes = []
+        for detector, by_set in self.scores.items():
+            id_scores = np.asarray(by_set.get(self.id_name, ()), dtype=np.float64)
+            distinct = len(np.unique(id_scores)) if id_scores.size else 0
+            if id_scores.size and distinct <= few_values:
+                notes.append(f"{detector}: its scores on {self.id_name} take only {distinct} distinct value"
+                             f"{'s' if distinct != 1 else ''} over {id_scores.size} samples (collapsed; ties "
+                             "decide its ranking)")
+            for r in self.group_means():
+                if r["detector"] == detector and r["auroc"] < 50.0:
+                    notes.append(f"{detector}: inverted on {r['group']} (mean AUROC {r['auroc']:.2f} < 50: it "
+                                 "scores these OOD sets as more in-distribution than the ID test set)")
+        return notes
+
     def leaderboard(self) -> str:
         """A text table: detector x group, sorted by group then AUROC, with each detector's time."""
         from .results_io import format_table

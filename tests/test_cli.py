@@ -10,6 +10,10 @@ def test_bench_default_runs_offline_and_writes_outputs(tmp_path, capsys):
     assert main(["bench", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "detector" in printed and "ID accuracy" in printed
+    # a degenerate result is never shown without a word: ash_s is inverted on the digits bench
+    assert "note: ash_s: inverted on near" in printed
+    assert "degenerate-notes" in (out / "report.html").read_text() and "ash_s: inverted" in (
+        out / "report.html").read_text()
     meta, records = read_results(out / "results.json")
     assert all(set(r) == {"detector", "dataset", "group", "auroc", "fpr95", "aupr_in", "aupr_out"} for r in records)
     assert (out / "results.csv").read_text().startswith("detector,dataset,group,auroc,fpr95,aupr_in,aupr_out")
@@ -78,3 +82,21 @@ def test_bench_tune_needs_ood_val(capsys, tmp_path):
     assert main(["bench", "--tune", "--detectors", "knn", "--cache-dir", str(tmp_path), "--quiet",
                  "--out", str(tmp_path / "o")]) == 2
     assert "[ood.val]" in capsys.readouterr().err
+
+
+def test_degenerate_notes_name_collapsed_and_inverted_scores():
+    import numpy as np
+
+    from oodscope.evaluation import Results
+
+    rng = np.random.default_rng(0)
+    scores = {"collapsed": {"id": np.repeat([0.0, 1.0], 50), "ood": np.ones(40)},
+              "inverted": {"id": rng.normal(1.0, 0.1, 100), "ood": rng.normal(0.0, 0.1, 40)},
+              "fine": {"id": rng.normal(0.0, 0.1, 100), "ood": rng.normal(1.0, 0.1, 40)}}
+    records = [{"detector": d, "dataset": "ood", "group": "near", "auroc": a, "fpr95": 0.0, "aupr_in": 0.0,
+                "aupr_out": 0.0} for d, a in (("collapsed", 70.0), ("inverted", 0.0), ("fine", 100.0))]
+    results = Results(records=records, id_accuracy=None, seconds={}, scores=scores, groups={"near": ["ood"]})
+    notes = results.degenerate_notes()
+    assert len(notes) == 2
+    assert notes[0].startswith("collapsed: its scores on id take only 2 distinct values over 100 samples")
+    assert notes[1].startswith("inverted: inverted on near (mean AUROC 0.00 < 50")

@@ -82,6 +82,8 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     for name, count in bench.overlaps.items():
         print(f"warning: {count} images of OOD set {name} are identical to ID images")
     print(results.leaderboard())
+    for note in results.degenerate_notes():
+        print(f"note: {note}")
     for name, params in results.tuned.items():
         print(f"tuned on validation: {name} {params}")
     records, report_options = results.table(), {}

@@ -146,6 +146,10 @@ def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oo
     parts.append("<h2>Leaderboard</h2><p class='note'>Mean over each group's OOD sets; metrics in percent; "
                  "FPR@95 = share of OOD accepted when 95 % of ID is kept; higher AUROC is better.</p>")
     parts.append(_leaderboard_html(results.group_means(), groups, results.seconds, "leaderboard"))
+    notes = results.degenerate_notes()
+    if notes:
+        parts.append("<h3>Results that need a word</h3><ul id='degenerate-notes'>"
+                     + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     parts.append("<h2>Every OOD set</h2>")
     columns = ["detector", "group", "dataset", *METRICS]
     parts.append(_table(results.records, columns, ["detector", "group", "dataset",
