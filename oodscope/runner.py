@@ -51,6 +51,13 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
     start = time.perf_counter()
     tune_first = options.pop("tune", False)
     made = labelled_detectors(detectors)
+    on_images = {label: d for label, d in made.items() if getattr(d, "family", "") == "generative"}
+    made = {label: d for label, d in made.items() if label not in on_images}
+    if not made:  # only density models of the images: no forward pass of the classifier
+        groups = {group: list(sets) for group, sets in bench.ood.items()}
+        results = Results(records=[], id_accuracy=None, seconds={}, groups=groups, id_name="test")
+        score_images(results, on_images, bench)
+        return results, {"extract": 0.0, "total": time.perf_counter() - start}
     # detectors that read nothing but recorded layers (a training objective's head statistics: absent_class,
     # min_others) need those layers in the one extraction pass
     recorded = sorted({layer for d in made.values() if d.needs == frozenset({Need.LAYERS})
@@ -68,7 +75,29 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
     results = evaluate(made, outputs["test"], ood, train=outputs["train"], val=outputs["val"],
                        progress=options.get("progress", False))
     results.tuned = tuned
+    score_images(results, on_images, bench)
     return results, {"extract": extract_seconds, "total": time.perf_counter() - start}
+
+
+def score_images(results: Results, detectors: dict[str, Detector], bench: Benchmark) -> None:
+    """Fit detectors that take the raw images (family ``generative``) on ``bench.train`` and add their records
+    and scores to ``results`` (the same metrics, groups and ID set as the rest of the run)."""
+    from .evaluation import METRICS
+    from .metrics import ood_metrics
+
+    for label, detector in detectors.items():
+        start = time.perf_counter()
+        if not hasattr(detector, "input_dims_"):
+            detector.fit(bench.train.inputs)
+        by_set = {results.id_name: detector.score(bench.test.inputs)}
+        for group, sets in bench.ood.items():
+            for name, split in sets.items():
+                by_set[name] = detector.score(split.inputs)
+                values = ood_metrics(by_set[results.id_name], by_set[name])
+                results.records.append({"detector": label, "dataset": name, "group": group,
+                                        **{k: 100.0 * values[k] for k in METRICS}})
+        results.scores[label] = by_set
+        results.seconds[label] = time.perf_counter() - start
 
 
 def tune_on_validation(detectors: dict[str, Detector], outputs: dict[str, Outputs],

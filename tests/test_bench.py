@@ -479,3 +479,27 @@ def test_bench_protocols_on_an_image_folder_bench(tiny_bench, random_weights, tm
     failure = [r for r in records if r.get("setting") == "failure"]
     assert [r["dataset"] for r in failure] == ["test+shifted+ood"] * 2
     assert all(r["error_rate_shifted"] is not None for r in failure)
+
+
+def test_bench_runs_the_generative_family_on_the_images_next_to_the_classifier_detectors(tiny_bench, random_weights,
+                                                                                       tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["bench", str(tiny_bench), "--model", "cifar10_resnet20", "--weights", str(random_weights), "--groups",
+            "near", "--no-cache", "--quiet"]
+    assert main(base + ["--detectors", "msp,typicality", "--out", str(out)]) == 0
+    _, records = read_results(out / "results.json")
+    assert {r["detector"] for r in records} == {"msp", "typicality"}
+    assert all(0 <= r["auroc"] <= 100 for r in records)
+    assert main(base + ["--family", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "--family 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_family_generative_runs_every_density_detector(tiny_bench, random_weights, tmp_path):
+    import oodscope
+
+    out = tmp_path / "gen"
+    assert main(["bench", str(tiny_bench), "--model", "cifar10_resnet20", "--weights", str(random_weights),
+                 "--groups", "near", "--no-cache", "--quiet", "--family", "generative", "--out", str(out)]) == 0
+    _, records = read_results(out / "results.json")
+    assert {r["detector"] for r in records} == set(oodscope.available(family="generative"))

@@ -23,6 +23,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, help="local weights file for --model")
     parser.add_argument("--data-root", default=None, help="where built-in benchmarks keep downloaded data")
     parser.add_argument("--detectors", default="all", help="comma-separated names, or 'all' (default)")
+    parser.add_argument("--family", default=None,
+                        help="run every detector of this family instead (e.g. generative: density models of the "
+                             "images, fitted on [id].train)")
     parser.add_argument("--out", default="oodscope-results", help="output directory (default: ./oodscope-results)")
     parser.add_argument("--cache-dir", default=None, help="extraction cache (default: $OODSCOPE_CACHE or ~/.cache/oodscope)")
     parser.add_argument("--device", default="auto", help="torch device (default: auto = CUDA if present)")
@@ -69,6 +72,13 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     from .. import protocols
 
     protocols.parse(getattr(args, "protocol", None))  # an unknown protocol fails before any work
+    if getattr(args, "family", None):
+        from ..detectors import available
+        from ..detectors.registry import DETECTOR_FAMILIES
+
+        if args.family not in DETECTOR_FAMILIES:
+            raise ValueError(f"--family {args.family!r}: choose one of {', '.join(DETECTOR_FAMILIES)}")
+        args.detectors = ",".join(available(family=args.family))
     detectors = parse_detectors(args.detectors)
     bench = select_groups(prepared.bench, args.groups)
     detectors = {name: create(name) for name in detectors}
@@ -90,6 +100,8 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     if args.full_spectrum:
         from ..fullspectrum import full_spectrum_records, score_shifted
 
+        if any(getattr(d, "family", "") == "generative" for d in detectors.values()):
+            raise ValueError("--full-spectrum runs the classifier's detectors; leave out the generative family")
         shifted_scores, shifted_accuracy, timing["full-spectrum"] = score_shifted(
             bench, prepared.model, prepared.preprocess, detectors, **extract_options)
         full_spectrum = full_spectrum_records(results, shifted_scores, shifted_accuracy)
@@ -102,8 +114,9 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
                       f"shifted flagged at 95 % TPR {r['flagged']:6.2f} %")
     for name in protocols.parse(getattr(args, "protocol", None)):
         protocol_start = time.perf_counter()
-        context = protocols.Context(bench, prepared.model, prepared.preprocess, labelled, results, extract_options,
-                                    seed=getattr(args, "seed", 0))
+        on_outputs = {label: d for label, d in labelled.items() if getattr(d, "family", "") != "generative"}
+        context = protocols.Context(bench, prepared.model, prepared.preprocess, on_outputs, results,
+                                    extract_options, seed=getattr(args, "seed", 0))
         protocol_records, printed = protocols.run(name, context)
         records += protocol_records
         timing[f"protocol {name}"] = time.perf_counter() - protocol_start
