@@ -33,6 +33,11 @@ class Context:
     extract_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
+    def scores(self, label: str, dataset: str):
+        """The ordinary run's scores of detector ``label`` on ``dataset`` (``results.id_name`` for the ID test
+        set): the protocols reuse them instead of scoring again."""
+        return self.results.scores[label][dataset]
+
     def extract(self, data: Any, name: str):
         from ..extraction.extract import extract
 

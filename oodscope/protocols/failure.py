@@ -54,24 +54,26 @@ def run(context) -> list[dict[str, Any]]:
     from ..data.corruptions import shifted_copy
 
     bench = context.bench
-    clean = context.extract((bench.test.inputs, bench.test.labels), "test")
-    parts = [clean]
+    clean = context.extract((bench.test.inputs, bench.test.labels), "test")  # a cache hit: for its errors
+    errors = [_errors(clean)]
+    shifted = None
     images = bench.test.inputs
     if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[3] == 3 and images.dtype == np.uint8:
         shifted_images, _ = shifted_copy(images, seed=context.seed)
-        parts.append(context.extract((shifted_images, bench.test.labels), "test_shifted"))
-    ood = [context.extract(split.inputs, f"{group}-{name}") for group, sets in bench.ood.items()
-           for name, split in sets.items()]
-    errors = np.concatenate([_errors(p) for p in parts])
-    pool = "test+shifted+ood" if len(parts) == 2 else "test+ood (no shifted copy: needs uint8 RGB images)"
+        shifted = context.extract((shifted_images, bench.test.labels), "test_shifted")
+        errors.append(_errors(shifted))
+    ood_names = [name for sets in bench.ood.values() for name in sets]
+    pool = "test+shifted+ood" if shifted is not None else "test+ood (no shifted copy: needs uint8 RGB images)"
     records = []
     for label, detector in context.detectors.items():
-        values = failure_metrics(np.concatenate([detector.score(p) for p in parts]), errors,
-                                 np.concatenate([detector.score(o) for o in ood]))
+        id_scores = [context.scores(label, context.results.id_name)]
+        if shifted is not None:
+            id_scores.append(detector.score(shifted))
+        values = failure_metrics(np.concatenate(id_scores), np.concatenate(errors),
+                                 np.concatenate([context.scores(label, name) for name in ood_names]))
         records.append({"detector": label, "dataset": pool, "group": "failure", **values, "setting": "failure",
-                        "error_rate_clean": 100.0 * float(_errors(clean).mean()),
-                        "error_rate_shifted": 100.0 * float(_errors(parts[-1]).mean()) if len(parts) == 2
-                        else None})
+                        "error_rate_clean": 100.0 * float(errors[0].mean()),
+                        "error_rate_shifted": 100.0 * float(errors[1].mean()) if shifted is not None else None})
     return records
 
 

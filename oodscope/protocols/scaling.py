@@ -50,8 +50,7 @@ def run(context, alphas=ALPHAS, n: int | None = None) -> list[dict[str, Any]]:
     bench = context.bench
     pick = np.random.default_rng(context.seed).choice(len(bench.test), min(n, len(bench.test)), replace=False)
     pick.sort()
-    clean = context.extract((bench.test.inputs, bench.test.labels), "test")
-    id_scores = {label: d.score(clean) for label, d in context.detectors.items()}
+    id_scores = {label: context.scores(label, context.results.id_name) for label in context.detectors}
     layers = sorted({layer for d in context.detectors.values() for layer in d.layer_names()})
     records = []
     for alpha in alphas:

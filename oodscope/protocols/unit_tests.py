@@ -79,8 +79,7 @@ def run(context, bar: float = BAR, n: int | None = None) -> list[dict[str, Any]]
     images = context.bench.test.inputs
     if not (isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.uint8):
         raise ValueError("--protocol unit-tests needs an ID test set of uint8 N x H x W x C images")
-    clean = context.extract((images, context.bench.test.labels), "test")
-    id_scores = {label: d.score(clean) for label, d in context.detectors.items()}
+    id_scores = {label: context.scores(label, context.results.id_name) for label in context.detectors}
     records = []
     for test in TESTS:
         outputs = context.extract(make_test(test, images, n, context.seed), f"unit-{test}")
