@@ -43,26 +43,23 @@ def floats(text: str | None, what: str) -> tuple[float, ...] | None:
         raise ValueError(f"--{what} must be comma-separated numbers, got {text!r}") from None
 
 
-def load_data(path: str, args: argparse.Namespace, size: int | None):
+def load_data(path: str, args: argparse.Namespace, size: int | None, ignore_columns: tuple[str, ...] = ()):
     from ..data.user_data import load
 
     return load(path, image_size=size, label_column=args.label_column, id_column=args.id_column,
-                image_root=args.image_root)
+                image_root=args.image_root, ignore_columns=ignore_columns)
 
 
-def check_device(device: str) -> str:
-    """A clear error for a device this machine does not have (before any model is loaded)."""
-    from ..extraction.extract import resolve_device
-
-    resolve_device(device)
-    return device
+def resizable(path: str) -> bool:
+    """Images read from files (a folder or an image list) are resized to the model's size when they are read."""
+    return Path(path).is_dir() or path.endswith(".txt")
 
 
-def extract_data(model, preprocess, data, layers, args, name: str):
+def extract_data(model, preprocess, data, layers, args, name: str, head: str):
     from ..extraction.extract import extract
 
     return extract(model, (data.inputs, data.labels) if data.labels is not None else data.inputs, name=name,
-                   preprocess=preprocess, layers=layers, head=args.head, batch_size=args.batch_size,
+                   preprocess=preprocess, layers=layers, head=head, batch_size=args.batch_size,
                    device=args.device, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                    progress=not args.quiet)
 

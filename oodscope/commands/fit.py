@@ -14,8 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
-from ._user_model import (MANIFEST, MODEL_FILE, add_data_arguments, add_model_arguments, check_device,
-                          extract_data, floats, load_data, safe_file_name, write_json_atomic)
+from ._user_model import (MANIFEST, MODEL_FILE, add_data_arguments, add_model_arguments, extract_data, floats,
+                          load_data, resizable, safe_file_name, write_json_atomic)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,25 +34,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..detectors import create
     from ..evaluation import labelled_detectors
+    from ..extraction.extract import resolve_device
     from ..models.spec import ModelSpec, kind_of, load
     from ..runner import parse_detectors
 
     start = time.perf_counter()
     if not 0.0 < args.keep < 1.0:
         raise ValueError(f"--keep must lie in (0, 1), got {args.keep}")
-    check_device(args.device)
+    resolve_device(args.device)  # a device this machine lacks fails before any loading
     kind_of(args.model)  # a bad --model is named before any data is read
     detectors = labelled_detectors([create(name) for name in parse_detectors(args.detectors)])
     spec = ModelSpec(args.model, weights=args.weights, size=args.size, mean=floats(args.mean, "mean"),
                      std=floats(args.std, "std"), head=args.head)
-    train = load_data(args.train, args, spec.size)
-    model, preprocess, resolved = load(spec, images=train.kind == "images")
-    if train.kind == "images" and resolved.size and spec.size is None and train.inputs.shape[1] != resolved.size:
-        train = load_data(args.train, args, resolved.size)  # the model's own input size
+    if resizable(args.train):  # image files: the model first, so they are read once at its input size
+        model, preprocess, resolved = load(spec, images=True)
+        train = load_data(args.train, args, resolved.size)
+    else:
+        train = load_data(args.train, args, spec.size)
+        model, preprocess, resolved = load(spec, images=train.kind == "images")
     val = load_data(args.val, args, resolved.size) if args.val else None
     layers = sorted({layer for d in detectors.values() for layer in d.layer_names()})
-    train_out = extract_data(model, preprocess, train, layers, args, "fit-train")
-    val_out = None if val is None else extract_data(model, preprocess, val, layers, args, "fit-val")
+    train_out = extract_data(model, preprocess, train, layers, args, "fit-train", args.head)
+    val_out = None if val is None else extract_data(model, preprocess, val, layers, args, "fit-val", args.head)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"keep": args.keep, "calibrated_on": "val" if val is not None else "train", "detectors": []}

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from ._user_model import MANIFEST, MODEL_FILE, add_data_arguments, check_device, extract_data, load_data
+from ._user_model import MANIFEST, MODEL_FILE, add_data_arguments, extract_data, load_data
 
 FORMATS = ("csv", "parquet", "json")
 
@@ -26,7 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, help="data to score: image folder, list, .npz, .npy, .csv")
     parser.add_argument("--out", required=True, help="the scores file")
     parser.add_argument("--format", choices=FORMATS, default=None, help="default: from --out's suffix, else csv")
-    parser.add_argument("--head", default=None, help=argparse.SUPPRESS)
     add_data_arguments(parser)
     parser.set_defaults(run=run)
 
@@ -48,20 +47,22 @@ def run(args: argparse.Namespace) -> int:
     from ..models.spec import ModelSpec, load
     from ..persistence import load as load_detector
 
-    check_device(args.device)
+    from ..extraction.extract import resolve_device
+
+    resolve_device(args.device)  # a device this machine lacks fails before any loading
     folder = Path(args.detectors)
     model_info, manifest = read_folder(folder)
     kind = model_info.pop("data_kind", "images")
     label_column = model_info.pop("label_column", None)
     spec = ModelSpec.from_json(model_info)
-    args.head = spec.head
     detectors = {entry["label"]: load_detector(folder / entry["file"]) for entry in manifest["detectors"]}
-    data = load_data(args.data, _with_label(args, label_column, kind), spec.size)
+    # a table scored with the label column that fit used drops it from the features when it is there
+    data = load_data(args.data, args, spec.size, ignore_columns=(label_column,) if label_column else ())
     if data.kind != kind:
         raise ValueError(f"{args.data}: {data.kind} data, but the detectors were fitted on {kind}")
     model, preprocess, _ = load(spec, images=kind == "images")
     layers = sorted({layer for d in detectors.values() for layer in d.layer_names()})
-    outputs = extract_data(model, preprocess, data, layers, args, "score")
+    outputs = extract_data(model, preprocess, data, layers, args, "score", spec.head)
     table = {"id": data.ids}
     for label, detector in detectors.items():
         scores = detector.score(outputs)
@@ -74,19 +75,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"scored {len(frame)} rows -> {out}; flagged OOD: " +
           ", ".join(f"{label} {count}" for label, count in flagged.items()))
     return 0
-
-
-def _with_label(args: argparse.Namespace, label_column: str | None, kind: str) -> argparse.Namespace:
-    """A table scored with the fit's label column drops that column from the features when it is present."""
-    if kind == "table" and args.label_column is None and label_column is not None and args.data.endswith(
-            (".csv", ".parquet")):
-        import pandas as pd
-
-        columns = pd.read_csv(args.data, nrows=0).columns if args.data.endswith(".csv") else \
-            pd.read_parquet(args.data).columns
-        if label_column in columns:
-            return argparse.Namespace(**{**vars(args), "label_column": label_column})
-    return args
 
 
 def write_table(frame, out: Path, fmt: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .spec import IMAGE_SUFFIXES, _stack
+from .spec import _stack, image_folder_files
 
 
 @dataclass
@@ -58,19 +58,9 @@ def _kind(inputs: np.ndarray, where: str) -> str:
 
 
 def image_folder(folder: Path, image_size: int | None) -> UserData:
-    classes = sorted(p for p in folder.iterdir() if p.is_dir())
-    if classes:
-        paths, labels = [], []
-        for label, sub in enumerate(classes):
-            files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            paths += files
-            labels += [label] * len(files)
-        labels_array: np.ndarray | None = np.asarray(labels, np.int64)
-    else:
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        labels_array = None
+    paths, labels = image_folder_files(folder)
     images = _stack(paths, image_size, f"image folder {folder}")
-    return UserData(images, labels_array, [str(p.relative_to(folder)) for p in paths], "images")
+    return UserData(images, labels, [str(p.relative_to(folder)) for p in paths], "images")
 
 
 def image_list(path: Path, root: Path, image_size: int | None) -> UserData:
@@ -109,15 +99,30 @@ def array_file(path: Path) -> UserData:
     return UserData(inputs, labels, [str(i) for i in range(len(inputs))], _kind(inputs, str(path)))
 
 
-def table_file(path: Path, label_column: str | None, id_column: str | None) -> UserData:
+def read_table(path: Path):
+    """A CSV or Parquet file as a pandas DataFrame; a clear error naming the file otherwise."""
     import pandas as pd
 
     try:
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
     except ImportError as error:
         raise ImportError(f"reading Parquet needs pyarrow: pip install pyarrow ({error})") from None
     except Exception as error:  # noqa: BLE001 - pandas raises many types for a bad file; name the file
         raise ValueError(f"{path}: cannot read as {path.suffix[1:]} ({type(error).__name__}: {error})") from None
+
+
+def numeric_features(frame, path: Path) -> np.ndarray:
+    """Every column of ``frame`` as float64 features; non-numeric columns are an error."""
+    text = [c for c in frame.columns if frame[c].dtype.kind not in "biuf"]
+    if text:
+        raise ValueError(f"{path}: non-numeric feature columns {text[:5]}; encode them, or name the label / id "
+                         "column (--label-column, --id-column)")
+    return frame.to_numpy(dtype=np.float64)
+
+
+def table_file(path: Path, label_column: str | None, id_column: str | None,
+               ignore_columns: tuple[str, ...] = ()) -> UserData:
+    frame = read_table(path)
     for column in (label_column, id_column):
         if column is not None and column not in frame.columns:
             raise ValueError(f"{path}: no column {column!r}; columns are {list(frame.columns)[:10]}")
@@ -125,19 +130,18 @@ def table_file(path: Path, label_column: str | None, id_column: str | None) -> U
     labels = None
     if label_column is not None:
         labels = _labels(frame[label_column].to_numpy(), len(frame), f"{path} column {label_column!r}")
-    features = frame.drop(columns=[c for c in (label_column, id_column) if c is not None])
-    text = [c for c in features.columns if features[c].dtype.kind not in "biuf"]
-    if text:
-        raise ValueError(f"{path}: non-numeric feature columns {text[:5]}; encode them, or name the label / id "
-                         "column (--label-column, --id-column)")
-    inputs = features.to_numpy(dtype=np.float64)
+    drop = list(dict.fromkeys(c for c in (label_column, id_column, *ignore_columns)
+                              if c is not None and c in frame.columns))
+    inputs = numeric_features(frame.drop(columns=drop), path)
     _kind(inputs, str(path))
     return UserData(inputs, labels, ids, "table")
 
 
 def load(path: str | Path, *, image_size: int | None = None, label_column: str | None = None,
-         id_column: str | None = None, image_root: str | Path | None = None) -> UserData:
-    """The data at ``path`` (see the module docstring); a clear error for anything else."""
+         id_column: str | None = None, image_root: str | Path | None = None,
+         ignore_columns: tuple[str, ...] = ()) -> UserData:
+    """The data at ``path`` (see the module docstring); a clear error for anything else. ``ignore_columns``
+    of a table are dropped when present (``oodscope score`` drops the label column ``fit`` used)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
@@ -148,7 +152,7 @@ def load(path: str | Path, *, image_size: int | None = None, label_column: str |
     elif path.suffix in (".npz", ".npy"):
         data = array_file(path)
     elif path.suffix in (".csv", ".parquet"):
-        data = table_file(path, label_column, id_column)
+        data = table_file(path, label_column, id_column, ignore_columns)
     else:
         raise ValueError(f"{path}: expected an image folder, an image list (.txt), .npz, .npy, .csv or .parquet")
     if len(data) == 0:
