@@ -128,23 +128,15 @@ def load_npz(path: str | Path) -> TabularDataset:
 
 def load_table(path: str | Path, label_column: str = "y") -> TabularDataset:
     """A CSV or Parquet table: every column but ``label_column`` (0 normal, 1 anomaly) is a feature."""
-    import pandas as pd
+    from ..data.user_data import numeric_features, read_table
 
     path = Path(path)
-    try:
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
-    except ImportError as error:
-        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow): {error}") from None
-    except Exception as error:  # noqa: BLE001 - pandas raises many types for a bad file; name the file
-        raise ValueError(f"{path}: cannot read as {path.suffix[1:]} ({type(error).__name__}: {error})") from None
+    frame = read_table(path)
     if label_column not in frame.columns:
         raise ValueError(f"{path}: no label column {label_column!r}; columns are {list(frame.columns)[:10]} "
                          "(choose one with --label-column)")
-    features = frame.drop(columns=[label_column])
-    text = [c for c in features.columns if features[c].dtype.kind not in "biuf"]
-    if text:
-        raise ValueError(f"{path}: non-numeric feature columns {text[:5]}; encode them first")
-    return _checked(path.stem, features.to_numpy(), frame[label_column].to_numpy(), str(path))
+    return _checked(path.stem, numeric_features(frame.drop(columns=[label_column]), path),
+                    frame[label_column].to_numpy(), str(path))
 
 
 def load(name: str, label_column: str = "y") -> TabularDataset:

@@ -122,23 +122,30 @@ def _stack(paths: list[Path], image_size: int | None, where: str) -> np.ndarray:
     return np.stack(images)
 
 
+def image_folder_files(folder: Path) -> tuple[list[Path], np.ndarray | None]:
+    """The images of a folder and their labels: class sub-folders (``ImageFolder`` layout, labels by sorted folder
+    name), or images directly inside (labels ``None``)."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), None
+    paths, labels = [], []
+    for label, sub in enumerate(classes):
+        files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [label] * len(files)
+    return paths, np.asarray(labels, np.int64)
+
+
 def load_image_folder(folder: str | Path, image_size: int | None = None, ood: bool = False) -> Split:
     """Class sub-folders (``ImageFolder`` layout, labels by sorted folder name) or a flat folder of images."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    classes = sorted(p for p in folder.iterdir() if p.is_dir())
-    if classes:
-        paths, labels = [], []
-        for label, sub in enumerate(classes):
-            files = sorted(p for p in sub.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            paths += files
-            labels += [label] * len(files)
-    else:
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        labels = [-1] * len(paths)
+    paths, labels = image_folder_files(folder)
     images = _stack(paths, image_size, f"image folder {folder}")
-    return Split(images, np.full(len(paths), -1, np.int64) if ood else np.asarray(labels, np.int64))
+    if ood or labels is None:
+        labels = np.full(len(paths), -1, np.int64)
+    return Split(images, labels)
 
 
 def load_image_list(list_file: str | Path, root: str | Path, image_size: int | None = None,

@@ -35,18 +35,33 @@ def probability_columns(x: Outputs, layer: str, who: str, columns: int | None = 
     return values
 
 
-class AbsentClass(Detector):
-    """``score(x) = p_{K+1}(x)``, the absent class's softmax probability (read from a layer)."""
+class LayerProbabilities(Detector):
+    """Base of the stateless detectors that read one layer of probabilities recorded by a training objective's
+    head; subclasses give the layer's default name and reduce its columns to a score in ``_score``."""
 
-    name = "absent_class"
     needs = frozenset({Need.LAYERS})
+    columns: int | None = None  # the layer's expected width (None: any)
 
-    def __init__(self, layers: Sequence[str] = (ABSENT_LAYER,)):
+    def __init__(self, layers: Sequence[str] = ()):
         self.layers = layers
 
     def _check_params(self) -> None:
         if len(self.layers) != 1:
-            raise ValueError(f"{self.name}: layers names the one layer holding p_(K+1), got {list(self.layers)}")
+            raise ValueError(f"{self.name}: layers names the one layer holding the probabilities, got "
+                             f"{list(self.layers)}")
+
+    def probabilities(self, x: Outputs) -> np.ndarray:
+        return probability_columns(x, self.layers[0], self.name, self.columns)
+
+
+class AbsentClass(LayerProbabilities):
+    """``score(x) = p_{K+1}(x)``, the absent class's softmax probability (read from a layer)."""
+
+    name = "absent_class"
+    columns = 1
+
+    def __init__(self, layers: Sequence[str] = (ABSENT_LAYER,)):
+        super().__init__(layers)
 
     def _score(self, x: Outputs) -> np.ndarray:
-        return probability_columns(x, self.layers[0], self.name, columns=1)[:, 0]
+        return self.probabilities(x)[:, 0]

@@ -16,26 +16,19 @@ from typing import Sequence
 
 import numpy as np
 
-from ..extraction.outputs import Need, Outputs
-from .absent_class import probability_columns
-from .base import Detector
+from ..extraction.outputs import Outputs
+from .absent_class import LayerProbabilities
 
 OTHERS_LAYER = "fc.others_probability"
 
 
-class MinOthers(Detector):
+class MinOthers(LayerProbabilities):
     """``score(x) = min_k p_k(others | x)`` over the groups (read from a layer)."""
 
     name = "min_others"
-    needs = frozenset({Need.LAYERS})
 
     def __init__(self, layers: Sequence[str] = (OTHERS_LAYER,)):
-        self.layers = layers
-
-    def _check_params(self) -> None:
-        if len(self.layers) != 1:
-            raise ValueError(f"{self.name}: layers names the one layer holding the others probabilities, got "
-                             f"{list(self.layers)}")
+        super().__init__(layers)
 
     def _score(self, x: Outputs) -> np.ndarray:
-        return probability_columns(x, self.layers[0], self.name).min(axis=1)
+        return self.probabilities(x).min(axis=1)

@@ -71,9 +71,11 @@ def compare(model, preprocess, bench, methods: Sequence[str], outliers: np.ndarr
             raise ValueError(f"train-bench: {method!r} needs auxiliary outliers (--outliers FILE.npz)")
     # the control is also scored with every method's own post-hoc score that runs on a plain classifier (energy,
     # SCALE, ...), so that each method is compared with the control on its own score
-    own_scores = {get(m)().score_detector() for m in methods}
-    plain = [d for d in own_scores if not d.layer_names() and d.label not in detectors]
-    plain = list({d.label: d for d in plain}.values())
+    plain = {}
+    for method in methods:
+        own = get(method)().score_detector()
+        if not own.layer_names() and own.label not in detectors:
+            plain[own.label] = own
     rows = []
     for seed in seeds:
         for method in methods:
@@ -85,7 +87,7 @@ def compare(model, preprocess, bench, methods: Sequence[str], outliers: np.ndarr
             own = objective.score_detector()  # the paper's score, e.g. DOS's absent-class probability
             scored = [*detectors, *([] if own.label in detectors else [own])]
             if method == CONTROL:
-                scored += [d for d in plain if d.label not in {getattr(x, "label", x) for x in scored}]
+                scored += [d for label, d in plain.items() if label != own.label]
             row = {"method": method, "seed": int(seed), "own_score": own.label,
                    "train_s": float(sum(history.seconds)), "img_per_s": float(history.images_per_second),
                    **evaluate_model(tuned, preprocess, bench, detectors=scored, per_set=per_set,

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..objective import Objective
+from .cross_entropy import CrossEntropy
 
 
-class AbeT(Objective):
+class AbeT(CrossEntropy):
     """``L = CE(cos(phi, w) / T(x), y)`` with ``T(x) = sigmoid(BN(w_T . phi(x) + b_T))``; score: energy."""
 
     name = "abet"
@@ -34,9 +34,3 @@ class AbeT(Objective):
         name = head_name(model)
         replace_module(model, name, learned_temperature_head(model.get_submodule(name)))
         return model
-
-    def loss(self, logits, labels, outlier_logits=None, **context):
-        from torch.nn import functional as F
-
-        ce = F.cross_entropy(logits, labels)
-        return ce, {"ce": float(ce.detach())}

@@ -14,7 +14,7 @@ class CrossEntropy(Objective):
 
     name = "cross_entropy"
 
-    def loss(self, logits, labels, outlier_logits=None):
+    def loss(self, logits, labels, outlier_logits=None, **context):
         from torch.nn import functional as F
 
         ce = F.cross_entropy(logits, labels)

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..objective import Objective
+from .cross_entropy import CrossEntropy
 
 
-class ISH(Objective):
+class ISH(CrossEntropy):
     """Cross-entropy; the head's weight gradient uses ``exp(s1/s2)``-scaled top-``(1-p)`` activations."""
 
     name = "ish"
@@ -40,9 +40,3 @@ class ISH(Objective):
         name = head_name(model)
         replace_module(model, name, ish_linear(model.get_submodule(name), self.percentile))
         return model
-
-    def loss(self, logits, labels, outlier_logits=None, **context):
-        from torch.nn import functional as F
-
-        ce = F.cross_entropy(logits, labels)
-        return ce, {"ce": float(ce.detach())}
