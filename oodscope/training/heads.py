@@ -19,29 +19,28 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
 
 
-def head_name(model) -> str:
+def head_name(model: nn.Module) -> str:
     """The qualified name of the model's last ``nn.Linear`` (the classifier head), or a clear error."""
-    import torch
-
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not names:
         raise ValueError(f"{type(model).__name__} has no nn.Linear classifier head for the objective to replace")
     return names[-1]
 
 
-def replace_module(model, name: str, module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Set the submodule at dotted ``name`` (e.g. ``"fc"``, ``"classifier.1"``) to ``module``, in place."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
 
-def penultimate(model, inputs) -> tuple[Any, Any]:
+def penultimate(model: nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """``(features, outputs)``: the head's input and the model's output for ``inputs`` (no gradient, as is)."""
-    import torch
-
     head = model.get_submodule(head_name(model))
     seen: dict[str, Any] = {}
     handle = head.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0].detach()))
@@ -51,12 +50,6 @@ def penultimate(model, inputs) -> tuple[Any, Any]:
     finally:
         handle.remove()
     return seen["x"], outputs
-
-
-def _nn():
-    from torch import nn
-
-    return nn
 
 
 class _Head:
@@ -69,138 +62,124 @@ class _Head:
         return self
 
 
-def absent_class_head(linear) -> Any:
+class AbsentClassHead(_Head, nn.Module):
+    """DOS's head. ``joint``: ``(N, K + 1)`` logits (absent class last); deployed: the ``K`` class logits, with
+    ``absent_probability`` = ``softmax_{K+1}(z)_{K+1} = sigmoid(z_abs - logsumexp(z_1..K))``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.absent = nn.Linear(linear.in_features, 1)  # registered first: ``classes`` is the last Linear
+        nn.init.zeros_(self.absent.weight)
+        nn.init.zeros_(self.absent.bias)
+        self.classes = linear
+        self.absent_probability = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, absent = self.classes(x), self.absent(x)
+        if self.joint:
+            return torch.cat([logits, absent], dim=1)
+        self.absent_probability(torch.sigmoid(absent - logits.logsumexp(dim=1, keepdim=True)))
+        return logits
+
+
+def absent_class_head(linear: nn.Linear) -> AbsentClassHead:
     """DOS's head: the pretrained ``K`` class rows plus one absent-class row (zero-initialised)."""
-    nn = _nn()
-
-    class AbsentClassHead(_Head, nn.Module):
-        """``joint``: ``(N, K + 1)`` logits (absent class last); deployed: the ``K`` class logits, with
-        ``absent_probability`` = ``softmax_{K+1}(z)_{K+1} = sigmoid(z_abs - logsumexp(z_1..K))``."""
-
-        def __init__(self, linear):
-            super().__init__()
-            self.absent = nn.Linear(linear.in_features, 1)  # registered first: ``classes`` is the last Linear
-            nn.init.zeros_(self.absent.weight)
-            nn.init.zeros_(self.absent.bias)
-            self.classes = linear
-            self.absent_probability = nn.Identity()
-
-        def forward(self, x):
-            import torch
-
-            logits, absent = self.classes(x), self.absent(x)
-            if self.joint:
-                return torch.cat([logits, absent], dim=1)
-            self.absent_probability(torch.sigmoid(absent - logits.logsumexp(dim=1, keepdim=True)))
-            return logits
-
     return AbsentClassHead(linear)
 
 
-def group_softmax_head(linear, groups: np.ndarray) -> Any:
+class GroupSoftmaxHead(_Head, nn.Module):
+    """MOS's head. ``joint``: the per-group log-probabilities ``(N, G, W)`` (column 0 = "others", padding =
+    -inf); deployed: the ``K`` class logits ``log p_k(c)`` of each class in its own group (their argmax is MOS's
+    prediction, the class with the highest within-group probability), with ``others_probability`` =
+    ``p_k(others)`` for every group (``N x G``)."""
+
+    def __init__(self, linear: nn.Linear, groups: np.ndarray):
+        super().__init__()
+        groups = np.asarray(groups, dtype=np.int64)
+        n_groups = int(groups.max()) + 1
+        if set(groups.tolist()) != set(range(n_groups)):
+            raise ValueError(f"groups must number every group 0..{n_groups - 1} with at least one class, got "
+                             f"{groups}")
+        width = int(np.bincount(groups).max()) + 1
+        padded = np.full((n_groups, width), -1, np.int64)  # per group its columns of z, "others" first; -1: pad
+        position = np.zeros(len(groups), np.int64)  # class -> its column of z
+        flat_index = np.zeros(len(groups), np.int64)  # class -> its place in the flattened (G, W) log-probs
+        start = 0
+        for g in range(n_groups):  # a loop over groups (a handful), not samples
+            members = np.flatnonzero(groups == g)
+            padded[g, :len(members) + 1] = start + np.arange(len(members) + 1)
+            position[members] = start + 1 + np.arange(len(members))
+            flat_index[members] = g * width + 1 + np.arange(len(members))
+            start += len(members) + 1
+        self.groups = nn.Linear(linear.in_features, start)
+        with torch.no_grad():
+            self.groups.weight.zero_()
+            self.groups.bias.zero_()
+            self.groups.weight[position] = linear.weight
+            if linear.bias is not None:
+                self.groups.bias[position] = linear.bias
+        self.register_buffer("padded", torch.from_numpy(padded))
+        self.register_buffer("flat_index", torch.from_numpy(flat_index))
+        self.others_probability = nn.Identity()
+
+    def group_log_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        gathered = self.groups(x)[:, self.padded.clamp(min=0)]
+        return gathered.masked_fill(self.padded < 0, float("-inf")).log_softmax(dim=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp = self.group_log_probabilities(x)
+        if self.joint:
+            return logp
+        self.others_probability(logp[:, :, 0].exp())
+        return logp.flatten(1)[:, self.flat_index]
+
+
+def group_softmax_head(linear: nn.Linear, groups: np.ndarray) -> GroupSoftmaxHead:
     """MOS's head: per group ``k`` of classes, one "others" logit and the group's class logits.
 
     ``groups[c]`` is the group of class ``c``. The class rows start from the pretrained head, the "others" rows at
     zero. Logits are laid out group by group, "others" first (as in the authors' code): ``K + G`` outputs."""
-    import torch
-
-    nn = _nn()
-    groups = np.asarray(groups, dtype=np.int64)
-    n_groups, n_classes = int(groups.max()) + 1, len(groups)
-    if set(groups.tolist()) != set(range(n_groups)):
-        raise ValueError(f"groups must number every group 0..{n_groups - 1} with at least one class, got {groups}")
-    width = int(np.bincount(groups).max()) + 1
-    padded = np.full((n_groups, width), -1, np.int64)  # per group its columns of z, "others" first; -1 = padding
-    position = np.zeros(n_classes, np.int64)  # class -> its column of z
-    flat_index = np.zeros(n_classes, np.int64)  # class -> its place in the flattened (G, W) log-probabilities
-    start = 0
-    for g in range(n_groups):
-        members = np.flatnonzero(groups == g)
-        padded[g, :len(members) + 1] = start + np.arange(len(members) + 1)
-        position[members] = start + 1 + np.arange(len(members))
-        flat_index[members] = g * width + 1 + np.arange(len(members))
-        start += len(members) + 1
-    n_outputs = start
-
-    class GroupSoftmaxHead(_Head, nn.Module):
-        """``joint``: the per-group log-probabilities ``(N, G, W)`` (column 0 = "others", padding = -inf);
-        deployed: the ``K`` class logits ``log p_k(c)`` of each class in its own group (their argmax is MOS's
-        prediction, the class with the highest within-group probability), with ``others_probability`` =
-        ``p_k(others)`` for every group (``N x G``)."""
-
-        def __init__(self, linear):
-            super().__init__()
-            self.groups = nn.Linear(linear.in_features, n_outputs)
-            with torch.no_grad():
-                self.groups.weight.zero_()
-                self.groups.bias.zero_()
-                self.groups.weight[position] = linear.weight
-                if linear.bias is not None:
-                    self.groups.bias[position] = linear.bias
-            self.register_buffer("padded", torch.from_numpy(padded))
-            self.register_buffer("flat_index", torch.from_numpy(flat_index))
-            self.others_probability = nn.Identity()
-
-        def group_log_probabilities(self, x):
-            z = self.groups(x)
-            gathered = z[:, self.padded.clamp(min=0)]
-            gathered = gathered.masked_fill(self.padded < 0, float("-inf"))
-            return gathered.log_softmax(dim=2)
-
-        def forward(self, x):
-            logp = self.group_log_probabilities(x)
-            if self.joint:
-                return logp
-            self.others_probability(logp[:, :, 0].exp())
-            return logp.flatten(1)[:, self.flat_index]
-
-    return GroupSoftmaxHead(linear)
+    return GroupSoftmaxHead(linear, groups)
 
 
-def learned_temperature_head(linear) -> Any:
+class CosineLinear(nn.Linear):
+    """``cos(x, w_c)`` for every class row ``w_c`` (an ``nn.Linear`` so that ``extract`` finds the features as its
+    input; it has no bias)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1, eps=1e-4) @ F.normalize(self.weight, dim=1, eps=1e-4).T
+
+
+class LearnedTemperatureHead(_Head, nn.Module):
+    """AbeT's head: ``logits = cos(phi, w_c) / T(phi)``; ``temperature`` records ``T`` (``N x 1``)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.temperature_logit = nn.Linear(linear.in_features, 1)  # registered first
+        self.temperature_norm = nn.BatchNorm1d(1)
+        self.classes = CosineLinear(linear.in_features, linear.out_features, bias=False)
+        with torch.no_grad():
+            self.classes.weight.copy_(linear.weight)
+        self.temperature = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.sigmoid(self.temperature_norm(self.temperature_logit(x))) + 1e-12
+        self.temperature(t)
+        return self.classes(x) / t
+
+
+def learned_temperature_head(linear: nn.Linear) -> LearnedTemperatureHead:
     """AbeT's head (GODIN's decomposed confidence): cosine class logits divided by a learned temperature.
 
     ``T(x) = sigmoid(BN(w_T . phi(x) + b_T))`` and ``f_c(x) = cos(phi(x), w_c) / T(x)``; the class directions
     start from the pretrained head's rows."""
-    import torch
-
-    nn = _nn()
-
-    class CosineLinear(nn.Linear):
-        """``cos(x, w_c)`` for every class row ``w_c`` (an ``nn.Linear`` so that ``extract`` finds the features as
-        its input; it has no bias)."""
-
-        def forward(self, x):
-            from torch.nn import functional as F
-
-            return F.normalize(x, dim=1, eps=1e-4) @ F.normalize(self.weight, dim=1, eps=1e-4).T
-
-    class LearnedTemperatureHead(_Head, nn.Module):
-        """``logits = cos(phi, w_c) / T(phi)``; ``temperature`` records ``T`` (``N x 1``)."""
-
-        def __init__(self, linear):
-            super().__init__()
-            self.temperature_logit = nn.Linear(linear.in_features, 1)  # registered first
-            self.temperature_norm = nn.BatchNorm1d(1)
-            self.classes = CosineLinear(linear.in_features, linear.out_features, bias=False)
-            with torch.no_grad():
-                self.classes.weight.copy_(linear.weight)
-            self.temperature = nn.Identity()
-
-        def forward(self, x):
-            t = torch.sigmoid(self.temperature_norm(self.temperature_logit(x))) + 1e-12
-            self.temperature(t)
-            return self.classes(x) / t
-
     return LearnedTemperatureHead(linear)
 
 
-def shaped_activations(a, percentile: float):
+def shaped_activations(a: torch.Tensor, percentile: float) -> torch.Tensor:
     """ISH's shaping of the head's input (Xu et al., ICLR 2024, Sec. 4): per sample keep the top
     ``k = int(n (1 - p))`` activations, zero the rest, and multiply the kept ones by ``exp(s1 / s2)`` with
     ``s1`` the sum of all activations and ``s2`` the sum of the kept ones."""
-    import torch
-
     k = max(1, int(a.shape[1] * (1.0 - percentile)))
     values, index = a.topk(k, dim=1)
     s1, s2 = a.sum(dim=1, keepdim=True), values.sum(dim=1, keepdim=True)
@@ -208,39 +187,43 @@ def shaped_activations(a, percentile: float):
     return torch.zeros_like(a).scatter(1, index, values * scale)
 
 
-def ish_linear(linear, percentile: float) -> Any:
+class _ISHFunction(torch.autograd.Function):
+    """``F.linear`` whose weight gradient is ``grad_out^T shaped(a)``; input and bias gradients as usual."""
+
+    @staticmethod
+    def forward(ctx, a, weight, bias, percentile):
+        ctx.save_for_backward(a, weight)
+        ctx.percentile = percentile
+        return F.linear(a, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, weight = ctx.saved_tensors
+        return grad @ weight, grad.T @ shaped_activations(a, ctx.percentile), grad.sum(dim=0), None
+
+
+class ISHLinear(_Head, nn.Linear):
+    """``nn.Linear`` whose weight gradient (training mode) uses ISH's shaped activations."""
+
+    def __init__(self, in_features: int, out_features: int, percentile: float):
+        super().__init__(in_features, out_features, bias=True)
+        self.percentile = percentile
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return _ISHFunction.apply(a, self.weight, self.bias, self.percentile)
+        return super().forward(a)
+
+    def deploy(self) -> nn.Linear:
+        plain = nn.Linear(self.in_features, self.out_features, bias=True)
+        plain.load_state_dict(self.state_dict())
+        return plain
+
+
+def ish_linear(linear: nn.Linear, percentile: float) -> ISHLinear:
     """The head's ``nn.Linear`` with ISH's backward: the forward is unchanged, the weight gradient is
     ``grad_out^T shaped(a)``; the input and bias gradients are the usual ones. In eval mode a plain linear layer."""
-    import torch
-
-    nn = _nn()
-
-    class _ISHFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, a, weight, bias):
-            ctx.save_for_backward(a, weight)
-            return nn.functional.linear(a, weight, bias)
-
-        @staticmethod
-        def backward(ctx, grad):
-            a, weight = ctx.saved_tensors
-            grad_weight = grad.T @ shaped_activations(a, percentile)
-            return grad @ weight, grad_weight, grad.sum(dim=0)
-
-    class ISHLinear(_Head, nn.Linear):
-        """``nn.Linear`` whose weight gradient (training mode) uses ISH's shaped activations."""
-
-        def forward(self, a):
-            if self.training:
-                return _ISHFunction.apply(a, self.weight, self.bias)
-            return super().forward(a)
-
-        def deploy(self):
-            plain = nn.Linear(self.in_features, self.out_features, bias=True)
-            plain.load_state_dict(self.state_dict())
-            return plain
-
-    head = ISHLinear(linear.in_features, linear.out_features, bias=True)
+    head = ISHLinear(linear.in_features, linear.out_features, percentile)
     with torch.no_grad():
         head.weight.copy_(linear.weight)
         head.bias.copy_(linear.bias if linear.bias is not None else torch.zeros(linear.out_features))
