@@ -279,3 +279,15 @@ def test_fit_and_score_leave_the_global_random_state_alone(name):
     finally:
         assert torch.equal(torch.random.get_rng_state(), torch_state), f"{name} changed torch's global RNG"
         assert np.array_equal(np.random.get_state()[1], numpy_state), f"{name} changed numpy's global RNG"
+
+
+NETWORK_TRAINERS = [name for name in ALL if get(name).trains_network]
+
+
+@pytest.mark.parametrize("name", NETWORK_TRAINERS)
+def test_every_network_training_detector_takes_a_device_and_refuses_an_unusable_one(name):
+    assert "device" in get(name)._get_param_names(), f"{name} trains a network but has no device= parameter"
+    c = case(name)
+    c.detector.set_params(device="cuda:99")
+    with pytest.raises((ValueError, RuntimeError), match="cuda:99"):
+        c.detector.fit(c.train)

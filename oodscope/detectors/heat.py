@@ -68,6 +68,13 @@ def _mlp(dim: int, hidden_dim: int, n_hidden_layers: int):
     return nn.Sequential(*layers, nn.Linear(hidden_dim, 1))
 
 
+def _normal_like(z, generator):
+    """Standard normal noise shaped like ``z``, drawn on the CPU ``generator`` and moved to ``z``'s device."""
+    import torch
+
+    return torch.randn(z.shape, generator=generator, dtype=z.dtype).to(z.device)
+
+
 class _Energy:
     """Prior energy + MLP residual for one prior (torch tensors in, per-sample energies out)."""
 
@@ -89,6 +96,15 @@ class _Energy:
         else:
             self.W = torch.from_numpy(np.asarray(head.W, dtype=np.float32))
             self.b = torch.from_numpy(np.asarray(head.b, dtype=np.float32))
+
+    def to(self, device) -> "_Energy":
+        """Move the network and the prior's tensors to ``device`` (training may run on a GPU; scoring runs on
+        the CPU)."""
+        self.mlp.to(device)
+        for key in ("cholesky", "whitener", "means", "log_weights", "W", "b"):
+            if hasattr(self, key):
+                setattr(self, key, getattr(self, key).to(device))
+        return self
 
     def project(self, z):
         import torch
@@ -114,11 +130,12 @@ class _Energy:
     def sample_prior(self, n: int, generator):
         import torch
 
+        # drawn on the CPU generator (the same draws on every device), then moved
         if self.prior == "gmm":
-            classes = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
-            eps = torch.randn(n, self.means.shape[1], generator=generator)
-            return self.means[classes] + eps @ self.cholesky.T
-        return torch.randn(n, self.W.shape[1], generator=generator)
+            classes = torch.multinomial(self.log_weights.exp().cpu(), n, replacement=True, generator=generator)
+            eps = torch.randn(n, self.means.shape[1], generator=generator).to(self.means.device)
+            return self.means[classes.to(self.means.device)] + eps @ self.cholesky.T
+        return torch.randn(n, self.W.shape[1], generator=generator).to(self.W.device)
 
     def sgld(self, z, steps: int, generator):
         import torch
@@ -131,7 +148,7 @@ class _Energy:
             grad = torch.autograd.grad(self.energy(z).sum(), [z])[0]
             step = _schedule(t, steps, cfg["step_size"], cfg["step_size"] * 0.1)
             noise = _schedule(t, steps, cfg["noise"], cfg["noise"] * 0.1)
-            z = self.project(z - step * grad - noise * torch.randn(z.shape, generator=generator, dtype=z.dtype))
+            z = self.project(z - step * grad - noise * _normal_like(z, generator))
         for p in self.mlp.parameters():
             p.requires_grad_(True)
         return z.detach()
@@ -147,7 +164,7 @@ class HEAT(Detector):
 
     def __init__(self, priors: Sequence[str] = ("gmm", "el"), hidden_dim: int = 256, n_hidden_layers: int = 2,
                  n_iter: int = 200, batch_size: int = 128, lr: float = 1e-4, sgld_steps: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, device: str = "cpu"):
         self.priors = priors
         self.hidden_dim = hidden_dim
         self.n_hidden_layers = n_hidden_layers
@@ -156,6 +173,7 @@ class HEAT(Detector):
         self.lr = lr
         self.sgld_steps = sgld_steps
         self.seed = seed
+        self.device = device  # where the energy networks train; scores are computed on the CPU
 
     def _check_params(self) -> None:
         priors = [self.priors] if isinstance(self.priors, str) else list(self.priors)
@@ -179,6 +197,9 @@ class HEAT(Detector):
     def _fit(self, train: Outputs) -> None:
         import torch
 
+        from ..extraction.extract import resolve_device
+
+        device = resolve_device(self.device)
         n_classes = n_classes_for(train, self.name)
         features = np.asarray(train.features, dtype=np.float64)
         normalized = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
@@ -190,8 +211,10 @@ class HEAT(Detector):
                 data = normalized if PRIORS[prior]["normalize"] else features
                 stats = class_stats(data, train.labels, n_classes, self.name) if prior == "gmm" else None
                 energy = _Energy(prior, data.shape[1], self.hidden_dim, self.n_hidden_layers, stats, train.head)
-                self.losses_[prior] = self._train(energy, torch.from_numpy(data.astype(np.float32)), generator)
-                self.energies_[prior] = energy
+                energy.to(device)
+                self.losses_[prior] = self._train(energy, torch.from_numpy(data.astype(np.float32)).to(device),
+                                                  generator)
+                self.energies_[prior] = energy.to("cpu")
         # standardisation of each energy on (a subsample of) the training features
         rows = np.random.default_rng(self.seed).choice(len(features), min(len(features), 10000), replace=False)
         raw = self._raw_energies(features[rows])
@@ -215,10 +238,10 @@ class HEAT(Detector):
 
         bar = tqdm(range(self.n_iter), desc=f"{self.name} {energy.prior}", unit="step", leave=False, disable=None)
         for _ in bar:
-            real = data[torch.randint(len(data), (batch,), generator=generator)]
+            real = data[torch.randint(len(data), (batch,), generator=generator).to(data.device)]
             init = energy.project(energy.sample_prior(batch, generator))
             generated = torch.cat([energy.sgld(init, steps, generator), init])
-            jitter = lambda z: z + DATA_JITTER * torch.randn(z.shape, generator=generator, dtype=z.dtype)
+            jitter = lambda z: z + DATA_JITTER * _normal_like(z, generator)
             e_real, e_gen = energy.mlp(jitter(real)).view(-1), energy.mlp(jitter(generated)).view(-1)
             loss = e_real.mean() - e_gen.mean() + cfg["l2"] * (e_real.pow(2).mean() + e_gen.pow(2).mean())
             optimizer.zero_grad()

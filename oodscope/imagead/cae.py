@@ -101,8 +101,8 @@ def cutout(x: torch.Tensor, generator: torch.Generator, max_count: int = 14,
     cols = torch.arange(w).view(1, 1, 1, w)
     inside = ((rows >= top[..., None, None]) & (rows < (top + bh)[..., None, None])
               & (cols >= left[..., None, None]) & (cols < (left + bw)[..., None, None]) & slots[..., None, None])
-    keep = ~inside.any(dim=1, keepdim=True)  # (N, 1, H, W)
-    return x * keep
+    keep = ~inside.any(dim=1, keepdim=True)  # (N, 1, H, W), drawn on the CPU generator: the same boxes everywhere
+    return x * keep.to(x.device)
 
 
 class ConvAutoencoderAD(ImageDetector):
@@ -117,7 +117,7 @@ class ConvAutoencoderAD(ImageDetector):
                  lambda_mse: float = 0.01, lambda_content: float = 1.0,
                  loss_layers: Sequence[str] = ("stage1", "stage2", "stage3", "stage5"),
                  compare_layer: str = "stage3", feature_size: int | None = None, min_pixels: int = 10,
-                 cutout_max: int = 14, width: float = 1.0, seed: int = 0):
+                 cutout_max: int = 14, width: float = 1.0, seed: int = 0, device: str = "cpu"):
         self.backbone = backbone
         self.input_size = input_size
         self.latent_dim = latent_dim
@@ -134,6 +134,7 @@ class ConvAutoencoderAD(ImageDetector):
         self.cutout_max = cutout_max
         self.width = width
         self.seed = seed
+        self.device = device  # where the autoencoder and the feature network train and run
 
     def _check_params(self) -> None:
         for key in ("input_size", "latent_dim", "steps", "batch_size", "feature_size"):
@@ -172,25 +173,29 @@ class ConvAutoencoderAD(ImageDetector):
         return max(self.lr_min, self.lr * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def _fit(self, images: np.ndarray) -> None:
-        self.backbone_ = resolve_backbone(self.backbone)
+        from ..extraction.extract import resolve_device
+
+        device = resolve_device(self.device)
+        self.backbone_ = resolve_backbone(self.backbone, device=str(device))
         if len(images) < 2:
             raise ValueError(f"cae: training needs at least 2 images (batch norm), got {len(images)}")
         layers = list(dict.fromkeys([*self.loss_layers, self.compare_layer]))
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             generator = torch.Generator().manual_seed(self.seed)
-            model = PCBAutoencoder(self.input_size, self.latent_dim, self.width)
-            data = self._resize(torch.from_numpy(images))
+            model = PCBAutoencoder(self.input_size, self.latent_dim, self.width).to(device)
+            data = self._resize(torch.from_numpy(images).to(device))
             optimiser = torch.optim.Adam(model.parameters(), lr=self.lr)
             self.losses_ = np.empty(self.steps)
             batch = min(self.batch_size, len(images))
             model.train()
             from tqdm.auto import tqdm
 
-            for step in tqdm(range(self.steps), desc=self.name, unit="step", leave=False, disable=None):
+            bar = tqdm(range(self.steps), desc=self.name, unit="step", leave=False, disable=None)
+            for step in bar:
                 for group in optimiser.param_groups:
                     group["lr"] = self.learning_rate(step)
-                clean = data[torch.randperm(len(data), generator=generator)[:batch]]
+                clean = data[torch.randperm(len(data), generator=generator)[:batch].to(device)]
                 noisy = cutout(clean, generator, self.cutout_max) if self.cutout_max else clean
                 out = model(noisy)
                 loss = self.lambda_mse * F.mse_loss(out, clean)
@@ -203,14 +208,20 @@ class ConvAutoencoderAD(ImageDetector):
                 loss.backward()
                 optimiser.step()
                 self.losses_[step] = loss.item()
+                bar.set_postfix(loss=f"{self.losses_[step]:.4g}", refresh=False)
         self.model_ = model.eval()
         for p in self.model_.parameters():
             p.requires_grad_(False)
 
     def _init_networks(self) -> None:
         """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        from ..extraction.extract import resolve_device
+
         super()._init_networks()
-        self.model_ = PCBAutoencoder(self.input_size, self.latent_dim, self.width)
+        self.model_ = PCBAutoencoder(self.input_size, self.latent_dim, self.width).to(resolve_device(self.device))
+
+    def _device(self) -> torch.device:
+        return next(self.model_.parameters()).device
 
     def reconstruct(self, images) -> np.ndarray:
         """Reconstructions ``(N, 3, H, W)`` at the input resolution."""
@@ -220,23 +231,23 @@ class ConvAutoencoderAD(ImageDetector):
         out = []
         with torch.no_grad():
             for start in range(0, len(x), 32):
-                batch = torch.from_numpy(x[start:start + 32])
+                batch = torch.from_numpy(x[start:start + 32]).to(self._device())
                 rec = self.model_(self._resize(batch))
-                out.append(F.interpolate(rec, size=batch.shape[2:], mode="bilinear", align_corners=False))
+                out.append(F.interpolate(rec, size=batch.shape[2:], mode="bilinear", align_corners=False).cpu())
         return torch.cat(out).numpy()
 
     def _predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps = []
         with torch.no_grad():
             for start in range(0, len(images), 32):
-                x = torch.from_numpy(images[start:start + 32])
+                x = torch.from_numpy(images[start:start + 32]).to(self._device())
                 # the reconstruction is brought back to the image size, then both go through the feature network
                 rec = F.interpolate(self.model_(self._resize(x)), size=x.shape[2:], mode="bilinear",
                                     align_corners=False)
                 fx = self._features(x, [self.compare_layer])[self.compare_layer]
                 fr = self._features(rec, [self.compare_layer])[self.compare_layer]
                 diff = (fx - fr).abs().sum(dim=1, keepdim=True)
-                maps.append(F.interpolate(diff, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0])
+                maps.append(F.interpolate(diff, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0].cpu())
         maps_t = torch.cat(maps).double()
         flat = maps_t.reshape(len(maps_t), -1)
         k = min(self.min_pixels + 1, flat.shape[1])

@@ -352,7 +352,9 @@ class EfficientAD(ImageDetector):
         if n_val < 1 or len(images) - n_val < 1:
             raise ValueError(f"efficientad: {len(images)} training images cannot be split into training and "
                              f"validation images (validation_fraction={self.validation_fraction}); give more images")
-        self.device_ = torch.device(self.device)
+        from ..extraction.extract import resolve_device
+
+        self.device_ = resolve_device(self.device)  # a clear error for a device this machine does not have
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(images))
         val, train = images[np.sort(order[:n_val])], images[np.sort(order[n_val:])]

@@ -156,7 +156,7 @@ class NSA(ImageDetector):
     def __init__(self, backbone="efficientnet_lite0", input_size: int = 128, steps: int = 200,
                  batch_size: int = 16, lr: float = 1e-3, lr_min: float = 1e-6, num_patches: int = 4,
                  logistic_k: float = 1 / 3, logistic_x0: float = 7.0, train_encoder: bool = False,
-                 decoder_width: int = 64, seed: int = 0):
+                 decoder_width: int = 64, seed: int = 0, device: str = "cpu"):
         self.backbone = backbone
         self.input_size = input_size
         self.steps = steps
@@ -169,6 +169,7 @@ class NSA(ImageDetector):
         self.train_encoder = train_encoder
         self.decoder_width = decoder_width
         self.seed = seed
+        self.device = device  # where the decoder and the feature network train and run
 
     def _check_params(self) -> None:
         for key in ("input_size", "steps", "batch_size", "num_patches", "decoder_width"):
@@ -192,14 +193,17 @@ class NSA(ImageDetector):
     def _fit(self, images: np.ndarray) -> None:
         if len(images) < 2:
             raise ValueError(f"nsa: synthetic anomalies blend patches between images: need >= 2, got {len(images)}")
-        self.backbone_ = resolve_backbone(self.backbone)
+        from ..extraction.extract import resolve_device
+
+        device = resolve_device(self.device)
+        self.backbone_ = resolve_backbone(self.backbone, device=str(device))
         rng = np.random.default_rng(self.seed)
         small = F.interpolate(torch.from_numpy(images), size=(self.input_size, self.input_size), mode="bilinear",
                               align_corners=False)
         pool = (small.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
-            self.decoder_ = _Decoder(width=self.decoder_width)
+            self.decoder_ = _Decoder(width=self.decoder_width).to(device)
             params = list(self.decoder_.parameters())
             if self.train_encoder:
                 for p in self.backbone_.model.parameters():
@@ -211,16 +215,18 @@ class NSA(ImageDetector):
             batch = self.batch_size
             from tqdm.auto import tqdm
 
-            for step in tqdm(range(self.steps), desc=self.name, unit="step", leave=False, disable=None):
+            bar = tqdm(range(self.steps), desc=self.name, unit="step", leave=False, disable=None)
+            for step in bar:
                 lr = self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * step / self.steps))
                 for group in optimiser.param_groups:
                     group["lr"] = lr
                 x, y = self.synthetic_batch(pool, batch, rng)
-                loss = F.binary_cross_entropy_with_logits(self._logits(x), y)
+                loss = F.binary_cross_entropy_with_logits(self._logits(x.to(device)), y.to(device))
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
                 self.losses_[step] = loss.item()
+                bar.set_postfix(loss=f"{self.losses_[step]:.4g}", refresh=False)
         self.decoder_.eval()
         self.backbone_.model.eval()
         for p in [*self.decoder_.parameters(), *self.backbone_.model.parameters()]:
@@ -228,8 +234,10 @@ class NSA(ImageDetector):
 
     def _init_networks(self) -> None:
         """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
+        from ..extraction.extract import resolve_device
+
         super()._init_networks()
-        self.decoder_ = _Decoder(width=self.decoder_width)
+        self.decoder_ = _Decoder(width=self.decoder_width).to(resolve_device(self.device))
 
     def synthetic_batch(self, pool: np.ndarray, batch: int, rng: np.random.Generator):
         """``batch`` training pairs from uint8 ``(N, H, W, 3)`` normal images: half get NSA anomalies."""
@@ -247,6 +255,7 @@ class NSA(ImageDetector):
         maps = []
         with torch.no_grad():
             for start in range(0, len(images), 32):
-                maps.append(torch.sigmoid(self._logits(torch.from_numpy(images[start:start + 32])))[:, 0])
+                x = torch.from_numpy(images[start:start + 32]).to(next(self.decoder_.parameters()).device)
+                maps.append(torch.sigmoid(self._logits(x))[:, 0].cpu())
         maps_t = torch.cat(maps).double()
         return maps_t.mean(dim=(1, 2)).numpy(), maps_t.numpy()

@@ -82,7 +82,11 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int, ste
            loss_at: Callable[[int], torch.Tensor], path: Path | None, settings: str, every: int, who: str,
            log: Callable[[str], None] | None) -> nn.Module:
     """Optimizer steps ``step .. n_steps - 1`` on ``loss_at(step)``, checkpointing every ``every`` steps; the model
-    ends frozen and in eval mode, also when interrupted."""
+    ends frozen and in eval mode, also when interrupted. A tqdm bar (from the resumed step, the loss in the postfix;
+    off when not a terminal) shows the progress."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_steps, initial=step, desc=who, unit="step", leave=False, disable=None)
     try:
         while step < n_steps:
             loss = loss_at(step)
@@ -91,15 +95,23 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, n_steps: int, ste
             optimizer.step()
             losses.append(float(loss.item()))
             step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", refresh=False)
             if step % every == 0 or step == n_steps:
                 _checkpoint(path, settings, model, optimizer, step, losses)
                 if log is not None:
                     log(f"{who}: step {step}/{n_steps}, mean loss of the last {every}: {np.mean(losses[-every:]):.4f}")
     finally:
+        bar.close()
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
     return model
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are: training runs there (the caller's model is not moved)."""
+    return next(model.parameters()).device
 
 
 def _own_rng(function):
@@ -156,11 +168,12 @@ def finetune_full(model: nn.Module, tokens: np.ndarray, labels: np.ndarray, epoc
                                   {"params": list(model.head.parameters()), "lr": head_lr}])
     path = Path(checkpoint) if checkpoint is not None else None
     step, losses = _resume(path, settings, model, optimizer, "finetune_full", len(plan), log)
-    tokens_t, labels_t = torch.as_tensor(tokens), torch.as_tensor(labels)
+    device = _device_of(model)
+    tokens_t, labels_t = torch.as_tensor(tokens).to(device), torch.as_tensor(labels).to(device)
     model.train(dropout)
 
     def loss_at(k: int) -> torch.Tensor:
-        index = torch.as_tensor(plan[k])
+        index = torch.as_tensor(plan[k]).to(device)
         return nn.functional.cross_entropy(model(tokens_t[index]), labels_t[index])
 
     return _train(model, optimizer, len(plan), step, losses, loss_at, path, settings, every, "finetune_full", log)
@@ -174,7 +187,8 @@ def lower_states(model: nn.Module, tokens: np.ndarray, first: int, chunk: int = 
 
     Returns ``[(index, states, mask), ...]`` over length-sorted chunks of ``chunk`` texts, each trimmed to its
     longest text. With ``store`` (a folder), every chunk is saved there atomically when computed and read back
-    on a later call: an interrupted run resumes chunk by chunk.
+    on a later call: an interrupted run resumes chunk by chunk. The blocks run where the model is; the states are
+    kept on the CPU.
     """
     from .model import extended_mask
 
@@ -192,13 +206,14 @@ def lower_states(model: nn.Module, tokens: np.ndarray, first: int, chunk: int = 
             if isinstance(saved, dict) and np.array_equal(saved["index"].numpy(), index):
                 out.append((index, saved["states"], saved["mask"]))
                 continue
-        ids, mask = model.split_tokens(torch.as_tensor(tokens[index]))
+        ids, mask = model.split_tokens(torch.as_tensor(tokens[index]).to(_device_of(model)))
         with torch.no_grad():
             states = model.encoder.embeddings(input_ids=ids)
             additive = extended_mask(mask, states.dtype)
             for block in model.blocks[:first]:
                 result = block(states, attention_mask=additive)
                 states = result[0] if isinstance(result, (tuple, list)) else result
+        states, mask = states.cpu(), mask.cpu()
         out.append((index, states, mask))
         if path is not None:
             _atomic_save({"index": torch.as_tensor(index), "states": states, "mask": mask}, path)
@@ -245,12 +260,14 @@ def finetune_last_cls(model: nn.Module, chunks: list[tuple[np.ndarray, torch.Ten
     path = Path(checkpoint) if checkpoint is not None else None
     step, losses = _resume(path, settings, model, optimizer, "finetune_last_cls", len(plan), log)
     model.eval()
+    device = _device_of(model)
+    labels_t = labels_t.to(device)
 
     def loss_at(k: int) -> torch.Tensor:
         chunk, start = plan[k]
         index, states, mask = chunks[chunk]
-        x, m = states[start:start + batch_size], mask[start:start + batch_size]
+        x, m = states[start:start + batch_size].to(device), mask[start:start + batch_size].to(device)
         return nn.functional.cross_entropy(model.head(cls_top(model, x, m)),
-                                           labels_t[torch.as_tensor(index[start:start + batch_size])])
+                                           labels_t[torch.as_tensor(index[start:start + batch_size]).to(device)])
 
     return _train(model, optimizer, len(plan), step, losses, loss_at, path, settings, every, "finetune_last_cls", log)

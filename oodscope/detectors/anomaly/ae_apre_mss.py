@@ -102,7 +102,7 @@ class AutoencoderAPREMSS(AnomalyDetector):
     grid = {"k": [2, 5, 10, 20, 50, 100], "shifts": [0, 1, 2, 3], "alpha": [0.5, 1.0], "beta": [1.0, 2.0]}
 
     def __init__(self, alpha: float = 0.5, beta: float = 2.0, k: int = 10, shifts: int = 1, epochs: int = 1000,
-                 lr: float = 1e-3, seed: int = 0):
+                 lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
         self.alpha = alpha
         self.beta = beta
         self.k = k
@@ -110,6 +110,7 @@ class AutoencoderAPREMSS(AnomalyDetector):
         self.epochs = epochs
         self.lr = lr
         self.seed = seed
+        self.device = device  # where the autoencoder trains; scores are computed on the CPU
 
     def _check_params(self) -> None:
         for name in ("alpha", "beta"):
@@ -125,18 +126,23 @@ class AutoencoderAPREMSS(AnomalyDetector):
     def _fit(self, train: Outputs) -> None:
         import torch
         import torch.nn.functional as F
+        from tqdm.auto import tqdm
 
+        from ...extraction.extract import resolve_device
+
+        device = resolve_device(self.device)
         X = self._x(train)
         if self.shifts:
             check_neighbours(self.name, self.k, len(X))
         with seeded(self.seed):
-            network = _network(X.shape[1])
-            data = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+            network = _network(X.shape[1]).to(device)
+            data = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device)
             optimizer = torch.optim.Adam(network.parameters(), lr=self.lr)
             schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1000, gamma=0.5)
             history = []
             network.train()
-            for _ in range(self.epochs):  # full batch, PRE loss (alpha = beta = 1), as the authors train
+            bar = tqdm(range(self.epochs), desc=self.name, unit="epoch", leave=False, disable=None)
+            for _ in bar:  # full batch, PRE loss (alpha = beta = 1), as the authors train
                 optimizer.zero_grad()
                 mu, raw = network(data).chunk(2, dim=1)
                 variance = F.softplus(raw) + VARIANCE_FLOOR
@@ -145,8 +151,9 @@ class AutoencoderAPREMSS(AnomalyDetector):
                 optimizer.step()
                 schedule.step()
                 history.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
             network.eval()
-        self.network_ = network
+        self.network_ = network.cpu()
         self.loss_history_ = history
         self.levels_ = shift_levels(X, self.k, self.shifts) if self.shifts else []
         self.banks_ = [NeighbourBank(level) for level in self.levels_]
