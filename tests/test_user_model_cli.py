@@ -149,6 +149,117 @@ def test_fit_and_score_a_tabular_model_from_a_callable_and_a_csv(tmp_path, capsy
     assert table["mahalanobis_ood"][5:].tolist() == [1, 1, 1]
 
 
+def test_fit_and_score_parquet_tables(tmp_path):
+    pytest.importorskip("pyarrow")
+    rng = np.random.default_rng(1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = plain_net()
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    frame = pd.DataFrame(rng.normal(size=(60, 4)), columns=list("abcd"))
+    frame["cls"] = np.arange(60) % 3
+    frame.to_parquet(tmp_path / "train.parquet", index=False)
+    new = rng.normal(size=(6, 4))
+    new[3:] += 8.0
+    pd.DataFrame(new, columns=list("abcd")).to_parquet(tmp_path / "new.parquet", index=False)
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        assert main(["fit", "--model", f"{Path(__file__).stem}:plain_net", "--weights", str(tmp_path / "w.pt"),
+                     "--train", str(tmp_path / "train.parquet"), "--label-column", "cls", "--detectors",
+                     "mahalanobis", "--out", str(tmp_path / "dets"), "--quiet", "--no-cache"]) == 0
+        assert main(["score", "--detectors", str(tmp_path / "dets"), "--data", str(tmp_path / "new.parquet"),
+                     "--out", str(tmp_path / "s.parquet"), "--quiet", "--no-cache"]) == 0
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
+    from oodscope.models.spec import AsFloat32
+
+    train_out = oodscope.extract(net, (frame[list("abcd")].to_numpy(), frame["cls"].to_numpy()),
+                                 preprocess=AsFloat32(), use_cache=False, progress=False)
+    new_out = oodscope.extract(net, new, preprocess=AsFloat32(), use_cache=False, progress=False)
+    expected = oodscope.create("mahalanobis").fit(train_out).calibrate(train_out, keep=0.95).score(new_out)
+    table = pd.read_parquet(tmp_path / "s.parquet")
+    assert table["id"].tolist() == [str(i) for i in range(6)]
+    np.testing.assert_array_equal(table["mahalanobis"].to_numpy(), expected)
+    assert table["mahalanobis_ood"].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def stand_in_torchvision(calls: list) -> object:
+    """A module with torchvision's model API (``get_model_weights``, ``get_model``, a weights enum with ``url``,
+    ``meta``, ``transforms()``) whose ``get_model(weights=W)`` reads ``W.url`` through ``torch.hub`` the way
+    torchvision's ``WeightsEnum.get_state_dict`` does. There is no CPU torchvision wheel for this torch on the
+    package index (the CUDA build fails to load its ops), so the spec code is checked against the real hub cache
+    with this stand-in."""
+    import enum
+    import types
+
+    class Transforms:
+        crop_size, mean, std = [20], [0.5, 0.4, 0.3], [0.2, 0.2, 0.2]
+
+    class Weights(enum.Enum):
+        V1 = "https://download.example.org/models/tinynet-0123abcd.pth"
+
+        @property
+        def url(self):
+            return self.value
+
+        @property
+        def meta(self):
+            return {"categories": ["a", "b", "c"]}
+
+        def transforms(self):
+            return Transforms()
+
+    Weights.DEFAULT = Weights.V1
+
+    def get_model_weights(name):
+        if name != "tinynet":
+            raise ValueError(f"Unknown model {name}")
+        return Weights
+
+    def get_model(name, weights=None, num_classes=3):
+        calls.append(weights)
+        model = plain_net()
+        if weights is not None:
+            model.load_state_dict(torch.hub.load_state_dict_from_url(weights.url, weights_only=True))
+        return model
+
+    models = types.SimpleNamespace(get_model_weights=get_model_weights, get_model=get_model)
+    return types.SimpleNamespace(models=models)
+
+
+def test_torchvision_specs_read_the_hub_cache_and_name_the_missing_file(tmp_path, monkeypatch):
+    from oodscope.models.spec import ModelSpec, load
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "torchvision", stand_in_torchvision(calls))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, *args, **kwargs):
+        raise OSError(f"offline: {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ValueError, match=r"hub/checkpoints/tinynet-0123abcd.pth is missing .* --weights FILE"):
+        load(ModelSpec("torchvision:tinynet"))
+    with pytest.raises(ValueError, match="torchvision:resnet: Unknown model"):
+        load(ModelSpec("torchvision:resnet"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        net = plain_net()
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)  # torch.hub made it before the failed download
+    torch.save(net.state_dict(), cache / "tinynet-0123abcd.pth")
+    model, _, resolved = load(ModelSpec("torchvision:tinynet:V1"), images=False)
+    for mine, cached in zip(model.state_dict().values(), net.state_dict().values()):
+        torch.testing.assert_close(mine, cached, rtol=0, atol=0)
+    assert resolved.size == 20 and calls[-1].name == "V1"
+    _, preprocess, resolved = load(ModelSpec("torchvision:tinynet"))  # images: the weights' own statistics
+    assert resolved.mean == (0.5, 0.4, 0.3) and resolved.std == (0.2, 0.2, 0.2)
+    torch.save(net.state_dict(), tmp_path / "mine.pt")  # --weights FILE: a state dict instead of the cache
+    model, _, resolved = load(ModelSpec("torchvision:tinynet", weights=str(tmp_path / "mine.pt")), images=False)
+    assert calls[-1] is None and str(tmp_path / "mine.pt") in resolved.files_sha256
+    torch.testing.assert_close(model[0].weight, net[0].weight, rtol=0, atol=0)
+
+
 def test_a_local_hugging_face_image_classifier_is_a_model_spec(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],

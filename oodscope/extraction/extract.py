@@ -353,8 +353,16 @@ def _run(model: nn.Module, inputs: Any, labels: np.ndarray | None, preprocess: C
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
-        return {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
-    return torch.as_tensor(batch).to(device)
+        return {k: _as_tensor(v).to(device) for k, v in batch.items()}
+    return _as_tensor(batch).to(device)
+
+
+def _as_tensor(batch: Any) -> torch.Tensor:
+    """A tensor view of a batch; a read-only array (pandas' copy-on-write ``to_numpy()``, a memory map) is copied
+    first, since torch cannot share memory it may not write."""
+    if isinstance(batch, np.ndarray) and not batch.flags.writeable:
+        batch = batch.copy()
+    return torch.as_tensor(batch)
 
 
 def _shape(x: Any) -> Any:

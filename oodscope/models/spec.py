@@ -115,20 +115,30 @@ def _callable(spec: str, weights: str | None):
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"--model {spec}: returned a {type(model).__name__}, not a torch nn.Module")
     if weights is not None:
-        from ..safeio import load_torch
-
-        state = load_torch(weights)
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError) as error:
-            raise ValueError(f"--weights {weights}: does not fit {spec} ({str(error).splitlines()[0]})") from None
+        _load_weights(model, weights, spec)
     return model
 
 
-def _torchvision(name: str):
-    """``NAME`` or ``NAME:WEIGHTS`` (e.g. ``mobilenet_v2:IMAGENET1K_V1``; default: the weights' ``DEFAULT``)."""
+def _load_weights(model, weights: str, spec: str) -> None:
+    """Load a state dict file (``weights_only=True``; a checkpoint's ``state_dict`` entry is taken) into ``model``,
+    strictly: a missing or unexpected key is an error, not a silently half-loaded network."""
+    from ..safeio import load_torch
+
+    state = load_torch(weights)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--weights {weights}: does not fit {spec} ({str(error).splitlines()[0]})") from None
+
+
+def _torchvision(name: str, weights_file: str | None):
+    """``NAME`` or ``NAME:WEIGHTS`` (e.g. ``mobilenet_v2:IMAGENET1K_V1``; default: the weights' ``DEFAULT``).
+
+    The weights come from ``--weights FILE`` (a state dict) when given, else from the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints/<torchvision's file name>``), which torchvision fills by downloading when the file
+    is absent; a failed download names the file to put there."""
     torchvision = _needs("torchvision", "torchvision")
     name, _, chosen = name.partition(":")
     try:
@@ -136,14 +146,35 @@ def _torchvision(name: str):
         weights = enum[chosen] if chosen else enum.DEFAULT
     except (ValueError, KeyError) as error:
         raise ValueError(f"--model torchvision:{name}: {error}") from None
-    model = torchvision.models.get_model(name, weights=weights)  # the hub cache, else torchvision downloads
+    if weights_file is not None:
+        model = torchvision.models.get_model(name, weights=None, num_classes=len(weights.meta["categories"]))
+        _load_weights(model, weights_file, f"torchvision:{name}")
+    else:
+        try:
+            model = torchvision.models.get_model(name, weights=weights)
+        except OSError as error:  # urllib's URLError is an OSError: offline and not in the cache
+            import torch
+
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+            raise ValueError(f"--model torchvision:{name}: {cached} is missing and the download from {weights.url} "
+                             f"failed ({error}); put the file there or pass --weights FILE") from None
     transforms = weights.transforms()
     return model, int(transforms.crop_size[0]), tuple(transforms.mean), tuple(transforms.std)
 
 
-def _timm(name: str):
+def _timm(name: str, weights_file: str | None):
+    """``timm.create_model(NAME, pretrained=True)``: the weights from ``--weights FILE`` (timm's
+    ``pretrained_cfg_overlay={"file": ...}``, which also adapts classifier and input-channel mismatches the way timm
+    does) when given, else timm's own source (the Hugging Face hub cache, downloaded when absent)."""
     timm = _needs("timm", "timm")
-    model = timm.create_model(name, pretrained=True)
+    overlay = None if weights_file is None else {"file": str(weights_file)}
+    try:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+    except RuntimeError as error:
+        raise ValueError(f"--model timm:{name}: {str(error).splitlines()[0]}") from None
+    except OSError as error:  # the hub cache does not have it and the download failed
+        raise ValueError(f"--model timm:{name}: no local weights and the download failed "
+                         f"({type(error).__name__}); pass --weights FILE (a state dict)") from None
     config = timm.data.resolve_data_config({}, model=model)
     return model, int(config["input_size"][-1]), tuple(config["mean"]), tuple(config["std"])
 
@@ -227,9 +258,9 @@ def load(spec: ModelSpec, *, images: bool = True, check_files: bool = True) -> t
     path = Path(text)
     kind = kind_of(text)
     if kind == "torchvision":
-        model, size0, mean0, std0 = _torchvision(text.split(":", 1)[1])
+        model, size0, mean0, std0 = _torchvision(text.split(":", 1)[1], weights)
     elif kind == "timm":
-        model, size0, mean0, std0 = _timm(text.split(":", 1)[1])
+        model, size0, mean0, std0 = _timm(text.split(":", 1)[1], weights)
     elif kind == "hf":
         model, size0, mean0, std0 = _huggingface(text.split(":", 1)[1])
     elif kind in ("torchscript", "export"):
