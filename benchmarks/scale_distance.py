@@ -12,6 +12,11 @@ Per detector it prints fit and score time and the peak resident memory, polled e
 the process allocated (statistics, the faiss index), ``rss`` adds the pages of the memory-mapped bank file
 that were resident (page cache the kernel can drop at any time). ``--delete`` removes the bank file at the end.
 
+The Gaussian fits are compared with ``xtx64``, a bare ``X^T X`` over the same bank in the same run (one float64
+``dsyrk`` per float32 chunk, the cost the fits cannot avoid; ``xtx32`` is the float32 ``ssyrk`` pass): the
+``fit/xtx64`` column is the ratio. ``gmm0`` is ``gmm`` with ``max_iter=0`` (class-conditional, as pytorch-ood's
+``GMM``); ViM gets a random linear head and the bank's logits under it.
+
 Default synthetic detectors: ``mahalanobis``, ``rmds``, ``knn`` (exact, ``faiss.IndexFlatL2``) and ``knn_ivf``
 (``IndexIVFFlat``, ``--nlist`` cells, default ``sqrt(N)`` = 1000 here to keep the k-means training affordable on
 2 cores; the detector's own default is faiss's ``4 sqrt(N)``). Others can be named with ``--detectors``
@@ -120,6 +125,35 @@ class PeakMemory:
         self._thread.join()
 
 
+def bare_second_moment(bank: np.ndarray, dtype) -> None:
+    """The reference the Gaussian fits are measured against: ``X^T X`` over the bank's row chunks, one BLAS
+    ``syrk`` per chunk, accumulated in ``dtype`` (float64: what the fits need; float32: the cheapest pass)."""
+    from scipy.linalg.blas import dsyrk, ssyrk
+
+    syrk = dsyrk if dtype == np.float64 else ssyrk
+    dim = bank.shape[1]
+    accumulator = np.zeros((dim, dim), dtype=dtype, order="F")
+    for start in range(0, len(bank), rows_per_chunk(dim)):
+        block = np.asarray(bank[start:start + rows_per_chunk(dim)], dtype=dtype)
+        accumulator = syrk(1.0, block.T, beta=1.0, c=accumulator, trans=0, lower=0, overwrite_c=True)
+    return accumulator
+
+
+BARE = {"xtx64": np.float64, "xtx32": np.float32}
+GAUSSIAN = ("mahalanobis", "rmds", "vim", "gmm0")
+
+
+def head_and_logits(bank: np.ndarray, n_classes: int) -> tuple:
+    """A random linear head ``(C, D)`` and the bank's logits under it (float32, chunked), for ViM."""
+    rng = np.random.default_rng(3)
+    W = (rng.standard_normal((n_classes, bank.shape[1])) / np.sqrt(bank.shape[1])).astype(np.float32)
+    b = rng.standard_normal(n_classes).astype(np.float32)
+    logits = np.empty((len(bank), n_classes), np.float32)
+    for start in range(0, len(bank), 65536):
+        logits[start:start + 65536] = np.asarray(bank[start:start + 65536]) @ W.T + b
+    return oodscope.Head(W, b), logits
+
+
 def synthetic(path: str, n: int, dim: int, n_classes: int, n_queries: int, k: int, nlist: int,
               only: list[str], delete: bool) -> None:
     start = time.perf_counter()
@@ -135,26 +169,44 @@ def synthetic(path: str, n: int, dim: int, n_classes: int, n_queries: int, k: in
     queries = np.concatenate([near, far])
     print(f"\nsynthetic {n} x {dim} bank, {n_queries} queries (half new samples of the bank's classes, half of unseen classes)\n"
           f"{'detector':<18}{'fit [s]':>10}{'score [s]':>10}{'scored':>8}{'anon GiB':>10}{'rss GiB':>9}"
-          f"{'AUROC':>7}  load average", flush=True)
+          f"{'AUROC':>7}{'fit/xtx64':>10}  load average", flush=True)
     from sklearn.metrics import roc_auc_score
 
     target = np.r_[np.zeros(len(near)), np.ones(len(far))]
+    head = logits = None
+    if "vim" in only:
+        head, logits = head_and_logits(np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim)), n_classes)
+        query_logits = queries @ head.W.T + head.b
+    bare_s = None
     for name in only:
         gc.collect()
-        train = Outputs(features=np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim)), labels=labels,
+        bank = np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
+        if name in BARE:
+            with PeakMemory() as peak:
+                fit_s = timed(lambda: bare_second_moment(bank, BARE[name]))[1]
+            bare_s = fit_s if name == "xtx64" else bare_s
+            print(f"{name:<18}{fit_s:>10.1f}{'':>10}{'':>8}{peak.anon / 2**30:>10.2f}{peak.rss / 2**30:>9.2f}"
+                  f"{'':>7}{'':>10}  {os.getloadavg()}", flush=True)
+            del bank
+            continue
+        train = Outputs(features=bank, labels=labels, head=head, logits=logits if name == "vim" else None,
                         name="bank")
+        query = Outputs(features=queries, head=head, logits=query_logits) if name == "vim" else queries
         if name == "knn_ivf":
             det = oodscope.create("knn", k=k, index="ivf", nlist=nlist)
         elif name == "knn":
             det = oodscope.create("knn", k=k)
+        elif name == "gmm0":
+            det = oodscope.create("gmm", max_iter=0)  # the class-conditional fit (pytorch-ood's GMM); EM is not for this size
         else:
             det = oodscope.create(name)
         with PeakMemory() as peak:   # (fit returns the detector: keep no reference, or its state outlives del)
             fit_s = timed(lambda: det.fit(train))[1]
-            scores, score_s = timed(lambda: det.score(queries))
+            scores, score_s = timed(lambda: det.score(query))
+        ratio = f"{fit_s / bare_s:>10.2f}" if bare_s and name in GAUSSIAN else f"{'':>10}"
         print(f"{name:<18}{fit_s:>10.1f}{score_s:>10.2f}{n_queries:>8d}{peak.anon / 2**30:>10.2f}"
-              f"{peak.rss / 2**30:>9.2f}{roc_auc_score(target, scores):>7.3f}  {os.getloadavg()}", flush=True)
-        del det, train
+              f"{peak.rss / 2**30:>9.2f}{roc_auc_score(target, scores):>7.3f}{ratio}  {os.getloadavg()}", flush=True)
+        del det, train, bank
     print(f"process peak RSS (ru_maxrss, includes mapped bank pages): "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; total {time.perf_counter() - start:.0f} s")
     if delete:

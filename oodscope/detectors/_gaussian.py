@@ -86,7 +86,11 @@ def _add_scatter(accumulator: np.ndarray, centered: np.ndarray) -> np.ndarray:
 
 
 def _symmetric(upper: np.ndarray) -> np.ndarray:
-    return np.triu(upper) + np.triu(upper, 1).T
+    """The symmetric matrix whose upper triangle is ``upper``'s (whatever lies below the diagonal is ignored)."""
+    full = np.triu(upper, 1)
+    full += full.T.copy()  # the transposed copy first: one contiguous addition (a strided += is 3x slower)
+    np.fill_diagonal(full, np.diagonal(upper))
+    return full
 
 
 def tied_covariance(features: np.ndarray, labels: np.ndarray, means: np.ndarray,
@@ -100,6 +104,16 @@ def tied_covariance(features: np.ndarray, labels: np.ndarray, means: np.ndarray,
     return _symmetric(scatter) / len(features)
 
 
+def second_moment(features: np.ndarray, centre: np.ndarray, chunk: int | None = None) -> np.ndarray:
+    """``1/N sum_i (x_i - c)(x_i - c)^T`` about a fixed centre ``c`` (float64, one chunked ``dsyrk`` pass)."""
+    dim = features.shape[1]
+    chunk = chunk or rows_per_chunk(dim)
+    scatter = np.zeros((dim, dim), order="F")
+    for start, stop in chunks(len(features), chunk):
+        scatter = _add_scatter(scatter, as_float64(features[start:stop]) - centre)
+    return _symmetric(scatter) / len(features)
+
+
 def full_covariance(features: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and ``1/N``-normalised covariance of all rows (float64, two chunked passes)."""
     dim = features.shape[1]
@@ -108,31 +122,31 @@ def full_covariance(features: np.ndarray, chunk: int | None = None) -> tuple[np.
     for start, stop in chunks(len(features), chunk):
         mean += as_float64(features[start:stop]).sum(axis=0)
     mean /= len(features)
-    scatter = np.zeros((dim, dim), order="F")
-    for start, stop in chunks(len(features), chunk):
-        scatter = _add_scatter(scatter, as_float64(features[start:stop]) - mean)
-    return mean, _symmetric(scatter) / len(features)
+    return mean, second_moment(features, mean, chunk)
 
 
 def per_class_covariances(features: np.ndarray, labels: np.ndarray, means: np.ndarray,
                           chunk: int | None = None) -> np.ndarray:
-    """``(C, D, D)`` class covariances ``1/N_c sum_{y_i = c} (x_i - mu_c)(x_i - mu_c)^T`` (float64), accumulated
-    over row chunks: within a chunk the rows are sorted by class, so each class is one contiguous block and one
-    product (the loop runs over the classes present in the chunk, never over samples)."""
+    """``(C, D, D)`` class covariances ``1/N_c sum_{y_i = c} (x_i - mu_c)(x_i - mu_c)^T`` (float64).
+
+    One class at a time: its rows (found once with a stable argsort of the labels) are gathered in blocks of
+    ``chunk`` rows and accumulated with one BLAS ``dsyrk`` per block into that class's upper triangle. The loops
+    run over classes and blocks, never over samples, and each product is as large as the class allows (a
+    per-chunk split by class would give ``C`` small products and ``C`` full-matrix additions per chunk).
+    """
     n_classes, dim = means.shape
     labels = np.asarray(labels)
     chunk = chunk or rows_per_chunk(dim)
-    scatter = np.zeros((n_classes, dim, dim))
-    for start, stop in chunks(len(features), chunk):
-        block_labels = labels[start:stop]
-        order = np.argsort(block_labels, kind="stable")
-        sorted_labels = block_labels[order]
-        centered = as_float64(features[start:stop])[order] - means[sorted_labels]
-        bounds = np.searchsorted(sorted_labels, np.arange(n_classes + 1))
-        for c in np.flatnonzero(np.diff(bounds)):
-            block = centered[bounds[c]:bounds[c + 1]]
-            scatter[c] += block.T @ block
-    return scatter / np.bincount(labels, minlength=n_classes)[:, None, None]
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(n_classes + 1))
+    covariances = np.zeros((n_classes, dim, dim))
+    for c in np.flatnonzero(np.diff(bounds)):
+        rows = order[bounds[c]:bounds[c + 1]]
+        scatter = np.zeros((dim, dim), order="F")
+        for start, stop in chunks(len(rows), chunk):
+            scatter = _add_scatter(scatter, as_float64(features[rows[start:stop]]) - means[c])
+        covariances[c] = _symmetric(scatter) / len(rows)
+    return covariances
 
 
 def shrink(covariance: np.ndarray, shrinkage: float) -> np.ndarray:

@@ -20,6 +20,7 @@ from scipy.special import logsumexp
 
 from ..extraction.outputs import Need, Outputs
 from ._common import as_float64
+from ._gaussian import chunks, rows_per_chunk, second_moment
 from .base import Detector
 
 
@@ -42,7 +43,7 @@ class ViM(Detector):
         self.dim = dim
 
     def _fit(self, train: Outputs) -> None:
-        features = as_float64(train.features)
+        features = train.features
         n_features = features.shape[1]
         dim = default_principal_dim(n_features) if self.dim is None else self.dim
         if not 0 < dim < n_features:
@@ -50,14 +51,21 @@ class ViM(Detector):
                              f"features, got {dim}")
         W, b = as_float64(train.head.W), as_float64(train.head.b)
         self.origin_ = -np.linalg.pinv(W) @ b
-        centered = features - self.origin_
-        eigenvalues, eigenvectors = np.linalg.eigh(centered.T @ centered / len(centered))
+        # the origin-centred second moment in float64 from row chunks: a large float32 bank (or a memmap) is
+        # never copied whole
+        eigenvalues, eigenvectors = np.linalg.eigh(second_moment(features, self.origin_))
         order = np.argsort(eigenvalues)[::-1]
         self.residual_basis_ = np.ascontiguousarray(eigenvectors[:, order[dim:]])
-        residual_norm = np.linalg.norm(centered @ self.residual_basis_, axis=1)
-        self.alpha_ = float(as_float64(train.logits).max(axis=1).sum() / residual_norm.sum())
+        rows = rows_per_chunk(n_features)
+        residual_norm_sum = sum(self._residual_norm(features[start:stop]).sum()
+                                for start, stop in chunks(len(features), rows))
+        max_logit_sum = sum(as_float64(train.logits[start:stop]).max(axis=1).sum()
+                            for start, stop in chunks(len(features), rows))
+        self.alpha_ = float(max_logit_sum / residual_norm_sum)
+
+    def _residual_norm(self, features: np.ndarray) -> np.ndarray:
+        return np.linalg.norm((as_float64(features) - self.origin_) @ self.residual_basis_, axis=1)
 
     def _score(self, x: Outputs) -> np.ndarray:
-        residual = (as_float64(x.features) - self.origin_) @ self.residual_basis_
-        virtual_logit = self.alpha_ * np.linalg.norm(residual, axis=1)
+        virtual_logit = self.alpha_ * self._residual_norm(x.features)
         return virtual_logit - logsumexp(as_float64(x.logits), axis=1)
