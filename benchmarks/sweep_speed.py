@@ -174,6 +174,10 @@ def main() -> int:
     model.to(device)
     sets = subsample(bench, args.n_train, args.n_eval)
     names = sweep_detectors()
+    modules = dict(model.named_modules())
+    needs_trained_head = {n: create(n).layer_names() for n in names
+                          if any(layer not in modules for layer in create(n).layer_names())}
+    names = [n for n in names if n not in needs_trained_head]
     with_gram = "gram" in names
     names = [n for n in names if n != "gram"]
     configs: dict[str, dict] = {}
@@ -186,6 +190,8 @@ def main() -> int:
               "feature maps (layer_reduce='none'), which every other detector does without")
     for name, reason in excluded_detectors().items():
         print(f"    excluded: {name}: {reason}")
+    for name, wanted in needs_trained_head.items():
+        print(f"    excluded: {name}: reads layers {wanted} that only a network trained for it has (DOS/MOS heads)")
     print(f"    untimed warm-up (imports, first calls) on slices of 100 train / 50 other images: "
           f"{warm_up(model, pre, sets, names, layers, args.batch_size, device):.2f} s")
 
