@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +41,27 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add a covariate-shifted copy of the ID test (common corruptions), counted as ID")
     parser.add_argument("--protocol", default=None,
                         help="comma-separated evaluation protocols to run after the benchmark: failure (reject "
-                             "misclassified or OOD), unit-tests (synthetic OOD sets), scaling (inputs x alpha)")
+                             "misclassified or OOD), unit-tests (synthetic OOD sets), scaling (inputs x alpha), "
+                             "density (prototypicality metrics vs scores)")
+    parser.add_argument("--ensemble", default=None,
+                        help="density protocol: comma-separated models for ensemble agreement, each a model SPEC, "
+                             "NAME=WEIGHTS, or a zoo weights file named after its model (cifar10_resnet32.pth)")
+
+
+def load_ensemble(text: str | None) -> list[tuple[str, Any, Any]]:
+    """``(name, model, preprocess)`` of each ``--ensemble`` entry: a model SPEC, ``NAME=WEIGHTS``, or a zoo weights
+    file named after its model."""
+    from ..models.spec import ModelSpec, load
+    from ..models.zoo import available_models
+
+    members = []
+    for entry in [e.strip() for e in (text or "").split(",") if e.strip()]:
+        name, _, weights = entry.partition("=")
+        if not weights and Path(entry).suffix == ".pth" and Path(entry).stem in available_models():
+            name, weights = Path(entry).stem, entry
+        model, preprocess, _ = load(ModelSpec(name, weights=weights or None))
+        members.append((Path(name).name, model, preprocess))
+    return members
 
 
 def prepare_from(args: argparse.Namespace):
@@ -72,6 +93,7 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     from .. import protocols
 
     protocols.parse(getattr(args, "protocol", None))  # an unknown protocol fails before any work
+    ensemble = load_ensemble(getattr(args, "ensemble", None))
     if getattr(args, "family", None):
         from ..detectors import available
         from ..detectors.registry import DETECTOR_FAMILIES
@@ -116,7 +138,7 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
         protocol_start = time.perf_counter()
         on_outputs = {label: d for label, d in labelled.items() if getattr(d, "family", "") != "generative"}
         context = protocols.Context(bench, prepared.model, prepared.preprocess, on_outputs, results,
-                                    extract_options, seed=getattr(args, "seed", 0))
+                                    extract_options, seed=getattr(args, "seed", 0), ensemble=ensemble)
         protocol_records, printed = protocols.run(name, context)
         records += protocol_records
         timing[f"protocol {name}"] = time.perf_counter() - protocol_start

@@ -9,6 +9,8 @@ the ordinary benchmark, on the same fitted detectors.
   E-AURC and the SCOD risk (:mod:`.failure`).
 * ``unit-tests``: synthetic OOD sets every reasonable detector should flag (:mod:`.unit_tests`).
 * ``scaling``: inputs scaled by ``alpha`` far from the data (:mod:`.scaling`).
+* ``density``: per-example prototypicality metrics (confidence, boundary distance, ensemble agreement) and how
+  the detectors' scores track them (:mod:`.density`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-PROTOCOLS = {"failure": "failure", "unit-tests": "unit_tests", "scaling": "scaling"}
+PROTOCOLS = {"failure": "failure", "unit-tests": "unit_tests", "scaling": "scaling", "density": "density"}
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Context:
     results: Any
     extract_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    ensemble: list[tuple[str, Any, Any]] = field(default_factory=list)  # (name, model, preprocess): --ensemble
 
     def scores(self, label: str, dataset: str):
         """The ordinary run's scores of detector ``label`` on ``dataset`` (``results.id_name`` for the ID test
