@@ -117,3 +117,114 @@ def test_bench_runs_the_density_protocol_with_an_ensemble(tmp_path, capsys):
     assert msp["confidence"] < -0.8 and set(msp) == {"confidence", "boundary"}
     assert main(["bench", "--protocol", "density", "--ensemble", "no_such_model", "--quiet", "--out",
                  str(out)]) == 2
+
+
+def test_noisy_labels_hand_checked():
+    from oodscope.protocols.label_noise import noisy_labels
+
+    labels = np.repeat(np.arange(10), 50)
+    sym = noisy_labels(labels, 10, "symmetric", 0.2, seed=0)
+    assert (sym != labels).sum() == 100  # exactly round(0.2 N), never to the true class
+    assert np.array_equal(sym, noisy_labels(labels, 10, "symmetric", 0.2, seed=0))  # seeded
+    flips = np.bincount(sym[sym != labels], minlength=10)
+    assert flips.min() > 0  # spread over the other classes
+    dep = noisy_labels(labels, 10, "class-dependent", 0.4, seed=0, cifar10=True)
+    moved = {(int(a), int(b)) for a, b in zip(labels[dep != labels], dep[dep != labels])}
+    assert moved == {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}  # truck->car, bird->plane, deer->horse, cat<->dog
+    assert all((dep[labels == c] != c).sum() == 20 for c in (9, 2, 4, 3, 5))  # 40 % of each source class
+    ring = noisy_labels(np.repeat(np.arange(3), 10), 3, "class-dependent", 0.5, seed=1)
+    assert {(int(a), int(b)) for a, b in zip(np.repeat(np.arange(3), 10)[ring != np.repeat(np.arange(3), 10)],
+                                             ring[ring != np.repeat(np.arange(3), 10)])} == {(0, 1), (1, 2), (2, 0)}
+    assert np.array_equal(noisy_labels(labels, 10, "symmetric", 0.0), labels)
+    for bad, message in (({"rate": 1.0}, "rate"), ({"rate": -0.1}, "rate"), ({"kind": "pairs"}, "kind")):
+        with pytest.raises(ValueError, match=message):
+            noisy_labels(labels, 10, **{"kind": "symmetric", "rate": 0.2, **bad})
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        noisy_labels(labels, 5, "symmetric", 0.2)
+
+
+def test_bench_runs_the_label_noise_protocol_on_a_tiny_bench(tmp_path, rng, monkeypatch, capsys):
+    import torch
+
+    from oodscope.models.cifar_resnet import build_cifar_resnet
+    from oodscope.protocols import label_noise
+    from test_bench import _write_bench
+
+    bench = _write_bench(tmp_path / "bench", rng)
+    torch.manual_seed(0)
+    torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), tmp_path / "w.pth")
+    monkeypatch.setattr(label_noise, "SCHEDULE", {"epochs": 1, "max_steps": 2, "lr": 0.01, "batch_size": 32})
+    monkeypatch.setattr(label_noise, "N_IMAGES", 16)
+    out = tmp_path / "out"
+    assert main(["bench", str(bench), "--model", "cifar10_resnet20", "--weights", str(tmp_path / "w.pth"),
+                 "--detectors", "msp,mahalanobis", "--protocol", "label-noise", "--quiet", "--no-cache",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert "label noise" in capsys.readouterr().out
+    _, records = read_results(out / "results.json")
+    noise = [r for r in records if r.get("setting") == "label-noise"]
+    assert {r["dataset"] for r in noise} == {"clean", "symmetric 20%", "symmetric 40%", "class-dependent 20%",
+                                             "class-dependent 40%"}
+    shares = {r["dataset"]: r["noisy_share"] for r in noise}
+    assert shares["clean"] == 0 and shares["symmetric 40%"] == pytest.approx(100 * round(0.4 * 64) / 64)
+    clean = [r for r in noise if r["dataset"] == "clean"]
+    assert all(r["delta_near"] == 0 and r["delta_far"] == 0 for r in clean)
+    assert all(0 <= r["auroc_near"] <= 100 for r in noise)
+    assert len(list((tmp_path / "cache" / "label-noise").iterdir())) == 5  # one resumable checkpoint per setting
+
+
+def test_oscr_hand_computed():
+    from oodscope.metrics import oscr, oscr_curve
+
+    # accept the lowest OOD scores first: 0.1 (known, right), 0.2 (known, wrong), 0.3 (unknown), 0.5 (known,
+    # right), 0.6 (unknown): CCR 1/3 while FPR goes 0 -> 0.5, then 2/3 while FPR goes 0.5 -> 1: area 1/6 + 1/3
+    known, correct, unknown = np.array([0.1, 0.2, 0.5]), np.array([True, False, True]), np.array([0.3, 0.6])
+    fpr, ccr = oscr_curve(known, correct, unknown)
+    np.testing.assert_allclose(fpr, [0, 0, 0, 0.5, 0.5, 1])
+    np.testing.assert_allclose(ccr, [0, 1 / 3, 1 / 3, 1 / 3, 2 / 3, 2 / 3])
+    assert oscr(known, correct, unknown) == pytest.approx(0.5)
+    assert oscr(known, np.ones(3, bool), np.array([1.0, 2.0])) == pytest.approx(1.0)  # perfect: = accuracy
+    assert oscr(np.zeros(3), correct, np.zeros(2)) == pytest.approx(2 / 3 / 2)  # all tied: one trapezoid
+    with pytest.raises(ValueError, match="unknown"):
+        oscr(known, correct, np.array([]))
+
+
+def test_bench_runs_the_open_set_protocol_on_a_tiny_bench(tmp_path, rng, monkeypatch, capsys):
+    import torch
+
+    from oodscope.models.cifar_resnet import build_cifar_resnet
+    from oodscope.protocols import open_set
+    from test_bench import _write_bench
+
+    bench = _write_bench(tmp_path / "bench", rng, n_train=80, n_test=40)
+    torch.manual_seed(0)
+    torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), tmp_path / "w.pth")
+    monkeypatch.setattr(open_set, "SCHEDULE", {"epochs": 1, "max_steps": 2, "lr": 0.05, "batch_size": 32})
+    out = tmp_path / "out"
+    assert main(["bench", str(bench), "--model", "cifar10_resnet20", "--weights", str(tmp_path / "w.pth"),
+                 "--detectors", "msp,mahalanobis", "--protocol", "open-set", "--quiet", "--no-cache",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert "open-set recognition" in capsys.readouterr().out
+    _, records = read_results(out / "results.json")
+    osr = [r for r in records if r.get("setting") == "open-set"]
+    assert len(osr) == 10 and {r["dataset"] for r in osr} == {f"split {i}" for i in range(5)}
+    for r in osr:
+        assert len(r["known"]) == 6 and sorted(r["known"] + r["unknown"]) == list(range(10))
+        assert 0 <= r["oscr"] <= r["accuracy"] + 1e-9  # OSCR never exceeds the closed-set accuracy
+    assert open_set.class_splits(10, cifar10=True)[0] == (0, 6, 4, 9, 1, 7)
+    with pytest.raises(ValueError, match="at least 3"):
+        open_set.class_splits(2, cifar10=False)
+
+
+def test_a_fresh_classifier_forgets_the_weights_and_gets_a_k_way_head():
+    import torch
+
+    from oodscope.models.cifar_resnet import build_cifar_resnet
+    from oodscope.protocols.open_set import fresh_classifier
+
+    torch.manual_seed(0)
+    model = build_cifar_resnet("cifar10_resnet20")
+    fresh = fresh_classifier(model, 6, seed=1)
+    assert fresh.fc.out_features == 6 and model.fc.out_features == 10  # the original is untouched
+    assert not torch.equal(fresh.conv1.weight, model.conv1.weight)
+    again = fresh_classifier(model, 6, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), again.state_dict().values()))

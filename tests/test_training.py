@@ -188,6 +188,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     other = nn.Sequential(nn.Flatten(), nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="was written for model"):
         finetune(other, (x, y), "oe", outliers=outliers, checkpoint_dir=tmp_path, **TOY)
+    with pytest.raises(ValueError, match="was written for data"):  # the same images with other labels
+        finetune(_mlp(), (x, np.roll(y, 1)), "oe", outliers=outliers, checkpoint_dir=tmp_path, **TOY)
 
 
 def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):

@@ -42,7 +42,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", default=None,
                         help="comma-separated evaluation protocols to run after the benchmark: failure (reject "
                              "misclassified or OOD), unit-tests (synthetic OOD sets), scaling (inputs x alpha), "
-                             "density (prototypicality metrics vs scores)")
+                             "density (prototypicality metrics vs scores), label-noise (classifiers fine-tuned "
+                             "with noisy labels), open-set (classifiers trained on known classes only)")
     parser.add_argument("--ensemble", default=None,
                         help="density protocol: comma-separated models for ensemble agreement, each a model SPEC, "
                              "NAME=WEIGHTS, or a zoo weights file named after its model (cifar10_resnet32.pth)")

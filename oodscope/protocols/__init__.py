@@ -9,6 +9,10 @@ the ordinary benchmark, on the same fitted detectors.
   E-AURC and the SCOD risk (:mod:`.failure`).
 * ``unit-tests``: synthetic OOD sets every reasonable detector should flag (:mod:`.unit_tests`).
 * ``scaling``: inputs scaled by ``alpha`` far from the data (:mod:`.scaling`).
+* ``label-noise``: the detectors on classifiers fine-tuned with symmetric and class-dependent label noise
+  (:mod:`.label_noise`).
+* ``open-set``: open-set recognition, classifiers trained from scratch on the known classes of Neal et al.'s
+  CIFAR-10 splits, closed-set accuracy, AUROC and OSCR (:mod:`.open_set`).
 * ``density``: per-example prototypicality metrics (confidence, boundary distance, ensemble agreement) and how
   the detectors' scores track them (:mod:`.density`).
 """
@@ -19,7 +23,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-PROTOCOLS = {"failure": "failure", "unit-tests": "unit_tests", "scaling": "scaling", "density": "density"}
+PROTOCOLS = {"failure": "failure", "unit-tests": "unit_tests", "scaling": "scaling", "density": "density",
+             "label-noise": "label_noise", "open-set": "open_set"}
 
 
 @dataclass

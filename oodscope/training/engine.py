@@ -104,6 +104,17 @@ def _identity(model, objective: Objective) -> dict[str, str]:
             "objective": f"{objective.name} {json.dumps(objective.get_params(deep=False), sort_keys=True, default=repr)}"}
 
 
+def _data_fingerprint(images: np.ndarray, labels: np.ndarray, outliers: np.ndarray | None) -> str:
+    """sha256 of the training images, labels and outliers: a checkpoint resumes only on the data it was trained
+    on (the same images with other labels, e.g. another label-noise draw, are other data)."""
+    digest = hashlib.sha256()
+    for array in (images, labels, outliers):
+        if array is not None:
+            digest.update(repr((array.shape, str(array.dtype))).encode())
+            digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()[:16]
+
+
 def _save_atomic(state: dict, path: Path) -> None:
     import torch
 
@@ -210,7 +221,8 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
     out_gen = torch.Generator().manual_seed(seed + 2)
     history = History()
     identity = {**_identity(model, objective), "schedule": f"{epochs}x{steps_per_epoch} {schedule} lr={lr} "
-                f"bs={batch_size}/{outliers_drawn} wd={weight_decay} seed={seed} aug={augmentation}"}
+                f"bs={batch_size}/{outliers_drawn} wd={weight_decay} seed={seed} aug={augmentation}",
+                "data": _data_fingerprint(images, labels, outlier_images)}
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT
     start_epoch = 0
     if path is not None and path.exists():
@@ -289,7 +301,7 @@ def _resume(path: Path, identity: dict, model, optimiser, scheduler, generators,
         raise ValueError(f"finetune: cannot read checkpoint {path} ({type(error).__name__}); delete it to start "
                          "over") from None
     saved = state.get("identity", {}) if isinstance(state, dict) else {}
-    for key in ("model", "objective", "schedule"):
+    for key in ("model", "objective", "schedule", "data"):
         if saved.get(key) != identity[key]:
             raise ValueError(f"finetune: checkpoint {path} was written for {key} {saved.get(key)!r}, not "
                              f"{identity[key]!r}; use another checkpoint_dir or delete it")
