@@ -151,14 +151,16 @@ def format_records(records: list[dict[str, Any]]) -> str:
     groups = sorted({key[6:] for r in records for key in r if key.startswith("auroc_")})
     settings = list(dict.fromkeys(r["dataset"] for r in records))
     accuracy = {r["dataset"]: r["id_accuracy"] for r in records}
+    head = " / ".join(groups)
     lines = [f"label noise (Humblot-Renaux et al. 2024): fine-tuned {records[0]['schedule']}; ID accuracy "
              + ", ".join(f"{s} {accuracy[s]:.2f} %" for s in settings),
-             f"{'detector':<22}" + "".join(f"{s + ' ' + g:>26}" for s in settings for g in groups)]
-    table: dict[str, dict[tuple[str, str], float]] = {}
+             f"{'detector':<18}" + "".join(f"{(s if s == 'clean' else 'change, ' + s):>28}" for s in settings)
+             + f"   (AUROC {head}; the noisy columns: change against clean)"]
+    rows: dict[str, dict[str, str]] = {}
     for r in records:
-        for g in groups:
-            table.setdefault(r["detector"], {})[r["dataset"], g] = r.get(f"auroc_{g}", float("nan"))
-    for name, values in table.items():
-        lines.append(f"{name:<22}" + "".join(f"{values.get((s, g), float('nan')):>26.2f}" for s in settings
-                                             for g in groups))
+        values = [r[f"auroc_{g}"] if r["dataset"] == "clean" else r[f"delta_{g}"] for g in groups]
+        text = " / ".join(f"{v:.1f}" if r["dataset"] == "clean" else f"{v:+.1f}" for v in values)
+        rows.setdefault(r["detector"], {})[r["dataset"]] = text
+    for name, cells in rows.items():
+        lines.append(f"{name:<18}" + "".join(f"{cells.get(s, ''):>28}" for s in settings))
     return "\n".join(lines)
