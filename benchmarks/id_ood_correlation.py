@@ -44,21 +44,12 @@ def zoo_rows(per_set: int, cache: Path) -> list[dict]:
 
 
 def correlations(rows: list[dict]) -> list[dict]:
-    from scipy.stats import kendalltau, spearmanr
+    """The protocol's rank correlations over all models, the zoo only and the fine-tuned variants only."""
+    from oodscope.protocols.correlation import correlations as over
 
-    out = []
-    for subset, chosen in (("all", rows), ("zoo", [r for r in rows if r["kind"] == "zoo"]),
-                           ("fine-tuned", [r for r in rows if r["kind"] == "fine-tuned"])):
-        accuracy = np.array([r["id_accuracy"] for r in chosen])
-        for detector in DETECTORS:
-            for group in GROUPS:
-                values = np.array([r[f"{detector} {group} auroc"] for r in chosen])
-                rho, p_rho = spearmanr(accuracy, values)
-                tau, p_tau = kendalltau(accuracy, values)
-                out.append({"models": subset, "n": len(chosen), "detector": detector, "group": group,
-                            "spearman": float(rho), "spearman_p": float(p_rho), "kendall": float(tau),
-                            "kendall_p": float(p_tau)})
-    return out
+    return [record for subset, chosen in (("all", rows), ("zoo", [r for r in rows if r["kind"] == "zoo"]),
+                                          ("fine-tuned", [r for r in rows if r["kind"] == "fine-tuned"]))
+            for record in over(chosen, DETECTORS, GROUPS, subset)]
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -34,6 +34,22 @@ class Results:
     groups: dict[str, list[str]] = field(default_factory=dict)
     id_name: str = "id"
     tuned: dict[str, dict[str, Any]] = field(default_factory=dict)  # hyperparameters chosen on validation data
+    id_errors: np.ndarray | None = field(default=None, repr=False)  # misclassified ID test samples (1.0), if known
+
+    def failure(self, c_fn: float = 0.75) -> list[dict[str, Any]]:
+        """Failure detection per detector (:mod:`oodscope.protocols.failure`): reject the misclassified ID test
+        samples and every OOD sample, accept the rest; AUROC for that target, AURC, E-AURC, the SCOD risk
+        (percent). ``oodscope bench --protocol failure`` adds a covariate-shifted copy of the ID test set."""
+        from .protocols.failure import failure_metrics
+
+        if self.id_errors is None:
+            raise ValueError("failure detection needs the ID test set's logits and class labels")
+        records = []
+        for detector, by_set in self.scores.items():
+            ood = np.concatenate([by_set[name] for names in self.groups.values() for name in names])
+            records.append({"detector": detector, "dataset": f"{self.id_name}+ood", "group": "failure",
+                            **failure_metrics(by_set[self.id_name], self.id_errors, ood, c_fn)})
+        return records
 
     def group_means(self) -> list[dict[str, Any]]:
         """One record per detector x group: the mean of each metric over the group's datasets."""
@@ -169,8 +185,10 @@ def evaluate(detectors: Mapping[str, Detector] | Sequence[Detector | str] | str,
                 values = ood_metrics(scores[det_name][id_outputs.name], scores[det_name][name])
                 records.append({"detector": det_name, "dataset": name, "group": group,
                                 **{k: 100.0 * v for k, v in values.items()}})
+    errors = None if id_accuracy(id_outputs) is None else \
+        (id_outputs.logits.argmax(axis=1) != id_outputs.labels).astype(np.float64)
     return Results(records=records, id_accuracy=id_accuracy(id_outputs), seconds=seconds, scores=scores,
-                   groups={g: list(s) for g, s in ood_outputs.items()}, id_name=id_outputs.name)
+                   groups={g: list(s) for g, s in ood_outputs.items()}, id_name=id_outputs.name, id_errors=errors)
 
 
 def _progress(items: Iterable, show: bool, total: int) -> Iterable:

@@ -228,3 +228,39 @@ def test_a_fresh_classifier_forgets_the_weights_and_gets_a_k_way_head():
     assert not torch.equal(fresh.conv1.weight, model.conv1.weight)
     again = fresh_classifier(model, 6, seed=1)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), again.state_dict().values()))
+
+
+def test_rank_correlations_hand_computed():
+    from oodscope.protocols.correlation import correlations, rank_correlations
+
+    assert rank_correlations([1, 2, 3, 4], [10, 20, 30, 40])["spearman"] == pytest.approx(1.0)
+    inverse = rank_correlations([1, 2, 3, 4], [4, 3, 2, 1])
+    assert inverse["spearman"] == pytest.approx(-1.0) and inverse["kendall"] == pytest.approx(-1.0)
+    # one swapped pair of 4: Kendall (5 concordant - 1 discordant) / 6, Spearman 1 - 6 * 2 / (4 * 15)
+    swapped = rank_correlations([1, 2, 3, 4], [1, 3, 2, 4])
+    assert swapped["kendall"] == pytest.approx(4 / 6) and swapped["spearman"] == pytest.approx(0.8)
+    rows = [{"id_accuracy": a, "msp near auroc": b} for a, b in ((90, 80), (91, 70), (92, 60))]
+    (record,) = correlations(rows, ["msp"], ["near"])
+    assert record["spearman"] == pytest.approx(-1.0) and record["n"] == 3
+    with pytest.raises(ValueError, match="--ensemble"):
+        rank_correlations([1, 2], [3, 4])
+
+
+def test_evaluate_results_report_failure_detection(rng):
+    import oodscope
+    from oodscope.protocols.failure import failure_metrics
+
+    logits = rng.normal(size=(200, 3)) * 3
+    labels = np.where(rng.random(200) < 0.8, logits.argmax(1), (logits.argmax(1) + 1) % 3)  # 20 % wrong
+    test = oodscope.Outputs(logits=logits, labels=labels, name="test")
+    ood = oodscope.Outputs(logits=rng.normal(size=(100, 3)), name="noise")
+    results = oodscope.evaluate(["msp", "energy"], test, {"far": {"noise": ood}}, train=test)
+    (msp, energy) = results.failure()
+    errors = (logits.argmax(1) != labels).astype(float)
+    expected = failure_metrics(results.scores["msp"]["test"], errors, results.scores["msp"]["noise"])
+    assert msp["detector"] == "msp" and msp["aurc"] == pytest.approx(expected["aurc"])
+    assert msp["reject_share"] == pytest.approx(100 * (errors.sum() + 100) / 300)
+    unlabelled = oodscope.evaluate(["msp"], oodscope.Outputs(logits=logits, name="t"), {"far": {"noise": ood}},
+                                   train=test)
+    with pytest.raises(ValueError, match="class labels"):
+        unlabelled.failure()

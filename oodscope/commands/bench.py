@@ -43,9 +43,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated evaluation protocols to run after the benchmark: failure (reject "
                              "misclassified or OOD), unit-tests (synthetic OOD sets), scaling (inputs x alpha), "
                              "density (prototypicality metrics vs scores), label-noise (classifiers fine-tuned "
-                             "with noisy labels), open-set (classifiers trained on known classes only)")
+                             "with noisy labels), open-set (classifiers trained on known classes only), correlation (ID "
+                             "accuracy vs AUROC across --ensemble models)")
     parser.add_argument("--ensemble", default=None,
-                        help="density protocol: comma-separated models for ensemble agreement, each a model SPEC, "
+                        help="density and correlation protocols: comma-separated further models, each a model SPEC, "
                              "NAME=WEIGHTS, or a zoo weights file named after its model (cifar10_resnet32.pth)")
 
 

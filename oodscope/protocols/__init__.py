@@ -13,6 +13,8 @@ the ordinary benchmark, on the same fitted detectors.
   (:mod:`.label_noise`).
 * ``open-set``: open-set recognition, classifiers trained from scratch on the known classes of Neal et al.'s
   CIFAR-10 splits, closed-set accuracy, AUROC and OSCR (:mod:`.open_set`).
+* ``correlation``: ID accuracy vs OOD AUROC across the benchmark model and the ``--ensemble`` models
+  (:mod:`.correlation`).
 * ``density``: per-example prototypicality metrics (confidence, boundary distance, ensemble agreement) and how
   the detectors' scores track them (:mod:`.density`).
 """
@@ -24,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 PROTOCOLS = {"failure": "failure", "unit-tests": "unit_tests", "scaling": "scaling", "density": "density",
-             "label-noise": "label_noise", "open-set": "open_set"}
+             "label-noise": "label_noise", "open-set": "open_set",
+             "correlation": "correlation"}
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""ID accuracy vs OOD AUROC across models: is a better classifier a better OOD detector?
+
+Teney, Lin, Oh & Abbasnejad, "ID and OOD Performance Are Sometimes Inversely Correlated on Real-world Datasets",
+NeurIPS 2023: across models, ID accuracy and OOD performance need not rise together. The models are the
+benchmark's model and the ``--ensemble`` models (for the CIFAR-10 zoo: ResNet-20/32/44/56, as trained); each is
+scored the same way (every detector fitted on its own training outputs, ``n`` seeded images per test set), and per
+detector and OOD group the protocol reports the Spearman and Kendall rank correlations of ID accuracy with the
+group's mean AUROC over the models. ``benchmarks/id_ood_correlation.py`` adds the fine-tuned variants of the
+training benchmark (31 models) and draws the scatter plot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+N_IMAGES = 2000
+
+
+def rank_correlations(accuracy: Sequence[float], auroc: Sequence[float]) -> dict[str, float]:
+    """Spearman's rho and Kendall's tau (with their two-sided p-values) of two per-model sequences."""
+    from scipy.stats import kendalltau, spearmanr
+
+    accuracy, auroc = np.asarray(accuracy, dtype=np.float64), np.asarray(auroc, dtype=np.float64)
+    if accuracy.shape != auroc.shape or accuracy.size < 3:
+        raise ValueError(f"rank correlations need the same number (>= 3) of accuracies and AUROCs, got "
+                         f"{accuracy.size} and {auroc.size}: pass more models with --ensemble")
+    rho, p_rho = spearmanr(accuracy, auroc)
+    tau, p_tau = kendalltau(accuracy, auroc)
+    return {"spearman": float(rho), "spearman_p": float(p_rho), "kendall": float(tau), "kendall_p": float(p_tau)}
+
+
+def correlations(rows: list[dict[str, Any]], detectors: Sequence[str], groups: Sequence[str],
+                 subset: str = "all") -> list[dict[str, Any]]:
+    """One record per detector and group over ``rows`` (one per model: ``id_accuracy`` and
+    ``"<detector> <group> auroc"``, the layout of :func:`oodscope.training.compare.evaluate_model`)."""
+    accuracy = [r["id_accuracy"] for r in rows]
+    return [{"models": subset, "n": len(rows), "detector": detector, "group": group,
+             **rank_correlations(accuracy, [r[f"{detector} {group} auroc"] for r in rows])}
+            for detector in detectors for group in groups]
+
+
+def run(context) -> list[dict[str, Any]]:
+    from ..training.compare import evaluate_model
+
+    members = [("benchmark model", context.model, context.preprocess)] + list(context.ensemble)
+    if len(members) < 3:
+        raise ValueError("the correlation protocol compares models: pass at least two more with --ensemble "
+                         "(e.g. the other zoo ResNets)")
+    device = context.extract_options.get("device") or "cpu"
+    rows = []
+    for name, model, preprocess in members:
+        row = evaluate_model(model, preprocess, context.bench, detectors=list(context.detectors.values()),
+                             per_set=N_IMAGES, cache_dir=context.extract_options.get("cache_dir"),
+                             device="cpu" if device == "auto" else device)
+        rows.append({"model": name, **row})
+    groups = list(context.bench.ood)
+    records = [{**r, "dataset": "models", "setting": "correlation", "per_set": N_IMAGES,
+                "model_list": [m for m, _, _ in members]}
+               for r in correlations(rows, list(context.detectors), groups)]
+    records += [{"detector": None, "dataset": row["model"], "setting": "correlation-models", **row}
+                for row in rows]
+    return records
+
+
+def format_records(records: list[dict[str, Any]]) -> str:
+    models = [r for r in records if r["setting"] == "correlation-models"]
+    table = [r for r in records if r["setting"] == "correlation"]
+    lines = ["ID accuracy vs OOD AUROC (Teney et al. 2023) over " + ", ".join(
+        f"{r['dataset']} ({r['id_accuracy']:.2f} %)" for r in models),
+        f"{'detector':<22}{'group':<8}{'Spearman (p)':>16}{'Kendall (p)':>16}"]
+    for r in table:
+        lines.append(f"{r['detector']:<22}{r['group']:<8}{r['spearman']:>+8.2f} ({r['spearman_p']:.3f})"
+                     f"{r['kendall']:>+8.2f} ({r['kendall_p']:.3f})")
+    return "\n".join(lines)
