@@ -154,7 +154,7 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
                           tuned=results.tuned or "defaults", **meta_extra)
     paths = write_results(out, records, meta)
     paths["png"] = plot_score_distributions(results, out / "score_distributions.png")
-    paths["html"] = write_report(out / "report.html", results, meta, **report_options)
+    paths["html"] = write_report(out / "report.html", results, meta, detectors=labelled, **report_options)
     print(f"extraction {timing['extract']:.2f} s, total {time.perf_counter() - start:.2f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -1,15 +1,16 @@
 """A self-contained ``report.html`` for one benchmark run (its ``results.json``: :mod:`oodscope.results_io`).
 
-The report holds a leaderboard (detector x OOD group, then every set), optional full-spectrum and
-covariate-shift tables, one figure per detector (ROC curves of every OOD set against the ID test, score
-histograms of every set) embedded as base64 PNGs, and the run's metadata (model, weights hash, data hashes,
-package versions, timings). It needs no network and no files beside it. matplotlib is imported lazily.
+Rendered from the Jinja2 template ``templates/report.html.j2``: a sortable, filterable leaderboard (detector x
+OOD group), notes on degenerate results, a heatmap of AUROC per detector and OOD set, optional full-spectrum and
+covariate-shift tables, one section per detector (anchor ``#det-NAME``: its parameters, its per-set metrics, ROC
+curves of every OOD set against the ID test and log-scale score histograms as an inline PNG), and the run's
+metadata (model, weights hash, data hashes, package versions, timings). It needs no network and no files beside
+it; the only script is the table sorting and filtering. matplotlib is imported lazily.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -63,7 +64,8 @@ def detector_figure(detector: str, by_set: Mapping[str, np.ndarray], id_name: st
     roc_ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8)
     roc_ax.set(xlabel=f"share of {id_name} flagged (FPR)", ylabel="share of set flagged (TPR)",
                title=f"{detector}: ROC vs {id_name}", xlim=(0, 1), ylim=(0, 1.01))
-    hist_ax.set(xlabel="score (higher = more OOD)", ylabel="density", title=f"{detector}: scores")
+    hist_ax.set_yscale("log")  # a saturated detector piles most scores in one bin: linear counts hide the rest
+    hist_ax.set(xlabel="score (higher = more OOD)", ylabel="density (log scale)", title=f"{detector}: scores")
     roc_ax.legend(fontsize=7, loc="lower right")
     hist_ax.legend(fontsize=7)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.22)  # tight_layout is slow
@@ -74,34 +76,20 @@ def detector_figure(detector: str, by_set: Mapping[str, np.ndarray], id_name: st
 
 
 # -- HTML ---------------------------------------------------------------------------------------------------------
-STYLE = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}
-th,td{border:1px solid #ccc;padding:0.25em 0.6em;text-align:right}
-th{background:#f2f2f2} td:first-child,th:first-child{text-align:left}
-tr.best td{font-weight:bold} figure{margin:1em 0} img{max-width:100%}
-code{background:#f6f6f6;padding:0 0.2em} .note{color:#555;font-size:0.9em}
-"""
-LOADED_SCRIPT = ("<script>window.addEventListener('load',function(){var n=0;for(var i=0;i<document.images.length;"
-                 "i++){var im=document.images[i];if(im.complete&&im.naturalWidth>0)n++;}"
-                 "document.body.setAttribute('data-images-loaded',String(n));});</script>")
+TEMPLATE = "report.html.j2"
 
 
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"
-    return html.escape(str(value))
+    return "" if value is None else str(value)
 
 
 def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None,
-           table_id: str = "", best: Sequence[bool] | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in (headers or columns))
-    body = []
-    for index, row in enumerate(rows):
-        cls = ' class="best"' if best is not None and best[index] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{_cell(row.get(c, ''))}</td>" for c in columns) + "</tr>")
-    ident = f' id="{table_id}"' if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+           best: Sequence[bool] | None = None) -> dict[str, Any]:
+    """A table for the template: header labels, rows of formatted cells, which rows are bold."""
+    return {"headers": list(headers or columns), "rows": [[_cell(row.get(c, "")) for c in columns] for row in rows],
+            "best": list(best) if best is not None else None}
 
 
 def leaderboard_rows(means: Sequence[Mapping[str, Any]], groups: Sequence[str],
@@ -119,76 +107,102 @@ def leaderboard_rows(means: Sequence[Mapping[str, Any]], groups: Sequence[str],
     return sorted(rows.values(), key=lambda r: -r["mean auroc"])
 
 
-def _leaderboard_html(means: Sequence[Mapping[str, Any]], groups: Sequence[str], seconds: Mapping[str, float] | None,
-                      table_id: str) -> str:
+def _leaderboard(means: Sequence[Mapping[str, Any]], groups: Sequence[str],
+                 seconds: Mapping[str, float] | None) -> dict[str, Any]:
     rows = leaderboard_rows(means, groups, seconds)
     columns = ["detector"] + [f"{g} {m}" for g in groups for m in ("auroc", "fpr95")] + ["mean auroc"]
     headers = ["detector"] + [f"{g} {METRIC_LABELS[m]}" for g in groups for m in ("auroc", "fpr95")] + ["mean AUROC"]
     if seconds is not None:
         columns.append("time [s]")
         headers.append("fit+score [s]")
-    return _table(rows, columns, headers, table_id, best=[i == 0 for i in range(len(rows))])
+    return _table(rows, columns, headers, best=[i == 0 for i in range(len(rows))])
+
+
+def heat_color(auroc: float) -> str:
+    """Background of a heatmap cell: red at AUROC 50 or below (blind or inverted), yellow at 75, green at 100."""
+    share = float(np.clip((auroc - 50.0) / 50.0, 0.0, 1.0))
+    return f"hsl({120.0 * share:.0f}, 65%, 80%)"
+
+
+def anchor(name: str) -> str:
+    """An HTML id for a detector label (letters, digits, ``-`` and ``_``)."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+def _heatmap(results: Results) -> dict[str, Any]:
+    columns = [name for names in results.groups.values() for name in names]
+    order = [r["detector"] for r in leaderboard_rows(results.group_means(), list(results.groups))]
+    by_key = {(r["detector"], r["dataset"]): r["auroc"] for r in results.records}
+    rows = []
+    for detector in order:
+        cells = [{"value": f"{by_key[detector, c]:.4f}", "text": f"{by_key[detector, c]:.1f}",
+                  "color": heat_color(by_key[detector, c])} if (detector, c) in by_key else
+                 {"value": "", "text": "", "color": "#fff"} for c in columns]
+        rows.append({"detector": detector, "anchor": anchor(detector), "cells": cells})
+    return {"columns": columns, "rows": rows}
+
+
+def _params(detector: Any) -> dict[str, str]:
+    if detector is None or not hasattr(detector, "get_params"):
+        return {}
+    return {k: repr(v) for k, v in detector.get_params(deep=False).items()}
 
 
 def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oodscope benchmark report",
                   full_spectrum: Sequence[Mapping[str, Any]] = (), shifted_scores: Mapping[str, np.ndarray] | None = None,
-                  shifted_name: str = "test_shifted") -> str:
-    """The report as one HTML string (figures inline)."""
+                  shifted_name: str = "test_shifted", detectors: Mapping[str, Any] | None = None) -> str:
+    """The report as one HTML string (a Jinja2 template; figures inline, no network)."""
+    import jinja2
+
     groups = list(results.groups)
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    summary = [f"benchmark <code>{html.escape(str(meta.get('benchmark', '')))}</code>",
-               f"model <code>{html.escape(str(meta.get('model', '')))}</code>"]
-    if results.id_accuracy is not None:
-        summary.append(f"ID accuracy ({html.escape(results.id_name)}) <b id='id-accuracy'>"
-                       f"{results.id_accuracy:.2f} %</b>")
-    parts.append("<p>" + ", ".join(summary) + "</p>")
-    parts.append("<h2>Leaderboard</h2><p class='note'>Mean over each group's OOD sets; metrics in percent; "
-                 "FPR@95 = share of OOD accepted when 95 % of ID is kept; higher AUROC is better.</p>")
-    parts.append(_leaderboard_html(results.group_means(), groups, results.seconds, "leaderboard"))
+    means = {r["detector"]: r for r in leaderboard_rows(results.group_means(), groups)}
     notes = results.degenerate_notes()
-    if notes:
-        parts.append("<h3>Results that need a word</h3><ul id='degenerate-notes'>"
-                     + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
-    parts.append("<h2>Every OOD set</h2>")
-    columns = ["detector", "group", "dataset", *METRICS]
-    parts.append(_table(results.records, columns, ["detector", "group", "dataset",
-                                                   *[METRIC_LABELS[m] for m in METRICS]], "per-dataset"))
+    sections = []
+    ranked = sorted(results.scores, key=lambda d: -means.get(d, {}).get("mean auroc", -1.0))  # leaderboard order
+    for detector in ranked:
+        by_set = results.scores[detector]
+        extra = {shifted_name: shifted_scores[detector]} if shifted_scores and detector in shifted_scores else None
+        png = base64.b64encode(detector_figure(detector, by_set, results.id_name, extra)).decode("ascii")
+        per_set = [r for r in results.records if r["detector"] == detector]
+        sections.append({"name": detector, "anchor": anchor(detector), "png": png,
+                         "mean_auroc": means.get(detector, {}).get("mean auroc"),
+                         "params": _params((detectors or {}).get(detector)),
+                         "note": " ".join(n for n in notes if n.startswith(f"{detector}:")),
+                         "per_set": _table(per_set, ["group", "dataset", *METRICS],
+                                           ["group", "dataset", *[METRIC_LABELS[m] for m in METRICS]])})
+    fs_table = shift_table = None
     if full_spectrum:
         fs_means = [r for r in full_spectrum if r.get("setting") == "full-spectrum" and r["dataset"] == "mean"]
         shift = [r for r in full_spectrum if r.get("setting") == "shift-sensitivity"]
-        parts.append(f"<h2>Full-spectrum</h2><p class='note'>ID = {html.escape(results.id_name)} + its "
-                     f"covariate-shifted copy <code>{html.escape(shifted_name)}</code> (common corruptions).</p>")
-        parts.append(_leaderboard_html(fs_means, groups, None, "full-spectrum"))
-        parts.append("<h3>Reaction to covariate shift</h3><p class='note'>Clean ID test vs its shifted copy: "
-                     "AUROC 50 = the detector ignores the shift; <i>flagged</i> = % of shifted ID images flagged "
-                     "OOD at the threshold that keeps 95 % of the clean ID test (5 = no reaction).</p>")
+        fs_table = _leaderboard(fs_means, groups, None)
         columns = ["detector", "auroc", "flagged"] + (["shifted_accuracy"] if shift and "shifted_accuracy"
                                                       in shift[0] else [])
-        parts.append(_table(sorted(shift, key=lambda r: r["flagged"]), columns,
-                            ["detector", "AUROC clean vs shifted", "flagged [%]", "accuracy on shifted [%]"][
-                                :len(columns)], "shift-sensitivity"))
-    parts.append("<h2>ROC curves and score distributions</h2>")
-    for detector, by_set in results.scores.items():
-        extra = {shifted_name: shifted_scores[detector]} if shifted_scores and detector in shifted_scores else None
-        png = base64.b64encode(detector_figure(detector, by_set, results.id_name, extra)).decode("ascii")
-        parts.append(f"<figure><img alt='{html.escape(detector)}: ROC curves and score histograms' "
-                     f"src='data:image/png;base64,{png}'><figcaption>{html.escape(detector)}</figcaption></figure>")
-    parts.append("<h2>Run</h2>")
-    parts.append(_meta_html(meta))
-    parts.append(LOADED_SCRIPT + "</body></html>")
-    return "\n".join(parts)
+        shift_table = _table(sorted(shift, key=lambda r: r["flagged"]), columns,
+                             ["detector", "AUROC clean vs shifted", "flagged [%]", "accuracy on shifted [%]"][
+                                 :len(columns)])
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("oodscope.report", "templates"),
+                                     autoescape=True, undefined=jinja2.StrictUndefined)
+    return environment.get_template(TEMPLATE).render(
+        title=title, benchmark=str(meta.get("benchmark", "")), model=str(meta.get("model", "")),
+        id_accuracy=results.id_accuracy, id_name=results.id_name, notes=notes,
+        leaderboard=_leaderboard(results.group_means(), groups, results.seconds), heatmap=_heatmap(results),
+        full_spectrum=fs_table, shift=shift_table, shifted_name=shifted_name, detectors=sections,
+        meta=_meta_rows(meta))
 
 
-def _meta_html(meta: Mapping[str, Any]) -> str:
+def _meta_rows(meta: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(key, value)`` pairs; a mapping value becomes ``k: v`` lines (escaped by the template, joined with
+    line breaks that the template marks safe)."""
+    from markupsafe import Markup, escape
+
     rows = []
     for key, value in meta.items():
         if isinstance(value, Mapping):
-            value = "<br>".join(f"{html.escape(str(k))}: <code>{_cell(v)}</code>" for k, v in value.items())
+            value = Markup("<br>").join(Markup("{}: <code>{}</code>").format(k, _cell(v)) for k, v in value.items())
         else:
-            value = _cell(value)
-        rows.append(f"<tr><th>{html.escape(str(key))}</th><td style='text-align:left'>{value}</td></tr>")
-    return f"<table id='metadata'>{''.join(rows)}</table>"
+            value = escape(_cell(value))
+        rows.append((str(key), value))
+    return rows
 
 
 def write_report(path: str | Path, results: Results, meta: Mapping[str, Any], **options: Any) -> Path:
