@@ -88,7 +88,8 @@ def greedy_coreset(features: np.ndarray, n_select: int, projection_dim: int | No
 
     Each step adds the point farthest from the coreset so far; distances are taken after a Gaussian random
     projection to ``projection_dim`` dimensions (``None``: no projection). The loop runs over the coreset size
-    (inherently sequential); every step is one vectorised distance update over all points.
+    (inherently sequential); every step is one vectorised distance update over all points. A tqdm bar counts the
+    selected patches (off when not a terminal).
     """
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -101,13 +102,19 @@ def greedy_coreset(features: np.ndarray, n_select: int, projection_dim: int | No
     selected = np.empty(n_select, dtype=np.int64)
     selected[0] = rng.integers(len(x))
     nearest = torch.full((len(x),), float("inf"))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_select, desc="patchcore coreset", unit="patch", leave=False, disable=None, mininterval=1.0)
     for i in range(1, n_select + 1):
         c = x[selected[i - 1]]
         dist = squared - 2 * (x @ c) + squared[selected[i - 1]]
         torch.minimum(nearest, dist, out=nearest)
+        if i % 256 == 0 or i == n_select:  # the bar's own cost stays off the inner loop
+            bar.update(i - bar.n)
         if i == n_select:
             break
         selected[i] = int(torch.argmax(nearest))
+    bar.close()
     return selected
 
 
