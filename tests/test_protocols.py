@@ -242,6 +242,7 @@ def test_rank_correlations_hand_computed():
     rows = [{"id_accuracy": a, "msp near auroc": b} for a, b in ((90, 80), (91, 70), (92, 60))]
     (record,) = correlations(rows, ["msp"], ["near"])
     assert record["spearman"] == pytest.approx(-1.0) and record["n"] == 3
+    assert np.isnan(rank_correlations([90, 90, 90], [1, 2, 3])["spearman"])  # undefined, not an error
     with pytest.raises(ValueError, match="--ensemble"):
         rank_correlations([1, 2], [3, 4])
 
@@ -264,3 +265,35 @@ def test_evaluate_results_report_failure_detection(rng):
                                    train=test)
     with pytest.raises(ValueError, match="class labels"):
         unlabelled.failure()
+
+
+def test_the_correlation_protocol_fits_each_models_own_detectors(tmp_path, rng, capsys):
+    import torch
+
+    import oodscope
+    from oodscope.models.cifar_resnet import build_cifar_resnet
+    from oodscope.training.compare import evaluate_model
+    from oodscope.data.spec import load_benchmark_dir
+    from test_bench import _write_bench
+
+    bench_dir = _write_bench(tmp_path / "bench", rng)
+    paths = []
+    for seed in range(3):  # same architecture, other weights: a detector fitted on one would score the others
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"w{seed}.pth")
+        torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), paths[-1])
+    out = tmp_path / "out"
+    assert main(["bench", str(bench_dir), "--model", "cifar10_resnet20", "--weights", str(paths[0]), "--detectors",
+                 "knn_distance,mahalanobis", "--protocol", "correlation", "--ensemble",
+                 f"cifar10_resnet20={paths[1]},cifar10_resnet20={paths[2]}", "--quiet", "--no-cache",
+                 "--out", str(out)]) == 0
+    assert "ID accuracy vs OOD AUROC" in capsys.readouterr().out
+    _, records = read_results(out / "results.json")
+    rows = [r for r in records if r.get("setting") == "correlation-models"]
+    assert len(rows) == 3 and len([r for r in records if r.get("setting") == "correlation"]) == 2 * 2
+    bench = load_benchmark_dir(bench_dir)
+    from oodscope.models.zoo import load_model
+
+    model, preprocess = load_model("cifar10_resnet20", paths[2])
+    expected = evaluate_model(model, preprocess, bench, detectors=[oodscope.create("knn_distance")], per_set=2000)
+    assert rows[2]["knn_distance near auroc"] == pytest.approx(expected["knn_distance near auroc"], abs=1e-9)

@@ -19,13 +19,17 @@ N_IMAGES = 2000
 
 
 def rank_correlations(accuracy: Sequence[float], auroc: Sequence[float]) -> dict[str, float]:
-    """Spearman's rho and Kendall's tau (with their two-sided p-values) of two per-model sequences."""
+    """Spearman's rho and Kendall's tau (with their two-sided p-values) of two per-model sequences; NaN when
+    either is constant (e.g. every model equally accurate)."""
     from scipy.stats import kendalltau, spearmanr
 
     accuracy, auroc = np.asarray(accuracy, dtype=np.float64), np.asarray(auroc, dtype=np.float64)
     if accuracy.shape != auroc.shape or accuracy.size < 3:
         raise ValueError(f"rank correlations need the same number (>= 3) of accuracies and AUROCs, got "
                          f"{accuracy.size} and {auroc.size}: pass more models with --ensemble")
+    if np.ptp(accuracy) == 0 or np.ptp(auroc) == 0:  # a constant sequence has no rank correlation
+        nan = float("nan")
+        return {"spearman": nan, "spearman_p": nan, "kendall": nan, "kendall_p": nan}
     rho, p_rho = spearmanr(accuracy, auroc)
     tau, p_tau = kendalltau(accuracy, auroc)
     return {"spearman": float(rho), "spearman_p": float(p_rho), "kendall": float(tau), "kendall_p": float(p_tau)}
@@ -42,6 +46,8 @@ def correlations(rows: list[dict[str, Any]], detectors: Sequence[str], groups: S
 
 
 def run(context) -> list[dict[str, Any]]:
+    from sklearn.base import clone
+
     from ..training.compare import evaluate_model
 
     members = [("benchmark model", context.model, context.preprocess)] + list(context.ensemble)
@@ -51,7 +57,10 @@ def run(context) -> list[dict[str, Any]]:
     device = context.extract_options.get("device") or "cpu"
     rows = []
     for name, model, preprocess in members:
-        row = evaluate_model(model, preprocess, context.bench, detectors=list(context.detectors.values()),
+        # unfitted clones: each model's detectors are fitted on that model's own training outputs (the
+        # benchmark's detectors are already fitted on the benchmark model's)
+        fresh = [clone(detector) for detector in context.detectors.values()]
+        row = evaluate_model(model, preprocess, context.bench, detectors=fresh,
                              per_set=N_IMAGES, cache_dir=context.extract_options.get("cache_dir"),
                              device="cpu" if device == "auto" else device)
         rows.append({"model": name, **row})
