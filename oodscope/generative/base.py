@@ -109,10 +109,12 @@ class GenerativeDetector(Detector):
 
     def _density_model(self, images: np.ndarray, perturb: float = 0.0):
         """A PixelCNN trained on ``images`` with this detector's settings (once per process and settings)."""
+        from ..extraction.extract import resolve_device
         from .pixelcnn import PixelCNN, train
 
         import torch
 
+        resolve_device(self.device)  # refused here, also when the trained model is already in the cache
         settings = self._model_settings(perturb)
         key = hashlib.sha256(images.tobytes() + repr((images.shape, sorted(settings.items()))).encode()).hexdigest()
         with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not from the caller's RNG
