@@ -210,6 +210,9 @@ def test_adbench_command_writes_bench_records(tmp_path, capsys):
     semi_knn = [r["auroc"] for r in per_seed if r["detector"] == "knn_distance" and r["group"] == "dte-semi"]
     row = next(r for r in records if r["detector"] == "knn_distance" and r["group"] == "dte-semi")
     assert row["auroc"] == pytest.approx(np.mean(semi_knn)) and row["auroc"] > 85
+    report = (out / "report.html").read_text()  # the same kind of report as bench's, without per-sample figures
+    assert '<table id="heatmap"' in report and "wine (dte-semi)" in report and "wine (dte-unsup)" in report
+    assert f'data-value="{row["auroc"]:.4f}"' in report and 'id="det-knn_distance"' in report
     assert main(["adbench", "--protocol", "adbench", "--datasets", "wine", "--detectors", "mahalanobis_ad",
                  "--quiet", "--out", str(out / "a")]) == 0
     assert {r["group"] for r in read_results(out / "a" / "results.json")[1]} == {"adbench"}

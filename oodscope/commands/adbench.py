@@ -82,6 +82,13 @@ def run(args: argparse.Namespace) -> int:
                         timings={**{f"{name} fit+score": s for name, s in seconds.items()},
                                  "total": time.perf_counter() - start})
     paths = results.write(Path(args.out), meta, extra=extra)
+    from ..report.html import write_report
+
+    intro = (f"Tabular anomaly detection, protocol {args.protocol}: the mean over each setting's data sets of the "
+             "per-data-set mean over seeds; metrics in percent, anomalies are the positive class; higher AUROC is "
+             "better. The per-data-set tables give the mean over seeds.")
+    paths["html"] = write_report(Path(args.out) / "report.html", results, meta, title="oodscope adbench report",
+                                 detectors={name: create(name) for name in detectors}, intro=intro)
     print(f"total {time.perf_counter() - start:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

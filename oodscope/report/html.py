@@ -77,6 +77,8 @@ def detector_figure(detector: str, by_set: Mapping[str, np.ndarray], id_name: st
 
 # -- HTML ---------------------------------------------------------------------------------------------------------
 TEMPLATE = "report.html.j2"
+OOD_INTRO = ("Mean over each group's OOD sets; metrics in percent; FPR@95 = share of OOD accepted when 95 % of ID is "
+             "kept; higher AUROC is better.")
 
 
 def _cell(value: Any) -> str:
@@ -130,14 +132,18 @@ def anchor(name: str) -> str:
 
 
 def _heatmap(results: Results) -> dict[str, Any]:
-    columns = [name for names in results.groups.values() for name in names]
+    """AUROC per detector (leaderboard order) and (group, dataset); a dataset name that appears in several groups
+    (one data set under two protocols) is labelled with its group."""
+    pairs = [(group, name) for group, names in results.groups.items() for name in names]
+    repeated = {name for _, name in pairs if sum(n == name for _, n in pairs) > 1}
+    columns = [f"{name} ({group})" if name in repeated else name for group, name in pairs]
     order = [r["detector"] for r in leaderboard_rows(results.group_means(), list(results.groups))]
-    by_key = {(r["detector"], r["dataset"]): r["auroc"] for r in results.records}
+    by_key = {(r["detector"], r["group"], r["dataset"]): r["auroc"] for r in results.records}
     rows = []
     for detector in order:
-        cells = [{"value": f"{by_key[detector, c]:.4f}", "text": f"{by_key[detector, c]:.1f}",
-                  "color": heat_color(by_key[detector, c])} if (detector, c) in by_key else
-                 {"value": "", "text": "", "color": "#fff"} for c in columns]
+        cells = [{"value": f"{by_key[detector, g, n]:.4f}", "text": f"{by_key[detector, g, n]:.1f}",
+                  "color": heat_color(by_key[detector, g, n])} if (detector, g, n) in by_key else
+                 {"value": "", "text": "", "color": "#fff"} for g, n in pairs]
         rows.append({"detector": detector, "anchor": anchor(detector), "cells": cells})
     return {"columns": columns, "rows": rows}
 
@@ -150,7 +156,8 @@ def _params(detector: Any) -> dict[str, str]:
 
 def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oodscope benchmark report",
                   full_spectrum: Sequence[Mapping[str, Any]] = (), shifted_scores: Mapping[str, np.ndarray] | None = None,
-                  shifted_name: str = "test_shifted", detectors: Mapping[str, Any] | None = None) -> str:
+                  shifted_name: str = "test_shifted", detectors: Mapping[str, Any] | None = None,
+                  intro: str = OOD_INTRO) -> str:
     """The report as one HTML string (a Jinja2 template; figures inline, no network)."""
     import jinja2
 
@@ -158,11 +165,14 @@ def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oo
     means = {r["detector"]: r for r in leaderboard_rows(results.group_means(), groups)}
     notes = results.degenerate_notes()
     sections = []
-    ranked = sorted(results.scores, key=lambda d: -means.get(d, {}).get("mean auroc", -1.0))  # leaderboard order
+    names = list(results.scores) or list(dict.fromkeys(r["detector"] for r in results.records))
+    ranked = sorted(names, key=lambda d: -means.get(d, {}).get("mean auroc", -1.0))  # leaderboard order
     for detector in ranked:
-        by_set = results.scores[detector]
-        extra = {shifted_name: shifted_scores[detector]} if shifted_scores and detector in shifted_scores else None
-        png = base64.b64encode(detector_figure(detector, by_set, results.id_name, extra)).decode("ascii")
+        png = None
+        if detector in results.scores:  # per-sample scores (a benchmark run): ROC curves and histograms
+            extra = {shifted_name: shifted_scores[detector]} if shifted_scores and detector in shifted_scores else None
+            figure = detector_figure(detector, results.scores[detector], results.id_name, extra)
+            png = base64.b64encode(figure).decode("ascii")
         per_set = [r for r in results.records if r["detector"] == detector]
         sections.append({"name": detector, "anchor": anchor(detector), "png": png,
                          "mean_auroc": means.get(detector, {}).get("mean auroc"),
@@ -187,7 +197,7 @@ def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oo
         id_accuracy=results.id_accuracy, id_name=results.id_name, notes=notes,
         leaderboard=_leaderboard(results.group_means(), groups, results.seconds), heatmap=_heatmap(results),
         full_spectrum=fs_table, shift=shift_table, shifted_name=shifted_name, detectors=sections,
-        meta=_meta_rows(meta))
+        meta=_meta_rows(meta), intro=intro)
 
 
 def _meta_rows(meta: Mapping[str, Any]) -> list[tuple[str, Any]]:
