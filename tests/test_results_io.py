@@ -201,7 +201,7 @@ def test_adbench_writes_the_schema_and_prints_format_table(tmp_path, capsys, tab
     seeds = read_results(out / "results.json", table="seeds")[1]
     assert len(seeds) == 2 * 2 and {r["n_seeds"] for r in summary} == {2} and "auroc_std" in summary[0]
     assert [r["dataset"] for r in records] == ["wine", "wine", "mean", "mean"]
-    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]  # no side files any more
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "results.csv", "results.json"]  # nothing else
     (table,) = tables
     assert table in printed
     _aligned(table, "detector      wine/dte-semi  wine/dte-semi  wine/dte-unsup  wine/dte-unsup")
