@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 PROTOCOLS = {"failure": "failure", "unit-tests": "unit_tests", "scaling": "scaling", "density": "density",
@@ -49,12 +50,27 @@ class Context:
         set): the protocols reuse them instead of scoring again."""
         return self.results.scores[label][dataset]
 
-    def extract(self, data: Any, name: str):
+    def extract(self, data: Any, name: str, model: Any = None):
+        """Outputs of ``model`` (default: the benchmark's) on ``data``, with every layer the detectors read and the
+        run's extraction options (cache, device, batch size)."""
         from ..extraction.extract import extract
 
         layers = sorted({layer for d in self.detectors.values() for layer in d.layer_names()})
-        return extract(self.model, data, name=f"{self.bench.name}-{name}", preprocess=self.preprocess,
-                       layers=layers, **self.extract_options)
+        return extract(self.model if model is None else model, data, name=f"{self.bench.name}-{name}",
+                       preprocess=self.preprocess, layers=layers, **self.extract_options)
+
+    @property
+    def device(self) -> str:
+        """The run's ``--device`` resolved (``auto``: CUDA, then MPS, then CPU), for protocols that train."""
+        from ..extraction.extract import resolve_device
+
+        return str(resolve_device(self.extract_options.get("device") or "auto"))
+
+    def work_dir(self, protocol: str) -> Path:
+        """Where a training protocol keeps its resumable checkpoints: ``<cache>/<protocol>``."""
+        from ..extraction.cache import default_cache_dir
+
+        return Path(self.extract_options.get("cache_dir") or default_cache_dir()) / protocol
 
 
 def parse(names: str | None) -> list[str]:

@@ -54,7 +54,6 @@ def run(context) -> list[dict[str, Any]]:
     if len(members) < 3:
         raise ValueError("the correlation protocol compares models: pass at least two more with --ensemble "
                          "(e.g. the other zoo ResNets)")
-    device = context.extract_options.get("device") or "cpu"
     rows = []
     for name, model, preprocess in members:
         # unfitted clones: each model's detectors are fitted on that model's own training outputs (the
@@ -62,7 +61,7 @@ def run(context) -> list[dict[str, Any]]:
         fresh = [clone(detector) for detector in context.detectors.values()]
         row = evaluate_model(model, preprocess, context.bench, detectors=fresh,
                              per_set=N_IMAGES, cache_dir=context.extract_options.get("cache_dir"),
-                             device="cpu" if device == "auto" else device)
+                             device=context.device)
         rows.append({"model": name, **row})
     groups = list(context.bench.ood)
     records = [{**r, "dataset": "models", "setting": "correlation", "per_set": N_IMAGES,

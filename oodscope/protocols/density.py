@@ -58,14 +58,13 @@ def mean_pairwise_js(probabilities: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def boundary_distance(model, inputs: np.ndarray, labels: np.ndarray, preprocess, batch_size: int = 250,
-                      scale: float = 1.0, device: str = "cpu") -> np.ndarray:
+                      scale: float = 1.0) -> np.ndarray:
     """First-order distance to the nearest ``y``/``j`` decision boundary, ``(l_y - l_j) / ||grad (l_y - l_j)||``,
-    with gradients with respect to the raw input divided by ``scale`` (255 for uint8 images: ``[0, 1]`` units)."""
+    with gradients with respect to the raw input divided by ``scale`` (255 for uint8 images: ``[0, 1]`` units).
+    Runs where the model's parameters are."""
     import torch
 
-    from ..extraction.extract import resolve_device
-
-    target = resolve_device(device)
+    target = next(model.parameters()).device
     out = np.empty(len(inputs))
     labels = np.asarray(labels)
     for start in range(0, len(inputs), batch_size):
@@ -92,19 +91,13 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def _subsample(split, n: int, seed: int):
-    index = np.sort(np.random.default_rng(seed).permutation(len(split))[:min(n, len(split))])
-    return split.inputs[index], np.asarray(split.labels)[index], index
-
-
 def _metrics(context, inputs, labels, name: str) -> dict[str, np.ndarray]:
     import torch
 
     outputs = context.extract((inputs, labels), name)
     scale = 255.0 if isinstance(inputs, np.ndarray) and inputs.dtype == np.uint8 else 1.0
     metrics = {"confidence": true_label_confidence(outputs.logits, labels),
-               "boundary": boundary_distance(context.model, inputs, labels, context.preprocess, scale=scale,
-                                             device=context.extract_options.get("device") or "cpu")}
+               "boundary": boundary_distance(context.model, inputs, labels, context.preprocess, scale=scale)}
     if context.ensemble:
         from scipy.special import softmax
 
@@ -122,8 +115,10 @@ def run(context) -> list[dict[str, Any]]:
     bench = context.bench
     if bench.train.labels is None or bench.test.labels is None:
         raise ValueError("the density protocol needs class labels on the ID train and test sets")
-    train_x, train_y, _ = _subsample(bench.train, N_IMAGES, context.seed)
-    test_x, test_y, test_index = _subsample(bench.test, N_IMAGES, context.seed + 1)
+    from ..training.compare import subsample
+
+    train_x, train_y = subsample(bench.train, N_IMAGES, context.seed)
+    test_x, test_y = subsample(bench.test, N_IMAGES, context.seed + 1)
     train_metrics, _ = _metrics(context, train_x, train_y, f"density-train-{N_IMAGES}")
     test_metrics, test_outputs = _metrics(context, test_x, test_y, f"density-test-{N_IMAGES}")
     members = ", ".join(name for name, _, _ in context.ensemble) if context.ensemble else None

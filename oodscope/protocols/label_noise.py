@@ -23,7 +23,6 @@ against the clean-label control (``delta_<group>``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,8 +89,6 @@ def run(context) -> list[dict[str, Any]]:
     from sklearn.base import clone
 
     from ..evaluation import evaluate
-    from ..extraction.cache import default_cache_dir
-    from ..extraction.extract import extract
     from ..training import finetune
 
     bench = context.bench
@@ -102,28 +99,22 @@ def run(context) -> list[dict[str, Any]]:
         raise ValueError("the label-noise protocol fine-tunes the classifier: its last layer must be nn.Linear")
     n_classes = linear[-1].out_features
     cifar10 = n_classes == 10 and "cifar10" in bench.name.lower()
-    cache_dir = context.extract_options.get("cache_dir") or default_cache_dir()
-    device = context.extract_options.get("device") or "cpu"
-    device = "cpu" if device == "auto" else device
     test_data, ood_data = _groups(context, N_IMAGES, context.seed)
     records, control = [], {}
     for kind, rate in SETTINGS:
         labels = bench.train.labels if rate == 0 else noisy_labels(bench.train.labels, n_classes, kind, rate,
                                                                     context.seed, cifar10)
         setting = "clean" if rate == 0 else f"{kind} {int(round(100 * rate))}%"
-        where = Path(cache_dir) / "label-noise" / f"{bench.name}-{setting.replace(' ', '-').replace('%', 'pct')}"
+        where = context.work_dir("label-noise") / f"{bench.name}-{setting.replace(' ', '-').replace('%', 'pct')}"
         tuned, history = finetune(context.model, (bench.train.inputs, labels), "cross_entropy",
                                   preprocess=context.preprocess, seed=context.seed, checkpoint_dir=where,
-                                  device=device, progress=context.extract_options.get("progress", True),
+                                  device=context.device, progress=context.extract_options.get("progress", True),
                                   **SCHEDULE)
         tuned.eval()
-        layers = sorted({layer for d in context.detectors.values() for layer in d.layer_names()})
-        options = dict(preprocess=context.preprocess, layers=layers, cache_dir=cache_dir,
-                       progress=False, device=device)
-        train = extract(tuned, (bench.train.inputs, labels), name=f"{bench.name}-noise-{setting}-train", **options)
-        test = extract(tuned, test_data, name=f"{bench.name}-noise-test", **options)
-        ood = {group: {name: extract(tuned, images, name=f"{bench.name}-noise-{name}", **options)
-                       for name, images in sets.items()} for group, sets in ood_data.items()}
+        train = context.extract((bench.train.inputs, labels), f"noise-{setting}-train", model=tuned)
+        test = context.extract(test_data, "noise-test", model=tuned)
+        ood = {group: {name: context.extract(images, f"noise-{name}", model=tuned) for name, images in sets.items()}
+               for group, sets in ood_data.items()}
         detectors = {label: clone(d) for label, d in context.detectors.items()}
         results = evaluate(detectors, test, ood, train=train)
         accuracy = float(100 * np.mean(test.logits.argmax(1) == test.labels))

@@ -23,7 +23,6 @@ CIFAR-10 get 5 seeded random 60/40 class splits, stated in the records.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,8 +66,6 @@ def fresh_classifier(model, n_known: int, seed: int):
 def run(context) -> list[dict[str, Any]]:
     from sklearn.base import clone
 
-    from ..extraction.cache import default_cache_dir
-    from ..extraction.extract import extract
     from ..metrics import auroc, oscr
     from ..training import finetune
 
@@ -79,11 +76,6 @@ def run(context) -> list[dict[str, Any]]:
     n_classes = int(max(train_labels.max(), test_labels.max())) + 1
     cifar10 = n_classes == 10 and "cifar10" in bench.name.lower()
     splits = class_splits(n_classes, cifar10, context.seed)
-    cache_dir = Path(context.extract_options.get("cache_dir") or default_cache_dir())
-    device = context.extract_options.get("device") or "cpu"
-    device = "cpu" if device == "auto" else device
-    layers = sorted({layer for d in context.detectors.values() for layer in d.layer_names()})
-    options = dict(preprocess=context.preprocess, layers=layers, cache_dir=cache_dir, progress=False, device=device)
     records = []
     for number, known in enumerate(splits):
         mapping = np.full(n_classes, -1)
@@ -91,18 +83,17 @@ def run(context) -> list[dict[str, Any]]:
         train_rows = np.flatnonzero(mapping[train_labels] >= 0)
         known_rows, unknown_rows = np.flatnonzero(mapping[test_labels] >= 0), np.flatnonzero(mapping[test_labels] < 0)
         model = fresh_classifier(context.model, len(known), context.seed + number)
-        where = cache_dir / "open-set" / f"{bench.name}-split{number}-{'-'.join(map(str, known))}"
+        where = context.work_dir("open-set") / f"{bench.name}-split{number}-{'-'.join(map(str, known))}"
         trained, history = finetune(model, (bench.train.inputs[train_rows], mapping[train_labels[train_rows]]),
                                     "cross_entropy", preprocess=context.preprocess, seed=context.seed + number,
-                                    checkpoint_dir=where, device=device,
+                                    checkpoint_dir=where, device=context.device,
                                     progress=context.extract_options.get("progress", True), **SCHEDULE)
         trained.eval()
-        tag = f"{bench.name}-osr{number}"
-        train = extract(trained, (bench.train.inputs[train_rows], mapping[train_labels[train_rows]]),
-                        name=f"{tag}-train", **options)
-        known_out = extract(trained, (bench.test.inputs[known_rows], mapping[test_labels[known_rows]]),
-                            name=f"{tag}-known", **options)
-        unknown_out = extract(trained, bench.test.inputs[unknown_rows], name=f"{tag}-unknown", **options)
+        train = context.extract((bench.train.inputs[train_rows], mapping[train_labels[train_rows]]),
+                                f"osr{number}-train", model=trained)
+        known_out = context.extract((bench.test.inputs[known_rows], mapping[test_labels[known_rows]]),
+                                    f"osr{number}-known", model=trained)
+        unknown_out = context.extract(bench.test.inputs[unknown_rows], f"osr{number}-unknown", model=trained)
         correct = known_out.logits.argmax(axis=1) == known_out.labels
         for label, detector in context.detectors.items():
             fitted = clone(detector).fit(train)
