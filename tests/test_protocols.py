@@ -13,6 +13,28 @@ from oodscope.protocols.unit_tests import TESTS, make_test
 from oodscope.results_io import read_results
 
 
+@pytest.fixture
+def tiny_resnet_bench(tmp_path, rng):
+    """A tiny 32 x 32 benchmark folder and randomly initialised ResNet-20 weights (seed 0) for protocol runs."""
+    import torch
+
+    from oodscope.models.cifar_resnet import build_cifar_resnet
+    from test_bench import _write_bench
+
+    bench = _write_bench(tmp_path / "bench", rng, n_train=80, n_test=40)
+    torch.manual_seed(0)
+    torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), tmp_path / "w.pth")
+    return bench, tmp_path / "w.pth"
+
+
+def _bench(bench, weights, tmp_path, *extra: str) -> list:
+    """``oodscope bench`` on the tiny bench (no cache, quiet); the records of results.json."""
+    out = tmp_path / "out"
+    assert main(["bench", str(bench), "--model", "cifar10_resnet20", "--weights", str(weights), "--quiet",
+                 "--no-cache", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra]) == 0
+    return read_results(out / "results.json")[1]
+
+
 def test_failure_metrics_hand_computed():
     # accept order by score: 0.1 (ok), 0.2 (ok), 0.8 (OOD), 0.9 (misclassified): risks 0, 0, 1/3, 2/4
     values = failure_metrics(np.array([0.1, 0.2, 0.9]), np.array([0, 0, 1]), np.array([0.8]))
@@ -143,29 +165,18 @@ def test_noisy_labels_hand_checked():
         noisy_labels(labels, 5, "symmetric", 0.2)
 
 
-def test_bench_runs_the_label_noise_protocol_on_a_tiny_bench(tmp_path, rng, monkeypatch, capsys):
-    import torch
-
-    from oodscope.models.cifar_resnet import build_cifar_resnet
+def test_bench_runs_the_label_noise_protocol_on_a_tiny_bench(tiny_resnet_bench, tmp_path, monkeypatch, capsys):
     from oodscope.protocols import label_noise
-    from test_bench import _write_bench
 
-    bench = _write_bench(tmp_path / "bench", rng)
-    torch.manual_seed(0)
-    torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), tmp_path / "w.pth")
     monkeypatch.setattr(label_noise, "SCHEDULE", {"epochs": 1, "max_steps": 2, "lr": 0.01, "batch_size": 32})
     monkeypatch.setattr(label_noise, "N_IMAGES", 16)
-    out = tmp_path / "out"
-    assert main(["bench", str(bench), "--model", "cifar10_resnet20", "--weights", str(tmp_path / "w.pth"),
-                 "--detectors", "msp,mahalanobis", "--protocol", "label-noise", "--quiet", "--no-cache",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    records = _bench(*tiny_resnet_bench, tmp_path, "--detectors", "msp,mahalanobis", "--protocol", "label-noise")
     assert "label noise" in capsys.readouterr().out
-    _, records = read_results(out / "results.json")
     noise = [r for r in records if r.get("setting") == "label-noise"]
     assert {r["dataset"] for r in noise} == {"clean", "symmetric 20%", "symmetric 40%", "class-dependent 20%",
                                              "class-dependent 40%"}
     shares = {r["dataset"]: r["noisy_share"] for r in noise}
-    assert shares["clean"] == 0 and shares["symmetric 40%"] == pytest.approx(100 * round(0.4 * 64) / 64)
+    assert shares["clean"] == 0 and shares["symmetric 40%"] == pytest.approx(100 * round(0.4 * 80) / 80)
     clean = [r for r in noise if r["dataset"] == "clean"]
     assert all(r["delta_near"] == 0 and r["delta_far"] == 0 for r in clean)
     assert all(0 <= r["auroc_near"] <= 100 for r in noise)
@@ -188,23 +199,12 @@ def test_oscr_hand_computed():
         oscr(known, correct, np.array([]))
 
 
-def test_bench_runs_the_open_set_protocol_on_a_tiny_bench(tmp_path, rng, monkeypatch, capsys):
-    import torch
-
-    from oodscope.models.cifar_resnet import build_cifar_resnet
+def test_bench_runs_the_open_set_protocol_on_a_tiny_bench(tiny_resnet_bench, tmp_path, monkeypatch, capsys):
     from oodscope.protocols import open_set
-    from test_bench import _write_bench
 
-    bench = _write_bench(tmp_path / "bench", rng, n_train=80, n_test=40)
-    torch.manual_seed(0)
-    torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), tmp_path / "w.pth")
     monkeypatch.setattr(open_set, "SCHEDULE", {"epochs": 1, "max_steps": 2, "lr": 0.05, "batch_size": 32})
-    out = tmp_path / "out"
-    assert main(["bench", str(bench), "--model", "cifar10_resnet20", "--weights", str(tmp_path / "w.pth"),
-                 "--detectors", "msp,mahalanobis", "--protocol", "open-set", "--quiet", "--no-cache",
-                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    records = _bench(*tiny_resnet_bench, tmp_path, "--detectors", "msp,mahalanobis", "--protocol", "open-set")
     assert "open-set recognition" in capsys.readouterr().out
-    _, records = read_results(out / "results.json")
     osr = [r for r in records if r.get("setting") == "open-set"]
     assert len(osr) == 10 and {r["dataset"] for r in osr} == {f"split {i}" for i in range(5)}
     for r in osr:
@@ -267,33 +267,27 @@ def test_evaluate_results_report_failure_detection(rng):
         unlabelled.failure()
 
 
-def test_the_correlation_protocol_fits_each_models_own_detectors(tmp_path, rng, capsys):
+def test_the_correlation_protocol_fits_each_models_own_detectors(tiny_resnet_bench, tmp_path, capsys):
     import torch
 
     import oodscope
-    from oodscope.models.cifar_resnet import build_cifar_resnet
-    from oodscope.training.compare import evaluate_model
     from oodscope.data.spec import load_benchmark_dir
-    from test_bench import _write_bench
+    from oodscope.models.cifar_resnet import build_cifar_resnet
+    from oodscope.models.zoo import load_model
+    from oodscope.training.compare import evaluate_model
 
-    bench_dir = _write_bench(tmp_path / "bench", rng)
-    paths = []
-    for seed in range(3):  # same architecture, other weights: a detector fitted on one would score the others
+    bench_dir, first = tiny_resnet_bench
+    paths = [first]
+    for seed in (1, 2):  # same architecture, other weights: a detector fitted on one would score the others
         torch.manual_seed(seed)
         paths.append(tmp_path / f"w{seed}.pth")
         torch.save(build_cifar_resnet("cifar10_resnet20").state_dict(), paths[-1])
-    out = tmp_path / "out"
-    assert main(["bench", str(bench_dir), "--model", "cifar10_resnet20", "--weights", str(paths[0]), "--detectors",
-                 "knn_distance,mahalanobis", "--protocol", "correlation", "--ensemble",
-                 f"cifar10_resnet20={paths[1]},cifar10_resnet20={paths[2]}", "--quiet", "--no-cache",
-                 "--out", str(out)]) == 0
+    records = _bench(bench_dir, first, tmp_path, "--detectors", "knn_distance,mahalanobis", "--protocol",
+                     "correlation", "--ensemble", f"cifar10_resnet20={paths[1]},cifar10_resnet20={paths[2]}")
     assert "ID accuracy vs OOD AUROC" in capsys.readouterr().out
-    _, records = read_results(out / "results.json")
     rows = [r for r in records if r.get("setting") == "correlation-models"]
     assert len(rows) == 3 and len([r for r in records if r.get("setting") == "correlation"]) == 2 * 2
-    bench = load_benchmark_dir(bench_dir)
-    from oodscope.models.zoo import load_model
-
     model, preprocess = load_model("cifar10_resnet20", paths[2])
-    expected = evaluate_model(model, preprocess, bench, detectors=[oodscope.create("knn_distance")], per_set=2000)
+    expected = evaluate_model(model, preprocess, load_benchmark_dir(bench_dir),
+                              detectors=[oodscope.create("knn_distance")], per_set=2000)
     assert rows[2]["knn_distance near auroc"] == pytest.approx(expected["knn_distance near auroc"], abs=1e-9)
