@@ -133,3 +133,117 @@ def test_a_diverging_fit_stops_with_a_clear_error():
     train, _, _ = _smooth_and_simple()
     with pytest.raises(FloatingPointError, match="lower lr"):
         oodscope.create("pixelcnn_nll", hidden=8, blocks=1, epochs=1, lr=1e12).fit(train)
+
+
+# -- RealNVP ------------------------------------------------------------------------------------------------------
+def _flow_latents(flow, s):
+    """Every latent of ``flow`` for ``s``, concatenated: the bijection whose Jacobian the test takes."""
+    from torch.nn import functional as F
+
+    h, outs = s, []
+    for stage in flow.stages:
+        for layer in stage[:3]:
+            h, _ = layer(h)
+        h = F.pixel_unshuffle(h, 2)
+        for layer in stage[3:]:
+            h, _ = layer(h)
+        out, h = h.chunk(2, dim=1)
+        outs.append(out.flatten(1))
+    for layer in flow.final:
+        h, _ = layer(h)
+    return torch.cat(outs + [h.flatten(1)], dim=1)
+
+
+def test_flow_log_density_is_the_change_of_variables_with_the_autograd_jacobian():
+    from oodscope.generative.realnvp import RealNVP
+
+    torch.manual_seed(0)
+    flow = RealNVP(2, hidden=8, blocks=1, scales=1).double()
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.normal_(0, 0.2)  # away from the identity start
+    s = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda v: _flow_latents(flow, v.view(1, 2, 4, 4))[0], s.flatten())
+    z = _flow_latents(flow, s)
+    expected = (-0.5 * z.pow(2) - 0.5 * math.log(2 * math.pi)).sum() + torch.linalg.slogdet(jacobian)[1]
+    assert abs(float(jacobian.det())) != pytest.approx(1.0, abs=1e-3)  # a non-trivial volume change
+    assert float(flow.log_prob(s)[0].detach()) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_flow_bits_per_dim_at_the_identity_start_by_hand():
+    """A new flow is the identity (zero last layers), so ``log p`` is the standard normal at the logits plus the
+    logit transform's Jacobian minus ``D log 256``, computed here in numpy."""
+    from oodscope.generative.realnvp import ALPHA, RealNVP
+
+    flow = RealNVP(3, hidden=8, blocks=1, scales=1)
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 4, 4), dtype=np.uint8)
+    noise = np.random.default_rng(1).random((1, 3, 4, 4))
+    p = ALPHA + (1 - 2 * ALPHA) * (images + noise) / 256
+    s = np.log(p) - np.log1p(-p)
+    log_p = (-0.5 * s ** 2 - 0.5 * np.log(2 * np.pi) + np.log((1 - 2 * ALPHA) / (p * (1 - p)))).sum((1, 2, 3))
+    expected = -(log_p - 48 * np.log(256)) / (48 * np.log(2))
+    got = flow.bits_per_dim(torch.from_numpy(images), torch.from_numpy(noise)).detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def _fit_flow_to_gaussian(seed: int = 0):
+    """A 4-d correlated Gaussian as (1, 2, 2) 'images'; a RealNVP of four checkerboard couplings fitted by
+    maximum likelihood; returns the flow, the covariance and held-out samples."""
+    from oodscope.generative.realnvp import RealNVP
+
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(4, 4)) * 0.6 + np.eye(4)
+    covariance = mixing @ mixing.T
+    train = torch.from_numpy(rng.multivariate_normal(np.zeros(4), covariance, 4000)).float().view(-1, 1, 2, 2)
+    test = rng.multivariate_normal(np.zeros(4), covariance, 2000)
+    torch.manual_seed(seed)
+    flow = RealNVP(1, hidden=16, blocks=1, scales=0)
+    optimiser = torch.optim.Adam(flow.parameters(), lr=5e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, 800)
+    for step in range(800):
+        batch = train[torch.randint(0, len(train), (256,))]
+        loss = -flow.log_prob(batch).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+    return flow.eval(), covariance, test
+
+
+def test_flow_recovers_a_gaussians_analytic_log_density_and_its_typical_set():
+    from scipy.stats import multivariate_normal
+
+    from oodscope.generative.typicality import typicality_score
+
+    flow, covariance, test = _fit_flow_to_gaussian()
+    with torch.no_grad():
+        log_p = flow.log_prob(torch.from_numpy(test).float().view(-1, 1, 2, 2)).double().numpy()
+    analytic = multivariate_normal(np.zeros(4), covariance).logpdf(test)
+    entropy = 0.5 * np.linalg.slogdet(2 * np.pi * np.e * covariance)[1]
+    assert np.mean(-log_p) == pytest.approx(entropy, abs=0.05)  # the fitted flow's cross-entropy ~ the entropy
+    assert np.median(np.abs(log_p - analytic)) < 0.1 and np.corrcoef(log_p, analytic)[0, 1] > 0.98
+    # typicality: the mode is the most likely point yet atypical by D/2 = 2 nats; a point at the typical
+    # radius (Mahalanobis distance sqrt(D)) is typical
+    estimated_entropy = float(np.mean(-log_p))
+    typical = np.linalg.cholesky(covariance) @ np.full(4, 1.0)  # squared Mahalanobis norm 4 = D
+    with torch.no_grad():
+        nll = -flow.log_prob(torch.tensor(np.stack([np.zeros(4), typical])).float().view(-1, 1, 2, 2)).numpy()
+    mode_score, typical_score = typicality_score(nll, estimated_entropy)
+    assert mode_score == pytest.approx(2.0, abs=0.15)
+    assert typical_score < 0.15
+
+
+def test_flow_likelihood_prefers_simple_images_and_typicality_fixes_it(tmp_path):
+    from oodscope.persistence import load, save
+
+    train, test, simple = _smooth_and_simple()
+    flow = dict(model="realnvp", hidden=16, blocks=1, epochs=10, batch_size=16, lr=2e-3)
+    nll = oodscope.create("pixelcnn_nll", **flow).fit(train)
+    assert np.isfinite(nll.score(test)).all() and nll.training_["train_bits_per_dim"][-1] < 7.0
+    assert _auroc(nll.score(test), nll.score(simple)) < 0.1
+    typical = oodscope.create("typicality", **flow).fit(train)
+    assert _auroc(typical.score(test), typical.score(simple)) > 0.9
+    np.testing.assert_array_equal(load(save(typical, tmp_path / "typicality")).score(simple), typical.score(simple))
+    assert oodscope.create("pixelcnn_nll", **{**flow, "model": "glow"}).get_params()["model"] == "glow"
+    with pytest.raises(ValueError, match="model must be one of"):
+        oodscope.create("pixelcnn_nll", **{**flow, "model": "glow"}).fit(train)

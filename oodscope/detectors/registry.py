@@ -35,7 +35,7 @@ FAMILIES: dict[str, str] = {
 DETECTOR_FAMILIES = ("ood", "anomaly", "image", "generative")
 #: packages whose modules register detectors (imported once, on first use of the registry)
 PACKAGES = ("oodscope.detectors", "oodscope.imagead", "oodscope.training.objectives", "oodscope.generative")
-_SKIP = {"base", "registry", "evaluate", "pixelcnn"}
+_SKIP = {"base", "registry", "evaluate", "pixelcnn", "realnvp", "hvae"}
 
 _REGISTRY: dict[str, type["Detector"]] = {}
 _DISCOVERED: set[str] = set()

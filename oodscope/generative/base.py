@@ -7,10 +7,15 @@ model on ID images, ``score(images)`` gives one float per image, higher = more O
 8-bit data need the 8-bit values). Images of another size or channel count than the training images, values
 outside [0, 1] and NaN are errors.
 
+The four likelihood scores (``pixelcnn_nll``, ``likelihood_ratio``, ``input_complexity``, ``typicality``) take
+``model``: ``"pixelcnn"`` (autoregressive, exact discrete likelihood, :mod:`oodscope.generative.pixelcnn`) or
+``"realnvp"`` (a normalising flow, dequantised likelihood, :mod:`oodscope.generative.realnvp`). ``hidden`` and
+``blocks`` size either network (PixelCNN: channels and masked residual blocks; RealNVP: channels and residual
+blocks of each coupling network, with two scales for images whose sides divide by 4).
+
 The detectors of this family share their trained models: a model is keyed by the training images' sha256 and the
-model's settings and kept in memory for the process, so ``pixelcnn_nll``, ``likelihood_ratio``,
-``input_complexity`` and ``typicality`` fitted on the same images train one PixelCNN (and the likelihood ratio one
-background model).
+model's settings and kept in memory for the process, so the four scores fitted on the same images with the same
+settings train one density model (and the likelihood ratio one background model).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import numpy as np
 from ..detectors.base import Detector, NotFittedError
 from ..extraction.outputs import Need
 
+#: the density networks the likelihood scores run on
+DENSITY_MODELS = ("pixelcnn", "realnvp")
 _TRAINED: dict[str, tuple[dict, list[float], list[float]]] = {}  # key -> (state dict, bits/dim, seconds) per epoch
 
 
@@ -59,8 +66,9 @@ class GenerativeDetector(Detector):
     needs: ClassVar[frozenset[Need]] = frozenset({Need.MODEL})
     trains_network: ClassVar[bool] = True
 
-    def __init__(self, hidden: int = 64, blocks: int = 5, epochs: int = 3, batch_size: int = 64, lr: float = 1e-3,
-                 seed: int = 0, device: str = "cpu"):
+    def __init__(self, model: str = "pixelcnn", hidden: int = 64, blocks: int = 5, epochs: int = 3,
+                 batch_size: int = 64, lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
+        self.model = model
         self.hidden = hidden
         self.blocks = blocks
         self.epochs = epochs
@@ -70,6 +78,8 @@ class GenerativeDetector(Detector):
         self.device = device
 
     def _check_params(self) -> None:
+        if self.model not in DENSITY_MODELS:
+            raise ValueError(f"{self.name}: model must be one of {', '.join(DENSITY_MODELS)}, got {self.model!r}")
         for name in ("hidden", "blocks", "epochs", "batch_size"):
             value = getattr(self, name)
             if not (isinstance(value, (int, np.integer)) and value >= 1):
@@ -103,14 +113,14 @@ class GenerativeDetector(Detector):
 
     # -- the shared, cached density models --------------------------------------------------------------------
     def _model_settings(self, perturb: float) -> dict[str, Any]:
-        return {"hidden": int(self.hidden), "blocks": int(self.blocks), "epochs": int(self.epochs),
+        return {"model": self.model, "hidden": int(self.hidden), "blocks": int(self.blocks), "epochs": int(self.epochs),
                 "batch_size": int(self.batch_size), "lr": float(self.lr), "seed": int(self.seed),
                 "perturb": float(perturb)}
 
     def _density_model(self, images: np.ndarray, perturb: float = 0.0):
-        """A PixelCNN trained on ``images`` with this detector's settings (once per process and settings)."""
+        """The density model trained on ``images`` with this detector's settings (once per process and settings)."""
         from ..extraction.extract import resolve_device
-        from .pixelcnn import PixelCNN, train
+        from ._training import train
 
         import torch
 
@@ -119,7 +129,7 @@ class GenerativeDetector(Detector):
         key = hashlib.sha256(images.tobytes() + repr((images.shape, sorted(settings.items()))).encode()).hexdigest()
         with torch.random.fork_rng(devices=[]):  # initial weights from the seed, not from the caller's RNG
             torch.manual_seed(int(self.seed))
-            model = PixelCNN(images.shape[1], int(self.hidden), int(self.blocks))
+            model = self._build_network(images.shape[1:])
         if key not in _TRAINED:
             log = train(model, images, epochs=int(self.epochs), batch_size=int(self.batch_size), lr=float(self.lr),
                         seed=int(self.seed), device=self.device, perturb=perturb,
@@ -129,10 +139,20 @@ class GenerativeDetector(Detector):
         model.load_state_dict(state)
         return model.eval(), {"train_bits_per_dim": list(bits), "train_seconds": list(seconds)}
 
-    def _new_network(self):
+    def _build_network(self, image_shape: tuple[int, ...]):
+        """The untrained network of ``self.model`` for ``(C, H, W)`` images."""
+        if self.model == "realnvp":
+            from .realnvp import RealNVP
+
+            height, width = image_shape[1:]
+            scales = next(s for s in (2, 1, 0) if height % 2 ** s == 0 and width % 2 ** s == 0)
+            return RealNVP(int(image_shape[0]), int(self.hidden), int(self.blocks), scales=scales)
         from .pixelcnn import PixelCNN
 
-        return PixelCNN(int(self.input_dims_["image"][0]), int(self.hidden), int(self.blocks))
+        return PixelCNN(int(image_shape[0]), int(self.hidden), int(self.blocks))
+
+    def _new_network(self):
+        return self._build_network(tuple(self.input_dims_["image"]))
 
     def _init_networks(self) -> None:
         """Re-create the networks (architecture only) for :func:`oodscope.persistence.load`."""
@@ -141,6 +161,12 @@ class GenerativeDetector(Detector):
             self.background_ = self._new_network().eval()
 
     def _bits_per_dim(self, images: np.ndarray, network=None) -> np.ndarray:
-        from .pixelcnn import evaluate_bits_per_dim
+        """Bits/dim of each image; a flow's with the same seeded dequantisation noise for every image."""
+        network = network if network is not None else self.network_
+        if self.model == "realnvp":
+            from .realnvp import evaluate_flow_bits_per_dim, evaluation_noise
 
-        return evaluate_bits_per_dim(network if network is not None else self.network_, images)
+            return evaluate_flow_bits_per_dim(network, images, evaluation_noise(images.shape[1:], int(self.seed)))
+        from ._training import evaluate_bits_per_dim
+
+        return evaluate_bits_per_dim(network, images)

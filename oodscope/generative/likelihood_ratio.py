@@ -21,9 +21,9 @@ class LikelihoodRatio(GenerativeDetector):
 
     name = "likelihood_ratio"
 
-    def __init__(self, perturb: float = 0.2, hidden: int = 64, blocks: int = 5, epochs: int = 3,
-                 batch_size: int = 64, lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
-        super().__init__(hidden=hidden, blocks=blocks, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+    def __init__(self, perturb: float = 0.2, model: str = "pixelcnn", hidden: int = 64, blocks: int = 5,
+                 epochs: int = 3, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
+        super().__init__(model=model, hidden=hidden, blocks=blocks, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                          device=device)
         self.perturb = perturb
 

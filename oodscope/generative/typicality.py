@@ -17,6 +17,11 @@ import numpy as np
 from .base import GenerativeDetector
 
 
+def typicality_score(nll: np.ndarray, entropy: float) -> np.ndarray:
+    """``|nll(x) - H|``: Eq. 4 for a batch of one, in the units of ``nll`` and ``H``."""
+    return np.abs(np.asarray(nll, dtype=np.float64) - float(entropy))
+
+
 class Typicality(GenerativeDetector):
     """``score(x) = |bpd(x) - H|``, ``H`` the mean bits/dim of the ID training images."""
 
@@ -27,4 +32,4 @@ class Typicality(GenerativeDetector):
         self.entropy_ = float(np.mean(self._bits_per_dim(images)))
 
     def _score(self, images: np.ndarray) -> np.ndarray:
-        return np.abs(self._bits_per_dim(images) - self.entropy_)
+        return typicality_score(self._bits_per_dim(images), self.entropy_)
