@@ -247,3 +247,57 @@ def test_flow_likelihood_prefers_simple_images_and_typicality_fixes_it(tmp_path)
     assert oodscope.create("pixelcnn_nll", **{**flow, "model": "glow"}).get_params()["model"] == "glow"
     with pytest.raises(ValueError, match="model must be one of"):
         oodscope.create("pixelcnn_nll", **{**flow, "model": "glow"}).fit(train)
+
+
+# -- hierarchical VAE ---------------------------------------------------------------------------------------------
+def test_gaussian_kl_matches_torch_distributions():
+    from torch.distributions import Normal, kl_divergence
+
+    from oodscope.generative.hvae import gaussian_kl
+
+    g = torch.Generator().manual_seed(0)
+    mq, sq, mp, sp = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    expected = kl_divergence(Normal(mq, sq.exp()), Normal(mp, sp.exp())).flatten(1).sum(1)
+    torch.testing.assert_close(gaussian_kl(mq, sq, mp, sp), expected)
+
+
+def _tiny_hvae_detector(**params):
+    train, test, simple = _smooth_and_simple()
+    settings = dict(hidden=16, latent=4, epochs=4, batch_size=16, lr=2e-3, samples=4, **params)
+    return oodscope.create("hvae_llr", **settings).fit(train), test, simple
+
+
+def test_hvae_elbo_estimates_agree_and_llr_is_zero_when_k_covers_no_latent():
+    from oodscope.generative.hvae import importance_bound
+
+    detector, test, simple = _tiny_hvae_detector(k=0)
+    np.testing.assert_array_equal(detector.score(simple), np.zeros(len(simple)))
+    images = torch.from_numpy(test[:6].transpose(0, 3, 1, 2).copy())
+    network = detector.network_
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        # the ELBO two ways: closed-form KL terms given the sampled parents, and one-draw weights
+        analytic = torch.stack([network.log_weights(images, generator=g, kl_weight=1.0) for _ in range(400)])
+        draws = torch.stack([network.log_weights(images, generator=g) for _ in range(400)])
+        standard_error = float(torch.sqrt((analytic.var(0) + draws.var(0)) / 400).max())
+        np.testing.assert_allclose(draws.mean(0).numpy(), analytic.mean(0).numpy(), atol=4 * standard_error)
+        # importance weighting: log-mean-exp of the same draws, bounded below by their mean (Jensen)
+        noise = [torch.randn((5, *shape), generator=torch.Generator().manual_seed(2))
+                 for shape in network.latent_shapes(images.shape[1:])]
+        weights = torch.stack([network.log_weights(images, 0, [layer[s:s + 1] for layer in noise]) for s in range(5)])
+        bound = importance_bound(network, images, 0, noise)
+    torch.testing.assert_close(bound, torch.logsumexp(weights.double(), 0) - math.log(5))
+    assert bool((bound >= weights.double().mean(0) - 1e-9).all())
+
+
+def test_hvae_llr_bounds_and_bad_input():
+    detector, test, simple = _tiny_hvae_detector(k=2)
+    bounds = detector.bounds(test)
+    np.testing.assert_allclose(detector.score(test), bounds["k"] - bounds["elbo"], rtol=1e-12)
+    assert detector.training_["train_bits_per_dim"][-1] < detector.training_["train_bits_per_dim"][0]
+    with pytest.raises(ValueError, match="0..3"):
+        oodscope.create("hvae_llr", k=4).fit(test)
+    with pytest.raises(ValueError, match="divide by 8"):
+        oodscope.create("hvae_llr", epochs=1).fit(test[:, :12, :12])
+    with pytest.raises(ValueError, match="trained on"):
+        detector.score(test[:, :8, :8])

@@ -2,7 +2,9 @@
 
 A density network here is an ``nn.Module`` with ``bits_per_dim(images, generator=None)``: its training loss in
 bits per dimension on a uint8 ``(N, C, H, W)`` batch (the exact NLL of a PixelCNN, the dequantised NLL of a flow,
-the negative ELBO of a VAE), ``generator`` supplying any noise it draws.
+the negative ELBO of a VAE), ``generator`` supplying any noise it draws. A network whose loss changes over the
+schedule (a VAE's KL warm-up) also has ``training_loss(images, generator=None, progress=0..1)``, which training
+then minimises instead.
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ def train(model: torch.nn.Module, images: np.ndarray, *, epochs: int, batch_size
                     replace = torch.rand(batch.shape, generator=generator) < perturb
                     noise = torch.randint(0, 256, batch.shape, generator=generator, dtype=torch.uint8)
                     batch = torch.where(replace, noise, batch)
-                loss = model.bits_per_dim(batch.to(target), generator=generator).mean()
+                if hasattr(model, "training_loss"):  # a loss that changes over training (a VAE's KL warm-up)
+                    progress = (epoch + begin / len(data)) / epochs
+                    loss = model.training_loss(batch.to(target), generator=generator, progress=progress).mean()
+                else:
+                    loss = model.bits_per_dim(batch.to(target), generator=generator).mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: the loss is {float(loss.detach())} at epoch {epoch + 1}; "
                                              f"lower lr (now {lr})")

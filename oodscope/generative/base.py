@@ -141,6 +141,10 @@ class GenerativeDetector(Detector):
 
     def _build_network(self, image_shape: tuple[int, ...]):
         """The untrained network of ``self.model`` for ``(C, H, W)`` images."""
+        if self.model == "hvae":
+            from .hvae import HierarchicalVAE
+
+            return HierarchicalVAE(int(image_shape[0]), int(self.hidden), int(self.latent))
         if self.model == "realnvp":
             from .realnvp import RealNVP
 
