@@ -170,9 +170,21 @@ class TiedGaussian:
     def __init__(self, features: np.ndarray, labels: np.ndarray, n_classes: int, who: str,
                  shrinkage: float = 0.0, chunk: int | None = None):
         labels = np.asarray(labels)
-        self.means = chunked_class_means(features, labels, n_classes, who, chunk=chunk)
-        self.counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
-        self.within = tied_covariance(features, labels, self.means, chunk=chunk)
+        means = chunked_class_means(features, labels, n_classes, who, chunk=chunk)
+        self._set(means, np.bincount(labels, minlength=n_classes).astype(np.float64),
+                  tied_covariance(features, labels, means, chunk=chunk), shrinkage)
+
+    @classmethod
+    def from_statistics(cls, means: np.ndarray, counts: np.ndarray, within: np.ndarray,
+                        shrinkage: float = 0.0) -> "TiedGaussian":
+        """The same model from class means, counts and the tied covariance (e.g. merged per-shard statistics,
+        :mod:`._sufficient`), without a pass over the features."""
+        gaussian = cls.__new__(cls)
+        gaussian._set(means, counts, within, shrinkage)
+        return gaussian
+
+    def _set(self, means: np.ndarray, counts: np.ndarray, within: np.ndarray, shrinkage: float) -> None:
+        self.means, self.counts, self.within = means, counts, within
         self.covariance = shrink(self.within, shrinkage)
         self.whitener = whitening(self.covariance)
         self.whitened_means = self.means @ self.whitener

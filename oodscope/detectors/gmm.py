@@ -81,6 +81,25 @@ class GMM(Detector):
             self.n_iter_ = mixture.n_iter_
         self.precisions_cholesky_ = precision_cholesky(self.covariances_, self.name)
 
+    def _fit_shards(self, shards) -> None:
+        """The class-conditional start from merged per-shard class scatters, then EM with one pass of merged
+        E-step sums per step (:func:`oodscope.detectors.sharded.fit_from_shards`)."""
+        from ._sufficient import class_scatters, n_classes_of_shards
+
+        if self.n_components is not None:
+            raise ValueError("gmm: fitting from shards needs n_components=None (one component per class); "
+                             "sklearn's k-means initialisation of n_components needs the whole bank in memory")
+        stats = class_scatters(shards, f"{self.name} with n_components=None (one component per class)",
+                               n_classes_of_shards(shards))
+        covariances = stats.scatters / stats.counts[:, None, None] + self.reg_covar * np.eye(stats.means.shape[1])
+        weights = stats.counts / stats.counts.sum()
+        if self.max_iter == 0:
+            self.weights_, self.means_, self.covariances_, self.n_iter_ = weights, stats.means, covariances, 0
+        else:
+            self.weights_, self.means_, self.covariances_, self.n_iter_ = em_from_shards(
+                shards, weights, stats.means, covariances, self.reg_covar, self.max_iter)
+        self.precisions_cholesky_ = precision_cholesky(self.covariances_, self.name)
+
     def _score(self, x: Outputs) -> np.ndarray:
         rows = rows_per_chunk(x.features.shape[1] * len(self.weights_))  # (K, rows, D) block per chunk
         return np.concatenate([-log_density(as_float64(x.features[start:stop]), self.weights_, self.means_,
@@ -152,6 +171,32 @@ def em(x: np.ndarray, weights: np.ndarray, means: np.ndarray, covariances: np.nd
         covariances += reg_covar * eye
         weights = counts / counts.sum()
         lower_bound = float(log_norm.mean())
+        if abs(lower_bound - previous) < tol:
+            break
+    return weights, means, covariances, n_iter
+
+
+def em_from_shards(shards, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray, reg_covar: float,
+                   max_iter: int, tol: float = 1e-3) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """:func:`em` over a sharded training set: each step merges per-shard E-step sums
+    (:class:`._sufficient.WeightedMoments`), then takes the same M-step, so the result equals :func:`em` on the
+    concatenated shards to rounding. Memory: one shard plus ``(K, D, D)`` statistics."""
+    from ._sufficient import WeightedMoments, merge
+
+    lower_bound, n_iter = -np.inf, 0
+    eye = np.eye(means.shape[1])
+    for n_iter in range(1, max_iter + 1):
+        previous = lower_bound
+        prec_chol = precision_cholesky(covariances)
+        stats = merge(WeightedMoments.of(shard.features, weights, means, prec_chol) for shard in shards)
+        counts = stats.counts + 10 * np.finfo(np.float64).eps
+        means = stats.counts[:, None] * stats.means / counts[:, None]  # resp^T x / counts, as em() has it
+        offsets = stats.means - means  # the scatters are about the weighted means: move them to `means`
+        covariances = stats.scatters + stats.counts[:, None, None] * offsets[:, :, None] * offsets[:, None, :]
+        covariances /= counts[:, None, None]
+        covariances += reg_covar * eye
+        weights = counts / counts.sum()
+        lower_bound = stats.log_likelihood / stats.n
         if abs(lower_bound - previous) < tol:
             break
     return weights, means, covariances, n_iter

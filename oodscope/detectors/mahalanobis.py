@@ -30,7 +30,16 @@ class Mahalanobis(Detector):
     needs = frozenset({Need.FEATURES, Need.LABELS})
 
     def _fit(self, train: Outputs) -> None:
-        gaussian = TiedGaussian(train.features, train.labels, n_classes_of(train.labels, train.logits), self.name)
+        self._set(TiedGaussian(train.features, train.labels, n_classes_of(train.labels, train.logits), self.name))
+
+    def _fit_shards(self, shards) -> None:
+        """Fit from merged per-shard class moments (:func:`oodscope.detectors.sharded.fit_from_shards`)."""
+        from ._sufficient import class_moments, n_classes_of_shards
+
+        moments = class_moments(shards, self.name, n_classes_of_shards(shards))
+        self._set(TiedGaussian.from_statistics(moments.means, moments.counts, moments.within))
+
+    def _set(self, gaussian: TiedGaussian) -> None:
         self.means_ = gaussian.means
         self.covariance_ = gaussian.covariance
         self.whitener_ = gaussian.whitener

@@ -40,5 +40,16 @@ class Residual(Detector):
         self.origin_ = -np.linalg.pinv(as_float64(train.head.W)) @ as_float64(train.head.b)
         self.complement_ = principal_complement(as_float64(train.features) - self.origin_, dim)
 
+    def _fit_shards(self, shards) -> None:
+        """Fit from the merged per-shard second moment about the origin
+        (:func:`oodscope.detectors.sharded.fit_from_shards`)."""
+        from ._sufficient import centred_moment
+
+        self.origin_, moment = centred_moment(shards, self.name)
+        width = len(self.origin_)
+        dim = check_subspace_dim(self.name, default_principal_dim(width) if self.dim is None else self.dim, width)
+        _, eigenvectors = np.linalg.eigh(moment.scatter)  # ascending eigenvalues
+        self.complement_ = np.ascontiguousarray(eigenvectors[:, : width - dim])
+
     def _score(self, x: Outputs) -> np.ndarray:
         return np.linalg.norm((as_float64(x.features) - self.origin_) @ self.complement_, axis=1)

@@ -27,8 +27,17 @@ class RMDS(Detector):
     needs = frozenset({Need.FEATURES, Need.LABELS})
 
     def _fit(self, train: Outputs) -> None:
-        self.class_gaussian_ = TiedGaussian(train.features, train.labels, n_classes_of(train.labels, train.logits),
-                                            self.name)
+        self._set(TiedGaussian(train.features, train.labels, n_classes_of(train.labels, train.logits), self.name))
+
+    def _fit_shards(self, shards) -> None:
+        """Fit from merged per-shard class moments (:func:`oodscope.detectors.sharded.fit_from_shards`)."""
+        from ._sufficient import class_moments, n_classes_of_shards
+
+        moments = class_moments(shards, self.name, n_classes_of_shards(shards))
+        self._set(TiedGaussian.from_statistics(moments.means, moments.counts, moments.within))
+
+    def _set(self, gaussian: TiedGaussian) -> None:
+        self.class_gaussian_ = gaussian
         mean, covariance = self.class_gaussian_.background()
         self.background_whitener_ = whitening(covariance)
         self.background_mean_ = (mean @ self.background_whitener_)[None, :]

@@ -44,24 +44,45 @@ class ViM(Detector):
 
     def _fit(self, train: Outputs) -> None:
         features = train.features
-        n_features = features.shape[1]
-        dim = default_principal_dim(n_features) if self.dim is None else self.dim
-        if not 0 < dim < n_features:
-            raise ValueError(f"vim: principal dimension must be in (0, {n_features}) for {n_features}-d "
-                             f"features, got {dim}")
+        dim = self._principal_dim(features.shape[1])
         W, b = as_float64(train.head.W), as_float64(train.head.b)
         self.origin_ = -np.linalg.pinv(W) @ b
         # the origin-centred second moment in float64 from row chunks: a large float32 bank (or a memmap) is
         # never copied whole
-        eigenvalues, eigenvectors = np.linalg.eigh(second_moment(features, self.origin_))
+        self._set_basis(second_moment(features, self.origin_), dim)
+        residual_norm_sum, max_logit_sum = self._alpha_sums(features, train.logits)
+        self.alpha_ = float(max_logit_sum / residual_norm_sum)
+
+    def _fit_shards(self, shards) -> None:
+        """Fit from the merged per-shard second moment about the origin, then a second pass summing residual
+        norms and max logits (:func:`oodscope.detectors.sharded.fit_from_shards`)."""
+        from ._sufficient import centred_moment
+
+        self.origin_, moment = centred_moment(shards, self.name)
+        self._set_basis(moment.scatter / moment.count, self._principal_dim(len(self.origin_)))
+        sums = np.array([self._alpha_sums(shard.features, shard.logits) for shard in shards]).sum(axis=0)
+        self.alpha_ = float(sums[1] / sums[0])
+
+    def _principal_dim(self, n_features: int) -> int:
+        dim = default_principal_dim(n_features) if self.dim is None else self.dim
+        if not 0 < dim < n_features:
+            raise ValueError(f"vim: principal dimension must be in (0, {n_features}) for {n_features}-d "
+                             f"features, got {dim}")
+        return dim
+
+    def _set_basis(self, moment: np.ndarray, dim: int) -> None:
+        eigenvalues, eigenvectors = np.linalg.eigh(moment)
         order = np.argsort(eigenvalues)[::-1]
         self.residual_basis_ = np.ascontiguousarray(eigenvectors[:, order[dim:]])
-        rows = rows_per_chunk(n_features)
+
+    def _alpha_sums(self, features: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
+        """``sum_i ||x_i^{P⊥}||`` and ``sum_i max_j l_ij`` (Eq. 8's numerator and denominator), chunked."""
+        rows = rows_per_chunk(features.shape[1])
         residual_norm_sum = sum(self._residual_norm(features[start:stop]).sum()
                                 for start, stop in chunks(len(features), rows))
-        max_logit_sum = sum(as_float64(train.logits[start:stop]).max(axis=1).sum()
+        max_logit_sum = sum(as_float64(logits[start:stop]).max(axis=1).sum()
                             for start, stop in chunks(len(features), rows))
-        self.alpha_ = float(max_logit_sum / residual_norm_sum)
+        return residual_norm_sum, max_logit_sum
 
     def _residual_norm(self, features: np.ndarray) -> np.ndarray:
         return np.linalg.norm((as_float64(features) - self.origin_) @ self.residual_basis_, axis=1)

@@ -1,0 +1,117 @@
+"""Scale-out: merged per-shard statistics, sharded nearest neighbours, extraction on Ray Data.
+
+Every sharded or distributed path is checked against the in-memory / local one on the same data: fitted arrays
+equal to ~1e-12 relative and scores to 1e-12 (relative to the scores' scale).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import oodscope
+from oodscope import Head, Outputs
+from oodscope.detectors.sharded import (CentredMoment, ClassMoments, ClassScatters, WeightedMoments,
+                                        fit_from_shards, merge)
+
+from conftest import gaussian_outputs
+
+
+def split(outputs: Outputs, cuts: list[int]) -> list[Outputs]:
+    """``outputs`` cut into consecutive shards at the row indices ``cuts``."""
+    bounds = [0, *cuts, len(outputs)]
+    return [Outputs(logits=outputs.logits[a:b], features=outputs.features[a:b],
+                    labels=None if outputs.labels is None else outputs.labels[a:b], head=outputs.head,
+                    name=f"shard {a}:{b}") for a, b in zip(bounds, bounds[1:])]
+
+
+def assert_scores_equal(got: np.ndarray, want: np.ndarray) -> None:
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.fixture
+def data(rng):
+    train = gaussian_outputs(rng, n=600, dim=12, n_classes=4, name="train")
+    test = gaussian_outputs(rng, n=200, dim=12, n_classes=4, shift=0.5, name="test")
+    return train, test
+
+
+# -- merged statistics --------------------------------------------------------------------------------------
+def test_class_moments_merge_equals_one_pass(rng):
+    x = rng.normal(size=(500, 7)) * 3 + 100.0   # an offset far from 0: sums of x x^T would lose digits here
+    y = rng.integers(0, 3, 500)
+    whole = ClassMoments.of(x, y)
+    # a shard without class 2 (padded on merge), a one-row shard, merged in another grouping
+    parts = [ClassMoments.of(x[a:b], y[a:b]) for a, b in [(0, 1), (1, 200), (200, 500)]]
+    merged = parts[0].merge(parts[1].merge(parts[2]))
+    np.testing.assert_allclose(merged.counts, np.bincount(y))
+    np.testing.assert_allclose(merged.means, whole.means, rtol=1e-13)
+    np.testing.assert_allclose(merged.scatter, whole.scatter, rtol=1e-11, atol=1e-11 * np.abs(whole.scatter).max())
+    # hand check: the pooled scatter is the sum of per-class centred scatters
+    by_hand = sum((x[y == c] - x[y == c].mean(0)).T @ (x[y == c] - x[y == c].mean(0)) for c in range(3))
+    np.testing.assert_allclose(merged.scatter, by_hand, rtol=1e-11, atol=1e-11 * np.abs(by_hand).max())
+
+
+def test_class_scatters_centred_and_weighted_merge(rng):
+    x, y = rng.normal(size=(300, 5)), rng.integers(0, 3, 300)
+    merged = merge(ClassScatters.of(x[a:b], y[a:b]) for a, b in [(0, 50), (50, 300)])
+    for c in range(3):
+        rows = x[y == c]
+        np.testing.assert_allclose(merged.scatters[c], np.cov(rows.T, bias=True) * len(rows), rtol=1e-12)
+    centre = rng.normal(size=5)
+    moment = merge(CentredMoment.of(x[a:b], centre) for a, b in [(0, 10), (10, 300)])
+    np.testing.assert_allclose(moment.scatter, (x - centre).T @ (x - centre), rtol=1e-12)
+    weights, means = np.full(2, 0.5), rng.normal(size=(2, 5))
+    prec = np.stack([np.eye(5), 2 * np.eye(5)])
+    whole = WeightedMoments.of(x, weights, means, prec)
+    parts = merge(WeightedMoments.of(x[a:b], weights, means, prec) for a, b in [(0, 120), (120, 300)])
+    np.testing.assert_allclose(parts.counts, whole.counts, rtol=1e-13)
+    np.testing.assert_allclose(parts.means, whole.means, rtol=1e-12)
+    np.testing.assert_allclose(parts.scatters, whole.scatters, rtol=1e-11)
+    assert parts.log_likelihood == pytest.approx(whole.log_likelihood, rel=1e-13)
+
+
+@pytest.mark.parametrize("name, params", [("mahalanobis", {}), ("rmds", {}), ("vim", {"dim": 6}),
+                                          ("residual", {"dim": 6}), ("gmm", {}), ("gmm", {"max_iter": 0})])
+def test_fit_from_shards_equals_in_memory_fit(data, name, params):
+    train, test = data
+    whole = oodscope.create(name, **params).fit(train)
+    sharded = fit_from_shards(oodscope.create(name, **params), split(train, [100, 101, 350]))
+    assert_scores_equal(sharded.score(test), whole.score(test))
+    for attr in ("means_", "covariance_", "covariances_", "weights_", "origin_", "alpha_"):
+        if hasattr(whole, attr):
+            want = np.asarray(getattr(whole, attr))
+            np.testing.assert_allclose(getattr(sharded, attr), want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    assert getattr(sharded, "n_iter_", 0) == getattr(whole, "n_iter_", 0)
+    assert sharded.input_dims_ == whole.input_dims_ and sharded.input_range_ == whole.input_range_
+
+
+def test_fit_from_shards_refuses_bad_shards(data):
+    train, _ = data
+    shards = split(train, [300])
+    with pytest.raises(ValueError, match="cannot be fitted from shards"):
+        fit_from_shards(oodscope.create("knn"), shards)
+    with pytest.raises(ValueError, match="sequence"):
+        fit_from_shards(oodscope.create("mahalanobis"), iter(shards))
+    with pytest.raises(ValueError, match="no shards"):
+        fit_from_shards(oodscope.create("mahalanobis"), [])
+    other = Outputs(logits=shards[1].logits, features=shards[1].features[:, :10], labels=shards[1].labels)
+    with pytest.raises(ValueError, match="per-sample shapes"):
+        fit_from_shards(oodscope.create("mahalanobis"), [shards[0], other])
+    foreign = Outputs(logits=shards[1].logits, features=shards[1].features, labels=shards[1].labels,
+                      head=Head(train.head.W * 2, train.head.b), name="foreign")
+    with pytest.raises(ValueError, match="another classifier head"):
+        fit_from_shards(oodscope.create("vim", dim=6), [shards[0], foreign])
+    nan = Outputs(logits=shards[1].logits, features=np.where(np.arange(12) == 3, np.nan, shards[1].features),
+                  labels=shards[1].labels)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_from_shards(oodscope.create("mahalanobis"), [shards[0], nan])
+    only_three = [Outputs(logits=s.logits[s.labels < 3], features=s.features[s.labels < 3],
+                          labels=s.labels[s.labels < 3]) for s in shards]
+    with pytest.raises(ValueError, match=r"classes \[3\] have no training samples"):
+        fit_from_shards(oodscope.create("mahalanobis"), only_three)
+    with pytest.raises(ValueError, match="n_components=None"):
+        fit_from_shards(oodscope.create("gmm", n_components=2), shards)
+    unlabelled = Outputs(features=shards[0].features)
+    with pytest.raises(ValueError, match="labels"):
+        fit_from_shards(oodscope.create("gmm"), [unlabelled])
