@@ -115,3 +115,54 @@ def test_fit_from_shards_refuses_bad_shards(data):
     unlabelled = Outputs(features=shards[0].features)
     with pytest.raises(ValueError, match="labels"):
         fit_from_shards(oodscope.create("gmm"), [unlabelled])
+
+
+# -- sharded nearest neighbours -----------------------------------------------------------------------------
+def test_sharded_index_merges_top_k_exactly(rng):
+    import faiss
+
+    from oodscope.detectors._sharded_index import sharded_exact_index
+
+    bank, queries = rng.normal(size=(1000, 16)).astype(np.float32), rng.normal(size=(300, 16)).astype(np.float32)
+    single = faiss.IndexFlatL2(16)
+    single.add(bank)
+    want_d, want_i = single.search(queries, 10)
+    for n_shards in (1, 2, 3, 7):
+        index = sharded_exact_index(bank, n_shards)
+        assert index.ntotal == 1000 and index.d == 16 and len(index.shards) == n_shards
+        got_d, got_i = index.search(queries, 10)
+        np.testing.assert_array_equal(got_d, want_d)
+        np.testing.assert_array_equal(got_i, want_i)   # distinct random distances: no ties, so the same rows
+    # a shard smaller than k: its candidates are all it has; more k than rows: faiss's inf / -1 padding
+    small = sharded_exact_index(bank[:12], 5)
+    d, i = small.search(queries[:4], 14)
+    assert np.isinf(d[:, 12:]).all() and (i[:, 12:] == -1).all() and np.isfinite(d[:, :12]).all()
+
+
+@pytest.mark.parametrize("name, params", [("knn", {"k": 5}), ("knn_distance", {}),
+                                          ("knn_distance", {"method": "mean", "k": 7}), ("dte_np", {}),
+                                          ("mean_shifted", {})])
+def test_sharded_bank_scores_equal_single_index(data, name, params):
+    train, test = data
+    want = oodscope.create(name, **params).fit(train).score(test)
+    for shards in (2, 4):
+        got = oodscope.create(name, shards=shards, **params).fit(train).score(test)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_sharded_knn_saves_and_loads(data, tmp_path):
+    train, test = data
+    knn = oodscope.create("knn", k=5, shards=3).fit(train)
+    again = oodscope.load(knn.save(tmp_path / "knn.oodscope"))
+    np.testing.assert_array_equal(again.score(test), knn.score(test))
+    assert len(again.index_.shards) == 3
+
+
+def test_sharded_knn_refuses_bad_parameters(data):
+    train, _ = data
+    with pytest.raises(ValueError, match="shards must be a positive integer"):
+        oodscope.create("knn", shards=0).fit(train)
+    with pytest.raises(ValueError, match="needs index='exact'"):
+        oodscope.create("knn", shards=2, index="hnsw").fit(train)
+    with pytest.raises(ValueError, match="more than the training bank"):
+        oodscope.create("knn_distance", k=1, shards=len(train) + 1).fit(train)

@@ -15,6 +15,11 @@ value), the IVF quantizer is trained on a sample of at most ``64 nlist`` rows, a
 searched in chunks. An IVF search that finds fewer than ``k`` neighbours (too few vectors in the ``nprobe``
 cells) raises instead of returning a meaningless distance.
 
+Sharded bank: ``shards=S`` (exact search only) splits the bank over ``S`` exact indexes of consecutive rows, one
+``IndexFlatL2`` each, and merges their top-k lists exactly (:mod:`._sharded_index`): the same k-th distances as
+one index, ``1 / S`` of the bank per index (the layout of one index per worker). The default ``shards=1`` is
+the single index.
+
 Instance discrimination (Miyai, Yu, Irie & Aizawa, "Can Pre-trained Networks Detect Familiar Out-of-Distribution
 Data?", 2023, Sec. 5): when the OOD data overlap the pre-training data ("PT-OOD"), fine-tuned classifiers map it
 close to ID classes; the paper's remedy is this same detector on the *instance-discriminative* features of the
@@ -32,6 +37,7 @@ import numpy as np
 from ..extraction.outputs import Need, Outputs
 from ._common import l2_normalize
 from ._gaussian import chunks, rows_per_chunk
+from ._sharded_index import check_shards, sharded_exact_index
 from .base import Detector
 
 INDEXES = ("exact", "ivf", "hnsw")
@@ -112,12 +118,13 @@ class KNN(Detector):
     grid = {"k": [1, 10, 20, 50, 100, 200, 500, 1000]}
 
     def __init__(self, k: int = 50, index: str = "exact", nprobe: int = 16, ef_search: int = 64,
-                 nlist: int | None = None):
+                 nlist: int | None = None, shards: int = 1):
         self.k = k
         self.index = index
         self.nprobe = nprobe
         self.ef_search = ef_search
         self.nlist = nlist
+        self.shards = shards
 
     def _check_params(self) -> None:
         if not (isinstance(self.k, (int, np.integer)) and self.k >= 1):
@@ -129,11 +136,18 @@ class KNN(Detector):
                 raise ValueError(f"knn: {key} must be a positive integer, got {getattr(self, key)!r}")
         if self.nlist is not None and not (isinstance(self.nlist, (int, np.integer)) and self.nlist >= 1):
             raise ValueError(f"knn: nlist (IVF cells) must be a positive integer or None, got {self.nlist!r}")
+        check_shards(self.name, self.shards)
+        if self.shards > 1 and self.index != "exact":
+            raise ValueError(f"knn: shards={self.shards} needs index='exact' (the sharded bank is exact search), "
+                             f"got index={self.index!r}")
 
     def _fit(self, train: Outputs) -> None:
         if self.k > len(train):
             raise ValueError(f"knn: k={self.k} is larger than the training bank ({len(train)} samples); "
                              f"use k <= {len(train)}")
+        if self.shards > 1:
+            self.index_ = sharded_exact_index(train.features, self.shards, normalize=True, who=self.name)
+            return
         self.index_ = approximate_index(train.features, self.index, self.nprobe, self.ef_search, self.k,
                                         nlist=self.nlist, normalize=True)
 

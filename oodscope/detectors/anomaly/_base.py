@@ -70,9 +70,11 @@ class NeighbourBank:
 
     ``search`` pads the queries to whole blocks of a fixed size, so every query goes through the same BLAS
     kernel whatever the batch it arrives in: scoring all at once or in chunks gives identical numbers.
+    ``shards > 1`` splits the bank over that many exact indexes with an exact top-k merge
+    (:class:`~oodscope.detectors._sharded_index.ShardedIndex`): the same distances, ``1 / shards`` of the bank each.
     """
 
-    def __init__(self, bank: np.ndarray):
+    def __init__(self, bank: np.ndarray, shards: int = 1, who: str = "neighbour bank"):
         import faiss
 
         bank = np.asarray(bank, dtype=np.float64)
@@ -80,8 +82,14 @@ class NeighbourBank:
         self.size = len(bank)
         # distances do not change under a shift; centring first keeps float32's |a|^2 + |b|^2 - 2ab accurate
         self.offset = bank.mean(axis=0)
-        self.index = faiss.IndexFlatL2(self.dim)
-        self.index.add(np.ascontiguousarray(bank - self.offset, dtype=np.float32))
+        centred = np.ascontiguousarray(bank - self.offset, dtype=np.float32)
+        if shards == 1:
+            self.index = faiss.IndexFlatL2(self.dim)
+            self.index.add(centred)
+        else:
+            from .._sharded_index import sharded_exact_index
+
+            self.index = sharded_exact_index(centred, shards, who=who)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Squared distances (float64, ascending) and indices of the ``k`` nearest bank rows of each query."""

@@ -17,6 +17,7 @@ from scipy.special import logsumexp
 
 from ...extraction.outputs import Outputs
 from ._base import AnomalyDetector, NeighbourBank, check_int, check_neighbours
+from .._sharded_index import check_shards
 
 
 def variance_schedule(T: int, beta_start: float = 1e-4, beta_end: float = 0.01) -> np.ndarray:
@@ -39,13 +40,15 @@ class DTENonParametric(AnomalyDetector):
     name = "dte_np"
     grid = {"k": [1, 5, 10, 20]}
 
-    def __init__(self, k: int = 5, T: int = 300, statistic: str = "mode"):
+    def __init__(self, k: int = 5, T: int = 300, statistic: str = "mode", shards: int = 1):
         self.k = k
         self.T = T
         self.statistic = statistic
+        self.shards = shards
 
     def _check_params(self) -> None:
         check_int(self.name, "k", self.k)
+        check_shards(self.name, self.shards)
         check_int(self.name, "T", self.T, minimum=2)
         if self.statistic not in ("mode", "mean"):
             raise ValueError(f"{self.name}: statistic must be 'mode' or 'mean', got {self.statistic!r}")
@@ -56,7 +59,7 @@ class DTENonParametric(AnomalyDetector):
             raise ValueError(f"{self.name}: the inverse-gamma posterior needs at least 3 columns (alpha = d/2 - 1 > 0),"
                              f" got {dim}; use knn_distance for 1- or 2-d data")
         check_neighbours(self.name, self.k, len(train))
-        self.bank_ = NeighbourBank(self._x(train))
+        self.bank_ = NeighbourBank(self._x(train), shards=self.shards, who=self.name)
         self.variances_ = variance_schedule(self.T)
 
     def _score(self, x: Outputs) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 from ...extraction.outputs import Outputs
 from .._common import l2_normalize
 from ._base import AnomalyDetector, NeighbourBank, check_int, check_neighbours
+from .._sharded_index import check_shards
 
 
 class MeanShifted(AnomalyDetector):
@@ -24,11 +25,13 @@ class MeanShifted(AnomalyDetector):
     adbench_default = False  # an angular score for network features; meaningless on standardised table columns
     grid = {"k": [1, 2, 5, 10]}
 
-    def __init__(self, k: int = 2):
+    def __init__(self, k: int = 2, shards: int = 1):
         self.k = k
+        self.shards = shards
 
     def _check_params(self) -> None:
         check_int(self.name, "k", self.k)
+        check_shards(self.name, self.shards)
 
     def _shift(self, features: np.ndarray) -> np.ndarray:
         return l2_normalize(l2_normalize(np.asarray(features, dtype=np.float64)) - self.centre_)
@@ -37,7 +40,7 @@ class MeanShifted(AnomalyDetector):
         check_neighbours(self.name, self.k, len(train))
         z = l2_normalize(self._x(train))
         self.centre_ = l2_normalize(z.mean(axis=0, keepdims=True))[0]
-        self.bank_ = NeighbourBank(self._shift(train.features))
+        self.bank_ = NeighbourBank(self._shift(train.features), shards=self.shards, who=self.name)
 
     def _score(self, x: Outputs) -> np.ndarray:
         squared, _ = self.bank_.search(self._shift(x.features), self.k)
