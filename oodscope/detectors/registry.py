@@ -30,12 +30,14 @@ FAMILIES: dict[str, str] = {
     "image": "image anomaly detection and localisation (fit on defect-free images)",
     "training": "training objectives: fine-tune a classifier (oodscope.training.finetune), then score it post hoc",
     "generative": "density models of the input images: likelihoods and the statistics that correct them",
+    "vlm": "zero-shot OOD detection with a vision-language (CLIP) model: images scored against class-name prompts",
 }
 #: the families whose members are detectors (fit / score); "training" holds objectives
-DETECTOR_FAMILIES = ("ood", "anomaly", "image", "generative")
+DETECTOR_FAMILIES = ("ood", "anomaly", "image", "generative", "vlm")
 #: packages whose modules register detectors (imported once, on first use of the registry)
-PACKAGES = ("oodscope.detectors", "oodscope.imagead", "oodscope.training.objectives", "oodscope.generative")
-_SKIP = {"base", "registry", "evaluate", "pixelcnn", "realnvp", "hvae"}
+PACKAGES = ("oodscope.detectors", "oodscope.imagead", "oodscope.training.objectives", "oodscope.generative",
+            "oodscope.vlm")
+_SKIP = {"base", "registry", "evaluate", "pixelcnn", "realnvp", "hvae", "score_network"}
 
 _REGISTRY: dict[str, type["Detector"]] = {}
 _DISCOVERED: set[str] = set()

@@ -4,7 +4,7 @@ A density network here is an ``nn.Module`` with ``bits_per_dim(images, generator
 bits per dimension on a uint8 ``(N, C, H, W)`` batch (the exact NLL of a PixelCNN, the dequantised NLL of a flow,
 the negative ELBO of a VAE), ``generator`` supplying any noise it draws. A network whose loss changes over the
 schedule (a VAE's KL warm-up) also has ``training_loss(images, generator=None, progress=0..1)``, which training
-then minimises instead.
+then minimises instead; its ``loss_name`` (default ``"bits_per_dim"``) names the loss in the training log.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 
 @dataclass
 class TrainingLog:
-    """Mean bits/dim per epoch, seconds per epoch."""
+    """Mean training loss per epoch (bits/dim for the likelihood models), seconds per epoch."""
 
-    bits_per_dim: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
 
@@ -48,8 +48,8 @@ def train(model: torch.nn.Module, images: np.ndarray, *, epochs: int, batch_size
             model.load_state_dict(state["model"])
             optimiser.load_state_dict(state["optimiser"])
             generator.set_state(state["generator"])
-            log = TrainingLog(list(state["bits_per_dim"]), list(state["seconds"]))
-            start_epoch = len(log.bits_per_dim)
+            log = TrainingLog(list(state["loss"]), list(state["seconds"]))
+            start_epoch = len(log.loss)
         model.train()
         for epoch in range(start_epoch, epochs):
             started, total = time.perf_counter(), 0.0
@@ -75,12 +75,12 @@ def train(model: torch.nn.Module, images: np.ndarray, *, epochs: int, batch_size
                 optimiser.step()
                 total += float(loss.detach()) * len(batch)
                 bar.set_postfix(bpd=f"{float(loss.detach()):.3f}")
-            log.bits_per_dim.append(total / len(data))
+            log.loss.append(total / len(data))
             log.seconds.append(time.perf_counter() - started)
             if checkpoint is not None:
                 tmp = f"{checkpoint}.{os.getpid()}.tmp"
                 torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                            "generator": generator.get_state(), "bits_per_dim": log.bits_per_dim,
+                            "generator": generator.get_state(), "loss": log.loss,
                             "seconds": log.seconds}, tmp)
                 os.replace(tmp, checkpoint)
     model.to("cpu").eval()

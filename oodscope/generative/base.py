@@ -134,13 +134,19 @@ class GenerativeDetector(Detector):
             log = train(model, images, epochs=int(self.epochs), batch_size=int(self.batch_size), lr=float(self.lr),
                         seed=int(self.seed), device=self.device, perturb=perturb,
                         desc=f"{self.name}{' background' if perturb else ''}")
-            _TRAINED[key] = ({k: v.clone() for k, v in model.state_dict().items()}, log.bits_per_dim, log.seconds)
+            _TRAINED[key] = ({k: v.clone() for k, v in model.state_dict().items()}, log.loss, log.seconds)
         state, bits, seconds = _TRAINED[key]
         model.load_state_dict(state)
-        return model.eval(), {"train_bits_per_dim": list(bits), "train_seconds": list(seconds)}
+        loss_name = getattr(model, "loss_name", "bits_per_dim")
+        return model.eval(), {f"train_{loss_name}": list(bits), "train_seconds": list(seconds)}
 
     def _build_network(self, image_shape: tuple[int, ...]):
         """The untrained network of ``self.model`` for ``(C, H, W)`` images."""
+        if self.model == "ncsn":
+            from .score_network import ScoreNetwork, geometric_sigmas
+
+            sigmas = geometric_sigmas(float(self.sigma_max), float(self.sigma_min), int(self.levels))
+            return ScoreNetwork(int(image_shape[0]), int(self.hidden), int(self.blocks), sigmas)
         if self.model == "hvae":
             from .hvae import HierarchicalVAE
 
