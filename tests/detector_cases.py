@@ -245,6 +245,7 @@ TINY: dict[str, dict[str, Any]] = {
        ("pixelcnn_nll", "likelihood_ratio", "input_complexity", "typicality")},
     "hvae_llr": {"hidden": 8, "latent": 2, "epochs": 2, "batch_size": 16, "samples": 2},
     "msma": {"levels": 3, "n_components": 2, "hidden": 8, "blocks": 1, "epochs": 2, "batch_size": 16},
+    "moodv2": {"detector_params": {"k": 3}, "width": 16, "depth": 1, "epochs": 2, "batch_size": 16},
     "mahalanobis_ensemble": {"layers": ["stem", "body"]},
     "nac": {"layers": ["stem", "body"], "m_bins": 50, "o_star": 5},
     "rankfeat": {"layer": "body", "iterations": 5},

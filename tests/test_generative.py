@@ -367,3 +367,54 @@ def test_msma_fits_a_gmm_on_score_norms_and_flags_noise_images():
         oodscope.create("msma", sigma_min=1.0, sigma_max=0.5).fit(train)
     with pytest.raises(ValueError, match="too few"):
         oodscope.create("msma", n_components=100).fit(train)
+
+
+# -- MOODv2 -------------------------------------------------------------------------------------------------------
+def test_mae_patches_round_trip_and_the_loss_counts_only_removed_patches():
+    from oodscope.generative.mae import MaskedAutoencoder, patchify, unpatchify
+
+    x = torch.rand(2, 3, 8, 8)
+    patches = patchify(x, 4)
+    assert patches.shape == (2, 4, 48)
+    torch.testing.assert_close(patches[0, 1], x[0, :, :4, 4:].permute(1, 2, 0).reshape(-1))  # raster order
+    torch.testing.assert_close(unpatchify(patches, 4, 3), x)
+    mae = MaskedAutoencoder(3, image_size=8, patch=4, width=16, depth=1, heads=2, decoder_width=8, decoder_depth=1)
+    kept, removed = mae.random_masking(5, torch.Generator().manual_seed(0))
+    assert kept.shape == (5, 1) and removed.sum(1).tolist() == [3.0] * 5  # 75 % of 4 patches removed
+    assert float(removed.gather(1, kept).sum()) == 0.0
+    # the loss is the normalised-pixel MSE on removed patches: exact predictions there give 0, whatever the
+    # predictions on the kept patches
+    target = patches[:1]
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    removed = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    predicted = target.clone()
+    predicted[0, 1] += 5.0
+    assert float(mae.masked_loss(x[:1], predicted, removed)) == pytest.approx(0.0, abs=1e-10)
+    predicted[0, 2] += 1.0
+    assert float(mae.masked_loss(x[:1], predicted, removed)) == pytest.approx(1.0 / 3.0, rel=1e-6)
+
+
+def test_moodv2_scores_with_the_feature_detector_on_mae_features(tmp_path):
+    from oodscope.extraction.outputs import Outputs
+    from oodscope.persistence import load, save
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(40, 200, 16)[None, None, :, None]
+    smooth = lambda n: np.clip(ramp + rng.normal(0, 6, (n, 16, 16, 3)), 0, 255).astype(np.uint8)  # noqa: E731
+    train, test = smooth(96), smooth(24)
+    noise = rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8)
+    detector = oodscope.create("moodv2", detector_params={"k": 5}, width=32, depth=2, epochs=4, batch_size=16,
+                               lr=2e-3).fit(train)
+    assert detector.training_["train_masked_mse"][-1] < detector.training_["train_masked_mse"][0]
+    features = detector.features(train.transpose(0, 3, 1, 2).copy())
+    knn = oodscope.create("knn", k=5).fit(Outputs(features=features))
+    np.testing.assert_allclose(detector.score(noise), knn.score(Outputs(features=detector.features(
+        noise.transpose(0, 3, 1, 2).copy()))), rtol=1e-12)
+    assert _auroc(detector.score(test), detector.score(noise)) > 0.95
+    np.testing.assert_array_equal(load(save(detector, tmp_path / "moodv2")).score(test), detector.score(test))
+    with pytest.raises(ValueError, match="only features"):
+        oodscope.create("moodv2", detector="mahalanobis").fit(train)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        oodscope.create("moodv2", mask_ratio=1.0).fit(train)
+    with pytest.raises(ValueError, match="divides by patch"):
+        oodscope.create("moodv2", patch=5).fit(train)

@@ -142,6 +142,11 @@ class GenerativeDetector(Detector):
 
     def _build_network(self, image_shape: tuple[int, ...]):
         """The untrained network of ``self.model`` for ``(C, H, W)`` images."""
+        if self.model == "mae":
+            from .mae import MaskedAutoencoder
+
+            return MaskedAutoencoder(int(image_shape[0]), int(image_shape[1]), int(self.patch), int(self.width),
+                                     int(self.depth), mask_ratio=float(self.mask_ratio))
         if self.model == "ncsn":
             from .score_network import ScoreNetwork, geometric_sigmas
 
