@@ -91,7 +91,8 @@ def _reshaped(change: Callable[[np.ndarray], np.ndarray], logits: bool = True) -
     """Apply ``change`` to every array the detector reads (no case where it reads none of the given arrays)."""
     def perturb(data, detector, part=None):
         if not isinstance(data, Outputs):
-            return change(np.asarray(data))
+            array = np.asarray(data)
+            return None if array.dtype.kind in "USO" else change(array)  # class names have no shape to change
         data = _copy(data)
         read = {k: v for k, v in _main_arrays(data, detector).items() if logits or k != "logits"}
         if not read:

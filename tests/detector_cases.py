@@ -209,6 +209,25 @@ def text_outputs() -> tuple[Any, Any]:
     return train, test
 
 
+@lru_cache(maxsize=None)
+def tiny_clip():
+    """A seeded random tiny Hugging Face CLIP (hidden 32, 2 layers, 32 x 32 images, patch 8), saved to a temporary
+    folder and loaded back through oodscope.vlm.load_clip (one instance for the session; nothing mutates it)."""
+    from vlm_models import tiny_clip as load
+
+    return load()
+
+
+@lru_cache(maxsize=None)
+def vlm_data() -> tuple[list[str], np.ndarray]:
+    """ID class names and 32 x 32 test images for the CLIP detectors; the outliers are white noise (with the random
+    tiny CLIP, no ranking is expected: the suites check the contract and the errors)."""
+    rng = np.random.default_rng(6)
+    smooth = np.clip(rng.normal(0.5, 0.05, (12, 3, 32, 32)), 0, 1)
+    noise = rng.random((N_OUTLIERS, 3, 32, 32))
+    return ["apple", "leaf", "sky"], np.concatenate([smooth, noise]).astype(np.float32)
+
+
 def _tiny_backbone():
     from oodscope.imagead import Backbone
 
@@ -261,15 +280,23 @@ TINY: dict[str, dict[str, Any]] = {
                     "distill_norm_batches": 1, "train_steps": 3, "generic_images": None},
     "cae": {"input_size": 128, "width": 0.125, "latent_dim": 8, "steps": 3, "batch_size": 4, "feature_size": 32},
     "nsa": {"input_size": 48, "steps": 3, "batch_size": 4, "decoder_width": 8},
+    # vision-language detectors: the tiny random CLIP (added in case()), a small corpus for NegLabel
+    "neglabel": {"corpus": ["bicycle", "cloud", "river", "table", "guitar", "mountain", "window", "bread",
+                            "engine", "forest", "bridge", "candle", "garden", "helmet", "island", "ladder",
+                            "mirror", "needle", "orange", "pencil", "rocket", "saddle", "tunnel", "violin"],
+                 "n_negatives": 12, "n_groups": 3},
 }
 TEXT = {"blood", "ahm"}
 PROBABILITY_LAYERS = {"absent_class", "min_others"}  # read a probability layer of a training objective's head
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
+CLIP = {"winclip"}  # image detectors on a CLIP model (the vlm family is added by family)
 
 
 def data_for(name: str) -> tuple[Any, Any]:
     cls = get(name)
     family = getattr(cls, "family", "ood")
+    if family == "vlm":
+        return vlm_data()
     if family == "image":
         return images()
     if family == "generative":
@@ -289,6 +316,8 @@ def case(name: str) -> Case:
     params = dict(TINY.get(name, {}))
     if name in BACKBONE:
         params["backbone"] = _tiny_backbone()
+    if name in CLIP or get(name).family == "vlm":
+        params["model"] = tiny_clip()
     train, test = data_for(name)
     return Case(oodscope.create(name, **params), train, test)
 

@@ -25,7 +25,7 @@ def test_every_family_is_covered_and_the_count_is_printed():
     counts = {family: sum(f == family for f in families.values()) for family in DETECTOR_FAMILIES}
     print(f"\ncontract suite: {len(ALL)} registered detectors, by family {counts}")
     assert set(families.values()) <= set(FAMILIES)
-    assert counts["ood"] >= 40 and counts["anomaly"] >= 10 and counts["image"] == 6
+    assert counts["ood"] >= 40 and counts["anomaly"] >= 10 and counts["image"] >= 6
 
 
 def _fit(c):

@@ -1,0 +1,416 @@
+"""The CLIP backbone interface: image encoder (global and patch embeddings), text encoder, logit scale.
+
+:class:`ClipBackbone` is what every vision-language detector consumes. A subclass implements four methods on
+torch tensors; the base class turns them into cached, batched numpy encoders:
+
+* ``tokenize(texts) -> {"input_ids", "attention_mask"}`` (int64 arrays, one row per text);
+* ``text_forward(input_ids, attention_mask) -> (M, D)`` projected text embeddings;
+* ``image_forward(pixels) -> ((N, D) global, (N, P, D) patch)`` projected embeddings of normalised
+  ``(N, 3, S, S)`` pixels, ``P = grid[0] * grid[1]`` patches in row-major order;
+* ``window_forward(pixels, windows) -> (N, W, D)``: the embedding of each window, an image seen through the
+  patches of one window only (WinCLIP).
+
+The patch embeddings are the *local features* of GL-MCM (Miyai et al. 2023), taken as MaskCLIP does (Zhou et
+al., ECCV 2022): the last transformer block is run with every token attending to itself only, i.e. its
+attention output is ``out_proj(v_proj(LN1(h)))`` of the token itself, then the block's residual, MLP, the
+final layer norm and the visual projection follow as for the class token. Window embeddings (WinCLIP, Jeong et
+al. 2023, Sec. 4.2) are the class-token embeddings of the transformer fed with the class token and the patch
+tokens of the window only, each keeping its own position embedding.
+
+:class:`HFClip` wraps Hugging Face ``transformers.CLIPModel`` with its tokenizer, loaded from a local folder
+with ``local_files_only=True`` (:func:`load_clip`); :class:`OpenClip` wraps ``open_clip`` (imported lazily;
+it downloads weights itself when asked to, never in oodscope's tests). :func:`download_clip` fetches a Hugging
+Face model into a folder for users with network access; nothing in oodscope calls it.
+
+Embeddings go through :func:`oodscope.extract` (:meth:`ClipBackbone.encode_texts`,
+:meth:`ClipBackbone.encode_images`): a second call with the same weights and inputs reads the on-disk cache.
+Text prompts are keyed by their token ids, i.e. by the strings and the tokenizer that turned them into ids
+(the ids are the data digest, the text tower's weights and code the model key). Set ``use_cache=False`` on
+the backbone to skip the cache, ``cache_dir`` to move it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClipBackbone(nn.Module):
+    """Base class of CLIP-type backbones (see the module docstring). Subclasses set the attributes below."""
+
+    cache_ignore = ("tokenizer", "cache_dir", "use_cache", "batch_size", "progress")
+
+    image_size: int = 224
+    grid: tuple[int, int] = (7, 7)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __init__(self, cache_dir: str | Path | None = None, use_cache: bool = True, batch_size: int = 64,
+                 progress: bool = False):
+        super().__init__()
+        self.cache_dir, self.use_cache, self.batch_size, self.progress = cache_dir, use_cache, batch_size, progress
+
+    # -- what a subclass implements ------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def window_forward(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's learned inverse temperature ``exp(t)`` (100 for the released OpenAI models)."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's preprocessing of ``(N, 3, H, W)`` images in [0, 1]: bicubic resize of the shorter side to
+        ``image_size`` (antialiased), centre crop, normalisation with ``mean`` / ``std``."""
+        h, w = images.shape[-2:]
+        s = self.image_size
+        if (h, w) != (s, s):
+            scale = s / min(h, w)
+            size = (max(s, round(h * scale)), max(s, round(w * scale)))
+            images = nn.functional.interpolate(images, size=size, mode="bicubic", align_corners=False,
+                                               antialias=True).clamp(0.0, 1.0)
+            top, left = (size[0] - s) // 2, (size[1] - s) // 2
+            images = images[..., top:top + s, left:left + s]
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def _extract(self, tower: nn.Module, data: Any, name: str, layers: Sequence[str], device: str):
+        from ..extraction.extract import extract
+
+        return extract(tower, data, name=name, layers=layers, layer_reduce="none", head=None,
+                       batch_size=self.batch_size, device=device, cache_dir=self.cache_dir,
+                       use_cache=self.use_cache, progress=self.progress)
+
+    def encode_texts(self, texts: Sequence[str], device: str = "cpu", name: str = "prompts") -> np.ndarray:
+        """``(M, D)`` float32 text embeddings (not normalised) of ``texts``, through the extraction cache."""
+        tokens = self.tokenize(list(texts))
+        return self._extract(_TextTower(self), tokens, name, (), device).logits
+
+    def encode_images(self, images: np.ndarray, device: str = "cpu", name: str = "images", patches: bool = True
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Global ``(N, D)`` and (with ``patches``) patch ``(N, P, D)`` embeddings of ``(N, 3, H, W)`` images in
+        [0, 1], through the extraction cache (not normalised)."""
+        out = self._extract(_ImageTower(self, patches), images, name, ("patches",) if patches else (), device)
+        return out.logits, out.layers.get("patches")
+
+    def encode_windows(self, images: np.ndarray, windows: np.ndarray, device: str = "cpu",
+                       name: str = "windows") -> np.ndarray:
+        """``(N, W, D)`` window embeddings (not normalised); ``windows`` is a ``(W, P)`` boolean patch mask."""
+        tower = _WindowTower(self, torch.as_tensor(np.asarray(windows, dtype=bool)))
+        out = self._extract(tower, images, name, (), device).logits
+        return out.reshape(len(images), len(windows), -1)
+
+
+class _TextTower(nn.Module):
+    """``forward(input_ids=, attention_mask=) -> (B, D)``: what :func:`oodscope.extract` runs on prompts."""
+
+    def __init__(self, backbone: ClipBackbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        length = max(int(attention_mask.sum(dim=1).max()), 1)  # trims padding: the mask makes it irrelevant
+        return self.backbone.text_forward(input_ids[:, :length].long(), attention_mask[:, :length].long())
+
+
+class _ImageTower(nn.Module):
+    """``forward(images) -> (B, D)`` global embeddings; patch embeddings reach the ``patches`` hook."""
+
+    def __init__(self, backbone: ClipBackbone, patches: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.with_patches = patches
+        self.patches = nn.Identity()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        global_, local = self.backbone.image_forward(self.backbone.preprocess(images.float()))
+        if self.with_patches:
+            self.patches(local)
+        return global_
+
+
+class _WindowTower(nn.Module):
+    def __init__(self, backbone: ClipBackbone, windows: torch.Tensor):
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("windows", windows)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.backbone.window_forward(self.backbone.preprocess(images.float()), self.windows)
+        return out.flatten(1)
+
+
+# -- Hugging Face transformers --------------------------------------------------------------------------------
+def _layer(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One CLIP encoder layer without a mask (transformers 4.x also takes a causal mask, 5.x does not)."""
+    import inspect
+
+    if "causal_attention_mask" in inspect.signature(layer.forward).parameters:
+        out = layer(h, None, None)
+    else:
+        out = layer(h, None)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class HFClip(ClipBackbone):
+    """A ``transformers.CLIPModel`` (ViT image tower) and its tokenizer as a :class:`ClipBackbone`."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, cache_dir: str | Path | None = None,
+                 use_cache: bool = True, batch_size: int = 64, progress: bool = False):
+        super().__init__(cache_dir, use_cache, batch_size, progress)
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        vision = model.config.vision_config
+        self.image_size = int(vision.image_size)
+        side = self.image_size // int(vision.patch_size)
+        self.grid = (side, side)
+        self.context_length = int(model.config.text_config.max_position_embeddings)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        out = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                             return_tensors="np")
+        return {"input_ids": out["input_ids"].astype(np.int64),
+                "attention_mask": out["attention_mask"].astype(np.int64)}
+
+    def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
+        return self.model.text_projection(pooled)
+
+    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        vision = self.model.vision_model
+        return vision.embeddings(pixels.to(vision.embeddings.patch_embedding.weight.dtype))
+
+    def _blocks(self, h: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
+        for layer in layers:
+            h = _layer(layer, h)
+        return h
+
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        vision = self.model.vision_model
+        return self.model.visual_projection(vision.post_layernorm(tokens))
+
+    def image_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vision = self.model.vision_model
+        layers = vision.encoder.layers
+        h = self._blocks(vision.pre_layrnorm(self._tokens(pixels)), layers[:-1])
+        last = layers[-1]
+        global_ = self._project(_layer(last, h)[:, 0])
+        # MaskCLIP local features: the last block with each token attending to itself only
+        attention = last.self_attn
+        y = h + attention.out_proj(attention.v_proj(last.layer_norm1(h)))
+        y = y + last.mlp(last.layer_norm2(y))
+        return global_, self._project(y[:, 1:])
+
+    def window_forward(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        vision = self.model.vision_model
+        tokens = self._tokens(pixels)  # (N, 1 + P, C), position embeddings added
+        return _window_embeddings(tokens, windows, lambda t: self._project(
+            self._blocks(vision.pre_layrnorm(t), vision.encoder.layers)[:, 0]))
+
+
+def _window_embeddings(tokens: torch.Tensor, windows: torch.Tensor, run) -> torch.Tensor:
+    """``(N, W, D)``: ``run`` on the class token plus each window's patch tokens; windows of one size batched."""
+    n, _, c = tokens.shape
+    sizes = windows.sum(dim=1)
+    out: list[torch.Tensor | None] = [None] * len(windows)
+    for size in torch.unique(sizes).tolist():
+        chosen = torch.nonzero(sizes == size).flatten()
+        index = torch.stack([torch.nonzero(windows[w]).flatten() for w in chosen.tolist()]) + 1  # (w, size)
+        patches = tokens[:, index]  # (N, w, size, C)
+        cls = tokens[:, :1, None].expand(n, len(chosen), 1, c)
+        seq = torch.cat([cls, patches], dim=2).reshape(n * len(chosen), size + 1, c)
+        emb = run(seq).reshape(n, len(chosen), -1)
+        for j, w in enumerate(chosen.tolist()):
+            out[w] = emb[:, j]
+    return torch.stack(out, dim=1)
+
+
+# -- open_clip ------------------------------------------------------------------------------------------------
+class OpenClip(ClipBackbone):
+    """An ``open_clip`` CLIP model (``VisionTransformer`` image tower) and its tokenizer as a :class:`ClipBackbone`.
+
+    Not exercised by oodscope's tests (no open_clip weights or install here); it follows open_clip's
+    ``VisionTransformer`` (``conv1``, ``class_embedding``, ``positional_embedding``, ``ln_pre``,
+    ``transformer.resblocks``, ``ln_post``, ``proj``) and ``nn.MultiheadAttention`` blocks.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, cache_dir: str | Path | None = None,
+                 use_cache: bool = True, batch_size: int = 64, progress: bool = False):
+        super().__init__(cache_dir, use_cache, batch_size, progress)
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        visual = model.visual
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.grid = tuple(int(g) for g in visual.grid_size)
+        mean, std = getattr(visual, "image_mean", None), getattr(visual, "image_std", None)
+        self.mean, self.std = tuple(mean or CLIP_MEAN), tuple(std or CLIP_STD)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        ids = self.tokenizer(list(texts)).cpu().numpy().astype(np.int64)
+        return {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
+
+    def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        context = self.model.context_length if hasattr(self.model, "context_length") else input_ids.shape[1]
+        ids = nn.functional.pad(input_ids, (0, max(0, context - input_ids.shape[1])))
+        return self.model.encode_text(ids)
+
+    def _batch_first(self) -> bool:
+        return bool(getattr(self.model.visual.transformer, "batch_first", True))
+
+    def _run(self, blocks: Sequence[nn.Module], h: torch.Tensor) -> torch.Tensor:
+        first = self._batch_first()
+        h = h if first else h.transpose(0, 1)
+        for block in blocks:
+            h = block(h)
+        return h if first else h.transpose(0, 1)
+
+    def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        x = visual.conv1(pixels).flatten(2).transpose(1, 2)
+        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(len(x), 1, -1)
+        return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        out = visual.ln_post(tokens)
+        return out @ visual.proj if visual.proj is not None else out
+
+    def image_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.model.visual
+        blocks = visual.transformer.resblocks
+        h = self._run(blocks[:-1], visual.ln_pre(self._tokens(pixels)))
+        last = blocks[-1]
+        global_ = self._project(self._run([last], h)[:, 0])
+        attention = last.attn
+        width = h.shape[-1]
+        x = last.ln_1(h)
+        v = nn.functional.linear(x, attention.in_proj_weight[2 * width:], attention.in_proj_bias[2 * width:])
+        a = attention.out_proj(v)
+        y = h + (last.ls_1(a) if hasattr(last, "ls_1") else a)
+        m = last.mlp(last.ln_2(y))
+        y = y + (last.ls_2(m) if hasattr(last, "ls_2") else m)
+        return global_, self._project(y[:, 1:])
+
+    def window_forward(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        tokens = self._tokens(pixels)
+        return _window_embeddings(tokens, windows, lambda t: self._project(
+            self._run(visual.transformer.resblocks, visual.ln_pre(t))[:, 0]))
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+def load_clip(source: str | os.PathLike, device: str = "cpu", **options: Any) -> ClipBackbone:
+    """A :class:`ClipBackbone` from a local Hugging Face folder, or ``open_clip:ARCH[/PRETRAINED]``.
+
+    * a folder holding a ``CLIPModel`` (``config.json`` with ``model_type: clip``, weights and tokenizer files),
+      loaded with ``local_files_only=True`` (no network);
+    * ``open_clip:ViT-B-16-plus-240/laion400m_e32`` (WinCLIP's backbone): open_clip's own loader, which reads
+      its cache and downloads missing weights itself (needs ``pip install open_clip_torch``).
+
+    ``options`` go to the backbone (``cache_dir``, ``use_cache``, ``batch_size``, ``progress``).
+    """
+    text = str(source)
+    if text.startswith("open_clip:"):
+        return load_open_clip(text[len("open_clip:"):], device=device, **options)
+    path = Path(source)
+    if not path.is_dir():
+        raise ValueError(f"CLIP model {text!r} is not a folder; pass a local Hugging Face CLIP folder (see "
+                         "oodscope.vlm.download_clip) or 'open_clip:ARCH/PRETRAINED'")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"CLIP model folder {path} has no config.json: it is not a Hugging Face model folder")
+    import json
+
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, OSError) as error:
+        raise ValueError(f"CLIP model folder {path}: config.json is unreadable ({error})") from None
+    if model_type != "clip":
+        raise ValueError(f"CLIP model folder {path} holds a {model_type!r} model, not a CLIP model "
+                         "(config.json model_type must be 'clip')")
+    try:
+        from transformers import AutoTokenizer, CLIPModel
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError('CLIP backbones need transformers: pip install "oodscope[vlm]"') from error
+    try:
+        model = CLIPModel.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"CLIP model folder {path} cannot be loaded: {str(error).splitlines()[0]}") from None
+    return HFClip(model.to(device), tokenizer, **options)
+
+
+def load_open_clip(name: str, device: str = "cpu", **options: Any) -> OpenClip:
+    """``ARCH[/PRETRAINED]`` through ``open_clip.create_model_and_transforms`` (downloads when not cached)."""
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError('open_clip backbones need open_clip: pip install "oodscope[vlm]" open_clip_torch'
+                          ) from error
+    arch, _, pretrained = name.partition("/")
+    model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None, device=device)
+    return OpenClip(model, open_clip.get_tokenizer(arch), **options)
+
+
+def download_clip(repo_id: str = "openai/clip-vit-base-patch16", folder: str | os.PathLike | None = None
+                  ) -> Path:
+    """Download a Hugging Face CLIP model into ``folder`` (for users with network access; oodscope never
+    calls this). Returns the folder, which :func:`load_clip` then reads offline."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    folder = Path(folder or repo_id.replace("/", "--"))
+    CLIPModel.from_pretrained(repo_id).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(repo_id).save_pretrained(folder)
+    return folder
+
+
+def resolve_clip(model: str | os.PathLike | ClipBackbone | None, device: str = "cpu") -> ClipBackbone:
+    """A :class:`ClipBackbone` from a detector's ``model`` parameter (loaded folders are remembered)."""
+    if isinstance(model, ClipBackbone):
+        return model
+    if model is None:
+        raise ValueError("no CLIP model: pass model= a local Hugging Face CLIP folder, 'open_clip:ARCH/PRETRAINED' "
+                         "or an oodscope.vlm.ClipBackbone")
+    if isinstance(model, (str, os.PathLike)):
+        key = (str(Path(model).resolve()) if not str(model).startswith("open_clip:") else str(model), device)
+        if key not in _LOADED:
+            _LOADED[key] = load_clip(model, device=device)
+        return _LOADED[key]
+    raise ValueError(f"model must be a CLIP folder, 'open_clip:ARCH/PRETRAINED' or an oodscope.vlm.ClipBackbone, "
+                     f"got {type(model).__name__}")
+
+
+_LOADED: dict[tuple[str, str], ClipBackbone] = {}
