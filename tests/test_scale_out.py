@@ -166,3 +166,160 @@ def test_sharded_knn_refuses_bad_parameters(data):
         oodscope.create("knn", shards=2, index="hnsw").fit(train)
     with pytest.raises(ValueError, match="more than the training bank"):
         oodscope.create("knn_distance", k=1, shards=len(train) + 1).fit(train)
+
+
+# -- extraction on Ray Data ---------------------------------------------------------------------------------
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+from oodscope.extraction import cache  # noqa: E402
+import oodscope.extraction.extract as extract_module  # noqa: E402
+from oodscope.extraction.ray_engine import RayEngine, as_engine, plan  # noqa: E402
+
+SENTINEL = 1000.0  # an input value marking the row a Flaky model fails on
+
+
+class Flaky(torch.nn.Module):
+    """A small classifier that, while the file ``marker`` exists, fails on the batch holding the sentinel row:
+    ``mode="raise"`` raises every time, ``mode="kill"`` removes the marker and kills its own process (the Ray
+    actor), once. Every batch it runs is logged as a file in ``calls`` (to count what a rerun recomputes)."""
+
+    cache_ignore = ("marker", "mode", "calls")  # test plumbing: never changes the outputs
+
+    def __init__(self, marker: str = "", mode: str = "raise", calls: str = ""):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(16, 3)
+        self.marker, self.mode, self.calls = marker, mode, calls
+
+    def forward(self, x):
+        if self.calls:
+            open(os.path.join(self.calls, f"{os.getpid()}-{os.urandom(6).hex()}"), "w").close()
+        if self.marker and os.path.exists(self.marker) and bool((x == SENTINEL).any()):
+            if self.mode == "kill":
+                os.unlink(self.marker)
+                os._exit(1)
+            raise RuntimeError("planted failure")
+        return self.fc(self.body(x))
+
+
+def images(n: int = 500, sentinel_row: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 3, 2, 2)).astype(np.float32)
+    if sentinel_row is not None:
+        x[sentinel_row, 0, 0, 0] = SENTINEL
+    return x, rng.integers(0, 3, n)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'oodscope[ray]')")
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def run_both(tmp_path, model, data, **kw):
+    local = oodscope.extract(model, data, name="set", cache_dir=tmp_path / "local", progress=False, **kw)
+    on_ray = oodscope.extract(model, data, name="set", cache_dir=tmp_path / "ray", progress=False,
+                              engine=RayEngine(workers=2), **kw)
+    return local, on_ray
+
+
+def test_ray_engine_equals_local_and_writes_the_same_entry(ray_cluster, tmp_path, monkeypatch):
+    x, y = images()
+    model = Flaky()
+    local, on_ray = run_both(tmp_path, model, (x, y), batch_size=32, checkpoint_every=3, layers=["body.1"])
+    for part in ("logits", "features", "labels"):
+        np.testing.assert_array_equal(getattr(on_ray, part), getattr(local, part))
+    np.testing.assert_array_equal(on_ray.layers["body.1"], local.layers["body.1"])
+    np.testing.assert_array_equal(on_ray.head.W, local.head.W)
+    for name in ("vim", "knn", "mahalanobis"):
+        want = oodscope.create(name).fit(local).score(local)
+        np.testing.assert_array_equal(oodscope.create(name).fit(on_ray).score(on_ray), want)
+    # one entry, same file name, no chunks left; the local engine reads it without running the model
+    entries = sorted(p.name for p in (tmp_path / "ray").iterdir())
+    assert entries == sorted(p.name for p in (tmp_path / "local").iterdir()) and len(entries) == 1
+    monkeypatch.setattr(extract_module, "_run", lambda *a, **k: pytest.fail("the model ran on a cache hit"))
+    again = oodscope.extract(model, (x, y), name="set", cache_dir=tmp_path / "ray", progress=False,
+                             batch_size=32, checkpoint_every=3, layers=["body.1"])
+    np.testing.assert_array_equal(again.features, local.features)
+
+
+@pytest.mark.slow
+def test_ray_run_resumes_without_recomputing_finished_shards(ray_cluster, tmp_path):
+    x, y = images(sentinel_row=450)  # batch 14 of 16 (batch_size 32), in the last shard (batches 14-15)
+    marker, calls = tmp_path / "fail", tmp_path / "calls"
+    marker.touch()
+    calls.mkdir()
+    model = Flaky(str(marker), "raise", str(calls))
+    with pytest.raises(Exception, match="planted failure"):
+        oodscope.extract(model, (x, y), name="set", cache_dir=tmp_path / "c", progress=False, batch_size=32,
+                         checkpoint_every=2, engine=RayEngine(workers=2))
+    parts = sorted(p.name for p in (tmp_path / "c").glob("*.part*"))
+    assert 0 < len(parts) < 8 and not any(p.endswith("part000014") for p in parts)
+    finished_batches = 2 * len(parts)
+    marker.unlink()
+    for f in calls.iterdir():
+        f.unlink()
+    resumed = oodscope.extract(model, (x, y), name="set", cache_dir=tmp_path / "c", progress=False, batch_size=32,
+                               checkpoint_every=2, engine=RayEngine(workers=2))
+    assert len(list(calls.iterdir())) == 16 - finished_batches   # only the missing shards ran
+    local = oodscope.extract(Flaky(), (x, y), name="set", cache_dir=tmp_path / "l", progress=False, batch_size=32)
+    np.testing.assert_array_equal(resumed.features, local.features)
+    assert not list((tmp_path / "c").glob("*.part*"))
+
+
+@pytest.mark.slow
+def test_ray_worker_killed_mid_run_finishes(ray_cluster, tmp_path):
+    x, y = images(sentinel_row=200)
+    marker = tmp_path / "kill"
+    marker.touch()
+    model = Flaky(str(marker), "kill")
+    on_ray = oodscope.extract(model, (x, y), name="set", cache_dir=tmp_path / "c", progress=False, batch_size=32,
+                              checkpoint_every=2, engine=RayEngine(workers=2))
+    assert not marker.exists()   # the actor did die once
+    local = oodscope.extract(Flaky(), (x, y), name="set", cache_dir=tmp_path / "l", progress=False, batch_size=32)
+    np.testing.assert_array_equal(on_ray.logits, local.logits)
+    np.testing.assert_array_equal(on_ray.labels, local.labels)
+
+
+@pytest.mark.slow
+def test_ray_refuses_a_shard_of_another_model(ray_cluster, tmp_path):
+    x, y = images()
+    model = Flaky()
+    entry = oodscope.extract(model, (x, y), name="set", cache_dir=tmp_path, progress=False, batch_size=32)
+    path = next(tmp_path.glob("*.npz"))
+    path.unlink()
+    foreign = {"logits": np.zeros((64, 3), np.float32), "features": np.zeros((64, 16), np.float32),
+               "labels": y[:64]}
+    assert cache.save_chunk(path, "another model's key", foreign, 0, 2, 32)
+    with pytest.warns(UserWarning, match="written for another model"):
+        on_ray = oodscope.extract(model, (x, y), name="set", cache_dir=tmp_path, progress=False, batch_size=32,
+                                  checkpoint_every=2, engine=RayEngine(workers=2))
+    np.testing.assert_array_equal(on_ray.features, entry.features)
+
+
+def test_ray_engine_errors(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="engine must be"):
+        as_engine("spark")
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        as_engine(RayEngine(workers=0))
+    with pytest.raises(ValueError, match="gpus_per_worker must be"):
+        as_engine(RayEngine(gpus_per_worker=-1))
+    assert plan(100, 32, 2) == [(0, 2), (2, 2)] and plan(129, 32, 2) == [(0, 2), (2, 2), (4, 1)]
+    x, y = images(64)
+    with pytest.raises(ValueError, match="needs gpus_per_worker > 0"):
+        oodscope.extract(Flaky(), (x, y), cache_dir=tmp_path, progress=False, device="cuda", engine="ray")
+    monkeypatch.setitem(sys.modules, "ray", None)   # as if Ray were not installed
+    with pytest.raises(ImportError, match=r"pip install 'oodscope\[ray\]'"):
+        oodscope.extract(Flaky(), (x, y), cache_dir=tmp_path, progress=False, engine="ray")

@@ -255,6 +255,23 @@ def load_chunks(path: Path, key: str, batch_size: int) -> tuple[list[dict[str, n
     return parts, done
 
 
+def load_shards(path: Path, key: str, batch_size: int) -> dict[int, tuple[dict[str, np.ndarray], int]]:
+    """Every valid chunk of ``path``, by first batch: ``{first: (arrays, n_batches)}``, in any order.
+
+    Unlike :func:`load_chunks` gaps are allowed (the Ray engine finishes shards out of order); chunks written for
+    another key or batch size, or that fail their checks, are removed (with a warning) and so recomputed.
+    """
+    found = {}
+    for chunk in chunk_paths(path):
+        first = int(_PART.search(chunk.name).group(1))
+        got = read_arrays(chunk, key, kind="chunk")
+        if got is None or got[1].get("batch_size") != batch_size or got[1].get("first_batch") != first:
+            chunk.unlink(missing_ok=True)
+            continue
+        found[first] = (got[0], int(got[1]["n_batches"]))
+    return found
+
+
 def remove_chunks(path: Path) -> None:
     for chunk in chunk_paths(path):
         try:

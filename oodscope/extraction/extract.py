@@ -420,7 +420,7 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
             preprocess: Callable | None = None, layers: Iterable[str] = (), layer_reduce: LayerReduce = "mean",
             head: str | Head | None = "auto", batch_size: int = 256, device: str | torch.device = "auto",
             cache_dir: str | Path | None = None, use_cache: bool = True, progress: bool = True,
-            checkpoint_every: int = 16) -> Outputs:
+            checkpoint_every: int = 16, engine: Any = "local") -> Outputs:
     """Run ``model`` once over ``data`` and return its :class:`Outputs` (cached on disk).
 
     Args:
@@ -444,7 +444,11 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
         cache_dir: where to cache; default :func:`oodscope.extraction.cache.default_cache_dir`.
         use_cache: read and write the cache.
         checkpoint_every: with the cache on, write the outputs so far every this many batches, so that an
-            interrupted extraction resumes there (``0``: never).
+            interrupted extraction resumes there (``0``: never). With ``engine="ray"`` the shard size.
+        engine: ``"local"`` (this process) or ``"ray"`` / a :class:`~oodscope.extraction.ray_engine.RayEngine`
+            (the forward pass in a Ray Data actor pool, shard by shard, needs ``oodscope[ray]``): the same outputs
+            and the same cache entry. With Ray, ``device`` is resolved on each worker (``"auto"``: its GPU if
+            Ray gave it one).
     """
     inputs, labels = _split_data(data, labels)
     layers = list(dict.fromkeys(layers))
@@ -454,9 +458,12 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
             or checkpoint_every < 0):
         raise ValueError(f"checkpoint_every must be a number of batches >= 0 (0: no chunks), "
                          f"got {checkpoint_every!r}")
+    from .ray_engine import as_engine
+
+    ray_engine = as_engine(engine)
     scripted_head = script_head(model) if head == "auto" else None
     head_name, head_module = (None, None) if isinstance(model, torch.jit.ScriptModule) else find_head(model, head)
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device) if ray_engine is None else _driver_device(device)
     source = ModelSource(model=model, inputs=inputs, preprocess=preprocess, device=str(torch_device),
                          batch_size=batch_size, head=head_name)
 
@@ -480,14 +487,21 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
             if checkpoint_every:
                 resume = _Resume(path, key, int(checkpoint_every), batch_size)
 
-    home = next((p.device for p in itertools.chain(model.parameters(), model.buffers())), None)
-    model.to(torch_device)
-    try:
-        arrays = _run(model, inputs, labels, preprocess, head_module, layers, layer_reduce, torch_device,
-                      batch_size, progress, name, resume)
-    finally:
-        if home is not None:
-            model.to(home)  # the caller's model stays where it was
+    if ray_engine is not None:
+        from . import ray_engine as engines
+
+        arrays = engines.run(ray_engine, model, inputs, labels, preprocess, head_name, layers, layer_reduce,
+                             str(device), batch_size, progress, name, path if checkpoint_every else None, key,
+                             int(checkpoint_every) or 16)
+    else:
+        home = next((p.device for p in itertools.chain(model.parameters(), model.buffers())), None)
+        model.to(torch_device)
+        try:
+            arrays = _run(model, inputs, labels, preprocess, head_module, layers, layer_reduce, torch_device,
+                          batch_size, progress, name, resume)
+        finally:
+            if home is not None:
+                model.to(home)  # the caller's model stays where it was
     outputs = Outputs(
         logits=arrays["logits"], features=arrays.get("features"), labels=arrays.get("labels"),
         layers={layer: arrays[layer] for layer in layers}, name=name,
@@ -499,6 +513,15 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
         cache.remove_chunks(path)
     outputs.source = source
     return _with_head(outputs, head)
+
+
+def _driver_device(device: str | torch.device) -> torch.device:
+    """With the Ray engine the workers resolve ``device``; the driver keeps it for re-runs where it exists here
+    (a GPU cluster driven from a CPU machine: the driver's re-runs use the CPU)."""
+    try:
+        return resolve_device(device)
+    except ValueError:
+        return torch.device("cpu")
 
 
 def _check_head(outputs: Outputs, head_name: str | None, name: str) -> Outputs:
