@@ -368,8 +368,10 @@ def load_clip(source: str | os.PathLike, device: str = "cpu", **options: Any) ->
     try:
         model = CLIPModel.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"CLIP model folder {path} cannot be loaded: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # noqa: BLE001 - corrupted weights raise library-specific errors (safetensors, ...)
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"CLIP model folder {path} cannot be loaded ({type(error).__name__}: {first}); "
+                         "check that its weight and tokenizer files are complete") from None
     return HFClip(model.to(device), tokenizer, **options)
 
 

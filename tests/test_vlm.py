@@ -1,0 +1,356 @@
+"""Vision-language detectors on tiny CLIP models whose weights the tests create (no real CLIP weights here).
+
+Each score is checked against a hand-written numpy computation on the same embeddings, MCM also against
+pytorch-ood 0.4's implementation (when it can be imported), and an aligned toy backbone (class prototypes shared by
+the two towers) checks that the methods separate what they should.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+import oodscope  # noqa: E402
+from oodscope.vlm import load_clip  # noqa: E402
+from oodscope.vlm.corpus import load_corpus, parse_index_noun  # noqa: E402
+from oodscope.vlm.winclip import (ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES, harmonic_aggregation,  # noqa: E402
+                                  sliding_windows, state_prompts)
+from vlm_models import AlignedClip, coloured_images, save_tiny_clip, tiny_clip  # noqa: E402
+
+CLASSES = ["apple", "leaf", "sky"]
+
+
+def _unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).random((7, 3, 40, 40)).astype(np.float32)
+
+
+# -- the backbone ----------------------------------------------------------------------------------------------
+def test_embeddings_equal_transformers_own_features(clip, images):
+    import torch
+
+    texts = ["a photo of a apple.", "a photo of a sky."]
+    tokens = clip.tokenize(texts)
+    with torch.no_grad():
+        pixels = clip.preprocess(torch.from_numpy(images))
+        ref_image = clip.model.get_image_features(pixel_values=pixels)
+        ref_text = clip.model.get_text_features(input_ids=torch.tensor(tokens["input_ids"]),
+                                                attention_mask=torch.tensor(tokens["attention_mask"]))
+    ref_image = getattr(ref_image, "pooler_output", ref_image).numpy()
+    ref_text = getattr(ref_text, "pooler_output", ref_text).numpy()
+    global_, patches = clip.encode_images(images)
+    np.testing.assert_allclose(global_, ref_image, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(clip.encode_texts(texts), ref_text, rtol=1e-4, atol=1e-5)
+    assert patches.shape == (7, 16, global_.shape[1]) and clip.grid == (4, 4)
+
+
+def test_patch_tokens_are_the_last_block_with_self_attention_only(clip, images):
+    """MaskCLIP local features by hand from the hidden state entering the last block and its weights."""
+    import torch
+
+    with torch.no_grad():
+        pixels = clip.preprocess(torch.from_numpy(images))
+        hidden = clip.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+    h = hidden.double().numpy()
+    layer = clip.model.vision_model.encoder.layers[-1]
+    w = {k: v.double().numpy() for k, v in layer.state_dict().items()}
+    post = {k: v.double().numpy() for k, v in clip.model.vision_model.post_layernorm.state_dict().items()}
+    proj = clip.model.visual_projection.weight.double().numpy()
+
+    def norm(x, weight, bias, eps=1e-5):
+        return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * weight + bias
+
+    x = norm(h, w["layer_norm1.weight"], w["layer_norm1.bias"])
+    v = x @ w["self_attn.v_proj.weight"].T + w["self_attn.v_proj.bias"]
+    y = h + v @ w["self_attn.out_proj.weight"].T + w["self_attn.out_proj.bias"]
+    z = norm(y, w["layer_norm2.weight"], w["layer_norm2.bias"])
+    fc1 = z @ w["mlp.fc1.weight"].T + w["mlp.fc1.bias"]
+    act = fc1 * (1.0 / (1.0 + np.exp(-1.702 * fc1)))  # quick_gelu, CLIP's activation
+    y = y + act @ w["mlp.fc2.weight"].T + w["mlp.fc2.bias"]
+    expected = norm(y[:, 1:], post["weight"], post["bias"]) @ proj.T
+    assert clip.model.config.vision_config.hidden_act == "quick_gelu"
+    np.testing.assert_allclose(clip.encode_images(images)[1], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_window_of_every_patch_is_the_global_embedding_and_windows_see_only_their_patches(clip, images):
+    everything = np.ones((1, 16), dtype=bool)
+    global_, _ = clip.encode_images(images, patches=False)
+    np.testing.assert_allclose(clip.encode_windows(images, everything)[:, 0], global_, rtol=1e-4, atol=1e-5)
+    windows = sliding_windows(clip.grid, 2)
+    exact = images[:, :, :32, :32].copy()  # the model's size: no resampling spreads a change
+    changed = exact.copy()
+    changed[:, :, 24:, 24:] = 0.5  # the bottom-right corner: patch (3, 3) of the 4 x 4 grid only
+    before, after = clip.encode_windows(exact, windows), clip.encode_windows(changed, windows)
+    moved = np.abs(after - before).max(axis=(0, 2)) > 1e-6
+    assert moved.tolist() == windows[:, 15].tolist()  # exactly the windows that contain that patch
+
+
+def test_embeddings_go_through_the_extraction_cache(tmp_path, images):
+    cached = tiny_clip(use_cache=True, cache_dir=tmp_path)
+    first = cached.encode_texts(["a photo of a leaf."])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].startswith("prompts-")
+    np.testing.assert_array_equal(cached.encode_texts(["a photo of a leaf."]), first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # a hit, no new entry
+    cached.encode_texts(["a photo of a sky."])
+    assert len(list(tmp_path.iterdir())) == 2  # another prompt string, another key
+    cached.encode_images(images)
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_a_folder_that_is_not_a_clip_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="not a folder"):
+        load_clip(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_clip(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="'bert' model, not a CLIP model"):
+        load_clip(tmp_path)
+    broken = save_tiny_clip(tmp_path / "broken")
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        load_clip(broken)
+    with pytest.raises(ValueError, match="no CLIP model: pass model="):
+        oodscope.create("mcm").fit(CLASSES)
+
+
+# -- MCM and GL-MCM --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("temperature", [1.0, 0.01])
+def test_mcm_is_minus_the_max_softmax_of_cosines_over_t(clip, images, temperature):
+    mcm = oodscope.create("mcm", model=clip, temperature=temperature).fit(CLASSES)
+    texts = _unit(clip.encode_texts([f"a photo of a {c}." for c in CLASSES]))
+    image = _unit(clip.encode_images(images)[0])
+    expected = -_softmax(image @ texts.T / temperature).max(axis=1)
+    np.testing.assert_allclose(mcm.score(images), expected, rtol=1e-10, atol=1e-12)
+    assert mcm.classes_ == CLASSES
+
+
+def test_mcm_equals_pytorch_ood_mcm(clip, images):
+    """pytorch-ood 0.4's MCM (its package imports torchvision; the detector module alone is loaded)."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    import torch
+
+    spec = importlib.util.find_spec("pytorch_ood")
+    if spec is None:
+        pytest.skip("pytorch-ood is not installed (pip install --no-deps pytorch-ood==0.4.0)")
+    saved = {k: sys.modules.get(k) for k in ("pytorch_ood", "pytorch_ood.detector")}
+    try:
+        root = spec.submodule_search_locations[0]
+        for name, path in (("pytorch_ood", root), ("pytorch_ood.detector", f"{root}/detector")):
+            package = types.ModuleType(name)
+            package.__path__ = [path]
+            sys.modules[name] = package
+        reference = importlib.import_module("pytorch_ood.detector.mcm").MCM
+    finally:
+        for key, module in saved.items():
+            if module is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = module
+    texts = torch.from_numpy(clip.encode_texts([f"a photo of a {c}." for c in CLASSES]))
+    features = torch.from_numpy(clip.encode_images(images)[0])
+    theirs = reference(None, texts, temperature=1.0).predict_features(features).double().numpy()
+    ours = oodscope.create("mcm", model=clip).fit(CLASSES).score(images)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_gl_mcm_adds_lambda_times_the_best_local_mcm(clip, images):
+    detector = oodscope.create("gl_mcm", model=clip, lambda_local=0.5).fit(CLASSES)
+    texts = _unit(clip.encode_texts([f"a photo of a {c}." for c in CLASSES]))
+    global_, patches = clip.encode_images(images)
+    glob = _softmax(_unit(global_) @ texts.T).max(axis=1)
+    local = np.array([max(_softmax(_unit(p) @ texts.T)[i].max() for i in range(16)) for p in patches])
+    np.testing.assert_allclose(detector.score(images), -(glob + 0.5 * local), rtol=1e-10)
+
+
+# -- NegLabel --------------------------------------------------------------------------------------------------
+WORDS = ["bicycle", "cloud", "river", "table", "guitar", "mountain", "window", "bread", "engine", "forest",
+         "apple", "bridge", "candle", "garden"]
+
+
+def test_neglabel_mining_grouping_and_score_by_hand(clip, images):
+    detector = oodscope.create("neglabel", model=clip, corpus=WORDS, n_negatives=8, n_groups=3, seed=4).fit(CLASSES)
+    ids = _unit(clip.encode_texts([f"a photo of a {c}." for c in CLASSES]))
+    candidates = [w for w in WORDS if w not in CLASSES]  # "apple" is an ID class, never a negative
+    cand = _unit(clip.encode_texts([f"a photo of a {w}." for w in candidates]))
+    distance = [np.percentile([-float(c @ e) for e in ids], 5) for c in cand]  # eta = 0.05
+    chosen = sorted(range(len(candidates)), key=lambda i: -distance[i])[:8]
+    assert detector.negative_labels_ == [candidates[i] for i in chosen]
+    assert "apple" not in detector.negative_labels_
+    permutation = np.random.default_rng(4).permutation(8)
+    groups = [permutation[0:3], permutation[3:6], permutation[6:8]]  # np.array_split sizes 3, 3, 2
+    image = _unit(clip.encode_images(images)[0])
+    expected = []
+    for h in image:
+        pos = sum(np.exp(h @ e / 0.01) for e in ids)
+        per_group = [pos / (pos + sum(np.exp(h @ cand[chosen[j]] / 0.01) for j in g)) for g in groups]
+        expected.append(-np.mean(per_group))
+    np.testing.assert_allclose(detector.score(images), expected, rtol=1e-8)
+    assert detector.corpus_.startswith("given list")
+
+
+def test_corpus_sources_wordnet_files_and_the_bundled_fallback(tmp_path, monkeypatch):
+    from oodscope.vlm import corpus
+
+    index = "  1 license text line\n'hood n 1 2 @ ; 1 0 08641944\nice_cream n 1 1 @ 1 1 07609840\nice_cream n 1\nDog n 2\n"
+    assert parse_index_noun(index) == ["'hood", "ice cream", "dog"]
+    monkeypatch.setattr(corpus, "nltk_data_dirs", lambda: [tmp_path / "nltk"])
+    monkeypatch.setattr(corpus, "DEBIAN_WORDNET", tmp_path / "debian")
+    fallback = load_corpus("auto")
+    assert fallback.source.startswith("bundled list") and len(fallback.words) == 5000 and "apple" in fallback.words
+    with pytest.raises(ValueError, match="no WordNet data found"):
+        load_corpus("wordnet")
+    (tmp_path / "debian").mkdir()
+    (tmp_path / "debian" / "index.noun").write_text(index)
+    found = load_corpus("auto")
+    assert found.words == ("'hood", "ice cream", "dog") and "Debian wordnet" in found.source
+    (tmp_path / "nltk" / "corpora" / "wordnet").mkdir(parents=True)
+    (tmp_path / "nltk" / "corpora" / "wordnet" / "index.noun").write_text("cat n 1\n")
+    assert load_corpus("auto").words == ("cat",) and "NLTK data" in load_corpus("auto").source
+    with pytest.raises(ValueError, match="not 'auto'"):
+        load_corpus(str(tmp_path / "nowhere.txt"))
+
+
+def test_neglabel_records_the_bundled_corpus_when_no_wordnet_is_installed(monkeypatch, tmp_path):
+    from oodscope.vlm import corpus
+
+    monkeypatch.setattr(corpus, "nltk_data_dirs", lambda: [])
+    monkeypatch.setattr(corpus, "DEBIAN_WORDNET", tmp_path)
+    detector = oodscope.create("neglabel", model=AlignedClip(), n_negatives=500, n_groups=10).fit(CLASSES)
+    assert detector.corpus_.startswith("bundled list") and len(detector.negative_labels_) == 500
+    assert not set(detector.negative_labels_) & set(CLASSES)
+
+
+# -- the aligned toy model: the methods separate what they should ---------------------------------------------
+@pytest.mark.parametrize("name", ["mcm", "gl_mcm", "neglabel"])
+def test_aligned_toy_model_ranks_the_planted_ood_images_last(name):
+    params = {"corpus": "bundled", "n_negatives": 1000, "n_groups": 10} if name == "neglabel" else {}
+    detector = oodscope.create(name, model=AlignedClip(), **params).fit(CLASSES)
+    inliers = coloured_images(CLASSES * 4, seed=1)
+    outliers = coloured_images(["banana", "normal", "banana", "normal"], seed=2)
+    scores = detector.score(np.concatenate([inliers, outliers]))
+    assert scores[len(inliers):].min() > scores[:len(inliers)].max()
+
+
+def test_winclip_map_peaks_on_the_planted_patch_and_flags_its_image():
+    toy = AlignedClip(image_size=64)
+    winclip = oodscope.create("winclip", model=toy).fit(coloured_images(["normal"] * 3, size=64))
+    images = coloured_images(["normal"] * 6, seed=1, size=64)
+    images[3:, :, 24:32, 32:40] = 1.0  # patch (3, 4) of the 8 x 8 grid turns white: the "anomalous" colour
+    scores, maps = winclip.score_and_map(images)
+    assert maps.shape == (6, 64, 64) and scores[3:].min() > scores[:3].max()
+    for m in maps[3:]:
+        row, col = np.unravel_index(m.argmax(), m.shape)
+        assert 24 <= row < 32 and 32 <= col < 40
+    assert maps[3:, 24:32, 32:40].mean() > maps[:3, 24:32, 32:40].mean()
+
+
+def test_winclip_scores_and_map_by_hand(clip):
+    rng = np.random.default_rng(3)
+    train, test = rng.random((2, 3, 32, 32)).astype(np.float32), rng.random((3, 3, 32, 32)).astype(np.float32)
+    winclip = oodscope.create("winclip", model=clip, object_name="bottle", scales=(2, 3)).fit(train)
+    states = []
+    for words in (NORMAL_STATES, ANOMALOUS_STATES):
+        prompts = [t.format(s.format("bottle")) for s in words for t in TEMPLATES]
+        states.append(_unit(_unit(clip.encode_texts(prompts)).mean(axis=0)))
+    states = np.stack(states)
+
+    def ascore(f):
+        return _softmax(_unit(f) @ states.T / 0.07)[..., 1]
+
+    image = ascore(clip.encode_images(test, patches=False)[0])
+    maps = [np.repeat(image[:, None], 16, axis=1)]
+    for size in (2, 3):
+        windows = sliding_windows((4, 4), size)
+        s = ascore(clip.encode_windows(test, windows))
+        maps.append(np.stack([[1.0 / np.mean([1.0 / s[n, u] for u in range(len(windows)) if windows[u, p]])
+                               for p in range(16)] for n in range(3)]))
+    grid = np.mean(maps, axis=0).reshape(3, 4, 4)
+    scores, full = winclip.score_and_map(test)
+    np.testing.assert_allclose(scores, image, rtol=1e-10)
+    import torch
+
+    upsampled = torch.nn.functional.interpolate(torch.from_numpy(grid[:, None]), size=(32, 32), mode="bilinear",
+                                                align_corners=False)[:, 0].numpy()  # the map at the input size
+    np.testing.assert_allclose(full, upsampled, rtol=1e-8)
+
+
+def test_prompts_windows_and_harmonic_mean_pieces():
+    assert len(state_prompts(NORMAL_STATES, "x")) == 7 * 21 and len(state_prompts(ANOMALOUS_STATES, "x")) == 5 * 21
+    assert state_prompts(("{} with flaw",), "bottle", ("a photo of a {}.",)) == ["a photo of a bottle with flaw."]
+    windows = sliding_windows((4, 5), 2)
+    assert windows.shape == (3 * 4, 20) and (windows.sum(axis=1) == 4).all()
+    scores = np.array([[0.5, 0.25]])
+    two = np.array([[True, True, False], [False, True, True]])
+    np.testing.assert_allclose(harmonic_aggregation(scores, two), [[0.5, 2 / (2 + 4), 0.25]])
+    with pytest.raises(ValueError, match="does not fit"):
+        sliding_windows((4, 4), 5)
+
+
+# -- bad input ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("classes, message", [
+    ([], "empty"), (["apple", "Apple", "sky"], "duplicate class names"), ("apple", "not a single string"),
+    ([0, 1, 2], "not strings"), (["apple"], "at least two"), (["apple", " "], "empty"),
+])
+def test_bad_class_lists_are_refused(clip, classes, message):
+    with pytest.raises(ValueError, match=message):
+        oodscope.create("mcm", model=clip).fit(classes)
+
+
+def test_bad_images_and_parameters_are_refused(clip, images):
+    mcm = oodscope.create("mcm", model=clip)
+    with pytest.raises(oodscope.NotFittedError):
+        mcm.score(images)
+    mcm.fit(CLASSES)
+    bad = images.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        mcm.score(bad)
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        mcm.score(images[:, :2])
+    with pytest.raises(ValueError, match="smaller than one CLIP patch"):
+        mcm.score(images[:, :, :4, :4])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        mcm.score(images * 255)
+    with pytest.raises(ValueError, match="one '{}'"):
+        oodscope.create("mcm", model=clip, prompt="a photo").fit(CLASSES)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        oodscope.create("mcm", model=clip, temperature=0).fit(CLASSES)
+    with pytest.raises(ValueError, match="fewer than n_groups"):
+        oodscope.create("neglabel", model=clip, corpus=WORDS, n_groups=50).fit(CLASSES)
+    with pytest.raises(ValueError, match="square"):
+        oodscope.create("winclip", model=clip).fit(images[:, :, :, :32])
+    with pytest.raises(ValueError, match="object_name"):
+        oodscope.create("winclip", model=clip, object_name="").fit(images)
+
+
+def test_saved_and_loaded_detector_gives_identical_scores(clip, images, tmp_path):
+    detector = oodscope.create("neglabel", model=clip, corpus=WORDS, n_negatives=6, n_groups=2).fit(CLASSES)
+    path = detector.save(tmp_path / "neglabel.oodscope")
+    loaded = oodscope.load(path, model=clip)
+    assert loaded.negative_labels_ == detector.negative_labels_ and loaded.corpus_ == detector.corpus_
+    np.testing.assert_array_equal(loaded.score(images), detector.score(images))
