@@ -205,7 +205,9 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
 
     model = copying.deepcopy(model) if copy else model
     model.to(device)
-    model = objective.adapt(model, n_classes, (images, labels), preprocess)
+    with torch.random.fork_rng(devices=[]):  # a head's random initialisation: seeded, the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = objective.adapt(model, n_classes, (images, labels), preprocess)
     model.to(device)  # a head the objective put in place
     steps_per_epoch = math.ceil(len(images) / batch_size)
     if max_steps is not None:
@@ -233,7 +235,8 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
     prep = preprocess if preprocess is not None else (lambda batch: batch.float())
     if hasattr(prep, "to"):
         prep = prep.to(device)
-    with torch.random.fork_rng(devices=[]):
+    captured = _FeatureCapture(model, objective)
+    with torch.random.fork_rng(devices=[]), captured:
         torch.manual_seed(seed)
         for epoch in range(start_epoch, epochs):
             loader = torch.utils.data.DataLoader(ids, batch_size=batch_size, shuffle=True, generator=data_gen)
@@ -259,7 +262,8 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
                 with torch.autocast("cuda", enabled=scaler is not None):
                     logits = model(prep(inputs.to(device)))
                     total, terms = objective.loss(logits[:len(x)], y.to(device),
-                                                  logits[len(x):] if len(inputs) > len(x) else None, **context)
+                                                  logits[len(x):] if len(inputs) > len(x) else None, **context,
+                                                  **captured.split(len(x), len(inputs)))
                 if not torch.isfinite(total):
                     raise FloatingPointError(f"finetune: the {objective.name} loss is {float(total.detach())} at epoch "
                                              f"{epoch + 1}, step {step + 1}; lower lr (now {lr})"
@@ -290,6 +294,32 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
     model = objective.deploy(model)
     model.eval()
     return model, history
+
+
+class _FeatureCapture:
+    """For an objective with ``needs_features``: a forward pre-hook on ``objective.feature_module(model)`` keeps
+    the module's input of the last forward pass (with its gradient); :meth:`split` hands it to ``loss`` as
+    ``features`` (the ID rows) and ``outlier_features`` (the rest, when the step has outliers). A no-op otherwise."""
+
+    def __init__(self, model, objective: Objective):
+        self.module = model.get_submodule(objective.feature_module(model)) if objective.needs_features else None
+        self.seen: dict[str, Any] = {}
+        self.handle = None
+
+    def __enter__(self) -> "_FeatureCapture":
+        if self.module is not None:
+            self.handle = self.module.register_forward_pre_hook(lambda _m, args: self.seen.__setitem__("x", args[0]))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+    def split(self, n_id: int, n_inputs: int) -> dict[str, Any]:
+        if self.module is None:
+            return {}
+        features = self.seen.pop("x")
+        return {"features": features[:n_id], **({"outlier_features": features[n_id:]} if n_inputs > n_id else {})}
 
 
 def _resume(path: Path, identity: dict, model, optimiser, scheduler, generators, history: History) -> int:

@@ -228,3 +228,39 @@ def ish_linear(linear: nn.Linear, percentile: float) -> ISHLinear:
         head.weight.copy_(linear.weight)
         head.bias.copy_(linear.bias if linear.bias is not None else torch.zeros(linear.out_features))
     return head
+
+
+class HypersphereHead(_Head, nn.Module):
+    """CIDER's and PALM's head: a projection ``g`` of the penultimate features onto the unit hypersphere,
+    ``z = g(phi) / ||g(phi)||`` (:meth:`embed`), class prototypes on the sphere (the ``prototypes`` buffer, updated
+    by the objective, saved in checkpoints), and the classifier ``classes`` (the model's last ``nn.Linear``).
+
+    ``joint``: the class logits of the *detached* features (an online linear probe: the class head learns, its
+    gradient stops at the features, so the representation is the objective's alone); deployed: :meth:`deploy`
+    returns ``classes`` itself, the model's original architecture (the papers discard the projection head after
+    training and score the penultimate features)."""
+
+    def __init__(self, linear: nn.Linear, dim: int, n_prototypes: int):
+        super().__init__()
+        width = linear.in_features
+        # the authors' "mlp" head: Linear(d, d) -> ReLU -> Linear(d, dim); registered first: ``classes`` is the last
+        self.projection = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
+        self.register_buffer("prototypes", torch.zeros(n_prototypes, dim))
+        self.classes = linear
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """``z = g(phi) / ||g(phi)||`` (float32 where autocast computes in half precision)."""
+        out = self.projection(features)
+        return F.normalize(out.float() if out.dtype in (torch.float16, torch.bfloat16) else out, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classes(x.detach() if self.joint else x)
+
+    def deploy(self) -> nn.Linear:
+        return self.classes
+
+
+def hypersphere_head(linear: nn.Linear, dim: int, n_prototypes: int) -> HypersphereHead:
+    """CIDER's / PALM's head: a two-layer projection to ``dim`` dimensions on the unit sphere and
+    ``n_prototypes`` prototype rows (zero until the objective sets them) next to the model's classifier."""
+    return HypersphereHead(linear, dim, n_prototypes)

@@ -20,6 +20,11 @@ shaped weight gradient) override ``adapt(model, n_classes, train, preprocess)`` 
 :mod:`oodscope.training.heads` in place of the last ``nn.Linear`` before training; :meth:`deploy` switches every
 such head to its deployed form (``K`` class logits) after training. Objectives that choose their outliers from a
 larger pool each step (DOS) override ``select_outliers``.
+
+Objectives whose loss reads the representation, not only the logits (CIDER's and PALM's projection head on the
+hypersphere), set ``needs_features = True``: the engine then passes ``features=`` (the ID part) and, when the step
+has outliers, ``outlier_features=`` to ``loss``, the input of the module :meth:`feature_module` names (by default
+the classifier head, so the penultimate features), with their gradient.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Objective(BaseEstimator):
     needs: ClassVar[frozenset[Need]] = frozenset({Need.LABELS})
     score: ClassVar[str] = "msp"  # the detector the paper scores the fine-tuned model with
     trains_network: ClassVar[bool] = True
+    needs_features: ClassVar[bool] = False  # loss(...) gets features= (the input of feature_module(model))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -75,6 +81,13 @@ class Objective(BaseEstimator):
         from ..detectors import create
 
         return create(self.score)
+
+    def feature_module(self, model) -> str:
+        """The dotted name of the module whose input the engine passes to ``loss`` as ``features`` (when
+        :attr:`needs_features`): the classifier head (the last ``nn.Linear``, after ``adapt``) by default."""
+        from .heads import head_name
+
+        return head_name(model)
 
     def outliers_per_step(self, batch_size: int, outlier_batch_size: int) -> int:
         """How many outliers the engine draws (and augments) per step: ``outlier_batch_size`` by default; an
