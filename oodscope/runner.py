@@ -10,7 +10,7 @@ from .data.benchmark import Benchmark
 from .detectors import Detector, available, create, get
 from .evaluation import Results, evaluate, labelled_detectors
 from .extraction import Need, Outputs
-from .extraction.extract import extract
+from .extraction.extract import extract, extract_many
 
 POST_HOC_NEEDS = frozenset({Need.LOGITS, Need.FEATURES, Need.HEAD, Need.LABELS, Need.VALIDATION,
                             Need.OOD_VALIDATION})
@@ -35,10 +35,13 @@ def parse_detectors(spec: str | Sequence[str] | None) -> list[str]:
 
 def extract_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None, *, layers: Sequence[str] = (),
                       **options: Any) -> dict[str, Outputs]:
-    """Outputs of every split of ``bench`` by its :meth:`Benchmark.datasets` name, each extracted once."""
-    return {name: extract(model, (split.inputs, split.labels), name=f"{bench.name}-{name.replace('/', '-')}",
-                          preprocess=preprocess, layers=layers, **options)
-            for name, split in bench.datasets().items()}
+    """Outputs of every split of ``bench`` by its :meth:`Benchmark.datasets` name, each extracted once (with
+    ``engine="ray"`` all splits in one Ray Data execution: :func:`oodscope.extraction.extract.extract_many`)."""
+    splits = bench.datasets()
+    names = {name: f"{bench.name}-{name.replace('/', '-')}" for name in splits}
+    found = extract_many(model, {names[name]: (split.inputs, split.labels) for name, split in splits.items()},
+                         preprocess=preprocess, layers=layers, **options)
+    return {name: found[names[name]] for name in splits}
 
 
 def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,

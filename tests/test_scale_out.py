@@ -323,3 +323,31 @@ def test_ray_engine_errors(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)   # as if Ray were not installed
     with pytest.raises(ImportError, match=r"pip install 'oodscope\[ray\]'"):
         oodscope.extract(Flaky(), (x, y), cache_dir=tmp_path, progress=False, engine="ray")
+
+
+def test_extract_many_runs_every_set_in_one_ray_execution(ray_cluster, tmp_path, monkeypatch):
+    from oodscope.extraction import ray_engine
+
+    x, y = images(300)
+    sets = {"a": (x[:200], y[:200]), "b": x[200:]}
+    calls = []
+    real = ray_engine.run_many
+    monkeypatch.setattr(ray_engine, "run_many", lambda engine, model, jobs: calls.append(len(jobs))
+                        or real(engine, model, jobs))
+    model = Flaky()
+    on_ray = extract_module.extract_many(model, sets, cache_dir=tmp_path / "r", progress=False, batch_size=32,
+                                         engine=RayEngine(workers=2))
+    assert calls == [2]
+    local = extract_module.extract_many(model, sets, cache_dir=tmp_path / "l", progress=False, batch_size=32)
+    for name in sets:
+        np.testing.assert_array_equal(on_ray[name].features, local[name].features)
+    assert on_ray["b"].labels is None and on_ray["a"].labels.tolist() == y[:200].tolist()
+
+
+def test_bench_cli_engine_options(capsys):
+    from oodscope.cli import main
+
+    assert main(["bench", "--detectors", "msp", "--address", "auto", "--quiet"]) == 2   # needs --engine ray
+    assert "--address and --gpus-per-worker need --engine ray" in capsys.readouterr().err
+    assert main(["bench", "--detectors", "msp", "--engine", "ray", "--workers", "0", "--quiet"]) == 2
+    assert "workers must be a positive integer" in capsys.readouterr().err

@@ -45,6 +45,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "density (prototypicality metrics vs scores), label-noise (classifiers fine-tuned "
                              "with noisy labels), open-set (classifiers trained on known classes only), correlation (ID "
                              "accuracy vs AUROC across --ensemble models)")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="where the forward pass runs: this process (default) or a Ray Data actor pool "
+                             "(needs oodscope[ray]; same outputs and cache entries)")
+    parser.add_argument("--address", default=None,
+                        help="--engine ray: a running Ray cluster (e.g. ray://head:10001 or auto); default: start "
+                             "a local Ray instance")
+    parser.add_argument("--workers", type=int, default=2, help="--engine ray: model replicas in the actor pool")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0,
+                        help="--engine ray: GPUs each replica asks Ray for (0: CPU)")
     parser.add_argument("--ensemble", default=None,
                         help="density and correlation protocols: comma-separated further models, each a model SPEC, "
                              "NAME=WEIGHTS, or a zoo weights file named after its model (cifar10_resnet32.pth)")
@@ -64,6 +73,18 @@ def load_ensemble(text: str | None) -> list[tuple[str, Any, Any]]:
         model, preprocess, _ = load(ModelSpec(name, weights=weights or None))
         members.append((Path(name).name, model, preprocess))
     return members
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"engine": RayEngine(...)}`` for ``--engine ray``; nothing for the local engine (the default path)."""
+    if getattr(args, "engine", "local") == "local":
+        if getattr(args, "address", None) or getattr(args, "gpus_per_worker", 0):
+            raise ValueError("--address and --gpus-per-worker need --engine ray")
+        return {}
+    from ..extraction.ray_engine import RayEngine
+
+    return {"engine": RayEngine(address=args.address, workers=args.workers,
+                                gpus_per_worker=args.gpus_per_worker).check()}
 
 
 def prepare_from(args: argparse.Namespace):
@@ -108,7 +129,7 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     detectors = {name: create(name) for name in detectors}
     labelled = {detector.label: detector for detector in detectors.values()}  # the records' detector names
     extract_options = dict(cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
-                           use_cache=not args.no_cache, progress=not args.quiet)
+                           use_cache=not args.no_cache, progress=not args.quiet, **engine_options(args))
     results, timing = run_benchmark(bench, prepared.model, prepared.preprocess, list(detectors.values()),
                                     tune=args.tune, **extract_options)
     print(f"benchmark {bench.name} ({prepared.model_name}): ID test {len(bench.test)}, "

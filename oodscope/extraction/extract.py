@@ -16,6 +16,7 @@ import re
 import warnings
 from pathlib import Path
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
@@ -450,6 +451,96 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
             and the same cache entry. With Ray, ``device`` is resolved on each worker (``"auto"``: its GPU if
             Ray gave it one).
     """
+    steps = _extract_steps(model, data, labels, name=name, preprocess=preprocess, layers=layers,
+                           layer_reduce=layer_reduce, head=head, batch_size=batch_size, device=device,
+                           cache_dir=cache_dir, use_cache=use_cache, progress=progress,
+                           checkpoint_every=checkpoint_every, engine=engine)
+    return _drive(model, [steps])[0]
+
+
+def extract_many(model: nn.Module, datasets: Mapping[str, Any], **options: Any) -> dict[str, Outputs]:
+    """:func:`extract` of each ``{name: data}`` with the same ``options``, as ``{name: Outputs}``.
+
+    With ``engine="ray"`` every data set that is not cached goes through **one** Ray Data execution (one actor
+    pool, the model loaded once per worker), so the pool's start-up is paid once per benchmark, not per split.
+    The local engine extracts them one after the other, exactly as separate :func:`extract` calls.
+    """
+    from .ray_engine import as_engine
+
+    if as_engine(options.get("engine", "local")) is None:
+        return {name: extract(model, data, name=name, **options) for name, data in datasets.items()}
+    steps = [_extract_steps(model, data, None, name=name, **options) for name, data in datasets.items()]
+    return dict(zip(datasets, _drive(model, steps)))
+
+
+@dataclass
+class _Job:
+    """One data set's forward pass, as :func:`_extract_steps` hands it to :func:`_drive`."""
+
+    inputs: Any
+    labels: np.ndarray | None
+    name: str
+    preprocess: Callable | None
+    head_name: str | None
+    head_module: nn.Module | None
+    layers: list[str]
+    layer_reduce: LayerReduce
+    device: str
+    torch_device: torch.device
+    batch_size: int
+    progress: bool
+    path: Path | None
+    key: str | None
+    every: int
+    resume: _Resume | None
+    engine: Any
+
+
+def _drive(model: nn.Module, steps: list) -> list[Outputs]:
+    """Run the :func:`_extract_steps` generators: each either returns its cached outputs at once or yields a
+    :class:`_Job`; the jobs run (locally one by one, on Ray all together) and their arrays are sent back."""
+    results: list[Outputs | None] = [None] * len(steps)
+    jobs: dict[int, _Job] = {}
+    for number, step in enumerate(steps):
+        try:
+            jobs[number] = next(step)
+        except StopIteration as stop:
+            results[number] = stop.value
+    if not jobs:
+        return results
+    engine = next(iter(jobs.values())).engine
+    if engine is None:
+        arrays = [_run_local(model, job) for job in jobs.values()]
+    else:
+        from . import ray_engine as engines
+
+        arrays = engines.run_many(engine, model, list(jobs.values()))
+    for number, found in zip(jobs, arrays):
+        try:
+            steps[number].send(found)
+        except StopIteration as stop:
+            results[number] = stop.value
+    return results
+
+
+def _run_local(model: nn.Module, job: _Job) -> dict[str, np.ndarray]:
+    home = next((p.device for p in itertools.chain(model.parameters(), model.buffers())), None)
+    model.to(job.torch_device)
+    try:
+        return _run(model, job.inputs, job.labels, job.preprocess, job.head_module, job.layers, job.layer_reduce,
+                    job.torch_device, job.batch_size, job.progress, job.name, job.resume)
+    finally:
+        if home is not None:
+            model.to(home)  # the caller's model stays where it was
+
+
+def _extract_steps(model: nn.Module, data: Any, labels: Any = None, *, name: str = "data",
+                   preprocess: Callable | None = None, layers: Iterable[str] = (),
+                   layer_reduce: LayerReduce = "mean", head: str | Head | None = "auto", batch_size: int = 256,
+                   device: str | torch.device = "auto", cache_dir: str | Path | None = None, use_cache: bool = True,
+                   progress: bool = True, checkpoint_every: int = 16, engine: Any = "local"):
+    """:func:`extract` as a generator: returns the cached outputs, or yields one :class:`_Job`, is sent its
+    arrays and returns the outputs (so :func:`extract_many` can run several jobs at once)."""
     inputs, labels = _split_data(data, labels)
     layers = list(dict.fromkeys(layers))
     if layer_reduce not in ("mean", "none"):
@@ -487,21 +578,9 @@ def extract(model: nn.Module, data: Any, labels: Any = None, *, name: str = "dat
             if checkpoint_every:
                 resume = _Resume(path, key, int(checkpoint_every), batch_size)
 
-    if ray_engine is not None:
-        from . import ray_engine as engines
-
-        arrays = engines.run(ray_engine, model, inputs, labels, preprocess, head_name, layers, layer_reduce,
-                             str(device), batch_size, progress, name, path if checkpoint_every else None, key,
-                             int(checkpoint_every) or 16)
-    else:
-        home = next((p.device for p in itertools.chain(model.parameters(), model.buffers())), None)
-        model.to(torch_device)
-        try:
-            arrays = _run(model, inputs, labels, preprocess, head_module, layers, layer_reduce, torch_device,
-                          batch_size, progress, name, resume)
-        finally:
-            if home is not None:
-                model.to(home)  # the caller's model stays where it was
+    arrays = yield _Job(inputs, labels, name, preprocess, head_name, head_module, layers, layer_reduce, str(device),
+                        torch_device, batch_size, progress, path if checkpoint_every else None, key,
+                        int(checkpoint_every) or 16, resume, ray_engine)
     outputs = Outputs(
         logits=arrays["logits"], features=arrays.get("features"), labels=arrays.get("labels"),
         layers={layer: arrays[layer] for layer in layers}, name=name,

@@ -120,10 +120,10 @@ def _numpy(values: Any) -> np.ndarray:
     return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
-def _item(inputs: Any, first: int, count: int, batch_size: int) -> dict[str, Any]:
-    """One row of the Ray dataset: a shard's position and its input rows."""
+def _item(job: int, inputs: Any, first: int, count: int, batch_size: int) -> dict[str, Any]:
+    """One row of the Ray dataset: a shard's data set, position and input rows."""
     rows = _rows(inputs, first * batch_size, (first + count) * batch_size)
-    item: dict[str, Any] = {"first_batch": first, "n_batches": count}
+    item: dict[str, Any] = {"job": job, "first_batch": first, "n_batches": count}
     if isinstance(rows, dict):
         item.update({_IN + k: v for k, v in rows.items()})
     else:
@@ -133,15 +133,14 @@ def _item(inputs: Any, first: int, count: int, batch_size: int) -> dict[str, Any
 
 def _cell(column: Any) -> np.ndarray:
     """The single value of a one-row batch column (a fixed-shape tensor column or a ragged object one)."""
-    value = column[0]
-    return np.asarray(value)
+    return np.asarray(column[0])
 
 
 class ShardWorker:
     """The Ray actor: holds the model on its device and runs the local engine's forward pass on one shard."""
 
     def __init__(self, model: Any, preprocess: Callable | None, head: str | None, layers: list[str],
-                 layer_reduce: str, device: str, batch_size: int, name: str, threads: int):
+                 layer_reduce: str, device: str, batch_size: int, names: list[str], threads: int):
         import torch
 
         from .extract import find_head, resolve_device
@@ -151,72 +150,91 @@ class ShardWorker:
         self.model = model.to(self.device)
         self.head = find_head(self.model, head)[1] if head is not None else None
         self.preprocess, self.layers, self.layer_reduce = preprocess, layers, layer_reduce
-        self.batch_size, self.name = batch_size, name
+        self.batch_size, self.names = batch_size, names
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .extract import _run
 
         inputs: Any = ({k[len(_IN):]: _cell(v) for k, v in batch.items() if k.startswith(_IN)}
                        or _cell(batch["x"]))
+        job = int(batch["job"][0])
         arrays = _run(self.model, inputs, None, self.preprocess, self.head, self.layers, self.layer_reduce,
-                      self.device, self.batch_size, False, self.name)
-        out = {"first_batch": np.asarray(batch["first_batch"][:1]), "n_batches": np.asarray(batch["n_batches"][:1])}
+                      self.device, self.batch_size, False, self.names[job])
+        out = {k: np.asarray(batch[k][:1]) for k in ("job", "first_batch", "n_batches")}
         out.update({_OUT + k: v[None] for k, v in arrays.items()})
         return out
 
 
-def run(engine: RayEngine, model: Any, inputs: Any, labels: np.ndarray | None, preprocess: Callable | None,
-        head: str | None, layers: list[str], layer_reduce: str, device: str, batch_size: int, progress: bool,
-        name: str, path: Path | None, key: str | None, every: int) -> dict[str, np.ndarray]:
-    """The arrays of the local engine's ``_run`` (logits, features, layers, labels), computed on Ray.
+def run_many(engine: RayEngine, model: Any, jobs: list[Any]) -> list[dict[str, np.ndarray]]:
+    """The arrays of the local engine's ``_run`` (logits, features, layers, labels) for each job
+    (:class:`oodscope.extraction.extract._Job`: one data set; all share the model and the extraction options),
+    computed in one Ray Data execution.
 
-    With a cache entry (``path``, ``key``), finished shards found there are reused and every new shard is
-    written as soon as it arrives; without one the shards are only kept in memory.
+    A job with a cache entry (``path``, ``key``) reuses the finished shards found there and writes every new shard
+    as soon as it arrives; without one its shards are only kept in memory.
     """
     from .extract import _concatenate, _length
 
-    if str(device).startswith("cuda") and not engine.gpus_per_worker:
-        raise ValueError(f"extract({name!r}): device {device!r} on Ray needs gpus_per_worker > 0 (Ray gives a "
-                         "worker a GPU only when asked); or use device='auto'")
-    n = _length(inputs)
-    shards = plan(n, batch_size, max(1, every))
-    done = cache.load_shards(path, key, batch_size) if path is not None else {}
-    done = {first: arrays for first, (arrays, count) in done.items()
-            if (first, count) in set(shards)}  # shards of another checkpoint_every are recomputed
-    pending = [(first, count) for first, count in shards if first not in done]
+    first_job = jobs[0]
+    if first_job.device.startswith("cuda") and not engine.gpus_per_worker:
+        raise ValueError(f"extract({first_job.name!r}): device {first_job.device!r} on Ray needs gpus_per_worker > "
+                         "0 (Ray gives a worker a GPU only when asked); or use device='auto'")
+    shards = [plan(_length(job.inputs), job.batch_size, job.every) for job in jobs]
+    done = [_finished(job, planned) for job, planned in zip(jobs, shards)]
+    pending = [(number, first, count) for number, planned in enumerate(shards) for first, count in planned
+               if first not in done[number]]
+    paths = [job.path for job in jobs]
     if pending:
         ray = connect(engine)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False   # one tqdm bar over shards below, off a terminal as elsewhere
         context.verbose_stats_logs = False
-        items = [_item(inputs, first, count, batch_size) for first, count in pending]
+        items = [_item(number, jobs[number].inputs, first, count, jobs[number].batch_size)
+                 for number, first, count in pending]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         results = dataset.map_batches(
             ShardWorker, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=engine.workers),
             num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker or None,
-            fn_constructor_kwargs=dict(model=model, preprocess=preprocess, head=head, layers=layers,
-                                       layer_reduce=layer_reduce, device=device, batch_size=batch_size, name=name,
+            fn_constructor_kwargs=dict(model=model, preprocess=first_job.preprocess, head=first_job.head_name,
+                                       layers=first_job.layers, layer_reduce=first_job.layer_reduce,
+                                       device=first_job.device, batch_size=first_job.batch_size,
+                                       names=[job.name for job in jobs],
                                        threads=int(max(1, engine.cpus_per_worker))))
-        bar = _bar(progress, len(shards), len(shards) - len(pending), name)
+        total = sum(len(planned) for planned in shards)
+        bar = _bar(first_job.progress, total, total - len(pending), ", ".join(job.name for job in jobs))
         try:
             for batch in results.iter_batches(batch_size=1, batch_format="numpy"):
-                first, count = int(batch["first_batch"][0]), int(batch["n_batches"][0])
+                number, first, count = (int(batch[k][0]) for k in ("job", "first_batch", "n_batches"))
+                job = jobs[number]
                 arrays = {k[len(_OUT):]: _cell(v) for k, v in batch.items() if k.startswith(_OUT)}
-                if labels is not None:
-                    arrays["labels"] = np.asarray(labels[first * batch_size:(first + count) * batch_size],
-                                                  dtype=np.int64)
-                if path is not None and not cache.save_chunk(path, key, arrays, first, count, batch_size):
-                    path = None  # not writable (warned once): keep going in memory
-                done[first] = arrays
+                if job.labels is not None:
+                    rows = slice(first * job.batch_size, (first + count) * job.batch_size)
+                    arrays["labels"] = np.asarray(job.labels[rows], dtype=np.int64)
+                if paths[number] is not None and not cache.save_chunk(paths[number], job.key, arrays, first, count,
+                                                                      job.batch_size):
+                    paths[number] = None  # not writable (warned once): keep going in memory
+                done[number][first] = arrays
                 if bar is not None:
                     bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
-    missing = [first for first, _ in shards if first not in done]
-    if missing:
-        raise RuntimeError(f"extract({name!r}) on Ray: shards starting at batches {missing} came back empty")
-    return _concatenate([done[first] for first, _ in shards])
+    out = []
+    for job, planned, found in zip(jobs, shards, done):
+        missing = [first for first, _ in planned if first not in found]
+        if missing:
+            raise RuntimeError(f"extract({job.name!r}) on Ray: shards starting at batches {missing} came back empty")
+        out.append(_concatenate([found[first] for first, _ in planned]))
+    return out
+
+
+def _finished(job: Any, planned: list[tuple[int, int]]) -> dict[int, dict[str, np.ndarray]]:
+    """The job's shards already in the cache (those of another shard size are recomputed)."""
+    if job.path is None:
+        return {}
+    planned = set(planned)
+    return {first: arrays for first, (arrays, count) in cache.load_shards(job.path, job.key, job.batch_size).items()
+            if (first, count) in planned}
 
 
 def _bar(show: bool, total: int, initial: int, name: str) -> Any:
