@@ -228,6 +228,17 @@ def vlm_data() -> tuple[list[str], np.ndarray]:
     return ["apple", "leaf", "sky"], np.concatenate([smooth, noise]).astype(np.float32)
 
 
+@lru_cache(maxsize=None)
+def few_shot_data() -> tuple[tuple[list[str], np.ndarray, np.ndarray], np.ndarray]:
+    """``(classes, images, labels)`` few-shot training data (4 per class, 32 x 32) for prompt learning, and the
+    test images of :func:`vlm_data`."""
+    classes, test = vlm_data()
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(3), 4)
+    images = np.clip(rng.normal(0.2 + 0.3 * labels[:, None, None, None], 0.05, (12, 3, 32, 32)), 0, 1)
+    return (classes, images.astype(np.float32), labels), test
+
+
 def _tiny_backbone():
     from oodscope.imagead import Backbone
 
@@ -285,16 +296,20 @@ TINY: dict[str, dict[str, Any]] = {
                             "engine", "forest", "bridge", "candle", "garden", "helmet", "island", "ladder",
                             "mirror", "needle", "orange", "pencil", "rocket", "saddle", "tunnel", "violin"],
                  "n_negatives": 12, "n_groups": 3},
+    "locoop": {"n_ctx": 4, "epochs": 2, "top_k": 1, "batch_size": 8},
 }
 TEXT = {"blood", "ahm"}
 PROBABILITY_LAYERS = {"absent_class", "min_others"}  # read a probability layer of a training objective's head
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
 CLIP = {"winclip"}  # image detectors on a CLIP model (the vlm family is added by family)
+FEW_SHOT = {"locoop"}  # CLIP prompt learning: fit((classes, images, labels))
 
 
 def data_for(name: str) -> tuple[Any, Any]:
     cls = get(name)
     family = getattr(cls, "family", "ood")
+    if name in FEW_SHOT:
+        return few_shot_data()
     if family == "vlm":
         return vlm_data()
     if family == "image":

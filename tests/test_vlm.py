@@ -354,3 +354,77 @@ def test_saved_and_loaded_detector_gives_identical_scores(clip, images, tmp_path
     loaded = oodscope.load(path, model=clip)
     assert loaded.negative_labels_ == detector.negative_labels_ and loaded.corpus_ == detector.corpus_
     np.testing.assert_array_equal(loaded.score(images), detector.score(images))
+
+
+# -- LoCoOp ---------------------------------------------------------------------------------------------------
+def test_context_prompts_with_the_words_own_embeddings_equal_the_text_tower(clip):
+    import torch
+
+    prompts = ["a cat is apple.", "a cat is sky."]
+    ids = torch.as_tensor(clip.tokenize(prompts)["input_ids"])
+    with torch.no_grad():
+        out = clip.context_text_forward(ids, clip.token_embeddings(ids[0, 1:5]))  # "a cat is " as the context
+    np.testing.assert_allclose(out.numpy(), clip.encode_texts(prompts), rtol=1e-4, atol=1e-5)
+
+
+def test_locoop_loss_by_hand():
+    import torch
+
+    rng = np.random.default_rng(0)
+    g, p = rng.normal(size=(4, 5)) * 3, rng.normal(size=(4, 6, 5)) * 3
+    y = np.array([0, 3, 1, 4])
+    from oodscope.vlm.locoop import locoop_loss
+
+    total, ce, ood = locoop_loss(torch.tensor(g), torch.tensor(p), torch.tensor(y), 2, 0.25)
+    expected_ce = np.mean([-np.log(_softmax(g[i])[y[i]]) for i in range(4)])
+    entropies = []
+    for i in range(4):
+        for j in range(6):
+            probs = _softmax(p[i, j])
+            if y[i] not in np.argsort(-probs)[:2]:  # the label is not among the region's top 2: an OOD region
+                entropies.append(-(probs * np.log(probs)).sum())
+    assert 0 < len(entropies) < 24
+    np.testing.assert_allclose([float(ce), float(ood)], [expected_ce, -np.mean(entropies)], rtol=1e-10)
+    np.testing.assert_allclose(float(total), expected_ce - 0.25 * np.mean(entropies), rtol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def few_shot():
+    rng = np.random.default_rng(7)
+    labels = np.repeat(np.arange(3), 4)
+    images = np.clip(rng.normal(0.2 + 0.3 * labels[:, None, None, None], 0.05, (12, 3, 32, 32)), 0, 1)
+    return images.astype(np.float32), labels
+
+
+def test_locoop_trains_only_the_context_and_scores_with_gl_mcm_of_the_learned_prompts(clip, few_shot, images):
+    import torch
+
+    before = {k: v.clone() for k, v in clip.model.state_dict().items()}
+    detector = oodscope.create("locoop", model=clip, n_ctx=4, epochs=20, top_k=1, batch_size=4, seed=1)
+    detector.fit(CLASSES, *few_shot)
+    assert all(torch.equal(before[k], v) for k, v in clip.model.state_dict().items())  # CLIP stays frozen
+    assert detector.history_[-1] < 0.6 * detector.history_[0]  # the loss goes down
+    ids = torch.as_tensor(clip.tokenize([f"x x x x {c}." for c in CLASSES])["input_ids"])
+    with torch.no_grad():
+        texts = _unit(clip.context_text_forward(ids, torch.from_numpy(detector.context_)).numpy())
+    np.testing.assert_allclose(detector.text_embeddings_, texts, rtol=1e-5, atol=1e-6)
+    global_, patches = clip.encode_images(images)
+    expected = -(_softmax(_unit(global_) @ texts.T).max(axis=1) + _softmax(_unit(patches) @ texts.T).max(axis=(1, 2)))
+    np.testing.assert_allclose(detector.score(images), expected, rtol=1e-5)
+    again = oodscope.create("locoop", model=clip, n_ctx=4, epochs=20, top_k=1, batch_size=4, seed=1)
+    np.testing.assert_array_equal(again.fit((CLASSES, *few_shot)).context_, detector.context_)  # seeded
+
+
+def test_locoop_refuses_bad_training_data(clip, few_shot):
+    images, labels = few_shot
+    locoop = oodscope.create("locoop", model=clip, n_ctx=4, epochs=1, top_k=1)
+    with pytest.raises(ValueError, match="needs labelled ID images"):
+        locoop.fit(CLASSES)
+    with pytest.raises(ValueError, match=r"labels must lie in 0..2"):
+        locoop.fit(CLASSES, images, labels + 1)
+    with pytest.raises(ValueError, match="integer class indices"):
+        locoop.fit(CLASSES, images, labels[:-1])
+    with pytest.raises(ValueError, match="top_k=200 must be smaller"):
+        oodscope.create("locoop", model=clip).fit(CLASSES, images, labels)
+    with pytest.raises(ValueError, match="no context_text_forward"):
+        oodscope.create("locoop", model=AlignedClip(), top_k=1).fit(CLASSES, images, labels)

@@ -160,15 +160,21 @@ class _WindowTower(nn.Module):
 
 
 # -- Hugging Face transformers --------------------------------------------------------------------------------
-def _layer(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """One CLIP encoder layer without a mask (transformers 4.x also takes a causal mask, 5.x does not)."""
+def _layer(layer: nn.Module, h: torch.Tensor, causal: torch.Tensor | None = None) -> torch.Tensor:
+    """One CLIP encoder layer, optionally with an additive causal mask ``(1, 1, L, L)`` (transformers 4.x takes it
+    as ``causal_attention_mask``, 5.x as the one ``attention_mask``)."""
     import inspect
 
     if "causal_attention_mask" in inspect.signature(layer.forward).parameters:
-        out = layer(h, None, None)
+        out = layer(h, None, causal)
     else:
-        out = layer(h, None)
+        out = layer(h, causal)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive ``(1, 1, L, L)`` mask: 0 on and below the diagonal, the dtype's minimum above it."""
+    return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
 
 
 class HFClip(ClipBackbone):
@@ -201,6 +207,31 @@ class HFClip(ClipBackbone):
         out = self.model.text_model(input_ids=input_ids, attention_mask=attention_mask)
         pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
         return self.model.text_projection(pooled)
+
+    def context_text_forward(self, input_ids: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Text embeddings ``(K, D)`` of prompts whose tokens ``1 .. n`` are replaced by the ``(n, width)`` vectors
+        ``context`` (CoOp's learnable context; differentiable in ``context``). ``input_ids`` are full-length
+        prompts ``[SOS] X ... X <name>. [EOS]`` from :meth:`tokenize`."""
+        text = self.model.text_model
+        tokens = text.embeddings.token_embedding(input_ids)
+        n = context.shape[0]
+        tokens = torch.cat([tokens[:, :1], context.to(tokens.dtype).expand(len(tokens), n, -1), tokens[:, 1 + n:]],
+                           dim=1)
+        h = text.embeddings(inputs_embeds=tokens)
+        mask = causal_mask(h.shape[1], h.dtype, h.device)
+        for layer in text.encoder.layers:
+            h = _layer(layer, h, mask)
+        h = text.final_layer_norm(h)
+        eos_id = self.model.config.text_config.eos_token_id
+        eos = input_ids.argmax(dim=-1) if eos_id == 2 else (input_ids == eos_id).int().argmax(dim=-1)
+        return self.model.text_projection(h[torch.arange(len(h), device=h.device), eos])
+
+    @property
+    def token_width(self) -> int:
+        return int(self.model.text_model.embeddings.token_embedding.weight.shape[1])
+
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.text_model.embeddings.token_embedding(input_ids)
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
