@@ -265,6 +265,7 @@ def _tiny_backbone():
 # tiny settings: only for detectors whose defaults are slow or that must be told a layer
 TINY: dict[str, dict[str, Any]] = {
     "ae_apre_mss": {"epochs": 5},
+    "ood_probability": {"layers": ("fc.absent_probability",)},  # any one-column probability layer
     "deep_sad": {"epochs": 3},
     "deep_svdd": {"epochs": 3},
     "drpo": {"epochs": 3, "n_projections": 50},
@@ -299,7 +300,7 @@ TINY: dict[str, dict[str, Any]] = {
     "locoop": {"n_ctx": 4, "epochs": 2, "top_k": 1, "batch_size": 8},
 }
 TEXT = {"blood", "ahm"}
-PROBABILITY_LAYERS = {"absent_class", "min_others"}  # read a probability layer of a training objective's head
+PROBABILITY_LAYERS = {"absent_class", "min_others", "ood_probability"}  # read a training head's probability layer
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
 CLIP = {"winclip"}  # image detectors on a CLIP model (the vlm family is added by family)
 FEW_SHOT = {"locoop"}  # CLIP prompt learning: fit((classes, images, labels))

@@ -293,3 +293,98 @@ def test_train_cli_runs_cider_and_refuses_palm_with_more_prototypes_than_images(
     # the tiny bench has 3 training images of class 1: PALM's 6 prototypes per class cannot be placed
     assert main(args + ["--method", "palm", "--out", str(tmp_path / "palm")]) == 2
     assert "6 prototypes per class but classes" in capsys.readouterr().err
+
+
+# -- SAL -------------------------------------------------------------------------------------------------------
+from oodscope.training.objectives.sal import (filter_candidates, filtering_scores, last_layer_gradients,  # noqa: E402
+                                              wild_mixture)
+
+
+def test_sal_last_layer_gradients_equal_autograd_with_predicted_and_given_labels():
+    rng = np.random.default_rng(0)
+    features = torch.from_numpy(rng.normal(size=(5, 4)))
+    layer = nn.Linear(4, 3).double()
+    logits = layer(features)
+    given = np.array([2, 0, 1, 1, 0])
+    for labels in (None, given):
+        expected = []
+        for i in range(5):
+            layer.zero_grad()
+            target = logits[i].argmax() if labels is None else torch.tensor(labels[i])
+            nn.functional.cross_entropy(layer(features[i:i + 1]), target.view(1)).backward()
+            expected.append(layer.weight.grad.flatten().numpy().copy())
+        ours = last_layer_gradients(logits.detach().numpy(), features.numpy(), labels)
+        assert np.allclose(ours, np.stack(expected), atol=1e-12)
+
+
+def test_sal_filter_recovers_planted_outliers_from_a_low_rank_gradient_set():
+    # ID gradients: isotropic noise around a mean; the planted outliers add a large multiple of one direction u
+    rng = np.random.default_rng(0)
+    dim, n_id, n_out = 40, 900, 100
+    mean = rng.normal(size=dim)
+    u = rng.normal(size=dim)
+    u /= np.linalg.norm(u)
+    id_labelled = mean + 0.1 * rng.normal(size=(2000, dim))
+    wild = mean + 0.1 * rng.normal(size=(n_id + n_out, dim))
+    wild[n_id:] += rng.uniform(1.0, 2.0, (n_out, 1)) * u
+    candidates, threshold, scores = filter_candidates(wild, id_labelled, thres_id=0.95)
+    assert candidates[n_id:].all()  # every planted outlier is caught
+    assert candidates[:n_id].mean() < 0.08  # and about 5 % of ID (the 95 % ID quantile) as false candidates
+    # the score is the squared projection on the top singular vector of the centred wild gradients = u
+    tau, v = filtering_scores(wild, id_labelled.mean(axis=0))
+    assert abs(abs(v @ u) - 1) < 1e-3 and np.allclose(tau, scores)
+    assert np.allclose(tau, ((wild - id_labelled.mean(axis=0)) @ v) ** 2)
+    # by hand on two rows: G = [[3, 0], [0, 1]] (reference 0): v = e_1, tau = (9, 0)
+    tau, v = filtering_scores(np.array([[3.0, 0.0], [0.0, 1.0]]), np.zeros(2))
+    assert np.allclose(np.abs(v), [1, 0]) and np.allclose(tau, [9, 0])
+
+
+def test_sal_wild_mixture_has_the_stated_share_of_outliers_and_refuses_bad_input():
+    ids = np.zeros((90, 2, 2, 3), np.uint8)
+    outs = np.full((50, 2, 2, 3), 255, np.uint8)
+    wild, is_outlier = wild_mixture(ids, outs, 0.1, seed=0)
+    assert len(wild) == 100 and is_outlier.sum() == 10 and (wild[is_outlier] == 255).all()
+    assert (wild[~is_outlier] == 0).all() and not (is_outlier[:10].all())  # shuffled
+    for pi in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(ValueError, match=r"pi .* must lie in \(0, 1\)"):
+            wild_mixture(ids, outs, pi)
+    with pytest.raises(ValueError, match="needs auxiliary outliers"):
+        wild_mixture(ids, outs[:0], 0.1)
+    with pytest.raises(ValueError, match="leaves no outlier"):
+        wild_mixture(ids[:3], outs, 0.1)
+    with pytest.raises(ValueError, match="needs 60 outliers, only 50"):
+        wild_mixture(ids, outs, 0.4)
+
+
+def test_sal_fine_tunes_on_filtered_candidates_and_scores_with_its_outlier_unit():
+    x, y, outliers = _toy()
+    base, _ = finetune(_mlp(), (x, y), "cross_entropy", **TOY)
+    objective = oodscope.create("sal")
+    tuned, history = finetune(base, (x, y), objective, outliers=outliers, **TOY)
+    f = objective.filter_
+    assert f["wild"] == 400 + 44 and f["planted"] == 44 and 0 < f["candidates"] < f["wild"]
+    assert f["precision"] > 0.1  # candidates are richer in outliers than the wild data (pi = 0.1)
+    assert history.epochs[-1]["binary"] < history.epochs[0]["binary"]
+    assert {"3.outlier.weight", "3.classes.weight"} <= set(tuned.state_dict())  # the binary unit next to the classes
+    s_in, s_out = _own_scores_of(objective, tuned, x, y, _toy(seed=1)[2])
+    assert 0 <= s_in.min() and s_out.max() <= 1 and np.median(s_out) > np.median(s_in)
+
+
+def _own_scores_of(objective, model, x, y, test_out):
+    detector = objective.score_detector()
+    options = dict(use_cache=False, progress=False, layers=detector.layer_names())
+    detector.fit(oodscope.extract(model, (x, y), **options))
+    return (detector.score(oodscope.extract(model, x, **options)),
+            detector.score(oodscope.extract(model, test_out, **options)))
+
+
+def test_sal_bad_settings_and_missing_outliers_are_refused():
+    x, y, outliers = _toy()
+    for params, message in ((dict(pi=0.0), r"pi .* must lie in \(0, 1\)"), (dict(pi=1.0), r"pi .* \(0, 1\)"),
+                            (dict(thres_id=1.0), r"thres_id .* \(0, 1\)"), (dict(beta=0), "beta must be")):
+        with pytest.raises(ValueError, match=message):
+            finetune(_mlp(), (x, y), oodscope.create("sal", **params), outliers=outliers, **TOY)
+    with pytest.raises(ValueError, match="needs auxiliary outliers"):
+        finetune(_mlp(), (x, y), "sal", **TOY)
+    with pytest.raises(ValueError, match="are ID training images"):  # wild data without outliers
+        finetune(_mlp(), (x, y), "sal", outliers=x.copy(), **TOY)

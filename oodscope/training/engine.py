@@ -209,6 +209,12 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
         torch.manual_seed(seed)
         model = objective.adapt(model, n_classes, (images, labels), preprocess)
     model.to(device)  # a head the objective put in place
+    prep = preprocess if preprocess is not None else (lambda batch: batch.float())
+    if hasattr(prep, "to"):
+        prep = prep.to(device)
+    fingerprint = _data_fingerprint(images, labels, outlier_images)
+    if outlier_images is not None:  # on the adapted, untrained model: a resumed run selects the same outliers
+        outlier_images = objective.prepare_outliers(model, (images, labels), outlier_images, prep, seed)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     if max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, int(max_steps))
@@ -224,7 +230,7 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
     history = History()
     identity = {**_identity(model, objective), "schedule": f"{epochs}x{steps_per_epoch} {schedule} lr={lr} "
                 f"bs={batch_size}/{outliers_drawn} wd={weight_decay} seed={seed} aug={augmentation}",
-                "data": _data_fingerprint(images, labels, outlier_images)}
+                "data": fingerprint}
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT
     start_epoch = 0
     if path is not None and path.exists():
@@ -232,9 +238,6 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
 
     ids = torch.utils.data.TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
     scaler = torch.amp.GradScaler("cuda") if str(device).startswith("cuda") else None
-    prep = preprocess if preprocess is not None else (lambda batch: batch.float())
-    if hasattr(prep, "to"):
-        prep = prep.to(device)
     captured = _FeatureCapture(model, objective)
     with torch.random.fork_rng(devices=[]), captured:
         torch.manual_seed(seed)

@@ -264,3 +264,27 @@ def hypersphere_head(linear: nn.Linear, dim: int, n_prototypes: int) -> Hypersph
     """CIDER's / PALM's head: a two-layer projection to ``dim`` dimensions on the unit sphere and
     ``n_prototypes`` prototype rows (zero until the objective sets them) next to the model's classifier."""
     return HypersphereHead(linear, dim, n_prototypes)
+
+
+class OutlierLogitHead(_Head, nn.Module):
+    """SAL's head: a logistic-regression unit ``s(phi) = w . phi + b`` (ID vs. outlier) next to the class head.
+    ``joint``: ``(N, K + 1)`` = the class logits and ``s`` last; deployed: the ``K`` class logits, with
+    ``ood_probability`` = ``sigmoid(-s)`` (``N x 1``, the probability of "outlier")."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.outlier = nn.Linear(linear.in_features, 1)  # registered first: ``classes`` is the last Linear
+        self.classes = linear
+        self.ood_probability = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, s = self.classes(x), self.outlier(x)
+        if self.joint:
+            return torch.cat([logits, s], dim=1)
+        self.ood_probability(torch.sigmoid(-s))
+        return logits
+
+
+def outlier_logit_head(linear: nn.Linear) -> OutlierLogitHead:
+    """SAL's head: the pretrained class rows plus a binary ID-vs-outlier logistic unit (torch's default init)."""
+    return OutlierLogitHead(linear)

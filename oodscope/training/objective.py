@@ -19,7 +19,8 @@ Objectives that change the network (DOS's absent class, MOS's group softmax, Abe
 shaped weight gradient) override ``adapt(model, n_classes, train, preprocess)`` to put one of the heads of
 :mod:`oodscope.training.heads` in place of the last ``nn.Linear`` before training; :meth:`deploy` switches every
 such head to its deployed form (``K`` class logits) after training. Objectives that choose their outliers from a
-larger pool each step (DOS) override ``select_outliers``.
+larger pool each step (DOS) override ``select_outliers``; objectives that derive their outlier pool once from the
+given outliers before training (SAL's filtering of wild data) override ``prepare_outliers``.
 
 Objectives whose loss reads the representation, not only the logits (CIDER's and PALM's projection head on the
 hypersphere), set ``needs_features = True``: the engine then passes ``features=`` (the ID part) and, when the step
@@ -88,6 +89,12 @@ class Objective(BaseEstimator):
         from .heads import head_name
 
         return head_name(model)
+
+    def prepare_outliers(self, model, train: tuple[Any, Any], outliers, preprocess, seed: int) -> Any:
+        """The outlier pool the engine draws from, computed once before training from the given ``outliers``
+        (on the adapted model, before any step): all of them by default; SAL filters candidate outliers from wild
+        data built from them."""
+        return outliers
 
     def outliers_per_step(self, batch_size: int, outlier_batch_size: int) -> int:
         """How many outliers the engine draws (and augments) per step: ``outlier_batch_size`` by default; an
