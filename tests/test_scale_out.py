@@ -123,18 +123,23 @@ def test_sharded_index_merges_top_k_exactly(rng):
 
     from oodscope.detectors._sharded_index import sharded_exact_index
 
-    bank, queries = rng.normal(size=(1000, 16)).astype(np.float32), rng.normal(size=(300, 16)).astype(np.float32)
-    single = faiss.IndexFlatL2(16)
+    # 2048-d, as a ResNet-50 feature: faiss's float32 BLAS blocks round differently where a block starts
+    # elsewhere, so this checks the 1024-row alignment of the shard boundaries, bit for bit
+    bank = rng.normal(size=(5000, 2048)).astype(np.float32)
+    queries = rng.normal(size=(100, 2048)).astype(np.float32)
+    single = faiss.IndexFlatL2(2048)
     single.add(bank)
     want_d, want_i = single.search(queries, 10)
-    for n_shards in (1, 2, 3, 7):
+    for n_shards in (1, 2, 3, 4):
         index = sharded_exact_index(bank, n_shards)
-        assert index.ntotal == 1000 and index.d == 16 and len(index.shards) == n_shards
+        assert index.ntotal == 5000 and index.d == 2048 and len(index.shards) == n_shards
+        assert all(shard.ntotal > 0 for shard in index.shards) and all(o % 1024 == 0 for o in index.offsets)
         got_d, got_i = index.search(queries, 10)
         np.testing.assert_array_equal(got_d, want_d)
         np.testing.assert_array_equal(got_i, want_i)   # distinct random distances: no ties, so the same rows
     # a shard smaller than k: its candidates are all it has; more k than rows: faiss's inf / -1 padding
-    small = sharded_exact_index(bank[:12], 5)
+    small = sharded_exact_index(bank[:12], 5)   # under 1024 rows: one non-empty shard
+    assert sorted(int(s.ntotal) for s in small.shards) == [0, 0, 0, 0, 12]
     d, i = small.search(queries[:4], 14)
     assert np.isinf(d[:, 12:]).all() and (i[:, 12:] == -1).all() and np.isfinite(d[:, :12]).all()
 
@@ -142,8 +147,9 @@ def test_sharded_index_merges_top_k_exactly(rng):
 @pytest.mark.parametrize("name, params", [("knn", {"k": 5}), ("knn_distance", {}),
                                           ("knn_distance", {"method": "mean", "k": 7}), ("dte_np", {}),
                                           ("mean_shifted", {})])
-def test_sharded_bank_scores_equal_single_index(data, name, params):
-    train, test = data
+def test_sharded_bank_scores_equal_single_index(rng, name, params):
+    train = gaussian_outputs(rng, n=4500, dim=256, n_classes=4, name="train")   # 4 shards of >= 1024 rows
+    test = gaussian_outputs(rng, n=300, dim=256, n_classes=4, shift=0.5, name="test")
     want = oodscope.create(name, **params).fit(train).score(test)
     for shards in (2, 4):
         got = oodscope.create(name, shards=shards, **params).fit(train).score(test)
