@@ -298,12 +298,13 @@ TINY: dict[str, dict[str, Any]] = {
                             "mirror", "needle", "orange", "pencil", "rocket", "saddle", "tunnel", "violin"],
                  "n_negatives": 12, "n_groups": 3},
     "locoop": {"n_ctx": 4, "epochs": 2, "top_k": 1, "batch_size": 8},
+    "clipn": {"n_prompts": 2, "epochs": 2, "batch_size": 8},
 }
 TEXT = {"blood", "ahm"}
 PROBABILITY_LAYERS = {"absent_class", "min_others", "ood_probability"}  # read a training head's probability layer
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
 CLIP = {"winclip"}  # image detectors on a CLIP model (the vlm family is added by family)
-FEW_SHOT = {"locoop"}  # CLIP prompt learning: fit((classes, images, labels))
+FEW_SHOT = {"locoop", "clipn"}  # CLIP prompt learning: fit((classes, images, labels))
 
 
 def data_for(name: str) -> tuple[Any, Any]:

@@ -428,3 +428,61 @@ def test_locoop_refuses_bad_training_data(clip, few_shot):
         oodscope.create("locoop", model=clip).fit(CLASSES, images, labels)
     with pytest.raises(ValueError, match="no context_text_forward"):
         oodscope.create("locoop", model=AlignedClip(), top_k=1).fit(CLASSES, images, labels)
+
+
+# -- CLIPN ----------------------------------------------------------------------------------------------------
+def test_clipn_losses_by_hand_with_the_authors_diagonal_pairs():
+    import torch
+
+    from oodscope.vlm.clipn import clipn_losses
+
+    rng = np.random.default_rng(1)
+    f, g, h = (_unit(rng.normal(size=(4, 6))) for _ in range(3))
+    yes, no, tso = clipn_losses(torch.tensor(f), torch.tensor(g), torch.tensor(h), torch.eye(4), 10.0)
+    p_yes = 1.0 / (1.0 + np.exp(10.0 * (f @ h.T - f @ g.T)))  # softmax of (s<f,g>, s<f,h>), the "yes" part
+    expected_yes = -np.log(np.diag(p_yes)).sum() / 4
+    expected_no = -np.log(1 - p_yes)[~np.eye(4, dtype=bool)].sum() / (16 - 4)
+    expected_tso = np.mean(2 - np.sqrt(2 - 2 * (g * h).sum(axis=1) + 1e-4))
+    np.testing.assert_allclose([float(yes), float(no), float(tso)], [expected_yes, expected_no, expected_tso],
+                               rtol=1e-10)
+
+
+def test_the_no_encoder_starts_as_clips_text_encoder(clip):
+    import torch
+
+    from oodscope.vlm.clipn import NoTextEncoder
+
+    prompts = [f"a photo of a {c}." for c in CLASSES]
+    ids = torch.as_tensor(clip.tokenize(prompts)["input_ids"])
+    with torch.no_grad():
+        start = NoTextEncoder(clip.model, 4)(ids, torch.tensor([0, 4, 2]))  # zero prompts: a plain copy
+    np.testing.assert_allclose(start.numpy(), _unit(clip.encode_texts(prompts)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["atd", "ctw"])
+def test_clipn_trains_the_no_encoder_only_and_scores_by_hand(clip, few_shot, images, scoring):
+    import torch
+
+    before = {k: v.clone() for k, v in clip.model.state_dict().items()}
+    detector = oodscope.create("clipn", model=clip, n_prompts=4, epochs=8, batch_size=4, scoring=scoring, seed=2)
+    detector.fit(CLASSES, *few_shot)
+    assert all(torch.equal(before[k], v) for k, v in clip.model.state_dict().items())  # CLIP stays frozen
+    assert detector.history_[-1] < detector.history_[0]
+    assert np.abs(detector.no_text_embeddings_ - detector.text_embeddings_).max() > 1e-3  # "no" moved away
+    f = _unit(clip.encode_images(images)[0])
+    s = clip.logit_scale
+    yes, no = s * f @ detector.text_embeddings_.T, s * f @ detector.no_text_embeddings_.T
+    p_yes = np.exp(yes) / (np.exp(yes) + np.exp(no))
+    p = _softmax(yes)
+    expected = (-(p_yes * p).sum(axis=1) if scoring == "atd"
+                else -p_yes[np.arange(len(p)), p.argmax(axis=1)])
+    np.testing.assert_allclose(detector.score(images), expected, rtol=1e-10)
+    again = oodscope.create("clipn", model=clip, n_prompts=4, epochs=8, batch_size=4, scoring=scoring, seed=2)
+    np.testing.assert_array_equal(again.fit((CLASSES, *few_shot)).no_text_embeddings_, detector.no_text_embeddings_)
+
+
+def test_clipn_refuses_unlabelled_training_images(clip, few_shot):
+    with pytest.raises(ValueError, match="needs labelled ID images"):
+        oodscope.create("clipn", model=clip).fit(CLASSES, few_shot[0])
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        oodscope.create("clipn", model=clip, scoring="msp").fit(CLASSES, *few_shot)
