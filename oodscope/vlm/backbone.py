@@ -31,7 +31,9 @@ the backbone to skip the cache, ``cache_dir`` to move it.
 
 from __future__ import annotations
 
+import itertools
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -118,6 +120,17 @@ class ClipBackbone(nn.Module):
         tower = _WindowTower(self, torch.as_tensor(np.asarray(windows, dtype=bool)))
         out = self._extract(tower, images, name, (), device).logits
         return out.reshape(len(images), len(windows), -1)
+
+
+@contextmanager
+def placed(module: nn.Module, device: str | torch.device):
+    """Run ``module`` on ``device`` inside the block and put it back where it was afterwards (for training)."""
+    home = next(itertools.chain(module.parameters(), module.buffers()), torch.empty(0)).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
 
 class _TextTower(nn.Module):

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .backbone import placed
 from .base import VLMDetector, check_images, class_names, l2_normalise
 from .mcm import mcm_probability
 
@@ -116,10 +117,11 @@ class LoCoOp(VLMDetector):
         device = resolve_device(self.device)
         global_, local = clip.encode_images(images, device=str(device), name="locoop-train")
         self.classes_ = names
-        self.context_ = self._train(clip, names, l2_normalise(global_), l2_normalise(local), labels, device)
-        with torch.no_grad():
-            texts = self._prompt_features(clip, self._prompt_ids(clip, names, device),
-                                          torch.from_numpy(self.context_).to(device))
+        with placed(clip, device):  # the text tower runs (and back-propagates) on the detector's device
+            self.context_ = self._train(clip, names, l2_normalise(global_), l2_normalise(local), labels, device)
+            with torch.no_grad():
+                texts = self._prompt_features(clip, self._prompt_ids(clip, names, device),
+                                              torch.from_numpy(self.context_).to(device))
         self.text_embeddings_ = l2_normalise(texts.double().cpu().numpy())
         self._check_reserved()
         self.input_dims_ = {"classes": (len(names),)}
