@@ -335,7 +335,9 @@ def test_extract_many_runs_every_set_in_one_ray_execution(ray_cluster, tmp_path,
     from oodscope.extraction import ray_engine
 
     x, y = images(300)
-    sets = {"a": (x[:200], y[:200]), "b": x[200:]}
+    mapped = np.lib.format.open_memmap(tmp_path / "b.npy", mode="w+", dtype=np.float32, shape=(100, 3, 2, 2))
+    mapped[:] = x[200:]
+    sets = {"a": (x[:200], y[:200]), "b": mapped}   # labelled arrays, and an unlabelled memory map
     calls = []
     real = ray_engine.run_many
     monkeypatch.setattr(ray_engine, "run_many", lambda engine, model, jobs: calls.append(len(jobs))
@@ -357,3 +359,29 @@ def test_bench_cli_engine_options(capsys):
     assert "--address and --gpus-per-worker need --engine ray" in capsys.readouterr().err
     assert main(["bench", "--detectors", "msp", "--engine", "ray", "--workers", "0", "--quiet"]) == 2
     assert "workers must be a positive integer" in capsys.readouterr().err
+
+
+class TokenModel(torch.nn.Module):
+    """A model of keyword inputs (``input_ids``, ``attention_mask``), as text classifiers take them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(20, 8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask[..., None].float()
+        return self.fc((self.embedding(input_ids) * mask).sum(1) / mask.sum(1))
+
+
+@pytest.mark.slow
+def test_ray_engine_takes_dict_inputs(ray_cluster, tmp_path):
+    rng = np.random.default_rng(0)
+    data = {"input_ids": rng.integers(0, 20, (300, 7)), "attention_mask": (rng.random((300, 7)) < 0.8) | (
+        np.arange(7) == 0)}
+    data["attention_mask"] = data["attention_mask"].astype(np.int64)
+    local, on_ray = run_both(tmp_path, TokenModel(), (data, rng.integers(0, 3, 300)), batch_size=32)
+    np.testing.assert_array_equal(on_ray.logits, local.logits)
+    np.testing.assert_array_equal(on_ray.features, local.features)
+    np.testing.assert_array_equal(on_ray.labels, local.labels)

@@ -193,7 +193,7 @@ def run_many(engine: RayEngine, model: Any, jobs: list[Any]) -> list[dict[str, n
                  for number, first, count in pending]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         results = dataset.map_batches(
-            ShardWorker, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=engine.workers),
+            ShardWorker, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(engine.workers, len(items))),
             num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker or None,
             fn_constructor_kwargs=dict(model=model, preprocess=first_job.preprocess, head=first_job.head_name,
                                        layers=first_job.layers, layer_reduce=first_job.layer_reduce,
