@@ -303,7 +303,7 @@ TINY: dict[str, dict[str, Any]] = {
 TEXT = {"blood", "ahm"}
 PROBABILITY_LAYERS = {"absent_class", "min_others", "ood_probability"}  # read a training head's probability layer
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
-CLIP = {"winclip"}  # image detectors on a CLIP model (the vlm family is added by family)
+CLIP = {"winclip", "winclip_plus"}  # image detectors on a CLIP model (the vlm family is added by family)
 FEW_SHOT = {"locoop", "clipn"}  # CLIP prompt learning: fit((classes, images, labels))
 
 

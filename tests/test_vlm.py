@@ -486,3 +486,56 @@ def test_clipn_refuses_unlabelled_training_images(clip, few_shot):
         oodscope.create("clipn", model=clip).fit(CLASSES, few_shot[0])
     with pytest.raises(ValueError, match="scoring must be one of"):
         oodscope.create("clipn", model=clip, scoring="msp").fit(CLASSES, *few_shot)
+
+
+# -- WinCLIP+ -------------------------------------------------------------------------------------------------
+def test_patch_tokens_are_the_last_hidden_state_after_the_final_norm(clip, images):
+    import torch
+
+    with torch.no_grad():
+        pixels = clip.preprocess(torch.from_numpy(images))
+        out = clip.model.vision_model(pixel_values=pixels)
+        expected = clip.model.vision_model.post_layernorm(out.last_hidden_state[:, 1:]).numpy()
+    np.testing.assert_allclose(clip.encode_tokens(images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_winclip_plus_by_hand(clip):
+    from oodscope.vlm.winclip import association
+
+    rng = np.random.default_rng(5)
+    shots, test = rng.random((2, 3, 32, 32)).astype(np.float32), rng.random((3, 3, 32, 32)).astype(np.float32)
+    plus = oodscope.create("winclip_plus", model=clip, scales=(2,)).fit(shots)
+    zero_scores, zero_map = oodscope.create("winclip", model=clip, scales=(2,)).fit(shots).score_and_map(test)
+
+    def nearest(query, memory):  # min over the memory of (1 - cos) / 2, one query row at a time
+        return np.array([min((1 - float(q @ r)) / 2 for r in _unit(memory)) for q in _unit(query)])
+
+    tokens, memory = clip.encode_tokens(test), clip.encode_tokens(shots).reshape(-1, 32)
+    patch = np.stack([nearest(t, memory) for t in tokens])
+    windows = sliding_windows((4, 4), 2)
+    wq = clip.encode_windows(test, windows)
+    wm = clip.encode_windows(shots, windows).reshape(-1, wq.shape[-1])
+    ws = np.stack([nearest(w, wm) for w in wq])
+    window_map = np.stack([[len(windows[:, p].nonzero()[0]) / sum(1 / ws[n, u] for u in windows[:, p].nonzero()[0])
+                            for p in range(16)] for n in range(3)])
+    grid = (patch + window_map) / 2
+    import torch
+
+    few = torch.nn.functional.interpolate(torch.from_numpy(grid.reshape(3, 1, 4, 4)), size=(32, 32),
+                                          mode="bilinear", align_corners=False)[:, 0].numpy()
+    scores, maps = plus.score_and_map(test)
+    np.testing.assert_allclose(scores, (zero_scores + few.reshape(3, -1).max(axis=1)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(maps, (zero_map + few) / 2, rtol=1e-6)
+    assert association(memory[:3], memory).max() < 1e-12  # a reference patch is at distance 0 from its memory
+
+
+def test_winclip_plus_peaks_on_the_planted_patch_of_the_toy_model():
+    toy = AlignedClip(image_size=64)
+    plus = oodscope.create("winclip_plus", model=toy).fit(coloured_images(["normal"] * 3, size=64))
+    images = coloured_images(["normal"] * 6, seed=1, size=64)
+    images[3:, :, 24:32, 32:40] = 1.0
+    scores, maps = plus.score_and_map(images)
+    assert scores[3:].min() > scores[:3].max()
+    for m in maps[3:]:
+        row, col = np.unravel_index(m.argmax(), m.shape)
+        assert 24 <= row < 32 and 32 <= col < 40

@@ -161,6 +161,9 @@ class AlignedClip(ClipBackbone):
         local = self._embed_colours(self._patch_colours(pixels))
         return local.mean(dim=1), local
 
+    def token_forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._patch_colours(pixels)  # the "tokens": each patch's mean colour
+
     def window_forward(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         local = self._embed_colours(self._patch_colours(pixels))
         tokens = torch.cat([local.mean(dim=1, keepdim=True), local], dim=1)

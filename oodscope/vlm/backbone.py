@@ -73,6 +73,11 @@ class ClipBackbone(nn.Module):
     def window_forward(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def token_forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(N, P, width)`` patch tokens of the last block after the final layer norm, not projected (WinCLIP+'s
+        patch-level reference features, as open_clip's ``output_tokens`` gives them)."""
+        raise NotImplementedError
+
     @property
     def logit_scale(self) -> float:
         """CLIP's learned inverse temperature ``exp(t)`` (100 for the released OpenAI models)."""
@@ -113,6 +118,11 @@ class ClipBackbone(nn.Module):
         [0, 1], through the extraction cache (not normalised)."""
         out = self._extract(_ImageTower(self, patches), images, name, ("patches",) if patches else (), device)
         return out.logits, out.layers.get("patches")
+
+    def encode_tokens(self, images: np.ndarray, device: str = "cpu", name: str = "tokens") -> np.ndarray:
+        """``(N, P, width)`` unprojected patch tokens (:meth:`token_forward`), through the extraction cache."""
+        out = self._extract(_TokenTower(self), images, name, (), device).logits
+        return out.reshape(len(images), self.grid[0] * self.grid[1], -1)
 
     def encode_windows(self, images: np.ndarray, windows: np.ndarray, device: str = "cpu",
                        name: str = "windows") -> np.ndarray:
@@ -159,6 +169,15 @@ class _ImageTower(nn.Module):
         if self.with_patches:
             self.patches(local)
         return global_
+
+
+class _TokenTower(nn.Module):
+    def __init__(self, backbone: ClipBackbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.token_forward(self.backbone.preprocess(images.float())).flatten(1)
 
 
 class _WindowTower(nn.Module):
@@ -271,6 +290,11 @@ class HFClip(ClipBackbone):
         y = y + last.mlp(last.layer_norm2(y))
         return global_, self._project(y[:, 1:])
 
+    def token_forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        vision = self.model.vision_model
+        h = self._blocks(vision.pre_layrnorm(self._tokens(pixels)), vision.encoder.layers)
+        return vision.post_layernorm(h[:, 1:])
+
     def window_forward(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
         tokens = self._tokens(pixels)  # (N, 1 + P, C), position embeddings added
@@ -367,6 +391,10 @@ class OpenClip(ClipBackbone):
         m = last.mlp(last.ln_2(y))
         y = y + (last.ls_2(m) if hasattr(last, "ls_2") else m)
         return global_, self._project(y[:, 1:])
+
+    def token_forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        return visual.ln_post(self._run(visual.transformer.resblocks, visual.ln_pre(self._tokens(pixels)))[:, 1:])
 
     def window_forward(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         visual = self.model.visual

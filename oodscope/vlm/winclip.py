@@ -1,7 +1,7 @@
 """WinCLIP: zero-shot anomaly classification and segmentation with compositional prompts and CLIP windows.
 
 Jeong, Zou, Kim, Zhang, Ravichandran & Dabeer, "WinCLIP: Zero-/Few-Shot Anomaly Classification and
-Segmentation", CVPR 2023 (zero-shot WinCLIP; the few-shot WinCLIP+ is not built here).
+Segmentation", CVPR 2023: zero-shot ``winclip`` and few-shot ``winclip_plus``.
 
 * **Compositional prompt ensemble** (Sec. 4.1): state words for normal (``"{}"``, ``"flawless {}"``, ``"perfect
   {}"``, ``"unblemished {}"``, ``"{} without flaw"``, ``"{} without defect"``, ``"{} without damage"``) and
@@ -22,6 +22,14 @@ Defaults: ``T = 0.07`` (anomalib's value; the image score's ranking does not dep
 WinCLIP's backbone is open_clip's ``ViT-B-16-plus-240`` (``laion400m_e32``, a 15 x 15 patch grid at 240 px):
 ``model="open_clip:ViT-B-16-plus-240/laion400m_e32"``. ``fit`` takes defect-free images (the image-AD
 contract) and uses them only to fix the image size: the method is zero-shot.
+
+**WinCLIP+** (``winclip_plus``, Sec. 4.3): the defect-free training images are the ``k`` normal reference shots.
+Their window embeddings at each scale and their patch tokens (the last block's tokens after the final layer
+norm, unprojected, as anomalib's re-implementation reads open_clip's output tokens) form reference memories; a
+query window or patch scores ``min_r (1 - cos(f, r)) / 2`` against its memory, window scores go to patches by
+the same harmonic aggregation, and the few-shot map is the mean of the patch-level map and the window-scale
+maps. The final map is ``(zero-shot map + few-shot map) / 2`` and the image score ``(ascore_0 + max of the
+few-shot map) / 2``.
 """
 
 from __future__ import annotations
@@ -55,6 +63,9 @@ def state_prompts(states: Sequence[str], object_name: str, templates: Sequence[s
     return [template.format(state.format(object_name)) for state in states for template in templates]
 
 
+HARMONIC_FLOOR = 1e-12
+
+
 def sliding_windows(grid: tuple[int, int], size: int, stride: int = 1) -> np.ndarray:
     """``(W, h*w)`` boolean masks of the ``size x size`` windows of a row-major patch grid, stride ``stride``."""
     h, w = grid
@@ -72,7 +83,8 @@ def sliding_windows(grid: tuple[int, int], size: int, stride: int = 1) -> np.nda
 def harmonic_aggregation(window_scores: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """``(N, P)``: per patch, the harmonic mean of the scores ``(N, W)`` of the windows ``(W, P)`` covering it."""
     cover = windows.astype(np.float64)
-    return cover.sum(axis=0) / ((1.0 / window_scores) @ cover)
+    # a score of 0 (a window equal to a reference shot) makes the harmonic mean 0: clamped at 1e-12, no 1/0
+    return cover.sum(axis=0) / ((1.0 / np.maximum(window_scores, HARMONIC_FLOOR)) @ cover)
 
 
 class WinCLIP(ImageDetector):
@@ -142,3 +154,41 @@ class WinCLIP(ImageDetector):
         grid_map = torch.from_numpy(np.mean(maps, axis=0).reshape(len(images), 1, h, w))
         full = nn.functional.interpolate(grid_map, size=images.shape[2:], mode="bilinear", align_corners=False)
         return image_scores, full[:, 0].numpy()
+
+
+def association(query: np.ndarray, memory: np.ndarray) -> np.ndarray:
+    """``min_r (1 - cos(q, r)) / 2`` of every query row ``(..., D)`` against the memory rows ``(R, D)``."""
+    similarity = l2_normalise(query) @ l2_normalise(memory).T
+    return np.clip(1.0 - similarity.max(axis=-1), 0.0, 2.0) / 2.0  # round-off can put cos a hair above 1
+
+
+class WinCLIPPlus(WinCLIP):
+    """Few-shot WinCLIP+: the zero-shot scores plus reference association with the normal shots (module docstring)."""
+
+    name = "winclip_plus"
+
+    def _fit(self, images: np.ndarray) -> None:
+        super()._fit(images)
+        clip, device = self.clip(), self._device()
+        tokens = clip.encode_tokens(images, device=device, name="winclip-reference-tokens")
+        self.patch_memory_ = tokens.reshape(-1, tokens.shape[-1])
+        memories = []
+        for size in self.scales:
+            windows = clip.encode_windows(images, sliding_windows(clip.grid, int(size)), device=device,
+                                          name=f"winclip-reference-windows{size}")
+            memories.append(windows.reshape(-1, windows.shape[-1]))
+        self.window_memory_ = memories
+
+    def _predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        clip, device = self.clip(), self._device()
+        zero_scores, zero_map = super()._predict(images)
+        h, w = clip.grid
+        maps = [association(clip.encode_tokens(images, device=device, name="winclip-tokens"), self.patch_memory_)]
+        for size, memory in zip(self.scales, self.window_memory_):
+            windows = sliding_windows(clip.grid, int(size))
+            embeddings = clip.encode_windows(images, windows, device=device, name=f"winclip-windows{size}")
+            maps.append(harmonic_aggregation(association(embeddings, memory), windows))
+        grid_map = torch.from_numpy(np.mean(maps, axis=0).reshape(len(images), 1, h, w))
+        few = nn.functional.interpolate(grid_map, size=images.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+        few = few.numpy()
+        return (zero_scores + few.reshape(len(images), -1).max(axis=1)) / 2.0, (zero_map + few) / 2.0
