@@ -539,3 +539,33 @@ def test_winclip_plus_peaks_on_the_planted_patch_of_the_toy_model():
     for m in maps[3:]:
         row, col = np.unravel_index(m.argmax(), m.shape)
         assert 24 <= row < 32 and 32 <= col < 40
+
+
+def test_oodscope_ad_runs_winclip_plus_from_a_clip_folder(tmp_path):
+    from PIL import Image
+
+    from oodscope.cli import main
+    from vlm_models import tiny_clip_folder
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tile"
+    for folder in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+        (root / folder).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.normal(128, 10, (32, 32, 3)).clip(0, 255).astype(np.uint8)).save(
+            root / f"train/good/{i:03d}.png")
+    for i in range(2):
+        Image.fromarray(rng.normal(128, 10, (32, 32, 3)).clip(0, 255).astype(np.uint8)).save(
+            root / f"test/good/{i:03d}.png")
+        image = rng.normal(128, 10, (32, 32, 3)).clip(0, 255).astype(np.uint8)
+        image[8:16, 8:16] = 255
+        Image.fromarray(image).save(root / f"test/crack/{i:03d}.png")
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:16, 8:16] = 255
+        Image.fromarray(mask).save(root / f"ground_truth/crack/{i:03d}_mask.png")
+    out = tmp_path / "out"
+    model = json.dumps(str(tiny_clip_folder()))
+    assert main(["ad", str(root), "--detectors", "winclip_plus", "--size", "32", "--out", str(out),
+                 "--param", f"winclip_plus.model={model}", "--param", 'winclip_plus.object_name="tile"']) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert {r["detector"] for r in records} >= {"winclip_plus"}

@@ -50,10 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from ..report.ad import plot_overlays
     from ..results_io import array_description, run_metadata, write_results
 
-    names = available() if args.detectors == "all" else [n.strip() for n in args.detectors.split(",") if n.strip()]
+    params = _parse_params(args.param)
+    if args.detectors == "all":  # CLIP detectors (winclip, ...) join "all" only when --param gives their model
+        names = [n for n in available() if not getattr(get(n), "needs_clip", False) or "model" in params.get(n, {})]
+    else:
+        names = [n.strip() for n in args.detectors.split(",") if n.strip()]
     for name in names:
         get(name)  # unknown names fail before any loading
-    params = _parse_params(args.param)
     unknown = set(params) - set(names)
     if unknown:
         raise ValueError(f"--param names detectors {sorted(unknown)} that are not in --detectors {names}")

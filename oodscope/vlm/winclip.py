@@ -91,6 +91,7 @@ class WinCLIP(ImageDetector):
     """Zero-shot WinCLIP: compositional prompts, window scores harmonically aggregated (see module docstring)."""
 
     name = "winclip"
+    needs_clip = True  # the model parameter has no default: `oodscope ad --detectors all` leaves it out without one
     grid = {"temperature": [0.01, 0.07], "scales": [(2, 3), (2,), (3,)]}
 
     def __init__(self, model=None, object_name: str = "object", scales: Sequence[int] = (2, 3),
