@@ -363,6 +363,13 @@ def test_msma_fits_a_gmm_on_score_norms_and_flags_noise_images():
     np.testing.assert_allclose(detector.score(test), -detector.mixture_.score_samples(norms), rtol=1e-10)
     assert detector.training_["train_dsm"][-1] < detector.training_["train_dsm"][0]
     assert _auroc(detector.score(test), detector.score(noise)) > 0.95
+    with torch.no_grad():  # the authors' weighted norms, sigma_l |s(x, sigma_l)|, by hand for the first image
+        x = torch.from_numpy(test[:1].transpose(0, 3, 1, 2).copy()).float() / 255
+        by_hand = [float(sigma * detector.network_(x, sigma.view(1)).norm()) for sigma in detector.network_.sigmas]
+    np.testing.assert_allclose(norms[0], by_hand, rtol=1e-5)
+    searched = oodscope.create("msma", levels=4, n_components=None, hidden=16, blocks=1, epochs=6, batch_size=16,
+                               lr=2e-3).fit(train)  # the same trained network; the GMM size by 10-fold CV
+    assert searched.mixture_[-1].n_components in range(2, 21, 2)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         oodscope.create("msma", sigma_min=1.0, sigma_max=0.5).fit(train)
     with pytest.raises(ValueError, match="too few"):

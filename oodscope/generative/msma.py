@@ -3,13 +3,14 @@
 Mahmood, Oliva & Styner, "Multiscale Score Matching for Out-of-Distribution Detection", ICLR 2021, Sec. 3-4: a
 noise-conditional score network ``s(x, sigma)`` trained on the ID images by denoising score matching at ``L`` noise
 levels (:mod:`oodscope.generative.score_network`; NCSN's geometric 1.0 to 0.01, ``L = 10``) maps an input to the
-vector of score norms
+vector of weighted score norms (the authors' code, ``compute_weighted_scores``)
 
-    ``v(x) = ( ||s(x, sigma_1)||_2, ..., ||s(x, sigma_L)||_2 )``;
+    ``v(x) = ( ||sigma_1 s(x, sigma_1)||_2, ..., ||sigma_L s(x, sigma_L)||_2 )``;
 
-an auxiliary density model fitted on the ID training vectors scores an input by its negative log-likelihood
-(the paper's GMM variant: a Gaussian mixture, full covariances, here ``n_components = 5`` by default, scikit-learn's
-``GaussianMixture``). A typical ID image sits where the smoothed density's gradient has the usual size at every
+an auxiliary density model fitted on the ID training vectors scores an input by its negative log-likelihood.
+The paper's GMM variant, as in the authors' code: the vectors are standardised, then a full-covariance Gaussian
+mixture (scikit-learn's ``GaussianMixture``) is fitted with ``n_components`` chosen by 10-fold cross-validated
+log-likelihood over 2, 4, ..., 20 (``n_components=None``, the default; their CIFAR-10 run chose 20) or fixed. A typical ID image sits where the smoothed density's gradient has the usual size at every
 scale; an OOD image's gradients are too large at the small scales or too small at the large ones.
 """
 
@@ -28,7 +29,8 @@ class MSMA(GenerativeDetector):
     name = "msma"
     model = "ncsn"
 
-    def __init__(self, levels: int = 10, sigma_max: float = 1.0, sigma_min: float = 0.01, n_components: int = 5,
+    def __init__(self, levels: int = 10, sigma_max: float = 1.0, sigma_min: float = 0.01,
+                 n_components: int | None = None,
                  hidden: int = 64, blocks: int = 2, epochs: int = 3, batch_size: int = 64, lr: float = 1e-3,
                  seed: int = 0, device: str = "cpu"):
         self.levels = levels
@@ -44,7 +46,11 @@ class MSMA(GenerativeDetector):
         self.device = device
 
     def _check_params(self) -> None:
-        for name in ("hidden", "blocks", "epochs", "batch_size", "n_components"):
+        if self.n_components is not None and not (isinstance(self.n_components, (int, np.integer))
+                                                  and self.n_components >= 1):
+            raise ValueError(f"{self.name}: n_components must be None (cross-validated) or an integer >= 1, got "
+                             f"{self.n_components!r}")
+        for name in ("hidden", "blocks", "epochs", "batch_size"):
             value = getattr(self, name)
             if not (isinstance(value, (int, np.integer)) and value >= 1):
                 raise ValueError(f"{self.name}: {name} must be an integer >= 1, got {value!r}")
@@ -62,18 +68,30 @@ class MSMA(GenerativeDetector):
                 "sigmas": (float(self.sigma_max), float(self.sigma_min), int(self.levels))}
 
     def _fit(self, images: np.ndarray) -> None:
-        from sklearn.mixture import GaussianMixture
-
         if images.shape[2] % 2 or images.shape[3] % 2:
             raise ValueError(f"{self.name}: the score network halves the image once; height and width must be "
                              f"even, got {images.shape[2:]}")
-        if len(images) < 2 * int(self.n_components):
+        least = 2 * (int(self.n_components) if self.n_components is not None else 20)
+        if len(images) < least:
             raise ValueError(f"{self.name}: {len(images)} training images are too few for a GMM with "
-                             f"{self.n_components} components (need at least {2 * int(self.n_components)})")
+                             f"{self.n_components or 'up to 20'} components (need at least {least})")
         self.network_, self.training_ = self._density_model(images)
-        features = self.score_norms(images)
-        self.mixture_ = GaussianMixture(int(self.n_components), covariance_type="full", reg_covar=1e-6,
-                                        random_state=int(self.seed)).fit(features)
+        self.mixture_ = self._fit_mixture(self.score_norms(images))
+
+    def _fit_mixture(self, features: np.ndarray):
+        """StandardScaler + full-covariance GMM (components fixed, or by 10-fold CV log-likelihood over 2..20)."""
+        from sklearn.mixture import GaussianMixture
+        from sklearn.model_selection import GridSearchCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        def mixture(components: int):
+            return make_pipeline(StandardScaler(), GaussianMixture(components, covariance_type="full",
+                                                                   reg_covar=1e-6, random_state=int(self.seed)))
+        if self.n_components is not None:
+            return mixture(int(self.n_components)).fit(features)
+        search = GridSearchCV(mixture(2), {"gaussianmixture__n_components": list(range(2, 21, 2))}, cv=10)
+        return search.fit(features).best_estimator_
 
     def score_norms(self, images: np.ndarray) -> np.ndarray:
         """``(N, levels)`` score norms of uint8 ``(N, C, H, W)`` images."""

@@ -92,8 +92,8 @@ class ScoreNetwork(nn.Module):
 
 
 def score_norms(model: ScoreNetwork, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
-    """``|| s(x, sigma_l) ||_2`` for every level ``l``: an ``(N, L)`` float64 array for uint8 ``(N, C, H, W)``
-    images (MSMA's feature vectors), on the model's device, no gradient."""
+    """``|| sigma_l s(x, sigma_l) ||_2`` for every level ``l``: an ``(N, L)`` float64 array for uint8
+    ``(N, C, H, W)`` images (MSMA's weighted score norms), on the model's device, no gradient."""
     device = next(model.parameters()).device
     sigmas = model.sigmas.to(device)
     out = []
@@ -101,6 +101,6 @@ def score_norms(model: ScoreNetwork, images: np.ndarray, batch_size: int = 128) 
     with torch.no_grad():
         for begin in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[begin:begin + batch_size])).to(device).float() / 255.0
-            norms = [model(x, sigma.expand(len(x))).flatten(1).norm(dim=1) for sigma in sigmas]
+            norms = [sigma * model(x, sigma.expand(len(x))).flatten(1).norm(dim=1) for sigma in sigmas]
             out.append(torch.stack(norms, dim=1).double().cpu().numpy())
     return np.concatenate(out)
