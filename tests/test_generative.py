@@ -292,8 +292,9 @@ def test_hvae_elbo_estimates_agree_and_llr_is_zero_when_k_covers_no_latent():
 
 def test_hvae_llr_bounds_and_bad_input():
     detector, test, simple = _tiny_hvae_detector(k=2)
-    bounds = detector.bounds(test)
-    np.testing.assert_allclose(detector.score(test), bounds["k"] - bounds["elbo"], rtol=1e-12)
+    bounds = detector.bounds(test, ks=(0, 1, 2))
+    np.testing.assert_allclose(detector.score(test), bounds[2] - bounds[0], rtol=1e-12)
+    np.testing.assert_array_equal(detector.bounds(test)[2], bounds[2])
     assert detector.training_["train_bits_per_dim"][-1] < detector.training_["train_bits_per_dim"][0]
     with pytest.raises(ValueError, match="0..3"):
         oodscope.create("hvae_llr", k=4).fit(test)

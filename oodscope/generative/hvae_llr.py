@@ -65,30 +65,37 @@ class HVAELikelihoodRatio(GenerativeDetector):
                              f"must divide by 8, got {images.shape[2:]}")
         self.network_, self.training_ = self._density_model(images)
 
-    def bounds(self, images: Any) -> dict[str, np.ndarray]:
-        """``{"elbo": L, "k": L^{>k}}`` in bits/dim (negated: lower = more likely) per image."""
+    def bounds(self, images: Any, ks: tuple[int, ...] | None = None) -> dict[int, np.ndarray]:
+        """``{k: -L^{>k}(x) / (D log 2)}`` per image for each ``k`` in ``ks`` (default ``(0, self.k)``; ``k = 0`` is the
+        importance-weighted ELBO), in bits/dim: lower = more likely. One pass computes them all."""
         from .base import as_uint8_images
 
-        return self._bounds(as_uint8_images(images, f"{self.name}: images"))
+        if not hasattr(self, "network_"):
+            from ..detectors.base import NotFittedError
 
-    def _bounds(self, images: np.ndarray) -> dict[str, np.ndarray]:
+            raise NotFittedError(f"{self.name} is not fitted: call fit(train_images) first")
+        return self._bounds(as_uint8_images(images, f"{self.name}: images"), ks or (0, int(self.k)))
+
+    def _bounds(self, images: np.ndarray, ks: tuple[int, ...]) -> dict[int, np.ndarray]:
         import torch
 
-        from .hvae import evaluation_noise, importance_bound
+        from .hvae import LAYERS, evaluation_noise, importance_bound
 
+        if any(not 0 <= k <= LAYERS for k in ks):
+            raise ValueError(f"{self.name}: every k must be in 0..{LAYERS}, got {ks}")
         noise = evaluation_noise(self.network_, images.shape[1:], int(self.samples), int(self.seed))
         device = next(self.network_.parameters()).device
         noise = [layer.to(device) for layer in noise]
         to_bits = images[0].size * math.log(2.0)
-        elbo, upper = [], []
+        out: dict[int, list[np.ndarray]] = {k: [] for k in ks}
         self.network_.eval()
         with torch.no_grad():
             for begin in range(0, len(images), 256):
                 batch = torch.from_numpy(np.ascontiguousarray(images[begin:begin + 256])).to(device)
-                elbo.append((-importance_bound(self.network_, batch, 0, noise) / to_bits).cpu().numpy())
-                upper.append((-importance_bound(self.network_, batch, int(self.k), noise) / to_bits).cpu().numpy())
-        return {"elbo": np.concatenate(elbo), "k": np.concatenate(upper)}
+                for k in ks:
+                    out[k].append((-importance_bound(self.network_, batch, k, noise) / to_bits).cpu().numpy())
+        return {k: np.concatenate(parts) for k, parts in out.items()}
 
     def _score(self, images: np.ndarray) -> np.ndarray:
-        bounds = self._bounds(images)
-        return bounds["k"] - bounds["elbo"]  # (L - L^{>k}) / (D log 2): both are stored negated
+        bounds = self._bounds(images, (0, int(self.k)))
+        return bounds[int(self.k)] - bounds[0]  # (L - L^{>k}) / (D log 2): both are stored negated
