@@ -54,7 +54,7 @@ def extract_part(args: argparse.Namespace) -> None:
     model = load_cifar_resnet("cifar10_resnet20", BENCH / "models" / "cifar10_resnet20.pth").eval()
     preprocess = cifar_preprocess("cifar10_resnet20")
     start = time.perf_counter()
-    ray.init(num_cpus=args.threads, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+    ray.init(address="local", num_cpus=args.threads, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
     print(f"ray.init: {time.perf_counter() - start:.1f} s ({args.threads} CPUs)")
     half = max(1.0, args.threads / 2)

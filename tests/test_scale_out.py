@@ -86,6 +86,15 @@ def test_fit_from_shards_equals_in_memory_fit(data, name, params):
     assert sharded.input_dims_ == whole.input_dims_ and sharded.input_range_ == whole.input_range_
 
 
+def test_detectors_fitted_from_shards_save_and_load(data, tmp_path):
+    train, test = data
+    for name in ("rmds", "gmm", "vim"):
+        params = {"dim": 6} if name == "vim" else {}
+        fitted = fit_from_shards(oodscope.create(name, **params), split(train, [250]))
+        again = oodscope.load(fitted.save(tmp_path / f"{name}.oodscope"))
+        np.testing.assert_array_equal(again.score(test), fitted.score(test))
+
+
 def test_fit_from_shards_refuses_bad_shards(data):
     train, _ = data
     shards = split(train, [300])
@@ -228,8 +237,8 @@ def ray_cluster():
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024**2, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -9,8 +9,9 @@ single index's (ties between equal distances may list other rows). Bit for bit: 
 products over blocks of 1024 bank rows (``faiss.cvar.distance_compute_blas_database_bs``), and a block that
 starts elsewhere rounds differently (by ~1e-7 relative, measured at 2048 dimensions), so shard boundaries fall on
 multiples of that block: then every distance comes from the same product as in one index and the merged
-distances are identical. A bank of fewer than ``1024 x shards`` rows therefore has fewer non-empty shards. This is what faiss's ``IndexShards`` does
-in one process; here the merge is explicit so the shards can live anywhere.
+distances are identical. A bank of fewer than ``1024 x shards`` rows therefore has fewer non-empty shards.
+This is what faiss's ``IndexShards`` does in one process; here the merge is explicit so the shards can live
+anywhere.
 
 Memory per shard: ``4 D`` bytes per row (float32), ``N / shards`` rows. The object has faiss's ``search(x, k)``,
 ``ntotal`` and ``d``, so every caller of a flat index takes it unchanged, and it is saved and loaded with the

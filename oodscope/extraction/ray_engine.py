@@ -94,7 +94,8 @@ def connect(engine: RayEngine) -> Any:
     if not ray.is_initialized():
         if engine.address is None:
             cpus = max(1, int(np.ceil(engine.workers * max(engine.cpus_per_worker, 1.0))))
-            ray.init(num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+            # address="local": a new instance, never a cluster that RAY_ADDRESS or a stale `ray start` names
+            ray.init(address="local", num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
         else:
             ray.init(address=engine.address, log_to_driver=False, configure_logging=False)
@@ -193,7 +194,8 @@ def run_many(engine: RayEngine, model: Any, jobs: list[Any]) -> list[dict[str, n
                  for number, first, count in pending]
         dataset = ray.data.from_items(items, override_num_blocks=len(items))
         results = dataset.map_batches(
-            ShardWorker, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=min(engine.workers, len(items))),
+            ShardWorker, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=min(engine.workers, len(items))),
             num_cpus=engine.cpus_per_worker, num_gpus=engine.gpus_per_worker or None,
             fn_constructor_kwargs=dict(model=model, preprocess=first_job.preprocess, head=first_job.head_name,
                                        layers=first_job.layers, layer_reduce=first_job.layer_reduce,
