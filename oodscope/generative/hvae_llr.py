@@ -81,6 +81,7 @@ class HVAELikelihoodRatio(GenerativeDetector):
 
         from .hvae import LAYERS, evaluation_noise, importance_bound
 
+        ks = tuple(dict.fromkeys(int(k) for k in ks))  # once each (k = 0 both as the ELBO and as self.k)
         if any(not 0 <= k <= LAYERS for k in ks):
             raise ValueError(f"{self.name}: every k must be in 0..{LAYERS}, got {ks}")
         noise = evaluation_noise(self.network_, images.shape[1:], int(self.samples), int(self.seed))
