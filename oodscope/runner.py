@@ -54,7 +54,7 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
     start = time.perf_counter()
     tune_first = options.pop("tune", False)
     made = labelled_detectors(detectors)
-    on_images = {label: d for label, d in made.items() if getattr(d, "family", "") == "generative"}
+    on_images = {label: d for label, d in made.items() if getattr(d, "takes_images", False)}
     made = {label: d for label, d in made.items() if label not in on_images}
     if not made:  # only density models of the images: no forward pass of the classifier
         groups = {group: list(sets) for group, sets in bench.ood.items()}
@@ -83,7 +83,7 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
 
 
 def score_images(results: Results, detectors: dict[str, Detector], bench: Benchmark) -> None:
-    """Fit detectors that take the raw images (family ``generative``) on ``bench.train`` and add their records
+    """Fit detectors that take the raw images (``takes_images``: the generative family's density models) on ``bench.train`` and add their records
     and scores to ``results`` (the same metrics, groups and ID set as the rest of the run)."""
     from .evaluation import METRICS
     from .metrics import ood_metrics

@@ -277,6 +277,7 @@ TINY: dict[str, dict[str, Any]] = {
     "hvae_llr": {"hidden": 8, "latent": 2, "epochs": 2, "batch_size": 16, "samples": 2},
     "msma": {"levels": 3, "n_components": 2, "hidden": 8, "blocks": 1, "epochs": 2, "batch_size": 16},
     "moodv2": {"detector_params": {"k": 3}, "width": 16, "depth": 1, "epochs": 2, "batch_size": 16},
+    "nl_invariants": {"layers": 2, "epochs": 2, "batch_size": 32},
     "mahalanobis_ensemble": {"layers": ["stem", "body"]},
     "nac": {"layers": ["stem", "body"], "m_bins": 50, "o_star": 5},
     "rankfeat": {"layer": "body", "iterations": 5},
@@ -316,7 +317,7 @@ def data_for(name: str) -> tuple[Any, Any]:
         return vlm_data()
     if family == "image":
         return images()
-    if family == "generative":
+    if family == "generative" and getattr(cls, "takes_images", False):
         return generative_images()
     if name in TEXT:
         return text_outputs()

@@ -145,7 +145,7 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     if args.full_spectrum:
         from ..fullspectrum import full_spectrum_records, score_shifted
 
-        if any(getattr(d, "family", "") == "generative" for d in detectors.values()):
+        if any(getattr(d, "takes_images", False) for d in detectors.values()):
             raise ValueError("--full-spectrum runs the classifier's detectors; leave out the generative family")
         shifted_scores, shifted_accuracy, timing["full-spectrum"] = score_shifted(
             bench, prepared.model, prepared.preprocess, detectors, **extract_options)
@@ -159,7 +159,7 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
                       f"shifted flagged at 95 % TPR {r['flagged']:6.2f} %")
     for name in protocols.parse(getattr(args, "protocol", None)):
         protocol_start = time.perf_counter()
-        on_outputs = {label: d for label, d in labelled.items() if getattr(d, "family", "") != "generative"}
+        on_outputs = {label: d for label, d in labelled.items() if not getattr(d, "takes_images", False)}
         context = protocols.Context(bench, prepared.model, prepared.preprocess, on_outputs, results,
                                     extract_options, seed=getattr(args, "seed", 0), ensemble=ensemble)
         protocol_records, printed = protocols.run(name, context)

@@ -65,6 +65,7 @@ class GenerativeDetector(Detector):
     family: ClassVar[str] = "generative"
     needs: ClassVar[frozenset[Need]] = frozenset({Need.MODEL})
     trains_network: ClassVar[bool] = True
+    takes_images: ClassVar[bool] = True  # fit/score the raw images (the family's feature-space members do not)
 
     def __init__(self, model: str = "pixelcnn", hidden: int = 64, blocks: int = 5, epochs: int = 3,
                  batch_size: int = 64, lr: float = 1e-3, seed: int = 0, device: str = "cpu"):
