@@ -300,11 +300,13 @@ TINY: dict[str, dict[str, Any]] = {
                  "n_negatives": 12, "n_groups": 3},
     "locoop": {"n_ctx": 4, "epochs": 2, "top_k": 1, "batch_size": 8},
     "clipn": {"n_prompts": 2, "epochs": 2, "batch_size": 8},
+    "anomalyclip": {"n_ctx": 4, "depth": 2, "t_n_ctx": 2, "layers": (1, 2), "dpam_depth": 1, "epochs": 2,
+                    "batch_size": 4},
 }
 TEXT = {"blood", "ahm"}
 PROBABILITY_LAYERS = {"absent_class", "min_others", "ood_probability"}  # read a training head's probability layer
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
-CLIP = {"winclip", "winclip_plus"}  # image detectors on a CLIP model (the vlm family is added by family)
+CLIP = {"winclip", "winclip_plus", "anomalyclip"}  # image detectors on a CLIP model (the vlm family is added by family)
 FEW_SHOT = {"locoop", "clipn"}  # CLIP prompt learning: fit((classes, images, labels))
 
 
@@ -336,6 +338,10 @@ def case(name: str) -> Case:
         params["backbone"] = _tiny_backbone()
     if name in CLIP or get(name).family == "vlm":
         params["model"] = tiny_clip()
+    if name == "anomalyclip":
+        from vlm_models import tiny_mvtec_folder
+
+        params["auxiliary"] = str(tiny_mvtec_folder())
     train, test = data_for(name)
     return Case(oodscope.create(name, **params), train, test)
 

@@ -36,7 +36,7 @@ def test_detectors_command_lists_each_detector(capsys):
     assert vim.split()[1:3] == ["ood", "features,head,logits"] and "CVPR 2022" in vim
     names = {line.split()[0] for line in lines[1:-1]}
     assert names == set(oodscope.available()) and lines[-1].startswith(f"{len(names)} registered: ")
-    assert "8 image" in lines[-1] and "training" in lines[-1] and "vlm" in lines[-1]
+    assert "9 image" in lines[-1] and "training" in lines[-1] and "vlm" in lines[-1]
     assert {"patchcore", "efficientad", "msp", "iforest"} <= names  # every family, image detectors included
     assert not any("``" in line or ":class:" in line for line in lines)  # no raw reST markup
     # columns are aligned: the needs column starts at the same offset on every row
@@ -52,7 +52,7 @@ def test_detectors_command_filters_by_family(capsys):
     assert main(["detectors", "--family", "image"]) == 0
     image = {line.split()[0] for line in capsys.readouterr().out.strip().splitlines()[1:-1]}
     assert image == {"cae", "efficientad", "gaussian_ad", "gaussian_ad_npca", "nsa", "patchcore", "winclip",
-                     "winclip_plus"}
+                     "winclip_plus", "anomalyclip"}
 
 
 def test_bench_errors_are_clear(capsys):

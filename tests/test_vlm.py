@@ -569,3 +569,105 @@ def test_oodscope_ad_runs_winclip_plus_from_a_clip_folder(tmp_path):
                  "--param", f"winclip_plus.model={model}", "--param", 'winclip_plus.object_name="tile"']) == 0
     records = json.loads((out / "results.json").read_text())["records"]
     assert {r["detector"] for r in records} >= {"winclip_plus"}
+
+
+# -- AnomalyCLIP ----------------------------------------------------------------------------------------------
+def test_anomalyclip_focal_and_dice_losses_by_hand():
+    import torch
+
+    from oodscope.vlm.anomalyclip import dice_loss, focal_loss
+
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 2, 3, 3))
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    mask = (rng.random((2, 3, 3)) > 0.6).astype(np.float64)
+    one_hot = np.stack([1 - mask, mask], axis=1).clip(1e-5, 1 - 1e-5)
+    pt = (one_hot * p).sum(axis=1) + 1e-5
+    np.testing.assert_allclose(float(focal_loss(torch.tensor(p), torch.tensor(mask))),
+                               np.mean(-(1 - pt) ** 2 * np.log(pt)), rtol=1e-10)
+    a = p[:, 1].reshape(2, -1)
+    dice = 1 - np.mean((2 * (a * mask.reshape(2, -1)).sum(1) + 1) / (a.sum(1) + mask.reshape(2, -1).sum(1) + 1))
+    np.testing.assert_allclose(float(dice_loss(torch.tensor(p[:, 1]), torch.tensor(mask))), dice, rtol=1e-10)
+
+
+def test_dpam_paths_by_hand(clip, images):
+    import torch
+
+    from oodscope.vlm.anomalyclip import dpam_features
+
+    with torch.no_grad():
+        pixels = clip.preprocess(torch.from_numpy(images))
+        plain_global, plain = dpam_features(clip, pixels, (1, 2), 0)  # no dual path: CLIP's own tokens
+        hidden = clip.model.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        dual_global, dual = dpam_features(clip, pixels, (1, 2), 1)  # the last block gets the V-V path
+    np.testing.assert_allclose(plain_global.numpy(), clip.encode_images(images)[0], rtol=1e-4, atol=1e-5)
+    for layer, tokens in zip((1, 2), plain):
+        np.testing.assert_allclose(tokens.numpy(), clip._project(hidden[layer][:, 1:]).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dual_global.numpy(), plain_global.numpy(), rtol=1e-5, atol=1e-6)  # same Q-K path
+    np.testing.assert_allclose(dual[0].numpy(), plain[0].numpy(), rtol=1e-6)  # block 1 is before the dual path
+    block = clip.model.vision_model.encoder.layers[-1]
+    w = {k: v.double().numpy() for k, v in block.state_dict().items()}
+    h = hidden[1].double().numpy()
+    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    x = (h - mu) / np.sqrt(var + 1e-5) * w["layer_norm1.weight"] + w["layer_norm1.bias"]
+    v = x @ w["self_attn.v_proj.weight"].T + w["self_attn.v_proj.bias"]
+    heads = clip.model.config.vision_config.num_attention_heads
+    vh = v.reshape(len(v), v.shape[1], heads, -1).transpose(0, 2, 1, 3)
+    attn = _softmax(vh @ vh.transpose(0, 1, 3, 2) * vh.shape[-1] ** -0.5)
+    out = (attn @ vh).transpose(0, 2, 1, 3).reshape(v.shape)
+    expected = h + out @ w["self_attn.out_proj.weight"].T + w["self_attn.out_proj.bias"]  # V-V, no MLP
+    np.testing.assert_allclose(dual[1].numpy(), clip._project(torch.from_numpy(expected[:, 1:]).float()).numpy(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_anomalyclip_prompts_with_the_words_own_states_equal_the_text_tower(clip):
+    import torch
+
+    from oodscope.vlm.anomalyclip import PromptLearner
+
+    prompts = ["a cat is object.", "a cat is damaged object."]
+    ids = torch.as_tensor(clip.tokenize(prompts)["input_ids"])
+    learner = PromptLearner(clip.token_width, 4, 2, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = clip.model.text_model(input_ids=ids, output_hidden_states=True).hidden_states
+        learner.ctx.copy_(clip.token_embeddings(ids[:, 1:5]))  # "a cat is " as both contexts
+        learner.deep.copy_(hidden[1][0, 1:3][None])  # block 1's own input at positions 1, 2 (the same in both)
+        out = learner(clip, ids)
+    np.testing.assert_allclose(out.numpy(), _unit(clip.encode_texts(prompts)), rtol=1e-4, atol=1e-5)
+
+
+def test_anomalyclip_trains_the_prompts_only_and_scores_by_hand(clip):
+    import torch
+
+    from oodscope.vlm.anomalyclip import dpam_features
+    from oodscope.imagead.base import gaussian_blur
+    from vlm_models import tiny_mvtec_folder
+
+    before = {k: v.clone() for k, v in clip.model.state_dict().items()}
+    detector = oodscope.create("anomalyclip", model=clip, auxiliary=str(tiny_mvtec_folder()), n_ctx=4, depth=2,
+                               t_n_ctx=2, layers=(1, 2), dpam_depth=1, epochs=6, batch_size=4)
+    rng = np.random.default_rng(4)
+    detector.fit(rng.random((2, 3, 40, 40)).astype(np.float32))
+    assert all(torch.equal(before[k], v) for k, v in clip.model.state_dict().items())
+    assert detector.history_[-1] < detector.history_[0]
+    test = rng.random((3, 3, 40, 40)).astype(np.float32)
+    scores, maps = detector.score_and_map(test)
+    texts = detector.text_embeddings_
+    with torch.no_grad():
+        g, patches = dpam_features(clip, clip.preprocess(torch.from_numpy(test)), (1, 2), 1)
+    np.testing.assert_allclose(scores, _softmax(_unit(g.numpy()) @ texts.T / 0.07)[:, 1], rtol=1e-5)
+    total = 0
+    for p in patches:
+        s = _softmax(_unit(p.numpy()) @ texts.T / 0.07)  # (N, 16, 2)
+        s = torch.from_numpy(s.transpose(0, 2, 1).reshape(3, 2, 4, 4))
+        s = torch.nn.functional.interpolate(s, size=(32, 32), mode="bilinear", align_corners=False)
+        total = total + (s[:, 1] + 1 - s[:, 0]) / 2
+    full = torch.nn.functional.interpolate(total[:, None], size=(40, 40), mode="bilinear", align_corners=False)[:, 0]
+    np.testing.assert_allclose(maps, gaussian_blur(full, 4.0).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_anomalyclip_refuses_a_missing_or_unannotated_auxiliary_set(clip, images):
+    with pytest.raises(ValueError, match="pass auxiliary="):
+        oodscope.create("anomalyclip", model=clip).fit(images)
+    with pytest.raises(ValueError, match="model has 2 vision blocks"):
+        oodscope.create("anomalyclip", model=clip, auxiliary="x").fit(images)

@@ -176,3 +176,30 @@ def coloured_images(concepts: Sequence[str], noise: float = 0.03, seed: int = 0,
     rng = np.random.default_rng(seed)
     base = np.array([COLOURS[c] for c in concepts], dtype=np.float32)[:, :, None, None]
     return np.clip(base + rng.normal(0, noise, (len(concepts), 3, size, size)), 0, 1).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def tiny_mvtec_folder(size: int = 32, n: int = 4) -> Path:
+    """An MVTec-layout folder of ``size`` px grey-noise images (``n`` train/good, ``n`` test/good, ``n`` test/crack
+    with a bright 8 x 8 square and its mask), written once per session: an auxiliary set for AnomalyCLIP."""
+    import tempfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    root = Path(tempfile.mkdtemp(prefix="oodscope-tiny-mvtec-")) / "tile"
+    for folder in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+        (root / folder).mkdir(parents=True)
+
+    def noise():
+        return rng.normal(128, 10, (size, size, 3)).clip(0, 255).astype(np.uint8)
+
+    for i in range(n):
+        Image.fromarray(noise()).save(root / f"train/good/{i:03d}.png")
+        Image.fromarray(noise()).save(root / f"test/good/{i:03d}.png")
+        image, mask = noise(), np.zeros((size, size), np.uint8)
+        top = 4 + 4 * (i % 4)
+        image[top:top + 8, 8:16], mask[top:top + 8, 8:16] = 255, 255
+        Image.fromarray(image).save(root / f"test/crack/{i:03d}.png")
+        Image.fromarray(mask).save(root / f"ground_truth/crack/{i:03d}_mask.png")
+    return root
