@@ -278,6 +278,7 @@ TINY: dict[str, dict[str, Any]] = {
     "msma": {"levels": 3, "n_components": 2, "hidden": 8, "blocks": 1, "epochs": 2, "batch_size": 16},
     "moodv2": {"detector_params": {"k": 3}, "width": 16, "depth": 1, "epochs": 2, "batch_size": 16},
     "nl_invariants": {"layers": 2, "epochs": 2, "batch_size": 32},
+    "flowcon": {"blocks": 2, "hidden": 8, "epochs": 2, "lr": 1e-3},
     "mahalanobis_ensemble": {"layers": ["stem", "body"]},
     "nac": {"layers": ["stem", "body"], "m_bins": 50, "o_star": 5},
     "rankfeat": {"layer": "body", "iterations": 5},

@@ -63,3 +63,67 @@ def test_a_planted_non_linear_invariant_is_learned_and_flags_points_off_the_surf
     assert linear < 0.75  # the same points by their distance along the low-variance axis
     with pytest.raises(ValueError, match="no invariant"):
         oodscope.create("nl_invariants", normalize=False).fit(Outputs(features=rng.normal(size=(200, 3))))
+
+
+# -- FlowCon ------------------------------------------------------------------------------------------------------
+def test_flowcon_pairwise_density_and_loss_by_hand():
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    from oodscope.generative.flowcon import flowcon_loss, pairwise_log_density
+
+    rng = np.random.default_rng(0)
+    z, mu = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+    log_sigma, log_det = rng.normal(0, 0.3, (5, 3)), rng.normal(size=5)
+    labels = np.array([0, 0, 1, 1, 2])  # sample 4 has no positive: left out of the contrastive mean
+    b = np.array([[multivariate_normal(mu[j], np.diag(np.exp(2 * log_sigma[j]))).logpdf(z[i]) for j in range(5)]
+                  for i in range(5)])
+    t = {name: torch.from_numpy(v) for name, v in dict(z=z, mu=mu, s=log_sigma, d=log_det).items()}
+    np.testing.assert_allclose(pairwise_log_density(t["z"], t["mu"], t["s"]).numpy(), b, rtol=1e-10)
+    b = b / (3 * np.log(2))
+    own = np.diag(b)
+    nll = -np.mean(own + log_det / (3 * np.log(2)))
+    a = 1.5 * (b + own[:, None])
+    e = (np.exp(a - a.max(axis=1, keepdims=True)) + 1e-5) / 0.1
+    con = []
+    for i in range(4):
+        others = [k for k in range(5) if k != i]
+        positives = [j for j in others if labels[j] == labels[i]]
+        con.append(-np.mean([e[i, j] - logsumexp(e[i, others]) for j in positives]))
+    total, got_nll, got_con = flowcon_loss(t["z"], t["d"], t["mu"], t["s"], torch.from_numpy(labels))
+    assert float(got_nll) == pytest.approx(nll, rel=1e-10)
+    assert float(got_con) == pytest.approx(np.mean(con), rel=1e-10)
+    assert float(total) == pytest.approx(0.07 * nll + np.mean(con), rel=1e-10)
+
+
+def test_flowcon_log_determinant_is_the_autograd_jacobians():
+    from oodscope.generative.flowcon import tabular_flow
+
+    torch.manual_seed(0)
+    flow = tabular_flow(5, blocks=4, hidden=8).double()
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    x = torch.randn(1, 5, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda v: flow(v.view(1, 5))[0][0], x[0])
+    assert float(flow(x)[1][0].detach()) == pytest.approx(float(torch.linalg.slogdet(jacobian)[1]), rel=1e-10)
+
+
+def test_flowcon_separates_far_features_and_refuses_bad_training_data(tmp_path):
+    from oodscope.persistence import load, save
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, 6))
+    labels = rng.integers(0, 3, 600)
+    train = Outputs(features=centres[labels] + rng.normal(size=(600, 6)), labels=labels)
+    test = centres[rng.integers(0, 3, 200)] + rng.normal(size=(200, 6))
+    far = rng.normal(0, 3, (200, 6)) + 6.0
+    detector = oodscope.create("flowcon", blocks=4, hidden=32, epochs=15, lr=1e-3).fit(train)
+    assert detector.loss_history_[-1] < detector.loss_history_[0]
+    assert _auroc(detector.score(Outputs(features=test)), detector.score(Outputs(features=far))) > 0.9
+    np.testing.assert_array_equal(load(save(detector, tmp_path / "f")).score(Outputs(features=far)),
+                                  detector.score(Outputs(features=far)))
+    with pytest.raises(ValueError, match="at least 2 training samples"):
+        oodscope.create("flowcon").fit(Outputs(features=rng.normal(size=(3, 4)), labels=np.array([0, 1, 2])))
+    with pytest.raises(ValueError, match="blocks"):
+        oodscope.create("flowcon", blocks=1).fit(train)
