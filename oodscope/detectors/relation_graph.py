@@ -43,11 +43,20 @@ def relation_strength(feat: np.ndarray, prob: np.ndarray | None, bank: np.ndarra
     out = np.empty(len(feat))
     bank = np.ascontiguousarray(bank, dtype=np.float32)
     bank_prob = None if bank_prob is None else np.ascontiguousarray(bank_prob, dtype=np.float32)
+
+    def padded(rows: np.ndarray) -> np.ndarray:
+        # float32 GEMM picks its kernel by the number of rows, which changes the rounding: every block goes
+        # through the kernel at a fixed size, so a sample's score does not depend on the batch it comes in
+        block = np.zeros((chunk, rows.shape[1]), dtype=np.float32)
+        block[:len(rows)] = rows
+        return block
+
     for start in range(0, len(feat), chunk):
-        rel = np.asarray(feat[start:start + chunk], dtype=np.float32) @ bank.T
+        n = len(feat[start:start + chunk])
+        rel = (padded(np.asarray(feat[start:start + chunk], dtype=np.float32)) @ bank.T)[:n]
         np.maximum(rel, 0.0, out=rel)
         if prob is not None:
-            rel *= np.asarray(prob[start:start + chunk], dtype=np.float32) @ bank_prob.T
+            rel *= (padded(np.asarray(prob[start:start + chunk], dtype=np.float32)) @ bank_prob.T)[:n]
         rel[rel <= threshold] = 0.0     # relations are >= 0 here; the label sign is applied after the cut
         if power != 1:
             rel **= power
