@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..imagead.base import ImageDetector, as_images, gaussian_blur
-from .backbone import _layer, causal_mask, placed, resolve_clip
+from .backbone import _fill_rows, _layer, causal_mask, placed, resolve_clip
 
 TEMPERATURE = 0.07  # the authors' fixed temperature for image-text similarities
 
@@ -255,8 +255,11 @@ class AnomalyCLIP(ImageDetector):
         scores, maps = [], []
         with placed(clip, device), torch.no_grad():
             for start in range(0, len(images), clip.batch_size):
-                pixels = clip.preprocess(torch.from_numpy(images[start:start + clip.batch_size]).to(device))
+                batch = torch.from_numpy(images[start:start + clip.batch_size]).to(device)
+                n = len(batch)  # every batch at one size (see backbone._fill_rows): scores independent of batching
+                pixels = _fill_rows(clip.preprocess(batch), clip.batch_size)
                 global_, patches = dpam_features(clip, pixels, self.layers, self.dpam_depth)
+                global_, patches = global_[:n], [p[:n] for p in patches]
                 probs = torch.softmax(nn.functional.normalize(global_, dim=-1) @ texts.T / TEMPERATURE, dim=-1)
                 scores.append(probs[:, 1].double().cpu())
                 layer_maps = [(s[:, 1] + 1 - s[:, 0]) / 2 for s in similarity_maps(patches, texts, clip.grid,

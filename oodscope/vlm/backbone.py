@@ -143,6 +143,15 @@ def placed(module: nn.Module, device: str | torch.device):
         module.to(home)
 
 
+def _fill_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with its first row repeated up to ``rows`` rows: every batch goes through the transformer at one size,
+    because float32 matrix products pick their kernel (and rounding) by shape, and an embedding must not depend on
+    the batch it was computed in (scoring a subset gives the subset of the scores)."""
+    if len(x) >= rows:
+        return x
+    return torch.cat([x, x[:1].expand(rows - len(x), *x.shape[1:])], dim=0)
+
+
 class _TextTower(nn.Module):
     """``forward(input_ids=, attention_mask=) -> (B, D)``: what :func:`oodscope.extract` runs on prompts."""
 
@@ -152,7 +161,9 @@ class _TextTower(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         length = max(int(attention_mask.sum(dim=1).max()), 1)  # trims padding: the mask makes it irrelevant
-        return self.backbone.text_forward(input_ids[:, :length].long(), attention_mask[:, :length].long())
+        n, rows = len(input_ids), self.backbone.batch_size
+        ids = _fill_rows(input_ids[:, :length].long(), rows)
+        return self.backbone.text_forward(ids, _fill_rows(attention_mask[:, :length].long(), rows))[:n]
 
 
 class _ImageTower(nn.Module):
@@ -165,10 +176,12 @@ class _ImageTower(nn.Module):
         self.patches = nn.Identity()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        global_, local = self.backbone.image_forward(self.backbone.preprocess(images.float()))
+        n = len(images)
+        pixels = _fill_rows(self.backbone.preprocess(images.float()), self.backbone.batch_size)
+        global_, local = self.backbone.image_forward(pixels)
         if self.with_patches:
-            self.patches(local)
-        return global_
+            self.patches(local[:n])
+        return global_[:n]
 
 
 class _TokenTower(nn.Module):
@@ -177,7 +190,8 @@ class _TokenTower(nn.Module):
         self.backbone = backbone
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone.token_forward(self.backbone.preprocess(images.float())).flatten(1)
+        pixels = _fill_rows(self.backbone.preprocess(images.float()), self.backbone.batch_size)
+        return self.backbone.token_forward(pixels)[:len(images)].flatten(1)
 
 
 class _WindowTower(nn.Module):
@@ -187,8 +201,8 @@ class _WindowTower(nn.Module):
         self.register_buffer("windows", windows)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.backbone.window_forward(self.backbone.preprocess(images.float()), self.windows)
-        return out.flatten(1)
+        pixels = _fill_rows(self.backbone.preprocess(images.float()), self.backbone.batch_size)
+        return self.backbone.window_forward(pixels, self.windows)[:len(images)].flatten(1)
 
 
 # -- Hugging Face transformers --------------------------------------------------------------------------------
