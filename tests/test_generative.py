@@ -426,3 +426,11 @@ def test_moodv2_scores_with_the_feature_detector_on_mae_features(tmp_path):
         oodscope.create("moodv2", mask_ratio=1.0).fit(train)
     with pytest.raises(ValueError, match="divides by patch"):
         oodscope.create("moodv2", patch=5).fit(train)
+
+
+def test_hvae_llr_refuses_a_non_finite_bound():
+    detector, test, _ = _tiny_hvae_detector(k=1)
+    with torch.no_grad():
+        detector.network_.out[-1].bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        detector.bounds(test)

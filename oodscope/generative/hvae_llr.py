@@ -95,7 +95,13 @@ class HVAELikelihoodRatio(GenerativeDetector):
                 batch = torch.from_numpy(np.ascontiguousarray(images[begin:begin + 256])).to(device)
                 for k in ks:
                     out[k].append((-importance_bound(self.network_, batch, k, noise) / to_bits).cpu().numpy())
-        return {k: np.concatenate(parts) for k, parts in out.items()}
+        bounds = {k: np.concatenate(parts) for k, parts in out.items()}
+        for k, values in bounds.items():
+            if not np.isfinite(values).all():
+                raise FloatingPointError(f"{self.name}: the bound L^{{>{k}}} is not finite for "
+                                         f"{int((~np.isfinite(values)).sum())} of {len(values)} images (a latent "
+                                         "or pixel log-density overflowed); no score is returned for them")
+        return bounds
 
     def _score(self, images: np.ndarray) -> np.ndarray:
         bounds = self._bounds(images, (0, int(self.k)))
