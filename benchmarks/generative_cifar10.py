@@ -113,9 +113,8 @@ def main() -> None:
     bpd = {}
     if args.model in PUBLISHED_BPD:  # bits/dim: the NLL, or the HVAE's importance-weighted ELBO
         bpd = {name: float(np.mean(by_row[row_names[0]])) for name, by_row in scores.items()}
-    network = first if args.model != "hvae" else first.detector
     result = {"args": vars(args), "rows": rows, "fit_seconds": fits, "bits_per_dim": bpd,
-              "training": network.training_, "published_bpd": PUBLISHED_BPD.get(args.model, {})}
+              "training": first.training_, "published_bpd": PUBLISHED_BPD.get(args.model, {})}
     if "likelihood_ratio" in detectors:
         result["background_training"] = detectors["likelihood_ratio"].background_training_
     out = Path(args.out)
@@ -127,7 +126,7 @@ def main() -> None:
     for name in row_names:
         cells = {r["dataset"]: r for r in rows if r["detector"] == name}
         print(f"| {name} | " + " | ".join(f"{cells[s]['auroc']:.2f} / {cells[s]['fpr95']:.2f}" for s in sets) + " |")
-    print("bits/dim:", {k: round(v, 3) for k, v in bpd.items()}, "training per epoch:", network.training_,
+    print("bits/dim:", {k: round(v, 3) for k, v in bpd.items()}, "training per epoch:", first.training_,
           "fit seconds:", fits)
 
 

@@ -81,7 +81,11 @@ class GenerativeDetector(Detector):
     def _check_params(self) -> None:
         if self.model not in DENSITY_MODELS:
             raise ValueError(f"{self.name}: model must be one of {', '.join(DENSITY_MODELS)}, got {self.model!r}")
-        for name in ("hidden", "blocks", "epochs", "batch_size"):
+        self._check_training_params("hidden", "blocks")
+
+    def _check_training_params(self, *sizes: str) -> None:
+        """``sizes``, ``epochs`` and ``batch_size`` integers >= 1 and ``lr > 0`` (every member's common checks)."""
+        for name in (*sizes, "epochs", "batch_size"):
             value = getattr(self, name)
             if not (isinstance(value, (int, np.integer)) and value >= 1):
                 raise ValueError(f"{self.name}: {name} must be an integer >= 1, got {value!r}")

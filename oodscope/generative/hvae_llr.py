@@ -45,15 +45,10 @@ class HVAELikelihoodRatio(GenerativeDetector):
     def _check_params(self) -> None:
         from .hvae import LAYERS
 
-        for name in ("hidden", "latent", "epochs", "batch_size", "samples"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, np.integer)) and value >= 1):
-                raise ValueError(f"{self.name}: {name} must be an integer >= 1, got {value!r}")
+        self._check_training_params("hidden", "latent", "samples")
         if not (isinstance(self.k, (int, np.integer)) and 0 <= self.k <= LAYERS):
             raise ValueError(f"{self.name}: k (the latent layers drawn from the prior) must be an integer in "
                              f"0..{LAYERS}, got {self.k!r}")
-        if not float(self.lr) > 0:
-            raise ValueError(f"{self.name}: lr must be > 0, got {self.lr!r}")
 
     def _model_settings(self, perturb: float) -> dict[str, Any]:
         return {"model": "hvae", "hidden": int(self.hidden), "latent": int(self.latent), "epochs": int(self.epochs),

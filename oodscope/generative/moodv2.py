@@ -50,16 +50,11 @@ class MOODv2(GenerativeDetector):
         return create(self.detector, **(self.detector_params or {}))
 
     def _check_params(self) -> None:
-        for name in ("patch", "width", "depth", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, np.integer)) and value >= 1):
-                raise ValueError(f"{self.name}: {name} must be an integer >= 1, got {value!r}")
+        self._check_training_params("patch", "width", "depth")
         if self.width % 4:
             raise ValueError(f"{self.name}: width must divide by 4 (2-D sine-cosine positions), got {self.width}")
         if not 0.0 < float(self.mask_ratio) < 1.0:
             raise ValueError(f"{self.name}: mask_ratio must lie in (0, 1), got {self.mask_ratio!r}")
-        if not float(self.lr) > 0:
-            raise ValueError(f"{self.name}: lr must be > 0, got {self.lr!r}")
         self._feature_detector()
 
     def _model_settings(self, perturb: float) -> dict[str, Any]:

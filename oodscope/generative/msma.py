@@ -50,17 +50,12 @@ class MSMA(GenerativeDetector):
                                                   and self.n_components >= 1):
             raise ValueError(f"{self.name}: n_components must be None (cross-validated) or an integer >= 1, got "
                              f"{self.n_components!r}")
-        for name in ("hidden", "blocks", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, np.integer)) and value >= 1):
-                raise ValueError(f"{self.name}: {name} must be an integer >= 1, got {value!r}")
+        self._check_training_params("hidden", "blocks")
         if not (isinstance(self.levels, (int, np.integer)) and self.levels >= 2):
             raise ValueError(f"{self.name}: levels must be an integer >= 2, got {self.levels!r}")
         if not 0 < float(self.sigma_min) < float(self.sigma_max):
             raise ValueError(f"{self.name}: need 0 < sigma_min < sigma_max, got {self.sigma_min!r}, "
                              f"{self.sigma_max!r}")
-        if not float(self.lr) > 0:
-            raise ValueError(f"{self.name}: lr must be > 0, got {self.lr!r}")
 
     def _model_settings(self, perturb: float) -> dict[str, Any]:
         return {"model": "ncsn", "hidden": int(self.hidden), "blocks": int(self.blocks), "epochs": int(self.epochs),

@@ -142,9 +142,8 @@ class NonLinearInvariants(AnomalyDetector):
         raw = self._x(train).astype(np.float64)
         if len(raw) <= int(self.k):
             raise ValueError(f"{self.name}: {len(raw)} training rows; the k-NN term needs more than k={self.k}")
-        values = l2_normalize(raw) if self.normalize else raw
-        self.mean_ = values.mean(axis=0)
-        x = values - self.mean_
+        self.mean_ = (l2_normalize(raw) if self.normalize else raw).mean(axis=0)
+        x = self._prepared(raw)
         self.invariants_ = number_of_invariants(x)
         if self.invariants_ == 0:
             raise ValueError(f"{self.name}: 95 % of the training variance needs all {x.shape[1]} dimensions, so "
