@@ -394,3 +394,60 @@ def test_ray_engine_takes_dict_inputs(ray_cluster, tmp_path):
     np.testing.assert_array_equal(on_ray.logits, local.logits)
     np.testing.assert_array_equal(on_ray.features, local.features)
     np.testing.assert_array_equal(on_ray.labels, local.labels)
+
+
+@pytest.mark.slow
+def test_bench_on_a_separately_started_ray_cluster_equals_local(tmp_path):
+    """``oodscope bench --engine ray --address HOST:PORT`` against a cluster started apart with ``ray start --head``
+    (the deployment path: the driver is not part of the cluster): the same records and bit-identical cache entries
+    as the local engine. Slow (the head's start and drain, the actors' imports: about a minute)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'oodscope[ray]')")
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    bin_dir = os.path.dirname(sys.executable)
+    ray_cli, oodscope_cli = (shutil.which(name, path=bin_dir) or shutil.which(name) for name in ("ray", "oodscope"))
+    with socket.socket() as probe:  # a free port for the head's GCS
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_dir = tempfile.mkdtemp(prefix="oodray-")  # short: Ray's socket paths must fit in 107 bytes
+    # --block keeps the head in this child process, so terminating it stops this cluster and no other
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=300000000",
+                             f"--temp-dir={ray_dir}"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, log = time.monotonic() + 120, []
+        while time.monotonic() < deadline and head.poll() is None:
+            log.append(head.stdout.readline())
+            if "Ray runtime started" in log[-1]:
+                break
+        else:
+            pytest.fail("ray start --head did not start:\n" + "".join(log)[-2000:])
+        runs = {}
+        for engine, extra in (("ray", ["--engine", "ray", "--address", f"127.0.0.1:{port}", "--workers", "2"]),
+                              ("local", [])):
+            cmd = [oodscope_cli, "bench", "--detectors", "msp,energy,knn_distance,mahalanobis",
+                   "--cache-dir", str(tmp_path / f"cache_{engine}"), "--out", str(tmp_path / engine), "--quiet",
+                   *extra]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            runs[engine] = json.loads((tmp_path / engine / "results.json").read_text())["records"]
+    finally:
+        head.terminate()
+        head.wait(timeout=90)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert runs["ray"] == runs["local"] and len(runs["local"]) > 0
+    entries = sorted(p.name for p in (tmp_path / "cache_local").glob("*.npz"))
+    assert entries == sorted(p.name for p in (tmp_path / "cache_ray").glob("*.npz")) and entries
+    for name in entries:
+        with np.load(tmp_path / "cache_local" / name, allow_pickle=False) as a, \
+                np.load(tmp_path / "cache_ray" / name, allow_pickle=False) as b:
+            assert sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                np.testing.assert_array_equal(a[key], b[key])
