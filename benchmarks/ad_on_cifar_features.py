@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.common import cifar_bench_dir
 from oodscope import create
 from oodscope.data.spec import load_benchmark_dir
-from oodscope.metrics.ood import auroc
+from oodscope.metrics import auroc
 from oodscope.models.zoo import load_model
 from oodscope.runner import extract_benchmark
 
@@ -27,14 +29,15 @@ SMALL = {"lof", "ocsvm"}
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--root", default="../shared/data/cifar10-bench")
+    parser.add_argument("--root", default=None, help="the CIFAR-10 bench folder (default: benchmarks/common.py's)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--detectors", default=",".join(DETECTORS))
     parser.add_argument("--small-subsample", type=int, default=5000)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    bench = load_benchmark_dir(args.root)
-    model, pre = load_model("cifar10_resnet20", f"{args.root}/models/cifar10_resnet20.pth")
+    root = Path(args.root) if args.root else cifar_bench_dir()
+    bench = load_benchmark_dir(root)
+    model, pre = load_model("cifar10_resnet20", str(root / "models" / "cifar10_resnet20.pth"))
     outputs = extract_benchmark(bench, model, pre, cache_dir=args.cache_dir, progress=False)
     train = outputs["train"].features.astype(np.float64)
     keep = np.ptp(train, axis=0) > 0

@@ -41,15 +41,17 @@ def iforest_shared_stream(dataset, protocol: str = "adbench") -> dict[str, tuple
     """Our IForest's settings, random state = ``RandomState(seed)`` object (the stream ADBench's harness, and the
     DTE harness built on it, give PyOD's ``IForest()``): per setting, the AUROCs and AUPRs over seeds (percent)."""
     from sklearn.ensemble import IsolationForest
-    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from oodscope.metrics import aupr_out, auroc
 
     values: dict[str, tuple[list[float], list[float]]] = {}
     for split in splits(dataset, protocol, resample_to=1000):
         forest = IsolationForest(random_state=np.random.RandomState(split.seed)).fit(split.X_train)
         scores = -forest.score_samples(split.X_test)
         aurocs, auprs = values.setdefault(split.setting, ([], []))
-        aurocs.append(100 * roc_auc_score(split.y_test, scores))
-        auprs.append(100 * average_precision_score(split.y_test, scores))
+        normal, anomalous = scores[split.y_test == 0], scores[split.y_test == 1]
+        aurocs.append(100 * auroc(normal, anomalous))
+        auprs.append(100 * aupr_out(normal, anomalous))  # average precision with the anomalies positive
     return {setting: (np.array(a), np.array(b)) for setting, (a, b) in values.items()}
 
 

@@ -2,9 +2,9 @@
 fine-tuned all-MiniLM-L6-v2 [CLS] classifier, vs the unmasked Mahalanobis / kNN scores of the same model.
 
     # the last-block fine-tuned model of benchmarks/clinc150_finetuned.py (cached in <cache>/clinc150-ftcls/)
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_ahm.py --model ftcls --cache-dir /work/cache
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_ahm.py --model ftcls --cache-dir CACHE
     # the whole-model fine-tuned model of `oodscope bench clinc150-ftfull` (must already be trained and cached)
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_ahm.py --model ftfull --cache-dir /work/cache
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_ahm.py --model ftfull --cache-dir CACHE
 
 AHM re-runs the whole transformer with the mask on (a mask touches every layer), so on the shared CPUs the
 training bank and the validation split are seeded class-balanced subsets (``--train-per-class``,
@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+from benchmarks.common import log, write_json
 
 
 def weights_path(model: str, cache_dir: Path, data_path: Path, seed: int) -> Path:
@@ -162,9 +159,7 @@ def main() -> None:
                        head_mask=det.head_mask(model).tolist())
         log(f"{label}: masked passes {time.perf_counter() - t:.1f} s")
     results["total_s"] = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"clinc150_ahm_{args.model}.json").write_text(json.dumps(results, indent=1))
+    write_json(Path(args.out) / f"clinc150_ahm_{args.model}.json", results)
     log(f"total {results['total_s']:.1f} s")
 
 

@@ -1,6 +1,6 @@
 """BLOOD per transition on the whole-model fine-tuned MiniLM of ``oodscope bench clinc150-ftfull`` (CLINC150 full).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_blood_layers.py --cache-dir /work/cache
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_blood_layers.py --cache-dir CACHE
 
 Runs ``blood.layer_scores`` (the paper's unbiased estimate of ``||J_l||_F^2`` for each pair of consecutive blocks,
 ``n_estimators`` = 50 as in the paper) once on the in-scope test split and on ``oos_test``, all texts, and prints the
@@ -12,11 +12,12 @@ core). Writes ``<out>/clinc150_blood_ftfull.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common import write_json
 
 
 def main() -> None:
@@ -54,9 +55,7 @@ def main() -> None:
         table[name]["mean_oos"] = float(np.mean(oos))
         print(f"{name:<20} AUROC {100 * m['auroc']:6.2f}  FPR@95 {100 * m['fpr95']:6.2f}  "
               f"mean ||J||^2 in-scope {np.mean(ins):9.2f}  out-of-scope {np.mean(oos):9.2f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "clinc150_blood_ftfull.json").write_text(json.dumps({"seconds": seconds, "table": table}, indent=1))
+    write_json(Path(args.out) / "clinc150_blood_ftfull.json", {"seconds": seconds, "table": table})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """CLINC150 on a fine-tuned all-MiniLM-L6-v2 [CLS] classifier: BLOOD and attention-head masking vs
 MSP/Energy/MaxLogit/KNN/Mahalanobis, and the out-of-scope figures of Larson et al. (EMNLP 2019), full data.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/clinc150_finetuned.py --cache-dir /work/cache
+    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/clinc150_finetuned.py --cache-dir CACHE
 
 Model (cheap enough for 2 shared CPU cores): the pre-trained encoder with its last block and a linear head on the
 last layer's [CLS] state fine-tuned on the 15,000 in-scope training sentences (BLOOD's setting is a fine-tuned
@@ -21,9 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+from benchmarks.common import log, write_json
 
 
 def main() -> None:
@@ -68,7 +66,7 @@ def main() -> None:
         results = {**json.loads((out / "clinc150_finetuned.json").read_text()), **results}
 
     def save() -> None:
-        (out / "clinc150_finetuned.json").write_text(json.dumps(results, indent=1))
+        write_json(out / "clinc150_finetuned.json", results)
 
     chunks = {}
     for name in ("train",):

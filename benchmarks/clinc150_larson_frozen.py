@@ -2,8 +2,8 @@
 frozen all-MiniLM-L6-v2 + linear head of ``oodscope bench clinc150`` (or, with ``--benchmark clinc150-ftfull``, the
 whole-model fine-tuned [CLS] classifier of ``oodscope bench clinc150-ftfull``), from that command's extraction cache.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_larson_frozen.py --cache-dir /work/cache
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_larson_frozen.py --cache-dir /work/cache \
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_larson_frozen.py --cache-dir CACHE
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/clinc150_larson_frozen.py --cache-dir CACHE \
         --benchmark clinc150-ftfull
 
 (run ``oodscope bench clinc150 --cache-dir ...`` first, or this extracts every split: ~7 min on 2 free cores).

@@ -31,13 +31,13 @@ def main() -> None:
 
     import oodscope
     from oodscope.data.builtin import BenchRequest
-    from oodscope.data.clinc150 import _prepare
+    from oodscope.data.clinc150 import prepare, prepare_finetuned
 
     start = time.perf_counter()
     request = BenchRequest(benchmark="clinc150", data_root=args.data_root, cache_dir=args.cache_dir, seed=args.seed,
                            options={"per_class": args.per_class_train, "per_class_eval": args.per_class_eval,
-                                    "n_oos": args.n_oos})
-    prepared = _prepare(request, args.finetune_layers)
+                                    "n_oos": args.n_oos, "finetune_layers": args.finetune_layers})
+    prepared = prepare_finetuned(request) if args.finetune_layers else prepare(request)
     bench, model = prepared.bench, prepared.model
     print(f"model {prepared.model_name}: train {len(bench.train)}, test {len(bench.test)}, "
           f"oos_test {len(bench.ood['oos']['oos_test'])}; prepare {time.perf_counter() - start:.1f} s")

@@ -1,7 +1,11 @@
-"""Closing-note table for the suite II density detectors on the CIFAR-10 bench (ResNet-20 / ResNet-56).
+"""Density detectors (WDiscOOD, ConjNorm, IGEOOD, Neural Relation Graph, HEAT) on the CIFAR-10 bench (ResNet-20 /
+ResNet-56).
 
-    PYTHONPATH=. python benchmarks/suite2_density_table.py --models resnet20,resnet56
-    PYTHONPATH=. python benchmarks/suite2_density_table.py --models resnet20 --detectors heat --heat-iter 200
+    PYTHONPATH=. python benchmarks/density_detectors_cifar10.py --models resnet20,resnet56
+    PYTHONPATH=. python benchmarks/density_detectors_cifar10.py --models resnet56 \
+        > benchmarks/results/density_detectors_resnet56.log
+    PYTHONPATH=. python benchmarks/density_detectors_cifar10.py --models resnet56 --detectors heat --heat-iter 200 \
+        > benchmarks/results/density_detectors_resnet56_heat.log
 
 Prints, per model, a markdown table: AUROC / FPR@95 (percent, ID positive) for every OOD set, the near and far
 means, and the fit and score time (score = ID test + the four OOD sets). Features come from the shared extraction
@@ -13,28 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import oodscope
+from benchmarks.common import cifar_outputs
 
-import oodscope  # noqa: E402
-from oodscope.data.spec import load_benchmark_dir  # noqa: E402
-from oodscope.models.zoo import load_model  # noqa: E402
-from oodscope.runner import extract_benchmark  # noqa: E402
-
-BENCH = "../shared/data/cifar10-bench"
 DETECTORS = "mahalanobis,wdiscood,conjnorm,igeood,igeood_features,relation_graph,heat"
 SETS = [("near", "cifar100"), ("near", "tin"), ("far", "mnist"), ("far", "textures")]
 
 
 def table(model_name: str, detectors: list[str], cache_dir: str, heat_iter: int | None) -> None:
-    bench = load_benchmark_dir(BENCH)
-    model, pre = load_model(f"cifar10_{model_name}", f"{BENCH}/models/cifar10_{model_name}.pth")
     start = time.perf_counter()
-    out = extract_benchmark(bench, model, pre, cache_dir=cache_dir, progress=False)
-    for name, o in out.items():
-        o.name = name
+    out, _, _ = cifar_outputs(f"cifar10_{model_name}", cache_dir)
     print(f"\n### {model_name} (features {out['train'].features.shape[1]}-d; outputs loaded in "
           f"{time.perf_counter() - start:.1f} s)\n")
     head = " | ".join(f"{d} AUROC/FPR" for _, d in SETS)

@@ -1,6 +1,9 @@
-"""Closing-note table for the suite-II distance detectors on the CIFAR-10 bench (ResNet-20 and ResNet-56).
+"""Distance detectors (Mahalanobis family, kNN, GMM, NNGuide, NAC, Gram, RankFeat) on the CIFAR-10 bench, ResNet-20
+and ResNet-56.
 
-    PYTHONPATH=. python benchmarks/suite2_table.py --depths 20 56 [--n-train 2000 --n-eval 500]
+    PYTHONPATH=. python benchmarks/distance_detectors_cifar10.py --depths 20 56 [--n-train 2000 --n-eval 500] \
+        [--json benchmarks/results/distance_detectors_resnet20_features.json]
+    PYTHONPATH=. python benchmarks/distance_detectors_cifar10.py --merge benchmarks/results/distance_detectors_*.json
 
 Feature-space detectors (``mahalanobis``, ``rmds``, ``knn`` exact and IVF, ``gmm``, ``nnguide``) run on the full
 splits (10,000 train; 9,000 ID test; every OOD set complete). Detectors that read intermediate layers or re-run
@@ -9,25 +12,24 @@ the network (``mahalanobis_ensemble``, ``nac``, ``gram``, ``rankfeat``) run on f
 the ID validation set and of the OOD validation set (Tiny ImageNet val) for the logistic regression of the full
 Mahalanobis method; ``mahalanobis (sub)`` is the plain score on the same subsample, for reference. Prints AUROC and
 FPR@95 (percent, ID positive) per OOD set, near/far means, fit time and total score time (seconds, this
-machine, shared CPU: indicative only).
+machine, shared CPU: indicative only). ``--json`` writes the rows (atomically, after every finished row);
+``--merge`` only prints the table of earlier JSON files (``benchmarks/results/distance_density_cifar10.md`` is that
+table with the density rows of ``density_detectors_cifar10.py`` added).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import oodscope
+from benchmarks.common import LAYERS, OOD_GROUPS, auroc_fpr, cifar_outputs, cifar_subset_outputs, write_json
 
-import oodscope  # noqa: E402
-from oodscope.metrics import ood_metrics  # noqa: E402
-from suite2_data import LAYERS, OOD, outputs, sub_outputs  # noqa: E402
-
+OOD = OOD_GROUPS
 SETS = [name for group in OOD.values() for name in group]
 EPSILONS = (0.0, 0.0014)  # a subset of the paper's grid (EPSILON_GRID), to bound the CPU time
 
@@ -42,10 +44,7 @@ def evaluate(detector, train, test, sets, combine=None):
     fit = time.perf_counter() - start
     start = time.perf_counter()
     s_id = detector.score(test)
-    row = {}
-    for name, out in sets.items():
-        m = ood_metrics(s_id, detector.score(out))
-        row[name] = (100 * m["auroc"], 100 * m["fpr95"])
+    row = {name: auroc_fpr(s_id, detector.score(out)) for name, out in sets.items()}
     row["score_s"], row["fit_s"] = time.perf_counter() - start, fit
     for group, names in OOD.items():
         row[group] = tuple(float(np.mean([row[n][i] for n in names])) for i in range(2))
@@ -68,7 +67,7 @@ def main() -> None:
         for model, rows in json.loads(Path(path).read_text()).items():
             results.setdefault(model, {}).update(rows)
     for depth in [] if args.merge else args.depths:
-        full, net, pre = outputs(depth, layers=())
+        full, net, pre = cifar_outputs(f"cifar10_resnet{depth}", layers=())
         train, test = full["train"], full["test"]
         sets = {name: full[f"{g}/{name}"] for g, names in OOD.items() for name in names}
         rows = {}
@@ -81,7 +80,7 @@ def main() -> None:
             if name not in skip:
                 rows[name] = evaluate(detector, train, test, sets)
                 print(f"resnet{depth} {name}: done", flush=True)
-        sub = lambda key, n: sub_outputs(depth, net, pre, key, n)  # noqa: E731
+        sub = lambda key, n: cifar_subset_outputs(f"cifar10_resnet{depth}", net, pre, key, n)  # noqa: E731
         sub_names = ["mahalanobis (sub)", "mahalanobis_ensemble (4 layers sum)",
                      "mahalanobis_ensemble (4 layers eps+LR)", "nac", "gram", "rankfeat (layer3)"]
         if set(sub_names) <= skip:
@@ -107,7 +106,7 @@ def main() -> None:
                     rows[name]["epsilon"] = detector.epsilon_
                 print(f"resnet{depth} {name}: {json.dumps(rows[name])}", flush=True)
                 if args.json:
-                    Path(args.json).write_text(json.dumps(results, indent=1))
+                    write_json(args.json, results)
         results[f"resnet{depth}"] = rows
 
     header = "| model | detector | " + " | ".join(f"{s} AUROC/FPR" for s in SETS) + " | near | far | fit s | score s |"
@@ -123,7 +122,7 @@ def main() -> None:
             if "epsilon" in row:
                 print(f"{model} {name}: epsilon chosen on validation = {row['epsilon']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

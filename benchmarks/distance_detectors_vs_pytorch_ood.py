@@ -1,36 +1,35 @@
-"""Side by side with pytorch-ood 0.4.0: suite-II distance detectors on the CIFAR-10 bench (ResNet-20).
+"""Side by side with pytorch-ood 0.4.0: the distance detectors on the CIFAR-10 bench (ResNet-20).
 
-Run in the reference venv (pytorch-ood cannot be imported in the main one)::
+Run in an environment with pytorch-ood 0.4.0 and torchvision (pytorch-ood cannot be imported in the main one)::
 
-    PYTHONPATH=. python benchmarks/verify_suite2_distance.py [--n-train 2000 --n-eval 1000]
+    PYTHONPATH=. python benchmarks/distance_detectors_vs_pytorch_ood.py [--n-train 2000 --n-eval 1000]
 
 Feature-space methods (Mahalanobis, RMD, KNN, GMM, NNGuide) run on the full splits from the extraction cache.
 Methods that use intermediate layers or re-run the model (MultiMahalanobis, MahalanobisODIN, NACUE, Gram,
 RankFeat) run on fixed random subsamples (seed 0; the same inputs for both libraries): ``--n-train`` training
 images to fit, ``--n-eval`` images of the ID test set and of every OOD set. Prints AUROC (percent) per OOD set
 for both libraries and the difference; the target is |diff| <= 0.1 points, and every row that misses it has
-its explanation in EXPLANATIONS below.
+its explanation in EXPLANATIONS below. Both libraries' AUROCs come from :func:`oodscope.metrics.auroc` (the
+scores differ, the metric does not). The last runs' logs are
+``benchmarks/results/distance_detectors_vs_pytorch_ood_{full,subsample}.log``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import oodscope
+from benchmarks.common import LAYERS, OOD_GROUPS, cifar_outputs, cifar_subset_outputs
+from oodscope.metrics import auroc as auroc_fraction
 
-import oodscope  # noqa: E402
-from oodscope.metrics import ood_metrics  # noqa: E402
-from suite2_data import OOD, outputs, sub_outputs  # noqa: E402
-
+OOD = OOD_GROUPS
 SETS = [name for group in OOD.values() for name in group]
-LAYERS = ["relu", "layer1", "layer2", "layer3"]
+LAYERS = list(LAYERS)
 EXPLANATIONS = {
     "gmm (EM default)": "our default refines the class-conditional mixture by EM (a GMM fitted on the features, "
                          "as the wafer paper does); pytorch-ood keeps the class-conditional fit. The max_iter=0 row "
@@ -47,7 +46,7 @@ EXPLANATIONS = {
 
 
 def auroc(id_scores, ood_scores) -> float:
-    return 100.0 * ood_metrics(np.asarray(id_scores), np.asarray(ood_scores))["auroc"]
+    return 100.0 * auroc_fraction(np.asarray(id_scores), np.asarray(ood_scores))
 
 
 def t(a, dtype=torch.float32):
@@ -89,7 +88,7 @@ def main() -> None:
         print(f"  {name}: ours {mid - start:.1f} s, pytorch-ood {time.perf_counter() - mid:.1f} s", flush=True)
 
     # -- full splits, cached penultimate features ----------------------------------------------------------
-    full, net, pre = outputs(20, layers=())
+    full, net, pre = cifar_outputs("cifar10_resnet20", layers=())
     net.eval()
     train, test = full["train"], full["test"]
     sets = {name: full[f"{g}/{name}"] for g, names in OOD.items() for name in names}
@@ -122,7 +121,7 @@ def main() -> None:
     # -- fixed subsamples with layers and the model ---------------------------------------------------------
     print(f"subsamples: {args.n_train} train, {args.n_eval} per evaluation set", flush=True)
     def sub_extract(key, n):
-        return sub_outputs(20, net, pre, key, n)
+        return cifar_subset_outputs("cifar10_resnet20", net, pre, key, n)
 
     s_train = sub_extract("train", args.n_train)
     s_test = sub_extract("test", args.n_eval)

@@ -26,13 +26,13 @@ released code's loss (cross-entropy applied to softmax outputs, ``double_softmax
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+from benchmarks.common import write_json
 
+from benchmarks.adbench_published import iforest_shared_stream
 from oodscope.anomaly.datasets import load
-from adbench_published import iforest_shared_stream  # benchmarks/ is on sys.path when run as a script
 from oodscope.anomaly.protocol import run_protocol, summarise
 
 # vicliv/DTE README, Tables 1 (semi) and 2 (unsup): AUROC mean (std) over seeds 0-4, percent
@@ -109,8 +109,7 @@ def main() -> None:
     print("seconds per row: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     print(f"total {time.perf_counter() - start:.1f} s")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "dte_published_records.json").write_text(json.dumps(all_records, indent=1))
+        write_json(args.out / "dte_published_records.json", all_records)
 
 
 if __name__ == "__main__":

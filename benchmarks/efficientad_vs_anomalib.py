@@ -1,6 +1,6 @@
 """Side-by-side check of oodscope's EfficientAD against anomalib's ``EfficientAdModel`` with the same weights.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 /work/venv-ref/bin/python benchmarks/efficientad_vs_anomalib.py [--size 256]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/efficientad_vs_anomalib.py [--size 256]   # with anomalib installed
 
 anomalib (PyPI ``anomalib``, an independent implementation of Batzner et al., WACV 2024) is only a reference here.
 The script fits our EfficientAD briefly on magnetic-tile images (a few steps: the point is equal computations, not
@@ -25,17 +25,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from benchmarks.common import magnetic_tile_dir
 from oodscope.data.mvtec import load_mvtec
 from oodscope.imagead import create
 from oodscope.imagead.efficientad import MAP_PAD, hard_feature_loss
-
-ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "magnetic-tile"
 
 
 def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
@@ -51,7 +49,7 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=str(ROOT))
+    parser.add_argument("--root", default=None, help="an MVTec-layout folder (default: the shared magnetic-tile)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--max-train", type=int, default=30)
     parser.add_argument("--n-test", type=int, default=24)
@@ -59,7 +57,7 @@ def main() -> None:
     from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
 
     start = time.perf_counter()
-    data = load_mvtec(args.root, size=args.size, max_train=args.max_train)
+    data = load_mvtec(args.root or magnetic_tile_dir(), size=args.size, max_train=args.max_train)
     rng = np.random.default_rng(0)
     test = data.test.images[np.sort(rng.choice(len(data.test), args.n_test, replace=False))]
     ours = create("efficientad", distill_steps=3, distill_batch_size=4, distill_norm_batches=1, train_steps=8,

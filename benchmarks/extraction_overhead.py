@@ -15,16 +15,13 @@ import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import oodscope
-from oodscope.data.spec import load_benchmark_dir
+from benchmarks.common import cifar_bench, cifar_weights
 from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
-
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
 
 
 def bare_loop(model, preprocess, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,9 +44,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    bench = load_benchmark_dir(BENCH)
+    bench = cifar_bench()
     images = bench.train.inputs[:args.images]
-    model = load_cifar_resnet("cifar10_resnet20", BENCH / "models" / "cifar10_resnet20.pth").eval()
+    model = load_cifar_resnet("cifar10_resnet20", cifar_weights("cifar10_resnet20")).eval()
     preprocess = cifar_preprocess("cifar10_resnet20")
     bares, plains, writes, hits = [], [], [], []
     for _ in range(args.repeats):  # interleaved, so that drifts of the machine hit both alike

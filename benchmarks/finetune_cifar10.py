@@ -24,14 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from oodscope.data.spec import load_benchmark_dir
-from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
+from benchmarks.common import cifar_bench, cifar_bench_dir, cifar_weights, write_json
 from oodscope.commands.train_bench import summary_columns
+from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
 from oodscope.results_io import format_table
+from oodscope.safeio import load_npz
 from oodscope.training import augment
 from oodscope.training.compare import DETECTORS, compare, evaluate_model, summarise
-
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
 METHODS = ("cross_entropy", "oe", "energy_oe", "logitnorm", "mixoe", "dos", "mos", "abet", "ish")
 
 
@@ -83,11 +82,10 @@ def main() -> None:
     parser.add_argument("--throughput-only", action="store_true", help="only the engine vs bare-loop timing")
     args = parser.parse_args()
 
-    bench = load_benchmark_dir(BENCH)
-    with np.load(BENCH / "tin_aux_train.npz", allow_pickle=False) as data:
-        outliers = data["images"]
+    bench = cifar_bench()
+    outliers = load_npz(cifar_bench_dir() / "tin_aux_train.npz", ["images"])["images"]
     preprocess = cifar_preprocess("cifar10_resnet20")
-    base = load_cifar_resnet("cifar10_resnet20", BENCH / "models" / "cifar10_resnet20.pth")
+    base = load_cifar_resnet("cifar10_resnet20", cifar_weights("cifar10_resnet20"))
     cache = Path(args.cache_dir)
     ratio = throughput(base, preprocess, (bench.train.inputs, bench.train.labels), outliers, args.max_steps)
     print(f"throughput (OE steps, back to back): {ratio}", flush=True)
@@ -100,10 +98,8 @@ def main() -> None:
                    checkpoint_dir=cache / f"{args.epochs}x{args.max_steps}", log=lambda r: print(r, flush=True),
                    epochs=args.epochs, max_steps=args.max_steps, progress=False)
     summary = summarise(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "pretrained": pretrained, "rows": rows, "summary": summary,
-                               "throughput": ratio}, indent=1) + "\n")
+    write_json(args.out, {"args": vars(args), "pretrained": pretrained, "rows": rows, "summary": summary,
+                          "throughput": ratio})
     no_std = {k: v for k, v in pretrained.items()} | {f"{k}_std": 0.0 for k, v in pretrained.items()
                                                       if isinstance(v, float)}
     print(format_table([no_std] + summary, summary_columns(list(DETECTORS), list(bench.ood))))

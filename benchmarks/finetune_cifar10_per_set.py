@@ -18,11 +18,10 @@ import numpy as np
 import torch
 
 import oodscope
-from oodscope.data.spec import load_benchmark_dir
+from benchmarks.common import auroc_fpr, cifar_bench, cifar_weights
 from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
+from oodscope.safeio import load_torch
 from oodscope.training.compare import subsample
-
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
 METHODS = ("cross_entropy", "oe", "energy_oe", "logitnorm", "mixoe", "dos", "mos", "abet", "ish")
 CONTROL_SCORES = ("msp", "energy", "scale")
 
@@ -34,7 +33,7 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=2000)
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "oodscope-finetune"))
     args = parser.parse_args()
-    bench = load_benchmark_dir(BENCH)
+    bench = cifar_bench()
     preprocess = cifar_preprocess("cifar10_resnet20")
     cache = Path(args.cache_dir)
     options = dict(preprocess=preprocess, cache_dir=cache, progress=False, batch_size=500)
@@ -46,10 +45,10 @@ def main() -> None:
         for seed in args.seeds.split(","):
             flat = cache / f"{method}-seed{seed}-{args.runs}" / "finetune.pt"
             path = flat if flat.exists() else cache / args.runs / f"{method}-seed{seed}" / "finetune.pt"
-            pretrained = load_cifar_resnet("cifar10_resnet20", BENCH / "models" / "cifar10_resnet20.pth")
+            pretrained = load_cifar_resnet("cifar10_resnet20", cifar_weights("cifar10_resnet20"))
             model = objective.adapt(pretrained, 10, (bench.train.inputs, bench.train.labels), preprocess)  # MOS:
             # its k-means groups come from the pretrained model's features, as in training
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+            model.load_state_dict(load_torch(path, what="fine-tuning checkpoint")["model"])
             model = objective.deploy(model).eval()
             detectors = [oodscope.create(d) for d in CONTROL_SCORES] if method == "cross_entropy" else \
                 [objective.score_detector()]
@@ -60,9 +59,8 @@ def main() -> None:
                 ood = oodscope.extract(model, images, name=name, layers=layers, **options)
                 for detector in detectors:
                     detector.fit(test)
-                    m = oodscope.metrics.ood_metrics(detector.score(test), detector.score(ood))
                     results.setdefault(detector.label, {n: [] for n in sets})[name].append(
-                        (100 * m["auroc"], 100 * m["fpr95"]))
+                        auroc_fpr(detector.score(test), detector.score(ood)))
         for score, by_set in results.items():
             cells = "".join(f"{np.mean([v[0] for v in by_set[n]]):>16.2f}"
                             f"{np.mean([v[1] for v in by_set[n]]):>8.2f}" for n in sets)

@@ -31,8 +31,8 @@ import warnings
 
 import numpy as np
 
-from oodscope.anomaly.contamination import (DEFAULT_DETECTORS, ContaminationPosterior, _sigmoid, joint_probabilities,
-                                            score_matrix)
+from oodscope.anomaly.contamination import (DEFAULT_DETECTORS, ContaminationPosterior, anomaly_probability,
+                                            joint_probabilities, score_matrix)
 from oodscope.anomaly.datasets import load
 
 
@@ -45,26 +45,20 @@ REFERENCE = {"standardised": "mean 11.24 %, 90 % [8.95, 13.81]", "min-max": "mea
 ACCEPTED = {"standardised": 331 + 100 * 68, "min-max": 331 + 100 * 3}  # its refits 69 and 4
 
 
-class _Recording(ContaminationPosterior):
-    """Keeps the fitted mixture's sorted components so that the rounded sampling can reuse them."""
-
-    def _sample(self, means, precisions, diag_cov, dof, alphas, delta, tau, rng):
-        self.components_ = (means, precisions, diag_cov, dof, alphas, delta, tau)
-        return super()._sample(means, precisions, diag_cov, dof, alphas, delta, tau, rng)
-
-
-def rounded_sampling_mean(posterior: _Recording, n_samples: int = 10000, ndraws: int = 100, seed: int = 0) -> float:
+def rounded_sampling_mean(posterior: ContaminationPosterior, n_samples: int = 10000, ndraws: int = 100,
+                          seed: int = 0) -> float:
     """The reference code's sampling scheme: per iteration one draw of every component's ordering value, then
     ``round(ndraws * P(first k anomalous))`` Dirichlet sums per ``k`` until ``(1 - p0) n`` draws; zeros for the rest;
     draws >= gamma_lim dropped and refilled from the positive ones."""
-    means, precisions, diag_cov, dof, alphas, delta, tau = posterior.components_
+    means, precisions, diag_cov, dof, alphas = posterior.components_
     rng = np.random.default_rng(seed)
     sums = np.cumsum(rng.dirichlet(alphas, size=n_samples), axis=1)
     target = int(n_samples * (1 - posterior.p0))
     draws: list[np.ndarray] = []
     while sum(len(d) for d in draws) < target:
-        order_value = ContaminationPosterior._ordering_value(means, precisions, diag_cov, dof, rng, 1)[0]
-        counts = np.round(ndraws * joint_probabilities(_sigmoid(delta, tau, order_value))).astype(int)
+        order_value = ContaminationPosterior.ordering_value(means, precisions, diag_cov, dof, rng, 1)[0]
+        p = anomaly_probability(posterior.delta_, posterior.tau_, order_value)
+        counts = np.round(ndraws * joint_probabilities(p)).astype(int)
         draws += [rng.choice(sums[:, k], c, replace=False) for k, c in enumerate(counts) if c > 0]
     gamma = np.concatenate(draws)[:target]
     gamma = np.concatenate([gamma, np.zeros(n_samples - target)])
@@ -75,13 +69,12 @@ def rounded_sampling_mean(posterior: _Recording, n_samples: int = 10000, ndraws:
 
 def report(label: str, posterior: ContaminationPosterior, seconds: float) -> None:
     low, high = posterior.interval(0.9)
-    weights = posterior.components_[4] / posterior.components_[4].sum() if hasattr(posterior, "components_") else None
+    weights = posterior.components_.alphas / posterior.components_.alphas.sum()
     print(f"{label:<54} mean {100 * posterior.mean_:5.2f} %  90 % [{100 * low:5.2f}, {100 * high:5.2f}]  "
           f"{posterior.n_components_:3d} components, fit {posterior.attempts_:2d}"
           f"{'' if posterior.converged_ else ' (p0/phigh not met)'}, {seconds:4.0f} s")
-    if weights is not None:
-        print(f"{'':<54} top components' weights {np.round(100 * weights[:4], 1)} %, "
-              f"P(component anomalous | previous are) {np.round(posterior.anomalous_probability_[:4], 3)}")
+    print(f"{'':<54} top components' weights {np.round(100 * weights[:4], 1)} %, "
+          f"P(component anomalous | previous are) {np.round(posterior.anomalous_probability_[:4], 3)}")
 
 
 def paper_detectors(seed: int = 331) -> dict:
@@ -115,7 +108,7 @@ def main() -> None:
 
     for label, X in (("standardised (CLI)", standardised), ("min-max", min_max)):
         start = time.perf_counter()
-        posterior = _Recording(seed=331).fit(score_matrix(X, DEFAULT_DETECTORS, 331),
+        posterior = ContaminationPosterior(seed=331).fit(score_matrix(X, DEFAULT_DETECTORS, 331),
                                              rescore=lambda seed: score_matrix(X, DEFAULT_DETECTORS, seed))
         report(f"ours: kNN, IForest, LOF, {label}", posterior, time.perf_counter() - start)
         print(f"{'':<54} same mixture, the reference's rounded sampling: mean "
@@ -134,7 +127,7 @@ def main() -> None:
         scores = np.column_stack([model.fit(X).decision_function(X) for model in (KNN(), IForest(), LOF())])
         start = time.perf_counter()
         report(f"reference's accepted refit, {label} (seed {seed})",
-               _Recording(seed=seed, max_refits=1).fit(scores), time.perf_counter() - start)
+               ContaminationPosterior(seed=seed, max_refits=1).fit(scores), time.perf_counter() - start)
     makers = paper_detectors()
     for label, X in (("min-max", min_max), ("standardised", standardised)):
         start = time.perf_counter()
@@ -142,7 +135,7 @@ def main() -> None:
         for make in makers.values():
             np.random.seed(331)
             scores.append(make().fit(X).decision_function(X))
-        posterior = _Recording().fit(np.column_stack(scores))
+        posterior = ContaminationPosterior().fit(np.column_stack(scores))
         report(f"paper's 10 PyOD detectors, {label}", posterior, time.perf_counter() - start)
 
 

@@ -13,15 +13,12 @@ defaults (5 epochs, lr 1e-4, 4 layers), on L2-normalised features.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
+from benchmarks.common import cifar_bench, cifar_weights, write_json
 
 
 def main() -> None:
     import oodscope
-    from oodscope.data.spec import load_benchmark_dir
     from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
     from oodscope.runner import run_benchmark
 
@@ -29,18 +26,16 @@ def main() -> None:
     parser.add_argument("--flowcon-epochs", type=int, default=100)
     parser.add_argument("--out", default="benchmarks/results/generative_features_cifar10.json")
     args = parser.parse_args()
-    bench = load_benchmark_dir(BENCH)
-    model = load_cifar_resnet("cifar10_resnet20", BENCH / "models" / "cifar10_resnet20.pth")
+    bench = cifar_bench()
+    model = load_cifar_resnet("cifar10_resnet20", cifar_weights("cifar10_resnet20"))
     detectors = {"flowcon": oodscope.create("flowcon", epochs=args.flowcon_epochs, lr=1e-4),
                  "nl_invariants": oodscope.create("nl_invariants"),
                  "knn": oodscope.create("knn"), "mahalanobis": oodscope.create("mahalanobis")}
     results, seconds = run_benchmark(bench, model, cifar_preprocess("cifar10_resnet20"), detectors)
     rows = results.table()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "seconds": {**results.seconds, **seconds},
-                               "invariants": int(detectors["nl_invariants"].invariants_),
-                               "flowcon_loss": detectors["flowcon"].loss_history_}, indent=1, default=float) + "\n")
+    write_json(args.out, {"args": vars(args), "rows": rows, "seconds": {**results.seconds, **seconds},
+                          "invariants": int(detectors["nl_invariants"].invariants_),
+                          "flowcon_loss": [float(v) for v in detectors["flowcon"].loss_history_]})
     sets = sorted({(r["group"], r["dataset"]) for r in rows})
     print("| detector | " + " | ".join(f"{g}/{d} AUROC / FPR95" for g, d in sets) + " | fit+score s |")
     print("|---|" + "---|" * (len(sets) + 1))

@@ -17,26 +17,26 @@ same fixed subsample of ``--per-set`` images per test set), so all points are co
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
-import numpy as np
+from benchmarks.common import cifar_bench, cifar_weights, write_json
+from oodscope.safeio import write_atomic
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
 ZOO = ("cifar10_resnet20", "cifar10_resnet32", "cifar10_resnet44", "cifar10_resnet56")
 DETECTORS = ("msp", "energy", "knn")
 GROUPS = ("near", "far")
 
 
 def zoo_rows(per_set: int, cache: Path) -> list[dict]:
-    from oodscope.data.spec import load_benchmark_dir
     from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
     from oodscope.training.compare import evaluate_model
 
-    bench = load_benchmark_dir(BENCH)
+    bench = cifar_bench()
     rows = []
     for name in ZOO:
-        model = load_cifar_resnet(name, BENCH / "models" / f"{name}.pth")
+        model = load_cifar_resnet(name, cifar_weights(name))
         row = evaluate_model(model, cifar_preprocess(name), bench, per_set=per_set, cache_dir=cache)
         rows.append({"model": name, "kind": "zoo", **row})
         print(name, {k: round(v, 2) for k, v in row.items() if k == "id_accuracy" or "auroc" in k}, flush=True)
@@ -71,7 +71,9 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_ylabel("AUROC (%)")
     axes[0, 0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    write_atomic(path, buffer.getvalue())
 
 
 def main() -> None:
@@ -89,8 +91,7 @@ def main() -> None:
     rows += [{"model": f"resnet20+{r['method']} seed {r['seed']}", "kind": "fine-tuned", **r}
              for r in finetuned["rows"]]
     table = correlations(rows)
-    out = Path(args.out)
-    out.write_text(json.dumps({"rows": rows, "correlations": table}, indent=1) + "\n")
+    out = write_json(args.out, {"rows": rows, "correlations": table})
     plot(rows, out.with_suffix(".png"))
     print("| models | n | detector | group | Spearman rho (p) | Kendall tau (p) |\n|---|---|---|---|---|---|")
     for r in table:

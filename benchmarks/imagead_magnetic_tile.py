@@ -1,4 +1,4 @@
-"""Image anomaly detection on ../shared/data/magnetic-tile: image AUROC, pixel AUROC, AUPRO, AUPIMO, fit time,
+"""Image anomaly detection on the magnetic-tile data set (MVTec layout): image AUROC, pixel AUROC, AUPRO, AUPIMO, fit time,
 per-image latency for every image detector, plus a global 1-NN on pooled features as the baseline PatchCore
 should beat.
 
@@ -14,18 +14,15 @@ the detectors after the first measure their own work on cached features; ``--fre
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.common import magnetic_tile_dir, parse_params, write_json
 from oodscope.data.mvtec import load_mvtec
 from oodscope.imagead import Backbone, create
 from oodscope.imagead.evaluate import ad_records, run_detector
-
-ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "magnetic-tile"
 
 
 def global_knn(backbone: Backbone, train, test, layer: str = "head"):
@@ -45,7 +42,7 @@ def global_knn(backbone: Backbone, train, test, layer: str = "head"):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--root", default=str(ROOT))
+    parser.add_argument("--root", default=None, help="an MVTec-layout folder (default: the shared magnetic-tile)")
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--max-train", type=int, default=200)
     parser.add_argument("--detectors", default="gaussian_ad,gaussian_ad_npca,patchcore")
@@ -57,12 +54,10 @@ def main() -> None:
                         help="detector hyperparameter, e.g. efficientad.train_steps=250 (repeatable)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the global 1-NN baseline")
     args = parser.parse_args()
-    from oodscope.commands.ad import _parse_params
-
-    params = _parse_params(args.param)
+    params = parse_params(args.param, nested=True)
     print(f"torch threads {torch.get_num_threads()}", flush=True)
     start = time.perf_counter()
-    data = load_mvtec(args.root, size=args.size, max_train=args.max_train)
+    data = load_mvtec(args.root or magnetic_tile_dir(), size=args.size, max_train=args.max_train)
     print(f"loaded train {len(data.train)}, test {len(data.test)} at {args.size} px in "
           f"{time.perf_counter() - start:.1f} s; notes: {data.notes}", flush=True)
     shared = Backbone(memoize=True)
@@ -82,7 +77,7 @@ def main() -> None:
                                 labels=data.test.labels)
         row = run.records[-1]
         print(name, {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    Path(args.out).write_text(json.dumps(records, indent=1))
+    write_json(args.out, records)
     print(f"{'detector':<20}{'imgAUROC':>9}{'pxAUROC':>9}{'AUPRO':>8}{'AUPIMO':>8}{'fit s':>8}{'ms/img':>8}")
     for r in records:
         if r["dataset"] == "all":

@@ -43,7 +43,7 @@ def main() -> None:
         cases = [("file " + sys.argv[1], maps, masks)]
     else:
         cases = [(f"synthetic seed {s}", *synthetic(s)) for s in range(3)]
-    from anomalib.metrics.aupro import _AUPRO
+    from anomalib.metrics.aupro import _AUPRO  # anomalib (the independent reference) names its metric so
     from anomalib.metrics.pimo.functional import aupimo_scores
 
     for label, maps, masks in cases:

@@ -1,4 +1,4 @@
-"""CAE and NSA (image detectors that train a network) on ../shared/data/magnetic-tile.
+"""CAE and NSA (image detectors that train a network) on the magnetic-tile data set (MVTec layout).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/imagead_trained_magnetic_tile.py --detector cae \
         [--size 160] [--max-train 200] [--param steps=300] [--out results.jsonl]
@@ -13,32 +13,27 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.common import magnetic_tile_dir, parse_params
 from oodscope.data.mvtec import load_mvtec
 from oodscope.imagead import create
 from oodscope.imagead.evaluate import run_detector
 
-ROOT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "magnetic-tile"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--root", default=str(ROOT))
+    parser.add_argument("--root", default=None, help="an MVTec-layout folder (default: the shared magnetic-tile)")
     parser.add_argument("--detector", default="cae")
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--max-train", type=int, default=200)
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", default=None, help="append one JSON line with all records to this file")
     args = parser.parse_args()
-    params = {}
-    for item in args.param:
-        key, _, value = item.partition("=")
-        params[key] = json.loads(value)
+    params = parse_params(args.param)
     start = time.perf_counter()
-    data = load_mvtec(args.root, size=args.size, max_train=args.max_train)
+    data = load_mvtec(args.root or magnetic_tile_dir(), size=args.size, max_train=args.max_train)
     print(f"torch threads {torch.get_num_threads()}; train {len(data.train)}, test {len(data.test)}, {args.size} px, "
           f"loaded in {time.perf_counter() - start:.1f} s; {args.detector} {params}", flush=True)
     det = create(args.detector, **params)

@@ -1,6 +1,6 @@
 """Results table for the logit detectors, ODIN and the SCOD plug-in on the CIFAR-10 benchmark.
 
-    PYTHONPATH=. python benchmarks/suite1_logits_results.py --models cifar10_resnet20,cifar10_resnet56
+    PYTHONPATH=. python benchmarks/logit_detectors_cifar10.py --models cifar10_resnet20,cifar10_resnet56
 
 Per model: every detector with its paper defaults, and tuned with :func:`oodscope.tune` on the validation splits
 (ID ``val`` = CIFAR-10 val, OOD ``ood_val/tin`` = TIN val), both fitted on the ID ``train`` split; reported on the
@@ -11,7 +11,7 @@ ODIN re-runs the network (forward, backward, forward), which is slow on 2 CPU co
 seeded subsample of ``--odin-n`` samples per test set and tuned on ``--odin-tune-n`` samples of each validation
 split over a reduced grid (T in {1, 1000} x eps in {0, 0.0014, 0.0028}); its rows are marked ``(n=...)``.
 Finally the SCOD AUC-RC (c_fn = 0.75, lower is better) of MSP, Energy and the SCOD plug-in rejector on the
-pool (ID test + one OOD set).
+pool (ID test + one OOD set). The last run's tables are in ``benchmarks/logit_detectors_cifar10.md``.
 """
 
 from __future__ import annotations
@@ -22,36 +22,29 @@ import time
 import numpy as np
 
 import oodscope
-from oodscope.data.spec import load_benchmark_dir
-from oodscope.extraction.outputs import ModelSource, Outputs
-from oodscope.metrics import auroc, fpr95, scod_auc_rc
-from oodscope.models.zoo import load_model
-from oodscope.runner import extract_benchmark
+from benchmarks.common import OOD_SETS, auroc_fpr, cifar_bench, cifar_outputs, fmt_params, group_means, pair
+from benchmarks.common import subsample_outputs
+from oodscope.extraction.outputs import Outputs
+from oodscope.metrics import scod_auc_rc
 
-BENCH = "../shared/data/cifar10-bench"
-OOD_SETS = ["near/cifar100", "near/tin", "far/mnist", "far/textures"]
 DETECTORS = ["msp", "maxlogit", "energy", "entropy", "temperature", "gen", "kl_matching", "scod_plugin"]
 ODIN_GRID = {"temperature": [1.0, 1000.0], "epsilon": [0.0, 0.0014, 0.0028]}
 
 
-def subsample(out: Outputs, inputs: np.ndarray, n: int, seed: int, model, pre, name: str) -> Outputs:
-    pick = np.sort(np.random.default_rng(seed).permutation(len(out))[:n])
-    return Outputs(logits=out.logits[pick], labels=None if out.labels is None else out.labels[pick], name=name,
-                   source=ModelSource(model=model, inputs=inputs[pick], preprocess=pre, device="cpu", batch_size=250))
+def subsample(out: Outputs, n: int, seed: int, name: str) -> Outputs:
+    """``n`` seeded rows of ``out`` with the model source (ODIN re-runs the network on them), 250 per batch."""
+    sub = subsample_outputs(out, n, seed, device="cpu", batch_size=250)
+    sub.name = name
+    return sub
 
 
 def evaluate_row(detector, test: Outputs, oods: dict[str, Outputs]) -> dict[str, tuple[float, float]]:
     id_scores = detector.score(test)
-    result = {}
-    for name, outputs in oods.items():
-        scores = detector.score(outputs)
-        result[name] = (100 * auroc(id_scores, scores), 100 * fpr95(id_scores, scores))
-    return result
+    return {name: auroc_fpr(id_scores, detector.score(outputs)) for name, outputs in oods.items()}
 
 
-def fmt_params(params: dict) -> str:
-    shown = {k: v for k, v in params.items() if k not in ("ood_params",)}
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) or "-"
+def shown_params(params: dict) -> str:
+    return fmt_params({k: v for k, v in params.items() if k != "ood_params"})
 
 
 def print_table(model_name: str, rows: list[tuple[str, str, str, dict]]) -> None:
@@ -60,20 +53,15 @@ def print_table(model_name: str, rows: list[tuple[str, str, str, dict]]) -> None
     print("| detector | setting | params | " + " | ".join(short) + " | near mean | far mean |")
     print("|---|---|---|" + "---|" * (len(short) + 2))
     for detector, setting, params, metrics in rows:
-        cells = [f"{metrics[s][0]:.2f} / {metrics[s][1]:.2f}" for s in OOD_SETS]
-        near = np.mean([metrics[s] for s in OOD_SETS if s.startswith("near")], axis=0)
-        far = np.mean([metrics[s] for s in OOD_SETS if s.startswith("far")], axis=0)
-        print(f"| {detector} | {setting} | {params} | " + " | ".join(cells)
-              + f" | {near[0]:.2f} / {near[1]:.2f} | {far[0]:.2f} / {far[1]:.2f} |")
+        means = group_means(metrics)
+        cells = [pair(metrics[s]) for s in OOD_SETS] + [pair(means["near"]), pair(means["far"])]
+        print(f"| {detector} | {setting} | {params} | " + " | ".join(cells) + " |")
 
 
 def run_model(model_name: str, args) -> None:
     start = time.perf_counter()
-    bench = load_benchmark_dir(BENCH)
-    model, pre = load_model(model_name, f"{BENCH}/models/{model_name}.pth")
-    out = extract_benchmark(bench, model, pre, cache_dir=args.cache_dir, progress=False)
-    for name, o in out.items():
-        o.name = name
+    bench = cifar_bench()
+    out, model, pre = cifar_outputs(model_name, args.cache_dir, bench=bench)
     train, val, test, tin_val = out["train"], out["val"], out["test"], out["ood_val/tin"]
     oods = {s: out[s] for s in OOD_SETS}
     acc = 100 * np.mean(test.logits.argmax(1) == test.labels)
@@ -83,23 +71,22 @@ def run_model(model_name: str, args) -> None:
     for name in DETECTORS:
         default = oodscope.create(name).fit(train, val=val)
         shown = {k: v for k, v in default.get_params().items()}
-        rows.append((name, "default", fmt_params(shown), evaluate_row(default, test, oods)))
+        rows.append((name, "default", shown_params(shown), evaluate_row(default, test, oods)))
         grid = oodscope.create(name).grid
         if grid:
             tuned = oodscope.tune(name, None, val, {"tin_val": tin_val}, train=train, val=val)
-            rows.append((name, "tuned", fmt_params(tuned.best_params), evaluate_row(tuned.best_detector, test, oods)))
+            rows.append((name, "tuned", shown_params(tuned.best_params), evaluate_row(tuned.best_detector, test, oods)))
 
     # ODIN on fixed subsamples (re-runs the network)
-    splits = bench.datasets()
     t0 = time.perf_counter()
-    sub = {key: subsample(out[key], splits[key].inputs, args.odin_n, 0, model, pre, key) for key in ["test", *OOD_SETS]}
-    val_sub = subsample(val, splits["val"].inputs, args.odin_tune_n, 1, model, pre, "val")
-    tin_sub = subsample(tin_val, splits["ood_val/tin"].inputs, args.odin_tune_n, 1, model, pre, "tin_val")
+    sub = {key: subsample(out[key], args.odin_n, 0, key) for key in ["test", *OOD_SETS]}
+    val_sub = subsample(val, args.odin_tune_n, 1, "val")
+    tin_sub = subsample(tin_val, args.odin_tune_n, 1, "tin_val")
     odin = oodscope.create("odin").fit(sub["test"])
-    rows.append((f"odin (n={args.odin_n})", "default", fmt_params(odin.get_params()),
+    rows.append((f"odin (n={args.odin_n})", "default", shown_params(odin.get_params()),
                  evaluate_row(odin, sub["test"], {s: sub[s] for s in OOD_SETS})))
     tuned = oodscope.tune("odin", ODIN_GRID, val_sub, {"tin_val": tin_sub})
-    rows.append((f"odin (n={args.odin_n})", f"tuned (n={args.odin_tune_n})", fmt_params(tuned.best_params),
+    rows.append((f"odin (n={args.odin_n})", f"tuned (n={args.odin_tune_n})", shown_params(tuned.best_params),
                  evaluate_row(tuned.best_detector, sub["test"], {s: sub[s] for s in OOD_SETS})))
     print(f"ODIN: {time.perf_counter() - t0:.0f} s; tuning table:\n{tuned}")
     print_table(model_name, rows)
@@ -114,7 +101,7 @@ def run_model(model_name: str, args) -> None:
         detector = oodscope.create(name, **kw).fit(train)
         id_scores = detector.score(test)
         cells = [f"{100 * scod_auc_rc(id_scores, errors, detector.score(oods[s])):.2f}" for s in OOD_SETS]
-        print(f"| {name} {fmt_params(kw) if kw else ''} | " + " | ".join(cells) + " |")
+        print(f"| {name} {shown_params(kw) if kw else ''} | " + " | ".join(cells) + " |")
     print(f"\n{model_name}: total {time.perf_counter() - start:.0f} s")
 
 

@@ -1,10 +1,10 @@
 """Side-by-side check of oodscope's logit detectors and ODIN against pytorch-ood 0.4.0.
 
-Run in the reference venv (it has pytorch-ood and torchvision) from the project root:
+Run in an environment with pytorch-ood 0.4.0 and torchvision, from the project root:
 
-    PYTHONPATH=. python benchmarks/verify_suite1_logits.py [--odin-n 1000]
+    PYTHONPATH=. python benchmarks/logit_detectors_vs_pytorch_ood.py [--odin-n 1000]
 
-Same model (CIFAR-10 ResNet-20 of ../shared/data/cifar10-bench), same data, same hyperparameters, and the same
+Same model (CIFAR-10 ResNet-20 of the CIFAR-10 bench, see ``benchmarks/common.py``), same data, same hyperparameters, and the same
 logits: both implementations get the logits extracted once by oodscope (cached), so only the
 scoring differs. Fitting data: KL-Matching templates from the ID train split (both); temperature scaling fits T
 by NLL on the ID val split (both: ``fit(train, val=val)`` here, ``fit_logits(val)`` there). ODIN re-runs the network,
@@ -26,16 +26,11 @@ import torch
 from scipy.special import softmax
 
 import oodscope
-from oodscope.data.spec import load_benchmark_dir
+from benchmarks.common import OOD_SETS, cifar_bench, cifar_outputs
 from oodscope.extraction.outputs import ModelSource, Outputs
 from oodscope.metrics import auroc
-from oodscope.models.zoo import load_model
-from oodscope.runner import extract_benchmark
 
-from pytorch_ood import detector as pood  # noqa: E402  (reference venv only)
-
-BENCH = "../shared/data/cifar10-bench"
-OOD_SETS = ["near/cifar100", "near/tin", "far/mnist", "far/textures"]
+from pytorch_ood import detector as pood  # noqa: E402  (an environment with pytorch-ood only)
 
 
 def main() -> None:
@@ -46,10 +41,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    bench = load_benchmark_dir(BENCH)
-    model, pre = load_model(args.model, f"{BENCH}/models/{args.model}.pth")
+    bench = cifar_bench()
+    out, model, pre = cifar_outputs(args.model, args.cache_dir, bench=bench)
     model.eval()
-    out = extract_benchmark(bench, model, pre, cache_dir=args.cache_dir, progress=False)
     train, val, test = out["train"], out["val"], out["test"]
     t = lambda o: torch.from_numpy(np.asarray(o.logits, dtype=np.float32))
 

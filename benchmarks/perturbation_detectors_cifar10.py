@@ -1,10 +1,11 @@
 """ODIN and AdaSCALE on the full CIFAR-10 benchmark: paper defaults and tuned, resumable.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/suite1_perturbation_full.py \
+    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/perturbation_detectors_cifar10.py \
         --model cifar10_resnet20 --method odin [--n 0] [--work oodscope-results/perturbation]
 
 Both detectors re-run the network (ODIN: forward, backward, forward per batch; AdaSCALE: the same for its
-feature shift), so unlike the other suite-1 rows they cannot be computed from cached outputs. This script runs one
+feature shift), so unlike the other rows of the logit and shaping tables they cannot be computed from cached
+outputs. This script runs one
 (model, method) pair:
 
 * ``default``: the detector with its paper defaults (``oodscope.create(method)``), fitted on the ID ``train``
@@ -17,20 +18,21 @@ feature shift), so unlike the other suite-1 rows they cannot be computed from ca
 (``numpy.random.default_rng(i)`` permutation, ``i`` the set's position in ID test, cifar100, tin, mnist,
 textures; sets smaller than ``N`` are used whole). Validation sets are always used whole.
 
-**Resumable.** Everything finished is saved atomically (write to a temporary file, then ``os.replace``) under
+**Resumable.** Everything finished is saved atomically (:func:`oodscope.safeio.write_atomic`) under
 ``--work/<model>/<method>/``: per test set the scores of each setting (``scores/<setting>/<set>.npy``) and, for
 tuning, one JSON row per grid setting (``tune/<setting>.json``, from ``tune`` called on that one setting), so an
 interrupted run redoes at most one set or one setting. For AdaSCALE the expensive part, the penultimate features
 of each input and of its perturbation, does not depend on the grid's parameters (``min_percentile``,
 ``max_percentile``): it is computed once per input array and kept in ``feats/<sha1 of inputs>.npz``; every
 grid setting then reuses it (identical numbers, the re-run is deterministic). Prints the table rows in the format
-of ``suite1_*_results.md``.
+of ``benchmarks/logit_detectors_cifar10.md`` and ``benchmarks/shaping_detectors_cifar10.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -42,15 +44,11 @@ import torch
 
 import oodscope
 import oodscope.detectors.adascale as adascale_module
-from oodscope.data.spec import load_benchmark_dir
+from benchmarks.common import OOD_SETS, auroc_fpr, cifar_outputs, fmt_params, group_means, pair, subsample_outputs
 from oodscope.extraction.outputs import ModelSource, Outputs
 from oodscope.metrics import auroc, fpr95
-from oodscope.models.zoo import load_model
-from oodscope.runner import extract_benchmark
+from oodscope.safeio import write_atomic
 from oodscope.tuning import tune
-
-BENCH = "../shared/data/cifar10-bench"
-OOD_SETS = ["near/cifar100", "near/tin", "far/mnist", "far/textures"]
 
 
 def log(message: str) -> None:
@@ -60,11 +58,11 @@ def log(message: str) -> None:
 
 
 def atomic_save(path: Path, write) -> None:
+    """``write(handle)`` into memory, then the bytes to ``path`` atomically (the folder is created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    write(buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def setting_key(params: dict) -> str:
@@ -73,14 +71,7 @@ def setting_key(params: dict) -> str:
 
 
 def subsample(out: Outputs, n: int, seed: int) -> Outputs:
-    if not n or n >= len(out):
-        return out
-    pick = np.sort(np.random.default_rng(seed).permutation(len(out))[:n])
-    source = out.source
-    return Outputs(features=out.features[pick], logits=out.logits[pick], head=out.head, name=out.name,
-                   labels=None if out.labels is None else out.labels[pick],
-                   source=ModelSource(model=source.model, inputs=source.inputs[pick], preprocess=source.preprocess,
-                                      device=source.device, batch_size=source.batch_size, head=source.head))
+    return subsample_outputs(out, n, seed)
 
 
 def cache_adascale_features(directory: Path) -> None:
@@ -200,16 +191,10 @@ def scores_for(detector, data: dict[str, Outputs], work: Path, label: str) -> di
     return result
 
 
-def fmt_params(params: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
-
-
 def row(method: str, setting: str, params: dict, scores: dict[str, np.ndarray]) -> str:
-    metrics = {s: (100 * auroc(scores["test"], scores[s]), 100 * fpr95(scores["test"], scores[s])) for s in OOD_SETS}
-    cells = [f"{metrics[s][0]:.2f} / {metrics[s][1]:.2f}" for s in OOD_SETS]
-    for group in ("near", "far"):
-        sets = [s for s in OOD_SETS if s.startswith(group)]
-        cells.append(f"{np.mean([metrics[s][0] for s in sets]):.2f} / {np.mean([metrics[s][1] for s in sets]):.2f}")
+    metrics = {s: auroc_fpr(scores["test"], scores[s]) for s in OOD_SETS}
+    means = group_means(metrics)
+    cells = [pair(metrics[s]) for s in OOD_SETS] + [pair(means["near"]), pair(means["far"])]
     return f"| {method} | {setting} | {fmt_params(params)} | " + " | ".join(cells) + " |"
 
 
@@ -258,9 +243,7 @@ def main() -> None:
         cache_adascale_features(work / "feats")
 
     log(f"{args.model} {args.method}, n={args.n or 'all'}")
-    bench = load_benchmark_dir(BENCH)
-    model, pre = load_model(args.model, f"{BENCH}/models/{args.model}.pth")
-    out = extract_benchmark(bench, model, pre, cache_dir=args.cache_dir, progress=False, device="cpu")
+    out, _, _ = cifar_outputs(args.model, args.cache_dir, device="cpu")
     test_sets = {name: subsample(out[name], args.n, seed) for seed, name in enumerate(["test", *OOD_SETS])}
     size = {name: len(o) for name, o in test_sets.items()}
     log(f"test set sizes {size}")

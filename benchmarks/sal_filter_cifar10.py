@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
-import numpy as np
-
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
+from benchmarks.common import cifar_bench, cifar_bench_dir, cifar_weights, write_json
 
 
 def main() -> None:
-    from sklearn.metrics import roc_auc_score
-
-    from oodscope.data.spec import load_benchmark_dir
     from oodscope.extraction.extract import extract
+    from oodscope.metrics import auroc
     from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
+    from oodscope.safeio import load_npz
     from oodscope.training.objectives.sal import filter_candidates, last_layer_gradients, wild_mixture
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -34,10 +30,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
-    bench = load_benchmark_dir(BENCH)
-    with np.load(BENCH / "tin_aux_train.npz", allow_pickle=False) as data:
-        aux = data["images"]
-    model = load_cifar_resnet("cifar10_resnet20", BENCH / "models" / "cifar10_resnet20.pth")
+    bench = cifar_bench()
+    aux = load_npz(cifar_bench_dir() / "tin_aux_train.npz", ["images"])["images"]
+    model = load_cifar_resnet("cifar10_resnet20", cifar_weights("cifar10_resnet20"))
     options = dict(preprocess=cifar_preprocess("cifar10_resnet20"), use_cache=False, progress=False, batch_size=500)
     started = time.perf_counter()
     train = extract(model, (bench.train.inputs, bench.train.labels), **options)
@@ -52,12 +47,12 @@ def main() -> None:
             caught = int((candidates & planted).sum())
             row = {"pi": pi, "seed": seed, "wild": len(wild), "planted": int(planted.sum()),
                    "candidates": int(candidates.sum()), "precision": caught / max(int(candidates.sum()), 1),
-                   "recall": caught / int(planted.sum()), "score_auroc": float(roc_auc_score(planted, scores)),
+                   "recall": caught / int(planted.sum()), "score_auroc": auroc(scores[~planted], scores[planted]),
                    "seconds": time.perf_counter() - started}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(args.out, rows)
 
 
 if __name__ == "__main__":

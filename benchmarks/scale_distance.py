@@ -29,20 +29,22 @@ import argparse
 import gc
 import os
 import resource
-import sys
 import threading
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import oodscope
+from benchmarks.common import cifar_outputs
+from oodscope import Outputs
+from oodscope.metrics import auroc
 
-import oodscope  # noqa: E402
-from oodscope import Outputs  # noqa: E402
-from oodscope.detectors._gaussian import rows_per_chunk  # noqa: E402
+CHUNK_ELEMENTS = 1 << 25  # float64 entries per row chunk of the bare X^T X pass (256 MiB, the fits' own budget)
 
 
-BENCH = "../shared/data/cifar10-bench"     # relative to the repository root
+def rows_per_chunk(dim: int) -> int:
+    """Rows per chunk of the bare second-moment pass, at least 256."""
+    return max(256, CHUNK_ELEMENTS // max(int(dim), 1))
 
 
 def timed(fn):
@@ -64,13 +66,7 @@ CIFAR_DETECTORS = ("mahalanobis", "rmds", "knn", "knn_ivf", "gmm", "nnguide", "w
 
 
 def cifar(cache_dir: str, model_name: str = "cifar10_resnet20", detectors=CIFAR_DETECTORS) -> None:
-    from oodscope.data.spec import load_benchmark_dir
-    from oodscope.models.zoo import load_model
-    from oodscope.runner import extract_benchmark
-
-    bench = load_benchmark_dir(BENCH)
-    model, pre = load_model(model_name, f"{BENCH}/models/{model_name}.pth")
-    out = extract_benchmark(bench, model, pre, cache_dir=cache_dir, progress=False)
+    out, _, _ = cifar_outputs(model_name, cache_dir)
     scored = [out[k] for k in ("test", "near/cifar100", "near/tin", "far/mnist", "far/textures")]
     n_scored = sum(len(o) for o in scored)
     header(f"CIFAR-10 bench, {model_name} features {out['train'].features.shape} (fit on train, score test + 4 OOD); "
@@ -170,9 +166,7 @@ def synthetic(path: str, n: int, dim: int, n_classes: int, n_queries: int, k: in
     print(f"\nsynthetic {n} x {dim} bank, {n_queries} queries (half new samples of the bank's classes, half of unseen classes)\n"
           f"{'detector':<18}{'fit [s]':>10}{'score [s]':>10}{'scored':>8}{'anon GiB':>10}{'rss GiB':>9}"
           f"{'AUROC':>7}{'fit/xtx64':>10}  load average", flush=True)
-    from sklearn.metrics import roc_auc_score
-
-    target = np.r_[np.zeros(len(near)), np.ones(len(far))]
+    n_near = len(near)
     head = logits = None
     if "vim" in only:
         head, logits = head_and_logits(np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim)), n_classes)
@@ -205,7 +199,7 @@ def synthetic(path: str, n: int, dim: int, n_classes: int, n_queries: int, k: in
             scores, score_s = timed(lambda: det.score(query))
         ratio = f"{fit_s / bare_s:>10.2f}" if bare_s and name in GAUSSIAN else f"{'':>10}"
         print(f"{name:<18}{fit_s:>10.1f}{score_s:>10.2f}{n_queries:>8d}{peak.anon / 2**30:>10.2f}"
-              f"{peak.rss / 2**30:>9.2f}{roc_auc_score(target, scores):>7.3f}{ratio}  {os.getloadavg()}", flush=True)
+              f"{peak.rss / 2**30:>9.2f}{auroc(scores[:n_near], scores[n_near:]):>7.3f}{ratio}  {os.getloadavg()}", flush=True)
         del det, train, bank
     print(f"process peak RSS (ru_maxrss, includes mapped bank pages): "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; total {time.perf_counter() - start:.0f} s")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-bench"
+from benchmarks.common import cifar_bench, cifar_weights
 
 
 def rss_gib() -> float:
@@ -42,16 +42,15 @@ def extract_part(args: argparse.Namespace) -> None:
     import ray
     import torch
 
-    from oodscope.data.spec import load_benchmark_dir
     from oodscope.extraction.ray_engine import OBJECT_STORE_BYTES, RayEngine
     from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
     from oodscope.runner import extract_benchmark
 
-    bench = load_benchmark_dir(BENCH)
+    bench = cifar_bench()
     if args.images:
         bench = _subset(bench, args.images)
     n_images = sum(len(split.inputs) for split in bench.datasets().values())
-    model = load_cifar_resnet("cifar10_resnet20", BENCH / "models" / "cifar10_resnet20.pth").eval()
+    model = load_cifar_resnet("cifar10_resnet20", cifar_weights("cifar10_resnet20")).eval()
     preprocess = cifar_preprocess("cifar10_resnet20")
     start = time.perf_counter()
     ray.init(address="local", num_cpus=args.threads, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
@@ -91,13 +90,13 @@ def _subset(bench, n: int):
 
 def knn_part(args: argparse.Namespace) -> None:
     import oodscope
-    from oodscope.detectors._gaussian import chunks
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory(dir=args.tmp) as work:
         bank = np.lib.format.open_memmap(Path(work) / "bank.npy", mode="w+", dtype=np.float32,
                                          shape=(args.bank, args.dim))
-        for start, stop in chunks(args.bank, 65536):
+        for start in range(0, args.bank, 65536):
+            stop = min(args.bank, start + 65536)
             bank[start:stop] = rng.standard_normal((stop - start, args.dim), dtype=np.float32)
         bank.flush()
         queries = rng.standard_normal((args.queries, args.dim), dtype=np.float32)

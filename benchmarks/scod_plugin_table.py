@@ -24,17 +24,12 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from scipy.special import softmax
 
 import oodscope
-from oodscope.data.spec import load_benchmark_dir
-from oodscope.detectors._common import probabilities
+from benchmarks.common import OOD_SETS, auroc_fpr, cifar_bench, cifar_outputs
 from oodscope.detectors.scod_plugin import lagrangian_score
-from oodscope.metrics import auroc, fpr95, scod_auc_rc
-from oodscope.models.zoo import load_model
-from oodscope.runner import extract_benchmark
-
-BENCH = "../shared/data/cifar10-bench"
-OOD_SETS = ["near/cifar100", "near/tin", "far/mnist", "far/textures"]
+from oodscope.metrics import scod_auc_rc
 
 
 def main() -> None:
@@ -42,10 +37,9 @@ def main() -> None:
     parser.add_argument("--models", default="cifar10_resnet20,cifar10_resnet56")
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
-    bench = load_benchmark_dir(BENCH)
+    bench = cifar_bench()
     for model_name in args.models.split(","):
-        model, pre = load_model(model_name, f"{BENCH}/models/{model_name}.pth")
-        out = extract_benchmark(bench, model, pre, cache_dir=args.cache_dir, progress=False, device="cpu")
+        out, _, _ = cifar_outputs(model_name, args.cache_dir, bench=bench, device="cpu")
         train, test = out["train"], out["test"]
         errors = test.logits.argmax(1) != test.labels
         rows = {
@@ -62,12 +56,11 @@ def main() -> None:
         oods = {s: out[s] for s in OOD_SETS}
         default = oodscope.create("scod_plugin").fit(train)
         tuned = oodscope.tune("scod_plugin", None, out["val"], {"tin_val": out["ood_val/tin"]}, train=train)
-        print(f"\n{model_name}: scod_plugin rows for suite1_logits_results.md (AUROC / FPR@95 %)\n")
+        print(f"\n{model_name}: scod_plugin rows for logit_detectors_cifar10.md (AUROC / FPR@95 %)\n")
         for setting, params, detector in [("default", default.get_params(), default),
                                           ("tuned", tuned.best_params, tuned.best_detector)]:
             id_scores = detector.score(test)
-            cells = [(100 * auroc(id_scores, o := detector.score(oods[s])), 100 * fpr95(id_scores, o))
-                     for s in OOD_SETS]
+            cells = [auroc_fpr(id_scores, detector.score(oods[s])) for s in OOD_SETS]
             means = [np.mean(np.array(cells)[[0, 1]], axis=0), np.mean(np.array(cells)[[2, 3]], axis=0)]
             shown = ", ".join(f"{k}={v}" for k, v in params.items() if k in ("ood", "c_fn", "pi_in", "ratio"))
             print(f"| scod_plugin | {setting} | {shown} | "
@@ -84,7 +77,7 @@ def main() -> None:
             print(f"| {label} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {np.mean(cells):.2f} |")
 
         def l1_plugin(x):
-            msp = probabilities(x.logits).max(axis=1)
+            msp = softmax(np.asarray(x.logits, dtype=np.float64), axis=1).max(axis=1)
             return lagrangian_score(msp, 1.0 / np.abs(x.features).sum(1), c_fn=0.75, pi_in=0.5)
 
         cells = [100 * scod_auc_rc(l1_plugin(test), errors, l1_plugin(out[s]), c_fn=0.75) for s in OOD_SETS]

@@ -1,81 +1,49 @@
 """Results table for the activation-shaping and head-geometry detectors on the CIFAR-10 benchmark.
 
-    PYTHONPATH=. python benchmarks/suite1_shaping_results.py --models cifar10_resnet20,cifar10_resnet56
+    PYTHONPATH=. python benchmarks/shaping_detectors_cifar10.py --models cifar10_resnet20,cifar10_resnet56
 
 Per model: every detector with its paper defaults and tuned on the validation splits (ID ``val`` = CIFAR-10 val,
-OOD ``ood_val/tin`` = TIN val; best mean AUROC over the detector's ``grid``, with ``oodscope.tune`` when the
-installed oodscope has it, else the same grid search here), both fitted on the ID ``train`` split and reported
+OOD ``ood_val/tin`` = TIN val; best mean AUROC over the detector's ``grid`` with :func:`oodscope.tune`), both fitted on the ID ``train`` split and reported
 on the ID ``test`` split against every OOD test set: AUROC and FPR@95 (ID positive) in percent, near and far
 means. Outputs are extracted once per model and cached (``--cache-dir``, default: the oodscope cache).
 
 AdaSCALE re-runs the network (forward, backward, forward per sample), which is slow on 2 CPU cores: it is fitted
 on ``--adascale-fit`` ID training samples (default 5,000, the method's default) and evaluated on a fixed seeded
 subsample of ``--adascale-n`` samples per test set (rows marked ``n=...``, with SCALE on the same subsample for
-comparison), with defaults only (``--adascale-n 0`` skips it).
+comparison), with defaults only (``--adascale-n 0`` skips it). The last run's tables are in
+``benchmarks/shaping_detectors_cifar10.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import numpy as np
 
 import oodscope
-from oodscope.data.spec import load_benchmark_dir
-from oodscope.extraction.outputs import ModelSource, Outputs
-from oodscope.metrics import auroc, fpr95
-from oodscope.models.zoo import load_model
-from oodscope.runner import extract_benchmark
-
-BENCH = "../shared/data/cifar10-bench"
-OOD_SETS = ["near/cifar100", "near/tin", "far/mnist", "far/textures"]
+from benchmarks.common import OOD_SETS, auroc_fpr, cifar_bench, cifar_outputs, fmt_params, group_means, pair
+from benchmarks.common import subsample_outputs
+from oodscope.extraction.outputs import Outputs
+from oodscope.tuning import tune
 DETECTORS = ["react", "ash_p", "ash_b", "ash_s", "scale", "vra", "dice", "optimal_shaping", "residual", "neco",
              "gradnorm", "fdbd", "she", "vim", "energy"]
 
 
 def grid_search(name: str, val: Outputs, ood_val: Outputs, train: Outputs) -> tuple[dict, oodscope.Detector]:
-    """Best mean-AUROC setting of the detector's grid (``oodscope.tune`` when available)."""
-    try:
-        from oodscope.tuning import tune
-    except ImportError:
-        tune = None
-    if tune is not None:
-        result = tune(name, None, val, {"tin_val": ood_val}, train=train)
-        return result.best_params, result.best_detector
-    cls = oodscope.detectors.get(name)
-    keys = list(cls.grid)
-    best = (-np.inf, {}, None)
-    for values in itertools.product(*(cls.grid[k] for k in keys)):
-        params = dict(zip(keys, values))
-        try:
-            detector = cls(**params).fit(train)
-            score = auroc(detector.score(val), detector.score(ood_val))
-        except ValueError:
-            continue
-        if score > best[0]:
-            best = (score, params, detector)
-    return best[1], best[2]
+    """Best mean-AUROC setting of the detector's grid (:func:`oodscope.tune` on val vs TIN val)."""
+    result = tune(name, None, val, {"tin_val": ood_val}, train=train)
+    return result.best_params, result.best_detector
 
 
 def evaluate_row(detector, test: Outputs, oods: dict[str, Outputs]) -> dict[str, tuple[float, float]]:
     id_scores = detector.score(test)
-    return {name: (100 * auroc(id_scores, s := detector.score(o)), 100 * fpr95(id_scores, s))
-            for name, o in oods.items()}
+    return {name: auroc_fpr(id_scores, detector.score(o)) for name, o in oods.items()}
 
 
 def subsample(out: Outputs, inputs: np.ndarray, n: int, seed: int) -> Outputs:
-    pick = np.sort(np.random.default_rng(seed).permutation(len(out))[:n])
-    source = out.source
-    return Outputs(features=out.features[pick], logits=out.logits[pick], head=out.head, name=out.name,
-                   labels=None if out.labels is None else out.labels[pick],
-                   source=ModelSource(model=source.model, inputs=inputs[pick], preprocess=source.preprocess,
-                                      device="cpu", batch_size=250, head=source.head))
-
-
-def fmt_params(params: dict) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()) or "-"
+    """``n`` seeded rows with the model source on the split's images (AdaSCALE re-runs the network)."""
+    return subsample_outputs(out, n, seed, inputs=inputs, device="cpu", batch_size=250)
 
 
 def print_table(model_name: str, rows: list[tuple[str, str, str, dict]]) -> None:
@@ -84,20 +52,16 @@ def print_table(model_name: str, rows: list[tuple[str, str, str, dict]]) -> None
     print("| detector | setting | params | " + " | ".join(short) + " | near mean | far mean |")
     print("|---" * (len(short) + 5) + "|")
     for detector, setting, params, metrics in rows:
-        cells = [f"{metrics[s][0]:.2f} / {metrics[s][1]:.2f}" for s in OOD_SETS]
-        means = []
-        for group in ("near", "far"):
-            sets = [s for s in OOD_SETS if s.startswith(group)]
-            means.append(f"{np.mean([metrics[s][0] for s in sets]):.2f} / {np.mean([metrics[s][1] for s in sets]):.2f}")
-        print(f"| {detector} | {setting} | {params} | " + " | ".join(cells) + " | " + " | ".join(means) + " |")
+        means = group_means(metrics)
+        cells = [pair(metrics[s]) for s in OOD_SETS] + [pair(means["near"]), pair(means["far"])]
+        print(f"| {detector} | {setting} | {params} | " + " | ".join(cells) + " |")
 
 
 def run_model(model_name: str, cache_dir: str, adascale_n: int, adascale_fit: int, skip_tuning: bool,
               only: list[str] | None = None) -> None:
-    bench = load_benchmark_dir(BENCH)
-    model, pre = load_model(model_name, f"{BENCH}/models/{model_name}.pth")
+    bench = cifar_bench()
     start = time.perf_counter()
-    out = extract_benchmark(bench, model, pre, cache_dir=cache_dir, progress=False, device="cpu")
+    out, _, _ = cifar_outputs(model_name, cache_dir, bench=bench, device="cpu")
     print(f"\n{model_name}: outputs of {len(out)} splits in {time.perf_counter() - start:.1f} s "
           f"(ID test accuracy {100 * np.mean(out['test'].logits.argmax(1) == out['test'].labels):.2f} %)")
     train, test, val, ood_val = out["train"], out["test"], out["val"], out["ood_val/tin"]

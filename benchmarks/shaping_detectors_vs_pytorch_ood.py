@@ -1,8 +1,8 @@
 """Side-by-side check of oodscope's shaping / head-geometry detectors against pytorch-ood 0.4.0.
 
-Run in the reference venv (pytorch-ood needs torchvision)::
+Run in an environment with pytorch-ood 0.4.0 (it needs torchvision)::
 
-    PYTHONPATH=. python benchmarks/verify_suite1_shaping.py
+    PYTHONPATH=. python benchmarks/shaping_detectors_vs_pytorch_ood.py
 
 Same model (CIFAR-10 ResNet-20), same data (the CIFAR-10 bench: fit on the 10,000 ID training images, ID test =
 9,000 test images, every OOD set in full) and the same hyperparameters for both libraries. Both score the same
@@ -12,26 +12,21 @@ ReAct and VRA shape in their reference code for this kind of network), its GradN
 model and the features as input, with the gradient taken w.r.t. ``fc.weight`` only (the paper's last-layer
 GradNorm), computed per sample by autograd. pytorch-ood has no Residual detector: oodscope's ``residual`` is
 compared with the residual norm inside pytorch-ood's fitted ViM. Prints AUROC (%) per OOD set and the largest
-difference.
+difference; both AUROCs come from :func:`oodscope.metrics.auroc`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 import oodscope
-from oodscope.data.spec import load_benchmark_dir
+from benchmarks.common import OOD_SETS, cifar_outputs
 from oodscope.metrics import auroc
-from oodscope.models.zoo import load_model
-from oodscope.runner import extract_benchmark
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-bench"
-OOD_SETS = ["near/cifar100", "near/tin", "far/mnist", "far/textures"]
 TOLERANCE = 0.1  # AUROC points
 
 
@@ -85,9 +80,7 @@ def reference_scores(name: str, det, train_z: torch.Tensor, train_y: torch.Tenso
 
 def main() -> int:
     torch.manual_seed(0)
-    bench = load_benchmark_dir(DATA)
-    model, pre = load_model("cifar10_resnet20", DATA / "models" / "cifar10_resnet20.pth")
-    out = extract_benchmark(bench, model, pre, cache_dir=None, progress=False)
+    out, model, pre = cifar_outputs("cifar10_resnet20")
     train, test = out["train"], out["test"]
     as_t = (lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32))
     train_z, train_y = as_t(train.features), torch.as_tensor(train.labels)

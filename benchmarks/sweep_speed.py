@@ -1,10 +1,10 @@
 """Speed race: one extraction for every detector vs re-running the network per method.
 
-Run (pytorch-ood 0.4.0 lives in the reference venv)::
+Run (part (d) needs pytorch-ood 0.4.0 in the environment; without it (d) is skipped with a message)::
 
-    cd <repo> && PYTHONPATH=. python benchmarks/sweep_speed.py
+    cd <repo> && PYTHONPATH=. python benchmarks/sweep_speed.py > benchmarks/results/sweep_speed.log
 
-On the CIFAR-10 bench (``../shared/data/cifar10-bench``) with ResNet-20, on a fixed subsample of every set (the
+On the CIFAR-10 bench (``benchmarks/common.py``'s data root) with ResNet-20, on a fixed subsample of every set (the
 same for all four timings; ``--n-train`` 1,000 ID train images, ``--n-eval`` 300 of every other set), it times
 
 (a) one extraction pass over all sets (train, val, test, OOD val, every OOD set), cache off;
@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 import oodscope
+from benchmarks.common import cifar_bench_dir
 from oodscope.data.spec import load_benchmark_dir
 from oodscope.detectors import Detector, create, get
 from oodscope.extraction import Need
@@ -55,8 +56,6 @@ from oodscope.extraction.extract import extract
 from oodscope.metrics import auroc
 from oodscope.models.zoo import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT.parent / "shared" / "data" / "cifar10-bench"
 RERUN_NEEDS = {Need.MODEL}
 # gram has no default layers (they depend on the network); its own error message names these for the CIFAR
 # ResNets. It needs their full feature maps, so it is timed in a separate pair (a'), (b') - see main().
@@ -157,7 +156,7 @@ def warm_up(model, pre, sets, names, layers, batch_size, device) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", default=str(BENCH))
+    parser.add_argument("--bench", default=None, help="the CIFAR-10 bench folder (default: benchmarks/common.py's)")
     parser.add_argument("--weights", default=None, help="default: <bench>/models/cifar10_resnet20.pth")
     parser.add_argument("--n-train", type=int, default=1000, help="ID train images (fixed subsample)")
     parser.add_argument("--n-eval", type=int, default=300, help="images of every other set (fixed subsample)")
@@ -169,8 +168,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
-    bench = load_benchmark_dir(args.bench, check_overlap=False)
-    model, pre = load_model("cifar10_resnet20", args.weights or Path(args.bench) / "models" / "cifar10_resnet20.pth")
+    root = Path(args.bench) if args.bench else cifar_bench_dir()
+    bench = load_benchmark_dir(root, check_overlap=False)
+    model, pre = load_model("cifar10_resnet20", args.weights or root / "models" / "cifar10_resnet20.pth")
     model.to(device)
     sets = subsample(bench, args.n_train, args.n_eval)
     names = sweep_detectors()

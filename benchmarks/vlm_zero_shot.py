@@ -4,12 +4,13 @@ Needs CLIP weights, which no package here ships: download a Hugging Face CLIP on
 the folder, e.g.
 
     python -c "from oodscope.vlm import download_clip; download_clip('openai/clip-vit-base-patch16', 'clip-b16')"
-    python benchmarks/vlm_zero_shot.py --model clip-b16 --data ../shared/data/cifar10-bench --device auto
+    PYTHONPATH=. python benchmarks/vlm_zero_shot.py --model clip-b16 --device auto   # --data FOLDER: another bench
 
 The data folder holds OpenOOD-style ``.npz`` files (``images`` uint8 N x 32 x 32 x 3): ``cifar10_test.npz`` (ID) and
 the OOD sets ``cifar100_test``, ``tin_test`` (near), ``mnist_test``, ``textures`` (far). Images are upsampled by
 CLIP's preprocessing (bicubic, to the model's input size). ``--limit N`` takes the first N images of every set (a
-smoke run); ``--model tiny`` writes and uses a random tiny CLIP (only checks that the script runs). Prints AUROC and
+smoke run); ``--model tiny`` writes and uses a random tiny CLIP (the one the tests build, from
+``tests/vlm_models.py``: run from the repository root; it only checks that the script runs). Prints AUROC and
 FPR@95 (percent, ID positive) per detector and OOD set; embeddings are cached (oodscope's extraction cache).
 """
 
@@ -22,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import cifar_bench_dir
+from oodscope.safeio import load_npz
+
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 OOD_SETS = {"near": ["cifar100_test", "tin_test"], "far": ["mnist_test", "textures"]}
 
 
 def load(folder: Path, name: str, limit: int | None) -> np.ndarray:
-    with np.load(folder / f"{name}.npz", allow_pickle=False) as archive:
-        images = archive["images"][:limit]
+    images = load_npz(folder / f"{name}.npz", ["images"])["images"][:limit]
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2))  # uint8 NCHW
 
 
@@ -36,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a local Hugging Face CLIP folder, open_clip:ARCH/PRETRAINED, "
                         "or 'tiny' (random weights: a smoke test only)")
-    parser.add_argument("--data", default="../shared/data/cifar10-bench")
+    parser.add_argument("--data", default=None, help="a folder of OpenOOD-style .npz files (default: the CIFAR-10 "
+                        "bench of benchmarks/common.py)")
     parser.add_argument("--detectors", default="mcm,gl_mcm,neglabel")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--device", default="cpu")
@@ -49,14 +53,11 @@ def main() -> None:
 
     model = args.model
     if model == "tiny":
-        import sys
-
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from vlm_models import save_tiny_clip
+        from tests.vlm_models import save_tiny_clip
 
         model = save_tiny_clip(Path(tempfile.mkdtemp()) / "tiny")
     clip = load_clip(model, device="cpu", batch_size=args.batch_size, progress=True)
-    folder = Path(args.data)
+    folder = Path(args.data) if args.data else cifar_bench_dir()
     id_images = load(folder, "cifar10_test", args.limit)
     ood = {name: load(folder, name, args.limit) for group in OOD_SETS.values() for name in group}
     print(f"ID cifar10_test: {len(id_images)} images; OOD: " + ", ".join(f"{k} {len(v)}" for k, v in ood.items()))

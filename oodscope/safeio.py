@@ -1,14 +1,18 @@
-"""Reading the files users hand to oodscope (benchmark ``.npz`` files, ``--weights``, checkpoints), pickle-free.
+"""Reading the files users hand to oodscope (benchmark ``.npz`` files, ``--weights``, checkpoints), pickle-free,
+and writing result files atomically.
 
 Every reader here refuses pickled Python objects (``np.load(..., allow_pickle=False)``,
 ``torch.load(..., weights_only=True)``): a planted file cannot run code. A file that is truncated, corrupt or
 not of the expected kind gives a ``ValueError`` that names the file (and the array) and says what is wrong,
-instead of a library traceback, and never advises loading it unsafely.
+instead of a library traceback, and never advises loading it unsafely. :func:`write_atomic` writes a file so
+that a reader (or a killed writer) only ever sees the old content or the new one, never a truncated file.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -86,3 +90,21 @@ def load_torch(path: str | Path, what: str = "weights file") -> Any:
                              "torch.save(model.state_dict(), path)") from None
         raise ValueError(f"{what} {path} is truncated or corrupt, or not a PyTorch file "
                          f"({type(error).__name__}); download or save it again") from None
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically: a temporary file in the same folder, then
+    ``os.replace``. The folder must exist; the temporary file is removed when the write fails. Returns the path."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist")
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(raw)
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -83,8 +83,23 @@ def transform_scores(scores: np.ndarray) -> np.ndarray:
     return (logs - logs.mean(axis=0)) / logs.std(axis=0)
 
 
-def _sigmoid(delta: float, tau: float, x: np.ndarray) -> np.ndarray:
+def anomaly_probability(delta: float, tau: float, x: np.ndarray) -> np.ndarray:
+    """Step 4's ``p = 1 / (1 + exp(tau + delta x))``: the probability that a component with ordering value ``x`` is
+    anomalous, given that the components before it are."""
     return 1.0 / (1.0 + np.exp(tau + delta * x))
+
+
+class MixtureComponents(NamedTuple):
+    """The kept mixture components in their anomaly order (``ContaminationPosterior.components_``): the posterior
+    means of the component means ``(K, M)``, their precisions ``beta_k`` ``(K,)``, the diagonals of the covariances
+    ``(K, M)``, the Wishart degrees of freedom ``(K,)``, and the Dirichlet parameters of the weights ``(K,)`` (the
+    dropped components' mass spread evenly)."""
+
+    means: np.ndarray
+    precisions: np.ndarray
+    diag_cov: np.ndarray
+    dof: np.ndarray
+    alphas: np.ndarray
 
 
 def joint_probabilities(p: np.ndarray) -> np.ndarray:
@@ -163,7 +178,7 @@ class ContaminationPosterior:
                 continue
             means, precisions = mixture.means_[keep], mixture.mean_precision_[keep]
             diag_cov, dof = np.einsum("kii->ki", mixture.covariances_[keep]), mixture.degrees_of_freedom_[keep]
-            m = self._ordering_value(means, precisions, diag_cov, dof, rng, 1000).mean(axis=0)
+            m = self.ordering_value(means, precisions, diag_cov, dof, rng, 1000).mean(axis=0)
             order = np.argsort(-m, kind="stable")
             m = m[order]
             alphas = concentration[keep][order] + (concentration.sum() - concentration[keep].sum()) / keep.size
@@ -172,10 +187,10 @@ class ContaminationPosterior:
             def residuals(params):
                 delta, tau = params
                 return (delta - (logit_p0 - tau) / m[0],
-                        np.sum(above * joint_probabilities(_sigmoid(delta, tau, m))) - self.phigh)
+                        np.sum(above * joint_probabilities(anomaly_probability(delta, tau, m))) - self.phigh)
 
             delta, tau = least_squares(residuals, x0=(-2.0, 1.0), bounds=((-50.0, -1.0), (0.0, 50.0))).x
-            p = _sigmoid(delta, tau, m)
+            p = anomaly_probability(delta, tau, m)
             p0_est, phigh_est = 1.0 - p[0], np.sum(above * joint_probabilities(p))
             self.attempts_ = attempt + 1
             # relative miss of the two priors; the reference accepts a fit when both are within 10 %
@@ -195,13 +210,14 @@ class ContaminationPosterior:
         self.n_components_, self.delta_, self.tau_, self.seed_used_ = keep.size, float(delta), float(tau), seed
         order_keep = keep[order]
         self.component_means_, self.anomalous_probability_ = means[order], p
-        self.samples_ = self._sample(mixture.means_[order_keep], mixture.mean_precision_[order_keep],
-                                     np.einsum("kii->ki", mixture.covariances_[order_keep]),
-                                     mixture.degrees_of_freedom_[order_keep], alphas, delta, tau, rng)
+        self.components_ = MixtureComponents(mixture.means_[order_keep], mixture.mean_precision_[order_keep],
+                                             np.einsum("kii->ki", mixture.covariances_[order_keep]),
+                                             mixture.degrees_of_freedom_[order_keep], alphas)
+        self.samples_ = self._sample(*self.components_, delta, tau, rng)
         return self
 
     @staticmethod
-    def _ordering_value(means, precisions, diag_cov, dof, rng, draws: int) -> np.ndarray:
+    def ordering_value(means, precisions, diag_cov, dof, rng, draws: int) -> np.ndarray:
         """``draws`` posterior samples of ``mean_j mu_kj / (1 + sigma_kj)`` for every component (``draws x K``)."""
         K, M = means.shape
         mu = means[None] + rng.standard_normal((draws, K, M)) / np.sqrt(precisions)[None, :, None]
@@ -212,7 +228,8 @@ class ContaminationPosterior:
 
     def _sample(self, means, precisions, diag_cov, dof, alphas, delta, tau, rng) -> np.ndarray:
         S = int(self.n_samples)
-        joint = joint_probabilities(_sigmoid(delta, tau, self._ordering_value(means, precisions, diag_cov, dof, rng, S)))
+        joint = joint_probabilities(anomaly_probability(delta, tau, self.ordering_value(means, precisions, diag_cov, dof,
+                                                                                     rng, S)))
         joint /= joint.sum(axis=1, keepdims=True)
         picks = (rng.random((S, 1)) > np.cumsum(joint, axis=1)).sum(axis=1).clip(max=len(alphas) - 1)
         gamma = np.cumsum(rng.dirichlet(alphas, size=S), axis=1)[np.arange(S), picks]
