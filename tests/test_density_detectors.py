@@ -1,4 +1,4 @@
-"""Suite II density detectors: hand-computed small cases and the properties each paper states."""
+"""Density detectors (WDiscOOD, ConjNorm, IGEOOD, Neural Relation Graph, HEAT): hand-computed small cases and the properties each paper states."""
 
 import math
 
@@ -13,7 +13,7 @@ from oodscope.detectors.conjnorm import bregman_gradient, conjugate_exponent, p_
 from oodscope.detectors.igeood import fisher_rao_categorical, fisher_rao_gaussian
 from oodscope.detectors.relation_graph import label_error_scores, relation_strength
 
-SUITE = ["wdiscood", "conjnorm", "igeood", "igeood_features", "relation_graph"]
+DENSITY = ["wdiscood", "conjnorm", "igeood", "igeood_features", "relation_graph"]
 
 
 def square_classes(scale_y=1.0):
@@ -23,10 +23,10 @@ def square_classes(scale_y=1.0):
     return x, np.repeat([0, 1], 4)
 
 
-def test_suite_registered_and_default_runnable():
-    assert set(SUITE) <= set(oodscope.available())
+def test_density_detectors_registered_and_default_runnable():
+    assert set(DENSITY) <= set(oodscope.available())
     from oodscope.runner import default_detectors
-    assert set(SUITE) <= set(default_detectors())
+    assert set(DENSITY) <= set(default_detectors())
 
 
 # -- WDiscOOD -------------------------------------------------------------------------------------------------
@@ -206,11 +206,11 @@ def test_relation_graph_label_errors_find_the_flipped_label(rng):
         label_error_scores(Outputs(features=feats, logits=logits))
 
 
-def test_suite_separates_shifted_data(make_outputs):
+def test_density_detectors_separate_shifted_data(make_outputs):
     train, test = make_outputs(n=400), make_outputs(n=200, name="id")
     ood = make_outputs(n=200, shift=3.0, name="ood")
     from oodscope.metrics.ood import auroc
-    for name in set(SUITE) - {"igeood"}:          # the shift moves every logit equally: softmax cannot see it
+    for name in set(DENSITY) - {"igeood"}:          # the shift moves every logit equally: softmax cannot see it
         det = oodscope.create(name).fit(train)
         assert auroc(det.score(test), det.score(ood)) > 0.8, name
 

@@ -1,4 +1,5 @@
-"""Suite II distance/density/coverage detectors: hand-computed cases, paper properties, bad input."""
+"""Distance and coverage detectors (Mahalanobis family, RMDS, kNN, GMM, NNGuide, NAC, Gram, RankFeat) and their
+chunked Gaussian statistics: hand-computed cases, paper properties, bad input."""
 
 import copy
 

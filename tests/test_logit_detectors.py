@@ -1,4 +1,4 @@
-"""Logit/probability detectors, ODIN, the SCOD plug-in rejector and metric, and tuning (issue 3, part a)."""
+"""Logit/probability detectors, ODIN, the SCOD plug-in rejector and metric, and tuning."""
 
 import itertools
 import re
@@ -348,7 +348,8 @@ def test_tune_odin_temperature_runs_on_cached_outputs(make_outputs):
 # -- real data (slow) -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_cifar10_resnet20_logit_detectors_reproduce_verified_numbers(tmp_path):
-    """AUROC on CIFAR-10 test vs CIFAR-100 as checked side by side with pytorch-ood (benchmarks/verify_...)."""
+    """AUROC on CIFAR-10 test vs CIFAR-100 as checked side by side with pytorch-ood
+    (benchmarks/logit_detectors_vs_pytorch_ood.py)."""
     from pathlib import Path
 
     bench_dir = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-bench"

@@ -1,4 +1,4 @@
-"""Gaussian statistics shared by the distance detectors of suite II (vectorised, float64, chunked).
+"""Gaussian statistics shared by the distance and density detectors (vectorised, float64, chunked).
 
 This module sits below every detector (it imports only :mod:`._common`): :mod:`.mahalanobis`, :mod:`.rmds`,
 :mod:`.mahalanobis_ensemble`, :mod:`.wdiscood` and :mod:`._classstats` build on it.

@@ -17,7 +17,7 @@ and 1, ``M`` edges, ``M - 1`` intervals); defaults ``M = 50``, ``O* = 50``, ``al
 setting for the penultimate layer (``layers=None``); per-layer lists are accepted. Note: pytorch-ood 0.4.0
 uses other edges (log-spaced from 1e-6 to 0.5, mirrored: dense near 0 and 1); on the CIFAR-10 ResNet-20, where
 most states saturate at 0 or 1, its edges detect far better (near-OOD AUROC ~80 vs ~48 with the authors' edges;
-see ``benchmarks/verify_suite2_distance.py``).
+see ``benchmarks/distance_detectors_vs_pytorch_ood.py``).
 The state needs gradients, so fitting and scoring re-run the model through ``Outputs.source``
 (:mod:`oodscope.extraction.rerun`), with the Probe's named layers.
 """

@@ -55,7 +55,7 @@ With ``c_in`` and ``c_out`` given (both), the detector instead returns the fixed
 ``(1 - c_in - c_out)(1 - s_sc) + c_out rho`` (abstain where it exceeds ``c_in``); ``c_out = 0`` is Chow's rule.
 
 **Sources, and what is confirmed.** The paper's body could not be read in this work (only its abstract, front page
-and public reviews are stored where we could look; see ``benchmarks/suite1_logits_results.md``, "SCOD plug-in: what
+and public reviews are stored where we could look; see ``benchmarks/logit_detectors_cifar10.md``, "SCOD plug-in: what
 the paper says"). Confirmed by the ICLR 2024 reviews (openreview.net/forum?id=DASh78rJ7g): Eq. 3 constrains the
 rejection rate on the *test* distribution; Eq. 4 weighs its first term by ``1 - c_in - c_out``; deriving Eq. 4 from
 Eq. 3 gives ``c_in = lambda pi_in``, ``c_out = c_fn - lambda (1 - pi_in)`` and the first weight ``1 - c_out - (1 -
