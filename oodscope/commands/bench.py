@@ -57,6 +57,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ensemble", default=None,
                         help="density and correlation protocols: comma-separated further models, each a model SPEC, "
                              "NAME=WEIGHTS, or a zoo weights file named after its model (cifar10_resnet32.pth)")
+    parser.add_argument("--density-metrics", default=None,
+                        help="density protocol: comma-separated metrics of confidence, boundary, agreement (needs "
+                             "--ensemble), holdout (fine-tunes on half the ID train set), privacy (DP-SGD heads); "
+                             "default: confidence, boundary and agreement with --ensemble")
 
 
 def load_ensemble(text: str | None) -> list[tuple[str, Any, Any]]:
@@ -117,6 +121,10 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
 
     protocols.parse(getattr(args, "protocol", None))  # an unknown protocol fails before any work
     ensemble = load_ensemble(getattr(args, "ensemble", None))
+    if getattr(args, "density_metrics", None):  # a wrong metric fails before any work
+        from ..protocols.density import chosen_metrics
+
+        chosen_metrics(args.density_metrics, bool(ensemble))
     if getattr(args, "family", None):
         from ..detectors import available
         from ..detectors.registry import DETECTOR_FAMILIES
@@ -161,7 +169,8 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
         protocol_start = time.perf_counter()
         on_outputs = {label: d for label, d in labelled.items() if not getattr(d, "takes_images", False)}
         context = protocols.Context(bench, prepared.model, prepared.preprocess, on_outputs, results,
-                                    extract_options, seed=getattr(args, "seed", 0), ensemble=ensemble)
+                                    extract_options, seed=getattr(args, "seed", 0), ensemble=ensemble,
+                                    options={"density_metrics": getattr(args, "density_metrics", None)})
         protocol_records, printed = protocols.run(name, context)
         records += protocol_records
         timing[f"protocol {name}"] = time.perf_counter() - protocol_start

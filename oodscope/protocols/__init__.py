@@ -15,8 +15,8 @@ the ordinary benchmark, on the same fitted detectors.
   CIFAR-10 splits, closed-set accuracy, AUROC and OSCR (:mod:`.open_set`).
 * ``correlation``: ID accuracy vs OOD AUROC across the benchmark model and the ``--ensemble`` models
   (:mod:`.correlation`).
-* ``density``: per-example prototypicality metrics (confidence, boundary distance, ensemble agreement) and how
-  the detectors' scores track them (:mod:`.density`).
+* ``density``: per-example prototypicality metrics (confidence, boundary distance, ensemble agreement, holdout
+  retraining, DP-training privacy) and how the detectors' scores track them (:mod:`.density`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Context:
     extract_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     ensemble: list[tuple[str, Any, Any]] = field(default_factory=list)  # (name, model, preprocess): --ensemble
+    options: dict[str, Any] = field(default_factory=dict)  # per-protocol command-line options (density_metrics)
 
     def scores(self, label: str, dataset: str):
         """The ordinary run's scores of detector ``label`` on ``dataset`` (``results.id_name`` for the ID test
