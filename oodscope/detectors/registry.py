@@ -37,7 +37,7 @@ DETECTOR_FAMILIES = ("ood", "anomaly", "image", "generative", "vlm")
 #: packages whose modules register detectors (imported once, on first use of the registry)
 PACKAGES = ("oodscope.detectors", "oodscope.imagead", "oodscope.training.objectives", "oodscope.generative",
             "oodscope.vlm")
-_SKIP = {"base", "registry", "evaluate", "pixelcnn", "realnvp", "hvae", "score_network", "mae"}
+_SKIP = {"base", "registry", "evaluate", "pixelcnn", "realnvp", "hvae", "score_network", "mae", "ddpm"}
 
 _REGISTRY: dict[str, type["Detector"]] = {}
 _DISCOVERED: set[str] = set()

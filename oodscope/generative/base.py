@@ -152,6 +152,10 @@ class GenerativeDetector(Detector):
 
             return MaskedAutoencoder(int(image_shape[0]), int(image_shape[1]), int(self.patch), int(self.width),
                                      int(self.depth), mask_ratio=float(self.mask_ratio))
+        if self.model == "ddpm":
+            from .ddpm import DDPM
+
+            return DDPM(int(image_shape[0]), int(self.hidden), int(self.blocks), steps=int(self.diffusion_steps))
         if self.model == "ncsn":
             from .score_network import ScoreNetwork, geometric_sigmas
 
