@@ -56,6 +56,9 @@ def run_benchmark(bench: Benchmark, model: Any, preprocess: Callable | None,
     made = labelled_detectors(detectors)
     on_images = {label: d for label, d in made.items() if getattr(d, "takes_images", False)}
     made = {label: d for label, d in made.items() if label not in on_images}
+    for detector in on_images.values():  # image detectors that read a classifier (DiffGuard) get the benchmark's
+        if hasattr(detector, "use_classifier"):
+            detector.use_classifier(model, preprocess)
     if not made:  # only density models of the images: no forward pass of the classifier
         groups = {group: list(sets) for group, sets in bench.ood.items()}
         results = Results(records=[], id_accuracy=None, seconds={}, groups=groups, id_name="test")

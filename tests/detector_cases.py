@@ -277,6 +277,8 @@ TINY: dict[str, dict[str, Any]] = {
     "hvae_llr": {"hidden": 8, "latent": 2, "epochs": 2, "batch_size": 16, "samples": 2},
     "msma": {"levels": 3, "n_components": 2, "hidden": 8, "blocks": 1, "epochs": 2, "batch_size": 16},
     "moodv2": {"detector_params": {"k": 3}, "width": 16, "depth": 1, "epochs": 2, "batch_size": 16},
+    "lmd": {"attempts": 2, "mask_blocks": 4, "sampling_steps": 4, "hidden": 8, "epochs": 2, "batch_size": 16},
+    "diffguard": {"ddim_steps": 5, "inversion_steps": 2, "hidden": 8, "epochs": 2, "batch_size": 16},
     "nl_invariants": {"layers": 2, "epochs": 2, "batch_size": 32},
     "flowcon": {"blocks": 2, "hidden": 8, "epochs": 2, "lr": 1e-3},
     "mahalanobis_ensemble": {"layers": ["stem", "body"]},
@@ -339,6 +341,8 @@ def case(name: str) -> Case:
         params["backbone"] = _tiny_backbone()
     if name in CLIP or get(name).family == "vlm":
         params["model"] = tiny_clip()
+    if name == "diffguard":  # a seeded random conv net as the classifier (the CIFAR ResNet needs its weights)
+        params["classifier"] = _conv_net()
     if name == "anomalyclip":
         from vlm_models import tiny_mvtec_folder
 
