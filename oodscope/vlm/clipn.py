@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._train import cosine_rates, run_epochs
 from .backbone import _layer, causal_mask
 from .base import VLMDetector, check_images, class_names, l2_normalise, softmax
 from .mcm import DEFAULT_PROMPT
@@ -165,8 +166,6 @@ class CLIPN(VLMDetector):
 
     def _train(self, clip, ids: torch.Tensor, image: np.ndarray, labels: np.ndarray, device: torch.device
                ) -> np.ndarray:
-        from tqdm.auto import tqdm
-
         with torch.random.fork_rng(devices=[]):  # the copy draws nothing, but keep the caller's RNG untouched
             encoder = NoTextEncoder(clip.model, int(self.n_prompts)).to(device).train()
         optimiser = torch.optim.AdamW(_decay_groups(encoder, float(self.weight_decay)), lr=self.lr,
@@ -177,22 +176,14 @@ class CLIPN(VLMDetector):
         y = torch.from_numpy(labels.astype(np.int64)).to(device)
         classes = torch.arange(len(ids), device=device)
         scale = clip.logit_scale
-        self.history_ = []
-        for epoch in tqdm(range(self.epochs), desc="clipn", unit="epoch", leave=False, disable=None):
-            for group in optimiser.param_groups:
-                group["lr"] = 0.5 * self.lr * (1 + np.cos(np.pi * epoch / self.epochs))
-            total = 0.0
-            for batch in torch.randperm(len(y), generator=generator).split(self.batch_size):
-                batch = batch.to(device)
-                pick = torch.randint(0, self.n_prompts + 1, (len(ids),), generator=generator).to(device)
-                no = encoder(ids, pick)
-                losses = clipn_losses(f[batch], g, no, y[batch, None] == classes[None], scale)
-                loss = 0.5 * sum(losses)
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                total += float(loss.detach()) * len(batch)
-            self.history_.append(total / len(y))
+
+        def step(batch: torch.Tensor) -> torch.Tensor:  # each text draws one of the prompts or their mean
+            pick = torch.randint(0, self.n_prompts + 1, (len(ids),), generator=generator).to(device)
+            losses = clipn_losses(f[batch], g, encoder(ids, pick), y[batch, None] == classes[None], scale)
+            return 0.5 * sum(losses)
+
+        self.history_ = run_epochs(step, optimiser, len(y), self.batch_size, cosine_rates(self.lr, self.epochs),
+                                   generator, device, "clipn")
         with torch.no_grad():
             return l2_normalise(encoder.eval()(ids).double().cpu().numpy())
 

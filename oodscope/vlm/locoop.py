@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._train import cosine_rates, run_epochs
 from .backbone import placed
 from .base import VLMDetector, check_images, class_names, l2_normalise
 from .mcm import mcm_probability
@@ -139,33 +140,23 @@ class LoCoOp(VLMDetector):
 
     def _train(self, clip, names: list[str], global_: np.ndarray, local: np.ndarray, labels: np.ndarray,
                device: torch.device) -> np.ndarray:
-        from tqdm.auto import tqdm
-
         generator = torch.Generator().manual_seed(int(self.seed))
         context = (torch.randn(self.n_ctx, clip.token_width, generator=generator) * 0.02).to(device)
         context.requires_grad_(True)
         optimiser = torch.optim.SGD([context], lr=self.lr, momentum=0.9, weight_decay=5e-4)
-        # epoch 0: CoOp's constant warm-up at 1e-5; then cosine decay from lr: lr_e = lr (1 + cos(pi e / E)) / 2
-        schedule = [1e-5] + [0.5 * self.lr * (1 + np.cos(np.pi * e / self.epochs)) for e in range(1, self.epochs)]
         ids = self._prompt_ids(clip, names, device)
         g, p, y = (torch.from_numpy(global_).float().to(device), torch.from_numpy(local).float().to(device),
                    torch.from_numpy(labels.astype(np.int64)).to(device))
         scale = clip.logit_scale
-        self.history_ = []
-        for epoch in tqdm(range(self.epochs), desc="locoop", unit="epoch", leave=False, disable=None):
-            for group in optimiser.param_groups:
-                group["lr"] = schedule[epoch]
-            total = 0.0
-            for batch in torch.randperm(len(y), generator=generator).split(self.batch_size):
-                batch = batch.to(device)
-                texts = self._prompt_features(clip, ids, context)
-                loss, _, _ = locoop_loss(scale * g[batch] @ texts.T, scale * p[batch] @ texts.T, y[batch],
-                                         int(self.top_k), float(self.lam))
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                total += float(loss.detach()) * len(batch)
-            self.history_.append(total / len(y))
+
+        def step(batch: torch.Tensor) -> torch.Tensor:
+            texts = self._prompt_features(clip, ids, context)
+            return locoop_loss(scale * g[batch] @ texts.T, scale * p[batch] @ texts.T, y[batch], int(self.top_k),
+                               float(self.lam))[0]
+
+        # epoch 0: CoOp's constant warm-up at 1e-5; then cosine decay from lr: lr_e = lr (1 + cos(pi e / E)) / 2
+        self.history_ = run_epochs(step, optimiser, len(y), self.batch_size,
+                                   cosine_rates(self.lr, self.epochs, warmup=1e-5), generator, device, "locoop")
         return context.detach().cpu().numpy().astype(np.float32)
 
     def _score_embeddings(self, image: np.ndarray, patches: np.ndarray | None) -> np.ndarray:
