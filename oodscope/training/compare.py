@@ -31,8 +31,10 @@ def subsample(split: Any, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray
 
 
 def evaluate_model(model, preprocess, bench, *, detectors: Sequence[Any] = DETECTORS, per_set: int = 0,
-                   cache_dir: str | Path | None = None, device: str = "cpu") -> dict[str, float]:
-    """ID accuracy and, per detector and OOD group, the mean AUROC and FPR@95 (percent)."""
+                   cache_dir: str | Path | None = None, device: str = "cpu", shifted: Any = None) -> dict[str, float]:
+    """ID accuracy and, per detector and OOD group, the mean AUROC and FPR@95 (percent); with ``shifted`` (a
+    covariate-shifted copy of the ID test split, e.g. :func:`oodscope.data.corruptions.corrupt` of it) also its
+    accuracy, ``shifted_accuracy`` (OOD generalisation), on the same subsample as the test split."""
     from ..evaluation import evaluate
     from ..extraction.extract import extract
 
@@ -45,6 +47,9 @@ def evaluate_model(model, preprocess, bench, *, detectors: Sequence[Any] = DETEC
     train = extract(model, (bench.train.inputs, bench.train.labels), name="train", **options)
     test = extract(model, subsample(bench.test, per_set), name="test", **options)
     row = {"id_accuracy": float(100 * np.mean(test.logits.argmax(1) == test.labels))}
+    if shifted is not None:
+        moved = extract(model, subsample(shifted, per_set), name="test-shifted", **options)
+        row["shifted_accuracy"] = float(100 * np.mean(moved.logits.argmax(1) == moved.labels))
     ood = {group: {name: extract(model, subsample(split, per_set)[0], name=name, **options)
                    for name, split in sets.items()} for group, sets in bench.ood.items()}
     results = evaluate(detectors, test, ood, train=train)
@@ -57,11 +62,12 @@ def evaluate_model(model, preprocess, bench, *, detectors: Sequence[Any] = DETEC
 def compare(model, preprocess, bench, methods: Sequence[str], outliers: np.ndarray | None, *,
             seeds: Sequence[int] = (0,), detectors: Sequence[str] = DETECTORS, per_set: int = 0,
             cache_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None, log=None,
-            **schedule: Any) -> list[dict[str, Any]]:
+            shifted: Any = None, **schedule: Any) -> list[dict[str, Any]]:
     """One record per (method, seed): training time, images/s and :func:`evaluate_model`'s metrics.
 
     ``methods`` always gets the control (:data:`CONTROL`) first; ``schedule`` goes to :func:`finetune`
-    (``epochs``, ``max_steps``, ``lr``, ``batch_size``, ``device``, ...)."""
+    (``epochs``, ``max_steps``, ``lr``, ``batch_size``, ``device``, ...); ``shifted`` goes to
+    :func:`evaluate_model`."""
     methods = [CONTROL] + [m for m in methods if m != CONTROL]
     for method in methods:
         objective = get(method)
@@ -91,7 +97,7 @@ def compare(model, preprocess, bench, methods: Sequence[str], outliers: np.ndarr
             row = {"method": method, "seed": int(seed), "own_score": own.label,
                    "train_s": float(sum(history.seconds)), "img_per_s": float(history.images_per_second),
                    **evaluate_model(tuned, preprocess, bench, detectors=scored, per_set=per_set,
-                                    cache_dir=cache_dir, device=schedule.get("device", "cpu"))}
+                                    cache_dir=cache_dir, device=schedule.get("device", "cpu"), shifted=shifted)}
             rows.append(row)
             if log is not None:
                 log(row)

@@ -262,9 +262,11 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
                 if x_out is not None:
                     x_out = objective.select_outliers(x, x_out, model, prep, out_gen)
                 inputs, context = objective.batch(x, x_out, aug_gen)
+                y = y.to(device)
+                inputs = objective.extend_inputs(model, prep(inputs.to(device)), y, aug_gen, epoch / epochs)
                 with torch.autocast("cuda", enabled=scaler is not None):
-                    logits = model(prep(inputs.to(device)))
-                    total, terms = objective.loss(logits[:len(x)], y.to(device),
+                    logits = model(inputs)
+                    total, terms = objective.loss(logits[:len(x)], y,
                                                   logits[len(x):] if len(inputs) > len(x) else None, **context,
                                                   **captured.split(len(x), len(inputs)))
                 if not torch.isfinite(total):
@@ -285,6 +287,7 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
                     sums[key] = sums.get(key, 0.0) + value
                 bar.set_postfix({k: f"{v / steps:.4f}" for k, v in sums.items()})
             history.epochs.append({k: v / max(steps, 1) for k, v in sums.items()})
+            history.epochs[-1].update(objective.end_epoch(model, (images, labels), prep))  # e.g. SCONE's multipliers
             history.seconds.append(time.perf_counter() - started)
             history.images += seen
             if path is not None:

@@ -288,3 +288,66 @@ class OutlierLogitHead(_Head, nn.Module):
 def outlier_logit_head(linear: nn.Linear) -> OutlierLogitHead:
     """SAL's head: the pretrained class rows plus a binary ID-vs-outlier logistic unit (torch's default init)."""
     return OutlierLogitHead(linear)
+
+
+class EnergyLogisticHead(_Head, nn.Module):
+    """SCONE's head: the class head ``classes`` and a logistic unit on the negative free energy,
+    ``s(x) = w * logsumexp_c f_c(x) + b`` (``logistic``, the authors' ``nn.Linear(1, 1)``), plus the state of the
+    augmented-Lagrangian solver in buffers (saved in checkpoints): ``multipliers`` ``(lambda_in, lambda_ce)``,
+    ``penalties`` ``(beta_in, beta_ce)`` and ``ce_reference`` (the training-set cross-entropy before fine-tuning).
+    The forward returns the class logits in both modes; deployed: :meth:`deploy` returns ``classes`` itself (the
+    paper scores the energy of the class logits)."""
+
+    def __init__(self, linear: nn.Linear, penalties: tuple[float, float] = (1.0, 1.0), oriented: bool = True):
+        super().__init__()
+        self.oriented = oriented
+        self.logistic = nn.Linear(1, 1)  # registered first: ``classes`` is the last Linear
+        self.register_buffer("multipliers", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("penalties", torch.tensor(penalties, dtype=torch.float64))
+        self.register_buffer("ce_reference", torch.zeros((), dtype=torch.float64))
+        self.classes = linear
+
+    def energy_logit(self, lse: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+        """``s = w (lse - shift) + b`` for a vector of ``logsumexp`` values (float32 under autocast); ``w`` is
+        used as ``-|w|`` when ``oriented`` (``s`` falls as ``lse`` rises, the energy score's orientation)."""
+        lse = lse.float() if lse.dtype in (torch.float16, torch.bfloat16) else lse
+        weight = -self.logistic.weight.abs() if self.oriented else self.logistic.weight
+        return F.linear((lse - shift)[:, None].to(weight.dtype), weight, self.logistic.bias).squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classes(x)
+
+    def deploy(self) -> nn.Linear:
+        return self.classes
+
+
+def energy_logistic_head(linear: nn.Linear, penalties: tuple[float, float] = (1.0, 1.0),
+                         oriented: bool = True) -> EnergyLogisticHead:
+    """SCONE's head: the pretrained classifier plus a 1-d logistic unit on ``logsumexp`` of its logits (torch's
+    default initialisation, as the authors' ``nn.Linear(1, 1)``) and the multiplier/penalty buffers."""
+    return EnergyLogisticHead(linear, penalties, oriented)
+
+
+def z_score(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per sample, ``(x - mean) / (std + eps)`` over the feature dimension (``std`` with Bessel's correction,
+    torch's default, as the ASCOOD code's ``z_std``)."""
+    return (x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + eps)
+
+
+class StandardisedHead(_Head, nn.Module):
+    """ASCOOD's head: the class head on z-scored penultimate features, ``f(x) = W (sigma z(phi)) + b``, in training
+    and once deployed (the network keeps it: its logits are those of the standardised features). ``extract``
+    records the standardised ``sigma z(phi)`` as ``features`` (the input of ``classes``, the last Linear)."""
+
+    def __init__(self, linear: nn.Linear, sigma: float):
+        super().__init__()
+        self.register_buffer("sigma", torch.tensor(float(sigma)))
+        self.classes = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classes(z_score(x) * self.sigma.to(x.dtype))
+
+
+def standardised_head(linear: nn.Linear, sigma: float) -> StandardisedHead:
+    """ASCOOD's head: z-score normalisation of the features, scaled by ``sigma``, before the pretrained classifier."""
+    return StandardisedHead(linear, sigma)

@@ -20,7 +20,10 @@ shaped weight gradient) override ``adapt(model, n_classes, train, preprocess)`` 
 :mod:`oodscope.training.heads` in place of the last ``nn.Linear`` before training; :meth:`deploy` switches every
 such head to its deployed form (``K`` class logits) after training. Objectives that choose their outliers from a
 larger pool each step (DOS) override ``select_outliers``; objectives that derive their outlier pool once from the
-given outliers before training (SAL's filtering of wild data) override ``prepare_outliers``.
+given outliers before training (SAL's filtering of wild data) override ``prepare_outliers``. Objectives that
+synthesise outliers from the ID images in the model's input space (ASCOOD's attribution-guided virtual outliers)
+override ``extend_inputs``; objectives with state updated once per epoch over the training set (SCONE's
+augmented-Lagrangian multipliers) override ``end_epoch``.
 
 Objectives whose loss reads the representation, not only the logits (CIDER's and PALM's projection head on the
 hypersphere), set ``needs_features = True``: the engine then passes ``features=`` (the ID part) and, when the step
@@ -104,6 +107,18 @@ class Objective(BaseEstimator):
     def select_outliers(self, x, x_out, model, preprocess, generator) -> Any:
         """The outliers of one step from the engine's drawn (and augmented) batch ``x_out``; all of it by default."""
         return x_out
+
+    def extend_inputs(self, model, inputs, labels, generator, progress: float) -> Any:
+        """The model inputs of one step, after preprocessing (``inputs``: the ID images, then the outliers, on the
+        device): ``inputs`` itself by default; an objective that synthesises outliers from the ID rows (ASCOOD)
+        appends them. ``progress`` = finished epochs / all epochs (for schedules over training)."""
+        return inputs
+
+    def end_epoch(self, model, train: tuple[Any, Any], preprocess) -> dict[str, float]:
+        """Called after every epoch, before its checkpoint is written (state kept in the model's buffers is
+        saved with it); returns numbers for the epoch's history. Nothing by default; SCONE updates its
+        augmented-Lagrangian multipliers and penalties from the whole training set."""
+        return {}
 
     def batch(self, x, x_out, generator) -> tuple[Any, dict]:
         """The model inputs of one step: the ID images, then the outliers (if any); no context."""
