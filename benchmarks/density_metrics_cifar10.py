@@ -7,10 +7,10 @@ sets the protocol's subsample size ``--n`` (its default, 2,000 train and 2,000 t
 and writes the run's ``results.json`` and a markdown table of the metrics' agreement and the detectors'
 correlations.
 
-    # the full run (the protocol's n = 2000): about 12 minutes on 2 CPU cores
+    # the full run (the protocol's n = 2000): expected about 10 minutes on one core (estimated, not measured)
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/density_metrics_cifar10.py \
         --out benchmarks/results/density_metrics_cifar10
-    # a reduced check (n = 500): about 4 minutes on one core with a warm extraction cache
+    # a reduced check (n = 500): 250 s measured on one core of the shared machine, warm extraction cache
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/density_metrics_cifar10.py --n 500 --out /tmp/density-check
 
 The fine-tuning (holdout) and the DP-SGD heads (privacy) have the protocol's schedules

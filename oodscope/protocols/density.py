@@ -52,8 +52,10 @@ N_IMAGES = 2000
 METRICS = ("confidence", "boundary", "agreement", "holdout", "privacy")
 NOT_COMPUTED = "Feldman & Zhang's memorisation (thousands of retrained models)"
 HOLDOUT_SCHEDULE = {"epochs": 3, "max_steps": None, "lr": 0.01, "batch_size": 128}
-PRIVACY = {"noise_multipliers": (0.5, 1.0, 2.0, 4.0, 8.0), "models": 5, "epochs": 10, "lot_size": 256, "lr": 1.0,
-           "max_norm": 1.0, "delta": 1e-5, "share_correct": 0.9}
+# DP-SGD heads on frozen features stay accurate at large noise (on the zoo ResNet-20's CIFAR-10 features 99.5 %
+# train accuracy at sigma 8), so the levels run up to where they fail (sigma 128: about 55 %)
+PRIVACY = {"noise_multipliers": (4.0, 8.0, 16.0, 32.0, 64.0, 128.0), "models": 5, "epochs": 10, "lot_size": 256,
+           "lr": 1.0, "max_norm": 1.0, "delta": 1e-5, "share_correct": 0.9}
 
 
 def true_label_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
