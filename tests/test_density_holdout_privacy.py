@@ -27,6 +27,8 @@ def test_symmetric_kl_hand_computed():
     np.testing.assert_allclose(symmetric_kl(after, before), expected, rtol=1e-12, atol=1e-15)  # symmetric
     with pytest.raises(ValueError, match="one shape"):
         symmetric_kl(before, after[:2])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        symmetric_kl(before, np.where(after > 2, np.nan, after))
 
 
 def test_holdout_split_is_seeded_disjoint_and_complete():
@@ -109,6 +111,35 @@ def test_per_sample_gradients_equal_the_softmax_regression_formula():
     delta = torch.softmax(layer(x), dim=1).detach() - torch.nn.functional.one_hot(y, 4).double()
     expected = torch.cat([(delta[:, :, None] * x[:, None, :]).flatten(1), delta], dim=1)
     np.testing.assert_allclose(rows.numpy(), expected.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_per_sample_gradients_of_a_network_equal_one_backward_pass_per_sample():
+    import torch
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(6, 5), torch.tensor([0, 2, 1, 1, 0, 2])
+    rows = per_sample_gradients(net, x, y)
+    for i in range(6):
+        loss = torch.nn.functional.cross_entropy(net(x[i:i + 1]), y[i:i + 1])
+        expected = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(net.parameters()))])
+        np.testing.assert_allclose(rows[i].numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")  # opacus' hooks on inputs without grad
+def test_per_sample_gradients_equal_opacus_grad_samples():
+    pytest.importorskip("opacus")
+    import torch
+    from opacus import GradSampleModule
+
+    torch.manual_seed(2)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(7, 5), torch.tensor([0, 2, 1, 1, 0, 2, 2])
+    ours = per_sample_gradients(net, x, y)
+    wrapped = GradSampleModule(net, loss_reduction="sum")  # hooks on net: one gradient per sample and parameter
+    torch.nn.functional.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    theirs = torch.cat([p.grad_sample.flatten(1) for p in net.parameters()], dim=1)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_train_dp_linear_is_seeded_and_noise_costs_accuracy():

@@ -139,6 +139,9 @@ def symmetric_kl(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     if before.shape != after.shape or before.ndim != 2:
         raise ValueError(f"symmetric_kl: need two (N, classes) logit arrays of one shape, got {before.shape} and "
                          f"{after.shape}")
+    if not (np.isfinite(before).all() and np.isfinite(after).all()):
+        raise ValueError("symmetric_kl: the logits contain NaN or inf (a diverged fine-tuning?); rerun it with a "
+                         "lower lr")
     log_p, log_q = log_softmax(before, axis=1), log_softmax(after, axis=1)
     return ((np.exp(log_p) - np.exp(log_q)) * (log_p - log_q)).sum(axis=1)
 
