@@ -183,6 +183,7 @@ class DiffGuard(DiffusionDetector):
 
     def _synthesise(self, images: np.ndarray) -> dict[str, np.ndarray]:
         import torch
+        from tqdm.auto import tqdm
 
         from .ddpm import ddim_invert, ddim_sample, strided_timesteps, to_model_range
 
@@ -191,7 +192,7 @@ class DiffGuard(DiffusionDetector):
         timesteps = strided_timesteps(int(self.ddim_steps), network.steps)[:int(self.inversion_steps) + 1]
         out: dict[str, list] = {"labels": [], "synthesis": [], "reference": [], "logits": []}
         with torch.no_grad():
-            for begin in range(0, len(images), 64):
+            for begin in tqdm(range(0, len(images), 64), desc=self.name, leave=False, disable=None):
                 x0 = to_model_range(torch.from_numpy(np.ascontiguousarray(images[begin:begin + 64]))).to(target)
                 logits = classifier((x0 + 1) / 2)
                 labels = logits.argmax(dim=1)

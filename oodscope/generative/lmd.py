@@ -137,9 +137,13 @@ class LMD(DiffusionDetector):
     def distances(self, images: np.ndarray) -> np.ndarray:
         """``(N, attempts)`` mean squared errors between each uint8 ``(N, C, H, W)`` image, in [0, 1], and its
         inpainting under each mask."""
+        from tqdm.auto import tqdm
+
         x = (images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0) + np.float32(1.0)) / np.float32(2.0)
+        masks = self.masks(*images.shape[2:])
+        bar = tqdm(masks, desc=f"{self.name} masks", leave=False, disable=None)  # off when not a terminal
         columns = [np.mean((self._inpaint(images, mask, j) - x).astype(np.float64) ** 2, axis=(1, 2, 3))
-                   for j, mask in enumerate(self.masks(*images.shape[2:]))]
+                   for j, mask in enumerate(bar)]
         return np.stack(columns, axis=1)
 
     def _score(self, images: np.ndarray) -> np.ndarray:
