@@ -35,47 +35,13 @@ scratch (lr 0.5, batch 512).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from ...extraction.outputs import Need
-from ..objective import Objective, check_positive
+from ..objective import check_positive
+from ._hypersphere import (N_INIT_IMAGES, HypersphereObjective, check_hypersphere_params,  # noqa: F401
+                           training_embeddings)
 
-N_INIT_IMAGES = 5000  # training images whose embeddings give the initial prototypes
 COMP_BASE_TEMPERATURE = 0.07  # tau_0 of the authors' CompLoss
-
-
-def check_hypersphere_params(who: str, dim: Any, temperature: Any, momentum: Any) -> None:
-    """``dim`` an integer >= 1, ``temperature`` > 0 and the prototype momentum in [0, 1)."""
-    if not (isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim >= 1):
-        raise ValueError(f"{who}: dim (the embedding dimension) must be an integer >= 1, got {dim!r}")
-    check_positive(who, "temperature", temperature)
-    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-        raise ValueError(f"{who}: proto_m (the prototypes' moving-average momentum) must lie in [0, 1), got "
-                         f"{momentum!r}")
-
-
-def training_embeddings(model, head, train, preprocess, n: int = N_INIT_IMAGES) -> tuple[Any, np.ndarray]:
-    """Embeddings ``z`` (torch, on the model's device) and labels of up to ``n`` training images (a fixed random
-    subsample; the model in eval mode, no gradient)."""
-    import torch
-
-    from ..heads import penultimate
-
-    images, labels = train
-    pick = np.sort(np.random.default_rng(0).permutation(len(images))[:n])
-    prep = preprocess if preprocess is not None else (lambda batch: batch.float())
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            z = torch.cat([head.embed(penultimate(model, prep(torch.from_numpy(images[rows]).to(device)))[0])
-                           for rows in np.array_split(pick, max(1, len(pick) // 500))])
-    finally:
-        model.train(was_training)
-    return z, labels[pick]
 
 
 def class_mean_prototypes(z, labels: np.ndarray, n_classes: int, who: str):
@@ -129,12 +95,10 @@ def dispersion_loss(prototypes, temperature: float):
     return (logits.masked_fill(~off, float("-inf")).logsumexp(dim=1) - np.log(n - 1)).mean()
 
 
-class CIDER(Objective):
+class CIDER(HypersphereObjective):
     """``L = L_dis + lambda_c L_comp`` on a projection head on the hypersphere, one EMA prototype per class."""
 
     name = "cider"
-    needs = frozenset({Need.LABELS})
-    needs_features = True
     score = "knn"
 
     def __init__(self, dim: int = 128, temperature: float = 0.1, proto_m: float = 0.95, lam: float = 2.0,
@@ -149,49 +113,15 @@ class CIDER(Objective):
         check_hypersphere_params(self.name, self.dim, self.temperature, self.proto_m)
         check_positive(self.name, "lam", self.lam)
 
-    def prototype_count(self, n_classes: int) -> int:
-        """Rows of the head's ``prototypes`` buffer: one per class."""
-        return n_classes
-
-    def adapt(self, model, n_classes: int, train, preprocess) -> Any:
-        from ..heads import head_name, hypersphere_head, replace_module
-
-        if n_classes is None or n_classes < 2:
-            raise ValueError(f"{self.name}: needs a classifier with at least 2 classes, got {n_classes}")
-        self._check_counts(np.bincount(train[1], minlength=n_classes))
-        name = head_name(model)
-        head = hypersphere_head(model.get_submodule(name), int(self.dim), self.prototype_count(n_classes))
-        head.to(next(model.parameters()).device)
-        head.joint = True
-        replace_module(model, name, head)
-        self.head_name_, self.head_, self.n_classes_ = name, head, n_classes
-        self._init_prototypes(model, head, train, preprocess)
-        return model
-
-    def _check_counts(self, counts: np.ndarray) -> None:
-        if (counts == 0).any():
-            raise ValueError(f"{self.name}: classes {np.flatnonzero(counts == 0)[:5].tolist()} have no training "
-                             "image; every class needs one for its prototype")
-
     def _init_prototypes(self, model, head, train, preprocess) -> None:
         z, labels = training_embeddings(model, head, train, preprocess)
         head.prototypes.copy_(class_mean_prototypes(z, labels, self.n_classes_, self.name))
 
-    def feature_module(self, model) -> str:
-        return self.head_name_  # the head's input: the penultimate features, with their gradient
-
     def loss(self, logits, labels, outlier_logits=None, features=None, **context):
-        from torch.nn import functional as F
-
         z = self.head_.embed(features)
         mu = ema_update(self.head_.prototypes, z, labels, self.proto_m)
         self.head_.prototypes.copy_(mu.detach())
         comp = compactness_loss(z, mu.detach(), labels, self.temperature)
         dis = dispersion_loss(mu, self.temperature)
-        total = dis + self.lam * comp
-        terms = {"comp": float(comp.detach()), "dis": float(dis.detach())}
-        if self.probe:
-            probe = F.cross_entropy(logits, labels)
-            total = total + probe
-            terms["probe_ce"] = float(probe.detach())
-        return total, terms
+        return self.with_probe(dis + self.lam * comp, {"comp": float(comp.detach()), "dis": float(dis.detach())},
+                               logits, labels)

@@ -33,12 +33,10 @@ other distance score.) As for CIDER, the classifier head is trained in the same 
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..objective import check_positive
-from .cider import CIDER, check_hypersphere_params
+from ._hypersphere import HypersphereObjective, check_hypersphere_params
 
 PCON_TEMPERATURE = 0.5  # the code's fixed temperature of the prototype contrastive loss
 
@@ -101,7 +99,7 @@ def prototype_contrastive_loss(prototypes, classes, temperature: float = PCON_TE
     return -(pos - logits.masked_fill(self_pair, float("-inf")).logsumexp(dim=1)).mean()
 
 
-class PALM(CIDER):
+class PALM(HypersphereObjective):
     """``L = L_MLE + lambda L_pcon`` with ``M`` EMA prototypes per class, soft top-k Sinkhorn assignments."""
 
     name = "palm"
@@ -153,8 +151,6 @@ class PALM(CIDER):
         return torch.arange(self.n_classes_, device=device).repeat(int(self.n_prototypes))
 
     def loss(self, logits, labels, outlier_logits=None, features=None, **context):
-        from torch.nn import functional as F
-
         z = self.head_.embed(features)
         classes = self.prototype_classes(z.device)
         same_class = (labels[:, None] == classes[None, :]).float()
@@ -163,10 +159,5 @@ class PALM(CIDER):
         self.head_.prototypes.copy_(updated.detach())
         mle = mle_loss(z, updated.detach(), same_class, keep, self.temperature, self.epsilon)
         pcon = prototype_contrastive_loss(updated, classes)
-        total = mle + self.lam * pcon
-        terms = {"mle": float(mle.detach()), "pcon": float(pcon.detach())}
-        if self.probe:
-            probe = F.cross_entropy(logits, labels)
-            total = total + probe
-            terms["probe_ce"] = float(probe.detach())
-        return total, terms
+        return self.with_probe(mle + self.lam * pcon, {"mle": float(mle.detach()), "pcon": float(pcon.detach())},
+                               logits, labels)
