@@ -11,7 +11,8 @@ uint8 ``N x H x W x 3`` images by painting a ``width``-pixel frame around every 
 * **val / test** (ID): a uniformly random palette colour, independent of the class (the correlation is broken: the
   accuracy there is that of the invariant features);
 * **OOD**: every OOD set twice, in group ``"spurious"`` with a uniformly random palette colour (each OOD image
-  carries the cue of some class) and in group ``"non-spurious"`` with a neutral grey frame that no class has.
+  carries the cue of some class; set ``NAME+class-frame``) and in group ``"non-spurious"`` with a neutral grey
+  frame that no class has (``NAME+grey-frame``).
 
 Seeded; the images inside the frame are unchanged.
 """
@@ -70,8 +71,9 @@ def spurious_benchmark(bench: Benchmark, correlation: float = 0.9, width: int = 
     train = Split(paint_frame(bench.train.inputs, PALETTE[spurious_colours(labels, n_classes, correlation, rng)],
                               width), labels)
     sets = {name: split for group in bench.ood.values() for name, split in group.items()}
-    ood = {"spurious": {name: random_cue(split) for name, split in sets.items()},
-           "non-spurious": {name: Split(paint_frame(split.inputs, np.tile(NEUTRAL, (len(split), 1)), width),
-                                        split.labels) for name, split in sets.items()}}
+    ood = {"spurious": {f"{name}+class-frame": random_cue(split) for name, split in sets.items()},
+           "non-spurious": {f"{name}+grey-frame": Split(paint_frame(split.inputs, np.tile(NEUTRAL, (len(split), 1)),
+                                                                    width), split.labels)
+                            for name, split in sets.items()}}
     return Benchmark(name=f"{bench.name}-spurious{correlation:g}", train=train, val=random_cue(bench.val),
                      test=random_cue(bench.test), ood=ood, class_names=list(bench.class_names))
