@@ -9,6 +9,12 @@ gain over it is the method's, not the extra fine-tuning's. The fine-tuned model 
 and is scored with MSP, energy and KNN (each method's own score is marked) on a fixed random subsample of each
 test set (``--per-set``; the whole set with ``--per-set 0``).
 
+``--shifted gaussian_noise:5`` (the default) also measures every model's accuracy on a covariate-shifted copy of the
+ID test subsample (``oodscope.data.corruptions``; SCONE's OOD generalisation, the same corruption as its wild
+data); ``--shifted none`` skips it. ``--split spurious`` fine-tunes and tests on the spurious-correlation split of
+``oodscope.data.spurious`` (a class-coloured frame in 90 % of the training images, random in the test set; OOD
+groups ``spurious`` / ``non-spurious``) instead of the conventional bench.
+
 Throughput: the engine's images/s against a bare PyTorch loop doing the same steps (forward on the 384-image
 batch, the OE loss, SGD step) on the same batches, measured in one run.
 
@@ -27,6 +33,9 @@ import numpy as np
 from benchmarks.common import cifar_bench, cifar_bench_dir, cifar_weights, write_json
 from oodscope.commands.train_bench import summary_columns
 from oodscope.models.cifar_resnet import cifar_preprocess, load_cifar_resnet
+from oodscope.data.benchmark import Split
+from oodscope.data.corruptions import corrupt
+from oodscope.data.spurious import spurious_benchmark
 from oodscope.results_io import format_table
 from oodscope.safeio import load_npz
 from oodscope.training import augment
@@ -80,29 +89,47 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "oodscope-finetune"))
     parser.add_argument("--out", default="benchmarks/results/finetune_cifar10.json")
     parser.add_argument("--throughput-only", action="store_true", help="only the engine vs bare-loop timing")
+    parser.add_argument("--shifted", default="gaussian_noise:5",
+                        help="CORRUPTION:SEVERITY of the covariate-shifted ID test copy, or 'none'")
+    parser.add_argument("--split", default="conventional", choices=["conventional", "spurious"],
+                        help="the conventional CIFAR-10 bench or its spurious-correlation split")
+    parser.add_argument("--skip-throughput", action="store_true", help="skip the engine vs bare-loop timing")
     args = parser.parse_args()
 
     bench = cifar_bench()
+    if args.split == "spurious":
+        bench = spurious_benchmark(bench, correlation=0.9)
+    shifted = None
+    if args.shifted != "none":
+        name, severity = args.shifted.split(":")
+        shifted = Split(corrupt(bench.test.inputs, name, int(severity), seed=0), bench.test.labels)
     outliers = load_npz(cifar_bench_dir() / "tin_aux_train.npz", ["images"])["images"]
     preprocess = cifar_preprocess("cifar10_resnet20")
     base = load_cifar_resnet("cifar10_resnet20", cifar_weights("cifar10_resnet20"))
     cache = Path(args.cache_dir)
-    ratio = throughput(base, preprocess, (bench.train.inputs, bench.train.labels), outliers, args.max_steps)
+    ratio = None if args.skip_throughput else throughput(base, preprocess, (bench.train.inputs, bench.train.labels),
+                                                         outliers, args.max_steps)
     print(f"throughput (OE steps, back to back): {ratio}", flush=True)
     if args.throughput_only:
         return
     pretrained = {"method": "pretrained (no fine-tuning)", "seeds": 1,
-                  **evaluate_model(base, preprocess, bench, per_set=args.per_set, cache_dir=cache)}
+                  **evaluate_model(base, preprocess, bench, per_set=args.per_set, cache_dir=cache, shifted=shifted)}
     rows = compare(base, preprocess, bench, args.methods.split(","), outliers,
                    seeds=[int(s) for s in args.seeds.split(",")], per_set=args.per_set, cache_dir=cache,
-                   checkpoint_dir=cache / f"{args.epochs}x{args.max_steps}", log=lambda r: print(r, flush=True),
+                   checkpoint_dir=cache / (f"{args.epochs}x{args.max_steps}" + ("-spurious" if args.split == "spurious"
+                                                                                else "")),
+                   log=lambda r: print(r, flush=True), shifted=shifted,
                    epochs=args.epochs, max_steps=args.max_steps, progress=False)
     summary = summarise(rows)
     write_json(args.out, {"args": vars(args), "pretrained": pretrained, "rows": rows, "summary": summary,
                           "throughput": ratio})
     no_std = {k: v for k, v in pretrained.items()} | {f"{k}_std": 0.0 for k, v in pretrained.items()
                                                       if isinstance(v, float)}
-    print(format_table([no_std] + summary, summary_columns(list(DETECTORS), list(bench.ood))))
+    columns = summary_columns(list(DETECTORS), list(bench.ood))
+    if shifted is not None:  # OOD generalisation next to the ID accuracy
+        columns.insert(3, ("shifted acc", lambda r: f"{r['shifted_accuracy']:.2f} ± {r['shifted_accuracy_std']:.2f}",
+                           ""))
+    print(format_table([no_std] + summary, columns))
 
 
 if __name__ == "__main__":
