@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="train and test subsample size (default: the protocol's)")
     parser.add_argument("--metrics", default=METRICS, help=f"--density-metrics (default {METRICS})")
     parser.add_argument("--detectors", default=DETECTORS)
+    parser.add_argument("--seed", type=int, default=0, help="the subsamples', the holdout split's and the heads' seed")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -63,7 +64,7 @@ def main() -> None:
     ensemble = ",".join(str(cifar_weights(name)) for name in ENSEMBLE) if "agreement" in args.metrics else None
     argv = ["bench", str(cifar_bench_dir()), "--model", "cifar10_resnet20", "--weights",
             str(cifar_weights("cifar10_resnet20")), "--protocol", "density", "--density-metrics", args.metrics,
-            "--detectors", args.detectors, "--quiet", "--out", str(args.out)]
+            "--detectors", args.detectors, "--seed", str(args.seed), "--quiet", "--out", str(args.out)]
     argv += ["--ensemble", ensemble] if ensemble else []
     argv += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     if cli(argv) != 0:

@@ -15,8 +15,9 @@ several metrics that agree with each other. This protocol computes the paper's f
 * ``agreement`` (*agr*, ensemble agreement): minus the mean pairwise Jensen-Shannon divergence (nats) of the
   softmax outputs of the benchmark's model and the ``--ensemble`` models. The paper trains one architecture with
   several seeds; with the zoo it is ResNet-20/32/44/56, several depths (not computed without ``--ensemble``);
-* ``holdout`` (*ret*, holdout retraining): the model trained on the training data is fine-tuned on a held-out set
-  disjoint from the measured examples, and the metric is minus the symmetric KL divergence
+* ``holdout`` (*ret*, holdout retraining; as described with the paper's released metric values, the paper's own
+  text not checked here): the model trained on the training data is fine-tuned on a held-out set disjoint from
+  the measured examples, and the metric is minus the symmetric KL divergence
   ``KL(p || q) + KL(q || p)`` (:func:`symmetric_kl`) between its softmax outputs ``p`` before and ``q`` after (a
   prototypical example's output hardly moves). Construction: the ID training set is split by a seeded permutation
   into a *measured* half (the training subsample is drawn from it) and a *held-out* half, on which the benchmark's
@@ -26,11 +27,12 @@ several metrics that agree with each other. This protocol computes the paper's f
 * ``privacy`` (*priv*, privacy-preserving training): models trained with DP-SGD (:mod:`oodscope.training.dpsgd`,
   Abadi et al. 2016) at the noise multipliers of :data:`PRIVACY`, several seeds each; the metric is the largest
   noise multiplier (the strongest privacy, smallest epsilon) at which at least 90 % of that level's models classify
-  the example correctly (the paper: the smallest epsilon at which it is classified correctly 90 % of the time), 0
-  when no level does. On CPU the private models are softmax-regression heads on the benchmark model's frozen
-  penultimate features of the whole ID training set, not whole networks: the epsilons (Opacus' RDP accountant, at
-  ``delta`` = 1e-5, when ``oodscope[privacy]`` is installed) bound what the heads' training reveals, not the
-  feature extractor's, which was trained without privacy on the same images.
+  the example correctly (the description released with the paper's metric values: the smallest epsilon at which
+  DP-SGD classifies it correctly 90 % of the time), 0 when no level does. On CPU the private models are
+  softmax-regression heads on the benchmark model's frozen penultimate features of the whole ID training set, not
+  whole networks: the epsilons (Opacus' RDP accountant, at ``delta`` = 1e-5, when ``oodscope[privacy]`` is
+  installed) bound what the heads' training reveals, not the feature extractor's, which was trained without
+  privacy on the same images.
 
 Not computed: Feldman & Zhang's memorisation score (thousands of retrained models); the records say so.
 
