@@ -1,10 +1,11 @@
 """Side by side: oodscope's anomaly detectors vs PyOD's on ADBench WDBC and wine, identical splits.
 
-    PYTHONPATH=. python benchmarks/adbench_vs_pyod.py [--protocol dte] [--seeds 0,1,2,3,4] [--neural]
+    PYTHONPATH=. python benchmarks/adbench_vs_pyod.py [--protocol dte] [--seeds 0,1,2,3,4] [--neural] \
+        [--out benchmarks/results/adbench_vs_pyod_dte.json]
 
 Prints AUROC (mean ± std over seeds, percent) per dataset x setting for each pair (ours | PyOD) and the seconds
 spent. PyOD must be installed (pip install pyod). ``--neural`` adds Deep SVDD (ours vs PyOD), DTE-C and the other
-trained detectors (slow on CPU).
+trained detectors (slow on CPU). ``--out`` also writes the per-seed AUROCs of both libraries (JSON).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import warnings
 import numpy as np
 import torch
 
+from benchmarks.common import write_json
 from oodscope import create
 from oodscope.anomaly.datasets import load
 from oodscope.anomaly.protocol import splits
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--datasets", default="wdbc,wine")
     parser.add_argument("--neural", action="store_true")
     parser.add_argument("--only", default=None, help="comma-separated subset of our detectors")
+    parser.add_argument("--out", default=None, help="write the per-seed AUROCs (percent) of both libraries here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -93,6 +96,10 @@ def main() -> None:
             row += f"{cell:>30}"
         print(row)
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    if args.out:
+        write_json(args.out, {"args": vars(args), "seconds": seconds,
+                              "auroc": [{"dataset": d, "setting": g, "detector": name, **values}
+                                        for (d, g, name), values in results.items()]})
 
 
 if __name__ == "__main__":
