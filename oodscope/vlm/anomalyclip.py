@@ -86,8 +86,10 @@ def dpam_features(clip, pixels: torch.Tensor, layers: Sequence[int], dpam_depth:
     x_ori = x
     out = []
     for index, block in enumerate(blocks, start=1):
-        if index - 1 < first_dual:
-            x = x_ori = _layer(block, x_ori)
+        if index - 1 < first_dual:  # CLIP's block, with the attention written out: transformers' fused attention
+            _, qk = dual_attention(block.self_attn, block.layer_norm1(x_ori))  # rounds a row by its batch position
+            x_ori = x_ori + qk
+            x = x_ori = x_ori + block.mlp(block.layer_norm2(x_ori))
         else:
             vv, qk = dual_attention(block.self_attn, block.layer_norm1(x_ori))
             x_ori = x_ori + qk
@@ -137,6 +139,25 @@ def similarity_maps(patches: list[torch.Tensor], texts: torch.Tensor, grid: tupl
     return maps
 
 
+def load_auxiliary(data: Any, size: int, who: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images ``(N, 3, H, W)``, labels ``(N,)`` and binary masks ``(N, H, W)`` of an annotated auxiliary set: an
+    MVTec-layout folder (its ``test`` split, read at ``size``) or an :class:`~oodscope.data.mvtec.ImageSet` with
+    labels and masks."""
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        from ..data.mvtec import load_mvtec
+
+        data = load_mvtec(data, size=size).test
+    masks = getattr(data, "masks", None)
+    if masks is None or getattr(data, "labels", None) is None:
+        raise ValueError(f"{who}: the auxiliary set needs labels and masks (an MVTec-layout test split)")
+    images = as_images(data, f"{who}: auxiliary images")
+    masks = np.asarray(masks, dtype=np.float32)
+    if masks.shape[-2:] != images.shape[-2:]:
+        masks = nn.functional.interpolate(torch.from_numpy(masks)[:, None], size=images.shape[-2:],
+                                          mode="nearest")[:, 0].numpy()
+    return images, np.asarray(data.labels, dtype=np.int64), (masks > 0.5).astype(np.float32)
+
+
 class AnomalyCLIP(ImageDetector):
     """Object-agnostic learned prompts, DPAM patch features, trained on an auxiliary set (module docstring)."""
 
@@ -180,20 +201,7 @@ class AnomalyCLIP(ImageDetector):
         return resolve_clip(self.model, device=str(resolve_device(self.device)))
 
     def _auxiliary(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        data = self.auxiliary
-        if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-            from ..data.mvtec import load_mvtec
-
-            data = load_mvtec(data, size=size).test
-        masks = getattr(data, "masks", None)
-        if masks is None or getattr(data, "labels", None) is None:
-            raise ValueError(f"{self.name}: the auxiliary set needs labels and masks (an MVTec-layout test split)")
-        images = as_images(data, f"{self.name}: auxiliary images")
-        masks = np.asarray(masks, dtype=np.float32)
-        if masks.shape[-2:] != images.shape[-2:]:
-            masks = nn.functional.interpolate(torch.from_numpy(masks)[:, None], size=images.shape[-2:],
-                                              mode="nearest")[:, 0].numpy()
-        return images, np.asarray(data.labels, dtype=np.int64), (masks > 0.5).astype(np.float32)
+        return load_auxiliary(self.auxiliary, size, self.name)
 
     def _fit(self, images: np.ndarray) -> None:
         from tqdm.auto import tqdm
