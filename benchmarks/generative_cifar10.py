@@ -84,7 +84,8 @@ def main() -> None:
     from oodscope.training.compare import subsample
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("pixelcnn", "realnvp", "hvae", "msma", "moodv2", "ddpm"), default="pixelcnn")
+    parser.add_argument("--model", choices=("pixelcnn", "realnvp", "hvae", "msma", "moodv2", "ddpm"),
+                        default="pixelcnn")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=5)

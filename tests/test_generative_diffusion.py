@@ -50,7 +50,8 @@ class PointMass(nn.Module):
 
 
 class Gaussian(nn.Module):
-    """Data ``N(mu, s^2)`` per dimension: ``E[eps | x_t] = sqrt(1-abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)``."""
+    """Data ``N(mu, s^2)`` per dimension, whose exact noise prediction is
+    ``E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar)``."""
 
     def __init__(self, mu: float, s: float, steps: int = 1000):
         super().__init__()

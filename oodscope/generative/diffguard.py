@@ -212,7 +212,8 @@ class DiffGuard(DiffusionDetector):
         return {key: np.concatenate(parts) for key, parts in out.items()}
 
     def _guidance(self, network, classifier, labels):
-        """``s * grad log p(y | x_in)`` at DiffGuard's blend ``x_in = f x0_hat + (1 - f) x_t``, ``f = sqrt(1 - abar_t)``."""
+        """``s * grad log p(y | x_in)`` at DiffGuard's blend ``x_in = f x0_hat + (1 - f) x_t``,
+        ``f = sqrt(1 - abar_t)``."""
         import math
 
         import torch
