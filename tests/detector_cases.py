@@ -305,11 +305,14 @@ TINY: dict[str, dict[str, Any]] = {
     "clipn": {"n_prompts": 2, "epochs": 2, "batch_size": 8},
     "anomalyclip": {"n_ctx": 4, "depth": 2, "t_n_ctx": 2, "layers": (1, 2), "dpam_depth": 1, "epochs": 2,
                     "batch_size": 4},
+    "clip_ad": {"stages": 2},  # the tiny CLIP has 2 vision blocks
+    "clip_ad_plus": {"stages": 2, "epochs": 2, "batch_size": 4},
+    "filo": {"object_name": "bottle", "layers": (1, 2), "dpam_depth": 1},
 }
 TEXT = {"blood", "ahm"}
 PROBABILITY_LAYERS = {"absent_class", "min_others", "ood_probability"}  # read a training head's probability layer
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
-CLIP = {"winclip", "winclip_plus", "anomalyclip"}  # image detectors on a CLIP model (the vlm family is added by family)
+CLIP = {"winclip", "winclip_plus", "anomalyclip", "clip_ad", "clip_ad_plus", "filo"}  # image detectors on a CLIP model (the vlm family is added by family)
 FEW_SHOT = {"locoop", "clipn"}  # CLIP prompt learning: fit((classes, images, labels))
 
 
@@ -343,7 +346,7 @@ def case(name: str) -> Case:
         params["model"] = tiny_clip()
     if name == "diffguard":  # a seeded random conv net as the classifier (the CIFAR ResNet needs its weights)
         params["classifier"] = _conv_net()
-    if name == "anomalyclip":
+    if name in ("anomalyclip", "clip_ad_plus"):  # trained on a generated annotated auxiliary folder
         from vlm_models import tiny_mvtec_folder
 
         params["auxiliary"] = str(tiny_mvtec_folder())
