@@ -212,11 +212,17 @@ def _progress(items: Iterable, show: bool, total: int) -> Iterable:
 
 
 def _check_roles(id_outputs: Outputs, ood_outputs: dict[str, dict[str, Outputs]]) -> None:
-    """Refuse an ID test set made of OOD-labelled samples, and an OOD set that is the ID test set."""
+    """Refuse an ID test set made of OOD-labelled samples, an OOD set that is the ID test set, and two sets
+    under one name (scores are kept per set name: a second set of the same name would replace the first's)."""
     if id_outputs.labels is not None and (id_outputs.labels < 0).all():
         raise ValueError(f"ID test set {id_outputs.name!r} has only OOD labels (-1); pass it under ood=")
+    seen = {id_outputs.name: "the ID test set"}
     for group, sets in ood_outputs.items():
         for name, outputs in sets.items():
+            if name in seen:
+                raise ValueError(f"OOD set name {name!r} (group {group!r}) is already used by {seen[name]}; "
+                                 "give every set a distinct name")
+            seen[name] = f"group {group!r}"
             if outputs.name == id_outputs.name:
                 raise ValueError(f"OOD set {name!r} (group {group!r}) has the ID test set's name "
                                  f"{id_outputs.name!r}; names must be unique")

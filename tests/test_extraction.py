@@ -135,6 +135,19 @@ def test_evaluate_refuses_id_test_as_ood(make_outputs):
         oodscope.evaluate(["msp"], ood_as_id, {"x": test}, train=train)
 
 
+def test_evaluate_refuses_two_sets_under_one_name(make_outputs):
+    """Scores are kept per set name: a second set of the same name in another group (or the ID test set's name)
+    would silently get the first's numbers, so it is refused."""
+    train, test = make_outputs(), make_outputs(name="test")
+    a, b = make_outputs(name="a", shift=1.0), make_outputs(name="b", shift=2.0)
+    with pytest.raises(ValueError, match="'noise' .*group 'far'.* already used by group 'near'"):
+        oodscope.evaluate(["msp"], test, {"near": {"noise": a}, "far": {"noise": b}}, train=train)
+    with pytest.raises(ValueError, match="already used by the ID test set"):
+        oodscope.evaluate(["msp"], test, {"near": {"test": a}}, train=train)
+    results = oodscope.evaluate(["msp"], test, {"near": {"noise": a}, "far": {"noise2": b}}, train=train)
+    assert results.records[0]["auroc"] != results.records[1]["auroc"]
+
+
 def test_evaluate_table_has_group_means(make_outputs):
     train, test = make_outputs(), make_outputs(name="test")
     ood = {"near": {"a": make_outputs(name="a", shift=0.5), "b": make_outputs(name="b", shift=1.0)},
