@@ -225,7 +225,7 @@ def test_clip_ad_plus_trains_the_linear_layers_only_and_adds_their_maps(clip):
 
 # -- FiLo -------------------------------------------------------------------------------------------------------
 def test_filo_prompts_descriptions_and_positions():
-    assert len(DESCRIPTIONS) == 27 and DESCRIPTIONS["bottle"][:2] == ("cracked large", "cracked small")
+    assert len(DESCRIPTIONS) == 27 and DESCRIPTIONS["bottle"][:2] == ("a broken rim", "a crack in the glass")
     states = anomalous_states(["crack", "hole"])
     assert states[:2] == ["abnormal {} with crack", "abnormal {} with hole"]
     assert states[2:] == list(winclip.ANOMALOUS_STATES)

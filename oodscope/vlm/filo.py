@@ -8,9 +8,9 @@ released code (``models/FiLo.py``, ``models/vv_open_clip/transformer.py``, ``tes
 
 * **FG-Des** (fine-grained descriptions, Sec. 3.2): the anomalous state words are ``"abnormal {} with <d>"`` for
   each description ``d`` of the object's category, plus WinCLIP's five generic anomalous states; the normal ones
-  are WinCLIP's seven. :data:`DESCRIPTIONS` holds the LLM-written lists the authors released for the 15 MVTec AD and
-  12 VisA categories (``pcb1``-``pcb4`` are prompted as "pcb", ``macaroni1``/``2`` as "macaroni"); other objects
-  need ``descriptions=`` (a list of anomaly types, e.g. written by an LLM as the paper does).
+  are WinCLIP's seven. :data:`DESCRIPTIONS` holds LLM-written lists for the 15 MVTec AD and 12 VisA categories,
+  written for oodscope from the category names alone (not the authors' lists; ``pcb1``-``pcb4`` are prompted as
+  "pcb", ``macaroni1``/``2`` as "macaroni"); other objects need ``descriptions=`` (a list of anomaly types, e.g. written by an LLM as the paper does).
 * **Position-enhanced prompts** (HQ-Loc, Sec. 3.3): each anomalous state gets ``" at <position>"`` for the nine
   positions of :data:`POSITIONS`. The paper picks the position from Grounding DINO's box; without it,
   ``positions=None`` averages all nine (location-agnostic), a tuple restricts them (``("center",)`` is what the
@@ -56,58 +56,59 @@ MAP_SCALE = 100.0 / np.sqrt(2.0)  # 100 x cos against the pair [g_n, g_a] divide
 BLUR_SIZE, BLUR_SIGMA = 3, 4.0  # the authors' torchvision GaussianBlur(3, 4.0)
 UNFROZEN_FIRST = 6  # the authors' dual path covers every block after the first 6
 
-#: FG-Des: the authors' released LLM-written anomaly descriptions (models/FiLo.py), per MVTec AD and VisA category
+#: FG-Des descriptions, per MVTec AD and VisA category. Written for oodscope by a language model from the category
+#: name alone (what the paper's FG-Des prescribes: an LLM lists the anomaly types an object of that kind can
+#: show), without looking at the data sets' images, defect folders or the authors' own lists, so they hold no
+#: knowledge of the test sets. Scores with them differ from the authors' (whose lists were written by another LLM).
 DESCRIPTIONS: dict[str, tuple[str, ...]] = {
-    "carpet": ("discoloration in a specific area", "irregular patch or section with a different texture",
-               "frayed edges or unraveling fibers", "burn mark or scorching"),
-    "grid": ("crooked", "cracks", "excessive gaps", "discoloration", "deformation", "missing",
-             "inconsistent spacing between grid elements", "corrosion", "visible signs", "chipping"),
-    "leather": ("scratches", "discoloration", "creases", "uneven texture", "tears", "brittleness", "damage", "seams",
-                "heat damage", "mold"),
-    "tile": ("chipped", "irregularities", "discoloration", "efflorescence", "warping", "missing", "depressions",
-             "lippage", "fungus", "damage"),
-    "wood": ("knots", "warping", "cracks along the grain", "mold growth on the surface",
-             "staining from water damage", "wood rot", "woodworm holes", "rough patches", "protruding knots"),
-    "bottle": ("cracked large", "cracked small", "dented large", "dented small", "leaking", "discolored", "deformed",
-               "missing cap", "excessive condensation", "unusual odor"),
-    "cable": ("twisted", "knotted cable strands", "detached connectors", "excessive stretching", "dents", "corrosion",
-              "scorching along the cable", "exposed conductive material"),
-    "capsule": ("irregular shape", "discoloration coloring", "crinkled", "uneven seam",
-                "condensation inside the capsule", "foreign particles", "unusually soft or hard"),
-    "hazelnut": ("fungal growth", "Unusual discoloration", "rotten or foul odor emanating", "insect infestation",
-                 "wetness", "misshapen shell", "unusually thin", "contaminants", "unusual texture"),
-    "metal nut": ("cracks", "irregular threading", "corrosion", "missing", "distortion", "signs of discoloration",
-                  "excessive wear on contact surfaces", "inconsistent texture"),
-    "pill": ("irregular shape", "crumbling texture", "excessive powder", "Uneven coating", "presence of air bubbles",
-             "disintegration", "abnormal specks"),
-    "screw": ("rust on the surface", "bent", "damaged threads", "stripped threads", "deformed top", "coating damage",
-              "uneven grooves", "inconsistent size"),
-    "toothbrush": ("loose bristles", "uneven bristle distribution", "excessive shedding of bristles",
-                   "staining on the bristles", "abrasive texture", "irregularities in the shape"),
-    "transistor": ("burn marks", "detached leads", "signs of corrosion", "irregularities in the shape",
-                   "presence of cracks or fractures", "signs of physical trauma",
-                   "irregularities in the surface texture"),
-    "zipper": ("bent", "frayed", "misaligned", "excessive stiffness", "corroded", "detaches", "loose", "warped"),
-    "candle": ("cracks or fissures in the wax", "Wax pooling unevenly around the wick", "tunneling",
-               "incomplete wax melt pool", "irregular or flickering flame", "other", "extra wax in candle",
-               "wax melded out of the candle"),
-    "capsules": ("uneven capsule size", "capsule shell appears brittle", "excessively soft", "dents", "condensation",
-                 "irregular seams or joints", "specks"),
-    "cashew": ("uneven coloring", "fungal growth", "presence of foreign objects", "unusual texture", "empty shells",
-               "signs of moisture", "stuck together"),
-    "chewinggum": ("consistency", "presence of foreign objects", "uneven coloring", "excessive hardness",
-                   "similar colour spot"),
-    "fryum": ("irregular shape", "unusual odor", "uneven coloring", "unusual texture", "small scratches",
-              "different colour spot", "fryum stuck together", "other"),
-    "macaroni1": ("uneven shape", "small scratches", "small cracks", "uneven coloring",
-                  "signs of insect infestation", "uneven texture", "Unusual consistency"),
-    "macaroni2": ("irregular shape", "small scratches", "presence of foreign particles", "excessive moisture",
-                  "Signs of infestation", "small cracks", "unusual texture"),
-    **{pcb: ("oxidation on the copper traces", "separation of layers", "presence of solder bridges",
-             "excessive solder residue", "discoloration", "Uneven solder joints", "bowing of the board",
-             "missing vias") for pcb in ("pcb1", "pcb2", "pcb3", "pcb4")},
-    "pipe fryum": ("uneven shape", "presence of foreign objects", "different colour spot", "unusual odor",
-                   "empty interior", "unusual texture", "similar colour spot", "stuck together"),
+    "carpet": ("a stain", "a hole", "a cut in the pile", "a loose or pulled thread", "a colour patch",
+               "a foreign fibre or object woven in", "a flattened or worn area"),
+    "grid": ("a bent wire", "a broken strand", "a glue spot", "a stray thread", "a metal fragment",
+             "an irregular mesh spacing", "rust"),
+    "leather": ("a scratch", "a cut", "a fold or crease", "a colour blotch", "a glue spot", "a puncture",
+                "a worn or scuffed patch"),
+    "tile": ("a crack", "a chip on the edge", "an oil stain", "a glue strip", "a rough patch",
+             "a grey stroke or streak", "a discoloured spot"),
+    "wood": ("a scratch", "a hole", "a liquid stain", "a colour patch", "a crack along the grain", "a knot",
+             "a dent"),
+    "bottle": ("a broken rim", "a crack in the glass", "a chipped edge", "dirt or contamination inside",
+               "a foreign particle", "a deformed neck"),
+    "cable": ("a bent wire", "a cut insulation", "a missing wire", "a swapped wire colour", "a poked insulation",
+              "an exposed conductor", "a missing cable"),
+    "capsule": ("a crack", "a faulty or smeared imprint", "a dent", "a squeezed shape", "a scratch",
+                "a hole in the shell"),
+    "hazelnut": ("a crack in the shell", "a cut", "a hole", "a printed mark", "mould", "a broken shell"),
+    "metal nut": ("a bent edge", "a scratch", "a colour stain", "a flipped orientation", "a missing part",
+                  "rust"),
+    "pill": ("a crack", "a chipped edge", "a colour spot", "contamination", "a faulty imprint", "a scratch",
+             "a wrong pill type"),
+    "screw": ("a scratched head", "a damaged thread", "a bent shaft", "a deformed tip", "a scratched neck",
+              "rust"),
+    "toothbrush": ("bent bristles", "missing bristles", "splayed bristles", "a foreign object in the bristles",
+                   "uneven bristle lengths", "a dirty head"),
+    "transistor": ("a bent lead", "a cut lead", "a missing lead", "a damaged case", "a misplaced body",
+                   "a burn mark"),
+    "zipper": ("broken teeth", "split teeth", "squeezed teeth", "a frayed fabric border", "a hole in the fabric",
+               "a rough or torn tape", "misaligned teeth"),
+    "candle": ("a crack in the wax", "a chunk of wax missing", "a foreign particle in the wax",
+               "a spot of a different colour", "a damaged or missing wick", "melted wax on the surface"),
+    "capsules": ("a crack", "a dent", "a bubble in the shell", "a spot of a different colour", "a deformed shape",
+                 "a leaking capsule"),
+    "cashew": ("a burnt spot", "a broken piece", "a spot of a different colour", "a hole", "a foreign particle",
+               "two nuts stuck together"),
+    "chewinggum": ("a crack", "a chip on the edge", "a spot of a different colour", "a scratch",
+                   "a foreign particle", "a deformed shape"),
+    "fryum": ("a broken piece", "a burnt spot", "a spot of a different colour", "a crack", "a foreign particle",
+              "a deformed shape"),
+    "macaroni1": ("a crack", "a chip", "a scratch", "a spot of a different colour", "a foreign particle",
+                  "a broken piece"),
+    "macaroni2": ("a crack", "a chip", "a scratch", "a spot of a different colour", "a foreign particle",
+                  "a broken piece"),
+    **{pcb: ("a bent or missing pin", "a burnt component", "a scratch on the board", "a missing component",
+             "a melted part", "a solder bridge", "a foreign object on the board") for pcb in
+       ("pcb1", "pcb2", "pcb3", "pcb4")},
+    "pipe fryum": ("a broken piece", "a burnt spot", "a crack", "a spot of a different colour",
+                   "a foreign particle", "a deformed shape"),
 }
 #: the word a category is prompted with, where it differs from its name
 PROMPT_NAMES = {"pcb1": "pcb", "pcb2": "pcb", "pcb3": "pcb", "pcb4": "pcb", "macaroni1": "macaroni",
