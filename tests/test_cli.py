@@ -17,7 +17,7 @@ def test_bench_default_runs_offline_and_writes_outputs(tmp_path, capsys):
     meta, records = read_results(out / "results.json")
     assert all(set(r) == {"detector", "dataset", "group", "auroc", "fpr95", "aupr_in", "aupr_out"} for r in records)
     assert (out / "results.csv").read_text().startswith("detector,dataset,group,auroc,fpr95,aupr_in,aupr_out")
-    assert (out / "score_distributions.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "score_distributions.png").exists()  # the report holds the histograms, drawn once
     means = {(r["detector"], r["group"]): r["auroc"] for r in records if r["dataset"] == "mean"}
     assert {g for _, g in means} == {"near", "far", "covariate"}
     # real detectors separate real OOD data

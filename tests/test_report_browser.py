@@ -282,7 +282,8 @@ def test_bench_report_in_chromium(browser, tmp_path, capsys):
     # after the second click: that group's AUROC descending, each row's cell its detector's record
     assert page.column("leaderboard", 1) == [f"{auroc[d]:.2f}" for d in page.column("leaderboard", 0)]
     assert page.column("leaderboard", 0) == sorted(auroc, key=lambda d: -round(auroc[d], 2))
-    assert "ash_s: inverted" in page.js("document.getElementById('degenerate-notes').textContent")
+    notes = page.js("document.getElementById('degenerate-notes').textContent")
+    assert "ash_s: inverted" in notes and "temperature: every calibration sample is classified correctly" in notes
 
 
 def test_ad_report_in_chromium(browser, tmp_path, rng, capsys):

@@ -98,8 +98,8 @@ def cell(value):
     return MISSING if value is None else f"{value:.2f}"
 
 
-def images_of(html):
-    return [base64.b64decode(src) for src in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+def images_of(html, kind="png"):
+    return [base64.b64decode(src) for src in re.findall(rf'src="data:image/{kind};base64,([^"]+)"', html)]
 
 
 # -- the image anomaly-detection report ---------------------------------------------------------------------------
@@ -166,9 +166,14 @@ def test_ad_report_notes_degenerate_runs_and_embeds_every_figure_once(ad_case):
     assert not any(n.startswith("good_det") for n in notes)
     section = html[html.index('id="det-upside"'):]
     assert "upside: inverted on all" in section[:section.index("</section>")]  # the note is in its section too
-    pngs = images_of(html)
-    assert len(pngs) == 3 + 1 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)  # 3 ROC figures, 1 overlay
-    assert len(set(pngs)) == 4
+    pngs, svgs = images_of(html), images_of(html, r"svg\+xml")
+    assert len(pngs) == 1 and pngs[0][:8] == b"\x89PNG\r\n\x1a\n"  # good_det's overlays: the one with a map
+    assert len(svgs) == 3 and all(s.startswith(b"<svg") and s.endswith(b"</svg>") for s in svgs)  # ROC + histograms
+    for svg in svgs:  # well-formed XML, one ROC polyline per defect type
+        import xml.etree.ElementTree as ET
+
+        root = ET.fromstring(svg)
+        assert root.get("width") == "960" and b"ROC vs good" in svg
     with pytest.raises(ValueError, match="at least one detector run"):
         render_ad_report([], test, {})
 
@@ -192,7 +197,7 @@ def test_ad_cli_writes_the_report_on_a_synthetic_mvtec_folder(tmp_path, rng, cap
     assert 'data-value="{:.4f}"'.format(next(r["auroc"] for r in records if r["detector"] == "gaussian_ad"
                                               and r["dataset"] == "scratch")) in html
     assert (out / "overlays_patchcore.png").read_bytes() in images_of(html)  # drawn once, embedded as written
-    assert len(images_of(html)) == 3 and "<code>coreset_ratio=" in html
+    assert len(images_of(html)) == 1 and len(images_of(html, r"svg\+xml")) == 2 and "<code>coreset_ratio=" in html
     assert "src=\"http" not in html and "<script src" not in html  # self-contained
 
 
@@ -218,3 +223,42 @@ def test_degenerate_notes_name_saturated_and_near_constant_scores_and_spare_smal
     assert notes[0] == "saturated: 70 % of its scores on id equal 1 (saturated; ties decide the ranking of those samples)"
     assert notes[1].startswith("flat: its scores vary by ") and "(near-constant" in notes[1]
     assert len(notes) == 2  # 4 distinct scores over 4 samples are not collapsed
+
+
+def test_the_svg_figure_draws_every_curve_where_the_data_puts_it():
+    from oodscope.report.svg import PANEL, detector_svg, nice_ticks
+
+    svg = detector_svg("toy <x>", {"id": np.array([0.0, 0.0, 1.0, 1.0]), "ood": np.array([1.0, 2.0, 2.0, 2.0])},
+                       "id", bins=2)
+    import xml.etree.ElementTree as ET
+
+    ns = "{http://www.w3.org/2000/svg}"
+    root = ET.fromstring(svg)
+    assert "toy <x>: scores" in [t.text for t in root.iter(ns + "text")]  # escaped, parsed back
+    lines = [p.get("points") for p in root.iter(ns + "polyline")]
+    left, top, width, height = PANEL["roc"]
+    # ROC of ood vs id by hand: thresholds 2 (TPR 3/4, FPR 0), 1 (TPR 1, FPR 1/2), 0 (1, 1)
+    roc = [tuple(map(float, p.split(","))) for p in lines[2].split()]  # diagonal, id histogram, ood ROC, ...
+    expected = [(0, 0), (0, 0.75), (0.5, 1), (1, 1)]
+    want = [(left + x * width, top + (1 - y / 1.01) * height) for x, y in expected]
+    assert np.allclose(roc, want, atol=0.06)
+    # bins [0, 1), [1, 2] over the 0.5-99.5th percentiles: id 2 + 2, ood 1 + 3 samples: densities 0.5/0.5, 0.25/0.75
+    hist = [tuple(map(float, p.split(","))) for p in lines[1].split()]  # the id step line
+    assert len(hist) == 4 and hist[0][1] == pytest.approx(hist[-1][1])  # equal heights
+    assert nice_ticks(0.0, 1.0).tolist() == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert nice_ticks(-3.0, 47.0).tolist() == pytest.approx([0, 10, 20, 30, 40])
+
+
+def test_a_detectors_fit_warning_becomes_a_note_and_others_stay_warnings():
+    import warnings
+
+    from oodscope.commands.bench import fit_notes
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("temperature: every calibration sample is classified correctly; keeping T = 1")
+        warnings.warn("temperature: every calibration sample is classified correctly; keeping T = 1")
+        warnings.warn("something else", UserWarning)
+    with pytest.warns(UserWarning, match="something else"):
+        notes = fit_notes(caught, {"temperature": oodscope.create("temperature")})
+    assert notes == ["temperature: every calibration sample is classified correctly; keeping T = 1"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -113,7 +114,6 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     from ..detectors import create
     from ..report.html import write_report
     from ..report.meta import bench_metadata
-    from ..report.plots import plot_score_distributions
     from ..results_io import write_results
     from ..runner import parse_detectors, run_benchmark
 
@@ -138,14 +138,17 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     labelled = {detector.label: detector for detector in detectors.values()}  # the records' detector names
     extract_options = dict(cache_dir=args.cache_dir, device=args.device, batch_size=args.batch_size,
                            use_cache=not args.no_cache, progress=not args.quiet, **engine_options(args))
-    results, timing = run_benchmark(bench, prepared.model, prepared.preprocess, list(detectors.values()),
-                                    tune=args.tune, **extract_options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        results, timing = run_benchmark(bench, prepared.model, prepared.preprocess, list(detectors.values()),
+                                        tune=args.tune, **extract_options)
+    notes = results.degenerate_notes() + fit_notes(caught, labelled)
     print(f"benchmark {bench.name} ({prepared.model_name}): ID test {len(bench.test)}, "
           + ", ".join(f"{g}/{d} {len(s)}" for g, sets in bench.ood.items() for d, s in sets.items()))
     for name, count in bench.overlaps.items():
         print(f"warning: {count} images of OOD set {name} are identical to ID images")
     print(results.leaderboard())
-    for note in results.degenerate_notes():
+    for note in notes:
         print(f"note: {note}")
     for name, params in results.tuned.items():
         print(f"tuned on validation: {name} {params}")
@@ -181,10 +184,27 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     timing["total"] = time.perf_counter() - start
     meta = bench_metadata(bench, prepared.model_name, args.weights, prepared.model, argv=getattr(args, "argv", None),
                           detectors=labelled, timings=timing, id_accuracy=results.id_accuracy, id_name=results.id_name,
-                          tuned=results.tuned or "defaults", **meta_extra)
+                          tuned=results.tuned or "defaults", notes=notes or None, **meta_extra)
     paths = write_results(out, records, meta)
-    paths["png"] = plot_score_distributions(results, out / "score_distributions.png")
-    paths["html"] = write_report(out / "report.html", results, meta, detectors=labelled, **report_options)
-    print(f"extraction {timing['extract']:.2f} s, total {time.perf_counter() - start:.2f} s; wrote "
+    report_start = time.perf_counter()  # the histograms are drawn once, in the report's detector sections
+    paths["html"] = write_report(out / "report.html", results, meta, detectors=labelled, notes=notes,
+                                 **report_options)
+    report_seconds, total = time.perf_counter() - report_start, time.perf_counter() - start
+    print(f"extraction {timing['extract']:.2f} s, figures and report {report_seconds:.2f} s "
+          f"({100 * report_seconds / total:.0f} % of the run), total {total:.2f} s; wrote "
           + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def fit_notes(caught: list, detectors: Mapping[str, Any]) -> list[str]:
+    """The warnings of a detector (a message starting with its label, e.g. temperature's degenerate calibration)
+    as notes for the leaderboard and the report; any other warning is shown as usual."""
+    names = {*detectors, *(getattr(d, "name", label) for label, d in detectors.items())}
+    notes = []
+    for warning in caught:
+        message = str(warning.message)
+        if issubclass(warning.category, UserWarning) and message.split(":", 1)[0] in names:
+            notes.append(message)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return list(dict.fromkeys(notes))

@@ -21,8 +21,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..evaluation import Results
-from .html import (FigureCanvas, _notes_of, _table, figure_item, heatmap_table, png_bytes, render_page, section,
-                   write_html)
+from .html import (_notes_of, _table, detector_figure, figure_item, heatmap_table, png_bytes, render_page,
+                   section, write_html)
 
 AD_INTRO = ("Image anomaly detection on the folder's test split: image metrics over all defect types against the "
             "normal test images (anomalous = positive), pixel metrics on the anomaly maps where masks exist and the "
@@ -161,22 +161,21 @@ def render_ad_report(runs: Sequence[Any], test: Any, meta: Mapping[str, Any], *,
     order = [r["detector"] for r in overall]
     by_name = {run.detector: run for run in runs}
     sections = []
-    with FigureCanvas() as canvas:
-        for row in overall:
-            name = row["detector"]
-            figures = [figure_item(canvas.draw(name, results.scores[name], GOOD_NAME),
-                                   f"{name}: ROC curves and score histograms",
-                                   f"{name}: ROC curve of each defect type against the normal test images, image "
-                                   "score histograms (log-scale density)")]
-            if name in overlays:
-                figures.append(figure_item(overlays[name], f"{name}: anomaly-map overlays",
-                                           f"{name}: the best-detected and the worst-detected anomalous images and "
-                                           "the highest-scored normal images (false alarms), mask outlined in green, "
-                                           "anomaly map below"))
-            records = by_name[name].records
-            sections.append(section(name, headline=_headline(row), detector=(detectors or {}).get(name),
-                                    note=_notes_of(name, notes), figures=figures,
-                                    per_set=_table(records, [k for k, _ in PER_DEFECT], [h for _, h in PER_DEFECT])))
+    for row in overall:
+        name = row["detector"]
+        figures = [figure_item(detector_figure(name, results.scores[name], GOOD_NAME),
+                               f"{name}: ROC curves and score histograms",
+                               f"{name}: ROC curve of each defect type against the normal test images, image "
+                               "score histograms (log-scale density)")]
+        if name in overlays:
+            figures.append(figure_item(overlays[name], f"{name}: anomaly-map overlays",
+                                       f"{name}: the best-detected and the worst-detected anomalous images and "
+                                       "the highest-scored normal images (false alarms), mask outlined in green, "
+                                       "anomaly map below"))
+        records = by_name[name].records
+        sections.append(section(name, headline=_headline(row), detector=(detectors or {}).get(name),
+                                note=_notes_of(name, notes), figures=figures,
+                                per_set=_table(records, [k for k, _ in PER_DEFECT], [h for _, h in PER_DEFECT])))
     pairs = [("defect", d) for d in results.groups["defect"]] + [("all", "all")]
     heatmap = heatmap_table(results.records, pairs, order, title="Image AUROC per detector and defect type",
                             note="Each defect type's images against the normal test images; 'all': every "

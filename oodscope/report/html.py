@@ -3,23 +3,22 @@
 Rendered from the Jinja2 template ``templates/report.html.j2``: a sortable, filterable leaderboard (detector x
 OOD group), notes on degenerate results, a heatmap of AUROC per detector and OOD set, optional full-spectrum and
 covariate-shift tables, one section per detector (anchor ``#det-NAME``: its parameters, its per-set metrics, ROC
-curves of every OOD set against the ID test and log-scale score histograms as an inline PNG), and the run's
+curves of every OOD set against the ID test and log-scale score histograms as an inline SVG), and the run's
 metadata (model, weights hash, data hashes, package versions, timings). It needs no network and no files beside
-it; the only script is the table sorting and filtering. matplotlib is imported lazily.
+it; the only script is the table sorting and filtering.
 
 ``oodscope bench`` renders it with :func:`render_report`; ``oodscope adbench`` too (no per-sample figures);
 ``oodscope ad`` builds its own tables in :mod:`oodscope.report.ad` and renders the same template through
-:func:`render_page`. Figures are drawn once per detector on one reused matplotlib figure
-(:class:`FigureCanvas`) and embedded as base64 PNG; :data:`FIGURE_SECONDS` sums the time spent drawing them.
+:func:`render_page`. Each detector's figure is an SVG written from numpy (:mod:`oodscope.report.svg`, about a
+millisecond each; matplotlib took 0.1 s of CPU per detector), embedded as a base64 ``data:`` image; matplotlib
+(imported lazily) draws only the anomaly-map overlays of ``oodscope ad``.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import math
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,8 +30,7 @@ from ..results_io import command_line, package_versions  # noqa: F401 - re-expor
 METRIC_LABELS = {"auroc": "AUROC", "fpr95": "FPR@95", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out"}
 MISSING = "\u2013"  # an en dash: a value that was not computed (sorted last by the page's script)
 ROC_POINTS = 200  # points per drawn ROC curve (the curve is thinned evenly; the AUROC is computed on all)
-DPI = 80
-FIGURE_SECONDS = {"total": 0.0}  # seconds spent drawing figures in this process (read by the commands)
+DPI = 80  # of the PNG figures (anomaly-map overlays)
 
 
 # -- figures -----------------------------------------------------------------------------------------------------
@@ -66,91 +64,20 @@ def png_bytes(fig: Any, dpi: int = DPI) -> bytes:
     return buffer.getvalue()
 
 
-class FigureCanvas:
-    """One matplotlib figure with a ROC and a histogram axis, reused for every detector: the axes, their scales
-    and ticks are set up once and only the curves, titles and legends are replaced (a new figure, or a cleared
-    axis, per detector spent most of the report's time building tick objects). Use as a context manager (the
-    figure is closed)."""
-
-    UNIT_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-    def __init__(self, figsize: tuple[float, float] = (10, 3.6)) -> None:
-        from matplotlib.ticker import LogLocator, NullLocator
-
-        self.plt = _pyplot()
-        self.fig, (self.roc_ax, self.hist_ax) = self.plt.subplots(1, 2, figsize=figsize)
-        self.fig.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.22)  # tight_layout is slow
-        self.roc_ax.set(ylabel="share of set flagged (TPR)", xlim=(0, 1), ylim=(0, 1.01), xticks=self.UNIT_TICKS,
-                        yticks=self.UNIT_TICKS)
-        self.hist_ax.set_yscale("log")  # a saturated detector piles most scores in one bin: linear hides the rest
-        self.hist_ax.yaxis.set_major_locator(LogLocator(numticks=6))
-        self.hist_ax.yaxis.set_minor_locator(NullLocator())  # minor log ticks cost more to draw than the data
-        self.hist_ax.set(xlabel="score (higher = more OOD)", ylabel="density (log scale)")
-
-    def __enter__(self) -> "FigureCanvas":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.plt.close(self.fig)
-
-    def _remove_curves(self) -> None:
-        for ax in (self.roc_ax, self.hist_ax):
-            for artist in [*ax.lines, *ax.patches]:
-                artist.remove()
-            if ax.get_legend() is not None:
-                ax.get_legend().remove()
-
-    def draw(self, detector: str, by_set: Mapping[str, np.ndarray], id_name: str,
-             extra_id: Mapping[str, np.ndarray] | None = None, bins: int = 50) -> bytes:
-        """PNG bytes: ROC curves of every OOD set vs the ID test (left) and score histograms (right, log-scale
-        density; each set drawn once as a step line, the ID test filled)."""
-        start = time.perf_counter()
-        self._remove_curves()
-        roc_ax, hist_ax = self.roc_ax, self.hist_ax
-        extra_id = dict(extra_id or {})
-        id_scores = np.asarray(by_set[id_name], dtype=np.float64)
-        sets = {id_name: id_scores, **extra_id, **{k: v for k, v in by_set.items() if k != id_name}}
-        values = np.concatenate([np.asarray(v, dtype=np.float64) for v in sets.values()])
-        low, high = np.percentile(values, [0.5, 99.5])
-        edges = np.linspace(low, high if high > low else low + 1.0, bins + 1)
-        peak = 0.0
-        for index, (name, scores) in enumerate(sets.items()):
-            is_id = name == id_name
-            color = "0.25" if is_id else f"C{index}"
-            if not is_id:
-                fpr, tpr = _roc_points(id_scores, scores)
-                roc_ax.plot(fpr, tpr, color=color, linewidth=1.4, linestyle="--" if name in extra_id else "-",
-                            label=name)
-            density, _ = np.histogram(np.clip(scores, edges[0], edges[-1]), bins=edges, density=True)
-            peak = max(peak, float(density.max()))
-            hist_ax.stairs(np.where(density > 0, density, np.nan), edges, baseline=None, color=color,
-                           alpha=0.9, linewidth=1.3, label=f"{name} (ID)" if is_id else name)
-            if is_id:  # the ID test filled (its bins only: an empty bin is no bar on a log axis)
-                hist_ax.stairs(np.where(density > 0, density, np.nan), edges, fill=True, color=color,
-                               alpha=0.25, linewidth=0)
-        roc_ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8)
-        roc_ax.set(xlabel=f"share of {id_name} flagged (FPR)", title=f"{detector}: ROC vs {id_name}")
-        smallest = 1.0 / (max(len(s) for s in sets.values()) * (edges[1] - edges[0]))  # one sample in a bin
-        hist_ax.set(xlim=(edges[0], edges[-1]), ylim=(0.5 * smallest, 2.0 * max(peak, smallest)),
-                    title=f"{detector}: scores")
-        roc_ax.legend(fontsize=7, loc="lower right")
-        hist_ax.legend(fontsize=7)
-        png = png_bytes(self.fig)
-        FIGURE_SECONDS["total"] += time.perf_counter() - start
-        return png
-
-
 def detector_figure(detector: str, by_set: Mapping[str, np.ndarray], id_name: str,
-                    extra_id: Mapping[str, np.ndarray] | None = None, bins: int = 50) -> bytes:
-    """PNG bytes: ROC curves of every OOD set vs the ID test (left) and score histograms (right); one figure
-    (for many detectors, draw on one :class:`FigureCanvas`)."""
-    with FigureCanvas() as canvas:
-        return canvas.draw(detector, by_set, id_name, extra_id, bins)
+                    extra_id: Mapping[str, np.ndarray] | None = None, bins: int = 50) -> str:
+    """SVG text: ROC curves of every OOD set vs the ID test (left) and log-scale score histograms (right); see
+    :func:`oodscope.report.svg.detector_svg`."""
+    from .svg import detector_svg
+
+    return detector_svg(detector, by_set, id_name, extra_id, bins, ROC_POINTS)
 
 
-def figure_item(png: bytes, alt: str, caption: str) -> dict[str, str]:
-    """A figure for the template: the PNG inline (``data:`` URI, base64), its alt text and caption."""
-    return {"src": "data:image/png;base64," + base64.b64encode(png).decode("ascii"), "alt": alt, "caption": caption}
+def figure_item(image: bytes | str, alt: str, caption: str) -> dict[str, str]:
+    """A figure for the template, inline as a base64 ``data:`` URI: PNG bytes or SVG text; its alt text and
+    caption."""
+    mime, data = ("image/svg+xml", image.encode("utf-8")) if isinstance(image, str) else ("image/png", image)
+    return {"src": f"data:{mime};base64," + base64.b64encode(data).decode("ascii"), "alt": alt, "caption": caption}
 
 
 # -- tables -------------------------------------------------------------------------------------------------------
@@ -293,23 +220,22 @@ def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oo
     names = list(results.scores) or list(dict.fromkeys(r["detector"] for r in results.records))
     ranked = sorted(names, key=lambda d: -means.get(d, {}).get("mean auroc", -1.0))  # leaderboard order
     sections = []
-    with FigureCanvas() if results.scores else contextlib.nullcontext() as canvas:
-        for detector in ranked:
-            figures = []
-            if detector in results.scores:  # per-sample scores (a benchmark run): ROC curves and histograms
-                extra = ({shifted_name: shifted_scores[detector]} if shifted_scores and detector in shifted_scores
-                         else None)
-                png = canvas.draw(detector, results.scores[detector], results.id_name, extra)
-                figures.append(figure_item(png, f"{detector}: ROC curves and score histograms",
-                                           f"{detector}: ROC curves against {results.id_name}, score histograms "
-                                           "(log-scale density)"))
-            mean = means.get(detector, {}).get("mean auroc")
-            per_set = [r for r in results.records if r["detector"] == detector]
-            sections.append(section(
-                detector, headline="" if mean is None else f"mean AUROC {mean:.2f}",
-                detector=(detectors or {}).get(detector), note=_notes_of(detector, notes), figures=figures,
-                per_set=_table(per_set, ["group", "dataset", *METRICS],
-                               ["group", "dataset", *[METRIC_LABELS[m] for m in METRICS]])))
+    for detector in ranked:
+        figures = []
+        if detector in results.scores:  # per-sample scores (a benchmark run): ROC curves and histograms
+            extra = ({shifted_name: shifted_scores[detector]} if shifted_scores and detector in shifted_scores
+                     else None)
+            svg = detector_figure(detector, results.scores[detector], results.id_name, extra)
+            figures.append(figure_item(svg, f"{detector}: ROC curves and score histograms",
+                                       f"{detector}: ROC curves against {results.id_name}, score histograms "
+                                       "(log-scale density)"))
+        mean = means.get(detector, {}).get("mean auroc")
+        per_set = [r for r in results.records if r["detector"] == detector]
+        sections.append(section(
+            detector, headline="" if mean is None else f"mean AUROC {mean:.2f}",
+            detector=(detectors or {}).get(detector), note=_notes_of(detector, notes), figures=figures,
+            per_set=_table(per_set, ["group", "dataset", *METRICS],
+                           ["group", "dataset", *[METRIC_LABELS[m] for m in METRICS]])))
     fs_table = shift_table = None
     if full_spectrum:
         fs_means = [r for r in full_spectrum if r.get("setting") == "full-spectrum" and r["dataset"] == "mean"]
