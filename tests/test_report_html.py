@@ -259,6 +259,8 @@ def test_a_detectors_fit_warning_becomes_a_note_and_others_stay_warnings():
         warnings.warn("temperature: every calibration sample is classified correctly; keeping T = 1")
         warnings.warn("temperature: every calibration sample is classified correctly; keeping T = 1")
         warnings.warn("something else", UserWarning)
-    with pytest.warns(UserWarning, match="something else"):
+        warnings.warn("something else", UserWarning)
+    with pytest.warns(UserWarning, match="something else") as shown:
         notes = fit_notes(caught, {"temperature": oodscope.create("temperature")})
+    assert len(shown) == 1
     assert notes == ["temperature: every calibration sample is classified correctly; keeping T = 1"]

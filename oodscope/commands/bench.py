@@ -200,11 +200,12 @@ def fit_notes(caught: list, detectors: Mapping[str, Any]) -> list[str]:
     """The warnings of a detector (a message starting with its label, e.g. temperature's degenerate calibration)
     as notes for the leaderboard and the report; any other warning is shown as usual."""
     names = {*detectors, *(getattr(d, "name", label) for label, d in detectors.items())}
-    notes = []
+    notes, shown = [], set()
     for warning in caught:
         message = str(warning.message)
         if issubclass(warning.category, UserWarning) and message.split(":", 1)[0] in names:
             notes.append(message)
-        else:
+        elif (message, warning.category) not in shown:  # once, as the default filter would
+            shown.add((message, warning.category))
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     return list(dict.fromkeys(notes))
