@@ -295,11 +295,13 @@ class CLIPADPlus(CLIPAD):
     def __init__(self, model=None, auxiliary=None, object_name: str = "object", layers: Sequence[int] | None = None,
                  stages: int = 4, representative: str = "mean", dbscan_eps: float = 0.5,
                  dbscan_min_samples: int = 15, sigma: float = 8.0, image_score: str = "cls", epochs: int = 5,
-                 lr: float = 1e-4, batch_size: int = 8, seed: int = 0, device: str = "cpu"):
+                 lr: float = 1e-4, batch_size: int = 8, seed: int = 0, device: str = "cpu",
+                 checkpoint: str | None = None):
         super().__init__(model=model, object_name=object_name, layers=layers, stages=stages,
                          representative=representative, dbscan_eps=dbscan_eps,
                          dbscan_min_samples=dbscan_min_samples, sigma=sigma, image_score=image_score, device=device)
         self.auxiliary = auxiliary
+        self.checkpoint = checkpoint  # a file: the fit saves after every epoch and an interrupted fit resumes
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -328,7 +330,7 @@ class CLIPADPlus(CLIPAD):
             self.adapters_ = self._new_adapters()
 
     def _fit(self, images: np.ndarray) -> None:
-        from ._train import run_epochs
+        from ._train import digest_arrays, run_epochs
         from .anomalyclip import dice_loss, focal_loss, load_auxiliary
 
         super()._fit(images)
@@ -357,7 +359,8 @@ class CLIPADPlus(CLIPAD):
             return loss
 
         self.history_ = run_epochs(step, optimiser, len(aux), int(self.batch_size), [float(self.lr)] * self.epochs,
-                                   generator, device, self.name)
+                                   generator, device, self.name, checkpoint=self.checkpoint,
+                                   key=digest_arrays(aux, masks, self.text_embeddings_))
         self.adapters_ = adapters.cpu().eval()
         for p in self.adapters_.parameters():
             p.requires_grad_(False)

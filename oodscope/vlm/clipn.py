@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._train import cosine_rates, run_epochs
+from ._train import cosine_rates, digest_arrays, run_epochs
 from .backbone import _layer, causal_mask
 from .base import VLMDetector, check_images, class_names, l2_normalise, softmax
 from .mcm import DEFAULT_PROMPT
@@ -105,8 +105,9 @@ class CLIPN(VLMDetector):
 
     def __init__(self, model=None, prompt: str = DEFAULT_PROMPT, n_prompts: int = 16, epochs: int = 10,
                  lr: float = 3e-4, weight_decay: float = 0.2, batch_size: int = 64, scoring: str = "atd",
-                 seed: int = 0, device: str = "cpu"):
+                 seed: int = 0, device: str = "cpu", checkpoint: str | None = None):
         self.model = model
+        self.checkpoint = checkpoint  # a file: the fit saves after every epoch and an interrupted fit resumes
         self.prompt = prompt
         self.n_prompts = n_prompts
         self.epochs = epochs
@@ -183,7 +184,8 @@ class CLIPN(VLMDetector):
             return 0.5 * sum(losses)
 
         self.history_ = run_epochs(step, optimiser, len(y), self.batch_size, cosine_rates(self.lr, self.epochs),
-                                   generator, device, "clipn")
+                                   generator, device, "clipn", checkpoint=self.checkpoint,
+                                   key=digest_arrays(image, labels, self.text_embeddings_, ids.cpu().numpy()))
         with torch.no_grad():
             return l2_normalise(encoder.eval()(ids).double().cpu().numpy())
 

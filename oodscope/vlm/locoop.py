@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._train import cosine_rates, run_epochs
+from ._train import cosine_rates, digest_arrays, run_epochs
 from .backbone import placed
 from .base import VLMDetector, check_images, class_names, l2_normalise
 from .mcm import mcm_probability
@@ -60,8 +60,9 @@ class LoCoOp(VLMDetector):
 
     def __init__(self, model=None, n_ctx: int = 16, lam: float = 0.25, top_k: int = 200, epochs: int = 50,
                  lr: float = 0.002, batch_size: int = 32, scoring: str = "gl_mcm", temperature: float = 1.0,
-                 seed: int = 0, device: str = "cpu"):
+                 seed: int = 0, device: str = "cpu", checkpoint: str | None = None):
         self.model = model
+        self.checkpoint = checkpoint  # a file: the fit saves after every epoch and an interrupted fit resumes
         self.n_ctx = n_ctx
         self.lam = lam
         self.top_k = top_k
@@ -156,7 +157,8 @@ class LoCoOp(VLMDetector):
 
         # epoch 0: CoOp's constant warm-up at 1e-5; then cosine decay from lr: lr_e = lr (1 + cos(pi e / E)) / 2
         self.history_ = run_epochs(step, optimiser, len(y), self.batch_size,
-                                   cosine_rates(self.lr, self.epochs, warmup=1e-5), generator, device, "locoop")
+                                   cosine_rates(self.lr, self.epochs, warmup=1e-5), generator, device, "locoop",
+                                   checkpoint=self.checkpoint, key=digest_arrays(global_, local, labels))
         return context.detach().cpu().numpy().astype(np.float32)
 
     def _score_embeddings(self, image: np.ndarray, patches: np.ndarray | None) -> np.ndarray:
