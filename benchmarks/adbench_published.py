@@ -26,15 +26,10 @@ import numpy as np
 
 from oodscope.anomaly.datasets import load
 from oodscope.anomaly.protocol import run_protocol, splits, summarise
+from oodscope.report.published import ADBENCH
 
-# Table D4 (AUCROC) / Table D5 (AUCPR), ADBench NeurIPS 2022, percent
-PUBLISHED = {
-    ("iforest", "wdbc"): (98.95, 78.53), ("iforest", "wine"): (80.37, 25.96),
-    ("lof", "wdbc"): (89.00, 14.93), ("lof", "wine"): (37.74, 7.77),
-    ("ocsvm", "wdbc"): (98.86, 71.88), ("ocsvm", "wine"): (73.07, 21.56),
-    ("knn_distance", "wdbc"): (91.72, 43.72), ("knn_distance", "wine"): (44.98, 8.43),
-    ("deep_svdd", "wdbc"): (65.69, 6.57), ("deep_svdd", "wine"): (59.52, 21.14),
-}
+# Table D4 (AUCROC) / Table D5 (AUCPR), ADBench NeurIPS 2022, percent (shipped in the package for the report)
+PUBLISHED = {(detector, dataset): value for (dataset, detector), value in ADBENCH.items()}
 
 
 def iforest_shared_stream(dataset, protocol: str = "adbench") -> dict[str, tuple[np.ndarray, np.ndarray]]:

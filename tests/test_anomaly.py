@@ -755,6 +755,17 @@ def test_adbench_command_takes_a_folder_of_files(tmp_path):
     assert set(semi) == {"40_vowels", "iono"}
     assert semi["40_vowels"] == pytest.approx(82.21, abs=0.1)
     assert 90 < semi["iono"] < 100  # Ionosphere from a CSV: DTE Table 1 KNN 97.44 (mean over 5 seeds)
+    # the report puts DTE's published number next to ours, with its source; "iono" is no ADBench name: no anchor
+    from oodscope.report.published import anchor_rows
+
+    (row,) = anchor_rows(summary, "dte", 1000)
+    assert (row["dataset"], row["setting"], row["published"]) == ("40_vowels", "dte-semi", 82.21)
+    assert row["difference"] == pytest.approx(semi["40_vowels"] - 82.21) and "vicliv/DTE" in row["source"]
+    assert anchor_rows(summary, "dte", None) == [] and anchor_rows(summary, "adbench", 1000) == []
+    html = (out / "report.html").read_text()
+    published = html[html.index('<table id="published">'):]
+    published = published[:published.index("</table>")]
+    assert published.count("<tr") == 2 and "<td>82.21</td>" in published and "vicliv/DTE" in published
 
 
 @pytest.mark.parametrize("name", ["deep_svdd", "deep_sad", "dte_c", "drpo"])

@@ -83,12 +83,14 @@ def run(args: argparse.Namespace) -> int:
                                  "total": time.perf_counter() - start})
     paths = results.write(Path(args.out), meta, extra=extra)
     from ..report.html import write_report
+    from ..report.published import anchor_rows
 
     intro = (f"Tabular anomaly detection, protocol {args.protocol}: the mean over each setting's data sets of the "
              "per-data-set mean over seeds; metrics in percent, anomalies are the positive class; higher AUROC is "
              "better. The per-data-set tables give the mean over seeds.")
     paths["html"] = write_report(Path(args.out) / "report.html", results, meta, title="oodscope adbench report",
-                                 detectors={name: create(name) for name in detectors}, intro=intro)
+                                 detectors={name: create(name) for name in detectors}, intro=intro,
+                                 anchors=anchor_rows(summary, args.protocol, args.resample_to))
     print(f"total {time.perf_counter() - start:.1f} s; wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 

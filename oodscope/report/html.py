@@ -185,7 +185,8 @@ def _notes_of(detector: str, notes: Sequence[str]) -> str:
 def render_page(*, title: str, facts: Sequence[Mapping[str, Any]], intro: str, leaderboard: Mapping[str, Any],
                 notes: Sequence[str], heatmap: Mapping[str, Any], detectors: Sequence[Mapping[str, Any]],
                 meta: Mapping[str, Any], id_name: str = "", full_spectrum: Mapping[str, Any] | None = None,
-                shift: Mapping[str, Any] | None = None, shifted_name: str = "") -> str:
+                shift: Mapping[str, Any] | None = None, shifted_name: str = "",
+                anchors: Mapping[str, Any] | None = None) -> str:
     """The template filled in (autoescaped, every variable required): ``facts`` are the header's
     ``{"label", "value", "id"}`` items; ``detectors`` are :func:`section` dicts."""
     import jinja2
@@ -195,7 +196,17 @@ def render_page(*, title: str, facts: Sequence[Mapping[str, Any]], intro: str, l
     return environment.get_template(TEMPLATE).render(
         title=title, facts=[{"id": None, **f} for f in facts], intro=intro, leaderboard=leaderboard, notes=list(notes),
         heatmap=heatmap, detectors=list(detectors), meta=_meta_rows(meta), id_name=id_name,
-        full_spectrum=full_spectrum, shift=shift, shifted_name=shifted_name)
+        full_spectrum=full_spectrum, shift=shift, shifted_name=shifted_name, anchors=anchors)
+
+
+def anchor_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The "published numbers" table (:func:`oodscope.report.published.anchor_rows`), or ``None`` when empty."""
+    if not rows:
+        return None
+    return _table(rows, ["detector", "dataset", "setting", "ours", "ours_std", "published", "published_std",
+                         "difference", "source"],
+                  ["detector", "data set", "setting", "ours AUROC", "± (seeds)", "published AUROC", "± (seeds)",
+                   "ours - published", "source"])
 
 
 def _facts(meta: Mapping[str, Any], results: Results) -> list[dict[str, Any]]:
@@ -211,9 +222,11 @@ def _facts(meta: Mapping[str, Any], results: Results) -> list[dict[str, Any]]:
 def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oodscope benchmark report",
                   full_spectrum: Sequence[Mapping[str, Any]] = (), shifted_scores: Mapping[str, np.ndarray] | None = None,
                   shifted_name: str = "test_shifted", detectors: Mapping[str, Any] | None = None,
-                  intro: str = OOD_INTRO, notes: Sequence[str] | None = None) -> str:
+                  intro: str = OOD_INTRO, notes: Sequence[str] | None = None,
+                  anchors: Sequence[Mapping[str, Any]] = ()) -> str:
     """The report as one HTML string (a Jinja2 template; figures inline, no network). ``notes`` default to
-    :meth:`Results.degenerate_notes`."""
+    :meth:`Results.degenerate_notes`; ``anchors`` are published numbers next to ours
+    (:func:`oodscope.report.published.anchor_rows`), shown in their own table with their sources."""
     groups = list(results.groups)
     means = {r["detector"]: r for r in leaderboard_rows(results.group_means(), groups)}
     notes = results.degenerate_notes() if notes is None else list(notes)
@@ -249,7 +262,8 @@ def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oo
     return render_page(title=title, facts=_facts(meta, results), intro=intro,
                        leaderboard=_leaderboard(results.group_means(), groups, results.seconds), notes=notes,
                        heatmap=_heatmap(results), detectors=sections, meta=meta, id_name=results.id_name,
-                       full_spectrum=fs_table, shift=shift_table, shifted_name=shifted_name)
+                       full_spectrum=fs_table, shift=shift_table, shifted_name=shifted_name,
+                       anchors=anchor_table(anchors))
 
 
 def _meta_rows(meta: Mapping[str, Any]) -> list[tuple[str, Any]]:
