@@ -15,7 +15,9 @@ CVPR 2022.
   channels (anomalib's variant; there the layer with more channels dominates the distances).
 * Memory bank and coreset (Sec. 3.2, Alg. 1): greedy k-center selection ``m_i = argmax_{m in M - M_C}
   min_{n in M_C} ||psi(m) - psi(n)||`` of ``coreset_ratio |M|`` patches, where ``psi`` is a random linear
-  projection to ``projection_dim`` (128) dimensions (Johnson-Lindenstrauss) that makes the selection cheap.
+  projection to ``projection_dim`` (128) dimensions (Johnson-Lindenstrauss) that makes the selection cheap;
+  :func:`~oodscope.imagead.coreset.greedy_coreset` filters the farthest-point updates with one matrix product
+  per batch of candidate picks and returns the same indices as the plain loop, several times faster.
 * Scoring (Sec. 3.3, Eq. 6-7): each test patch's distance to its nearest bank patch (exact faiss search); the
   image score ``s* = max`` of those, re-weighted by ``s = (1 - exp||m_test* - m*|| / sum_{m in N_b(m*)}
   exp||m_test* - m||) s*`` with ``N_b(m*)`` the ``num_neighbors`` (b = 9 in the reference code) nearest bank
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from .base import ImageDetector, gaussian_blur, resolve_backbone
+from .coreset import greedy_coreset
 
 AGGREGATIONS = ("reference", "mean")
 
@@ -80,42 +83,6 @@ def reference_patch_features(features: dict[str, torch.Tensor], layers: Sequence
     stacked = torch.cat(pooled, dim=2)  # layer vectors one after the other
     out = nn.functional.adaptive_avg_pool1d(stacked, embed_dim)[:, 0]
     return out.reshape(n, *size, embed_dim)
-
-
-def greedy_coreset(features: np.ndarray, n_select: int, projection_dim: int | None = 128, seed: int = 0
-                   ) -> np.ndarray:
-    """Indices of an approximate k-center coreset (Roth et al. 2022, Alg. 1), first pick at random.
-
-    Each step adds the point farthest from the coreset so far; distances are taken after a Gaussian random
-    projection to ``projection_dim`` dimensions (``None``: no projection). The loop runs over the coreset size
-    (inherently sequential); every step is one vectorised distance update over all points. A tqdm bar counts the
-    selected patches (off when not a terminal).
-    """
-    rng = np.random.default_rng(seed)
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
-    if projection_dim is not None and projection_dim < x.shape[1]:
-        generator = torch.Generator().manual_seed(seed)
-        projection = torch.randn(x.shape[1], projection_dim, generator=generator) / np.sqrt(projection_dim)
-        x = x @ projection
-    n_select = int(min(max(n_select, 1), len(x)))
-    squared = (x * x).sum(1)
-    selected = np.empty(n_select, dtype=np.int64)
-    selected[0] = rng.integers(len(x))
-    nearest = torch.full((len(x),), float("inf"))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n_select, desc="patchcore coreset", unit="patch", leave=False, disable=None, mininterval=1.0)
-    for i in range(1, n_select + 1):
-        c = x[selected[i - 1]]
-        dist = squared - 2 * (x @ c) + squared[selected[i - 1]]
-        torch.minimum(nearest, dist, out=nearest)
-        if i % 256 == 0 or i == n_select:  # the bar's own cost stays off the inner loop
-            bar.update(i - bar.n)
-        if i == n_select:
-            break
-        selected[i] = int(torch.argmax(nearest))
-    bar.close()
-    return selected
 
 
 class PatchCore(ImageDetector):
@@ -175,7 +142,8 @@ class PatchCore(ImageDetector):
         bank = bank.reshape(-1, bank.shape[-1]).numpy()
         n_select = int(np.ceil(self.coreset_ratio * len(bank)))
         if n_select < len(bank):
-            bank = bank[greedy_coreset(bank, n_select, self.projection_dim, self.seed)]
+            bank = bank[greedy_coreset(bank, n_select, self.projection_dim, self.seed,
+                                       device=self.backbone_.device)]
         self.memory_bank_ = np.ascontiguousarray(bank, dtype=np.float32)
         self.index_ = exact_index(self.memory_bank_)
         if self.num_neighbors > len(self.memory_bank_):
