@@ -1,8 +1,8 @@
-"""PatchCore's greedy coreset: the pruned selection against the plain loop it replaced, in one run.
+"""PatchCore's greedy coreset: the batched exact selection against the plain loop it replaced, in one run.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/patchcore_coreset.py                      # full: ~1 h
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/patchcore_coreset.py --n 60000 --max-train 80 \
-        --legacy-steps 300 --check-steps 100                                                    # quick: ~2 min
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/patchcore_coreset.py                      # full: ~90 min
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/patchcore_coreset.py --n 40000 --max-train 40 \
+        --legacy-steps 300 --check-steps 100                                                    # quick: ~1 min
 
 Two banks, PatchCore's defaults (``coreset_ratio`` 0.1, 128-d random projection, seed 0):
 
