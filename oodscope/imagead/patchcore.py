@@ -12,7 +12,8 @@ CVPR 2022.
   layer's vector is mapped to ``embed_dim`` (1024) values by 1-D adaptive average pooling, and the stacked layer
   vectors are pooled once more to ``embed_dim`` values, so each layer gets the same share of the dimensions.
   ``aggregation="mean"`` averages each layer over the ``p x p`` neighbourhood and concatenates the raw
-  channels (anomalib's variant; there the layer with more channels dominates the distances).
+  channels (anomalib's variant, border rule included; there the layer with more channels dominates the
+  distances).
 * Memory bank and coreset (Sec. 3.2, Alg. 1): greedy k-center selection ``m_i = argmax_{m in M - M_C}
   min_{n in M_C} ||psi(m) - psi(n)||`` of ``coreset_ratio |M|`` patches, where ``psi`` is a random linear
   projection to ``projection_dim`` (128) dimensions (Johnson-Lindenstrauss) that makes the selection cheap;
@@ -42,10 +43,11 @@ AGGREGATIONS = ("reference", "mean")
 def patch_features(features: dict[str, torch.Tensor], layers: Sequence[str], patchsize: int) -> torch.Tensor:
     """``(N, h, w, C)`` locally aware patch features at the resolution of the first layer ("mean" aggregation).
 
-    Each layer is averaged over a ``patchsize x patchsize`` neighbourhood (stride 1), deeper layers are upsampled
-    bilinearly to the first layer's grid, and the layers are concatenated per position.
+    Each layer is averaged over a ``patchsize x patchsize`` neighbourhood (stride 1, zero padding counted in the
+    border averages, as anomalib's ``AvgPool2d`` and the authors' zero-padded unfold do), deeper layers are
+    upsampled bilinearly to the first layer's grid, and the layers are concatenated per position.
     """
-    pool = nn.AvgPool2d(patchsize, stride=1, padding=patchsize // 2, count_include_pad=False)
+    pool = nn.AvgPool2d(patchsize, stride=1, padding=patchsize // 2, count_include_pad=True)
     first = features[layers[0]]
     size = first.shape[-2:]
     parts = []
