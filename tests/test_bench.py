@@ -397,7 +397,7 @@ def test_done_when_resnet20_on_shared_cifar10_bench(tmp_path):
     assert main(["bench", str(SHARED), "--model", "cifar10_resnet20", "--weights", str(weights), "--out", str(out),
                  "--cache-dir", str(tmp_path / "cache"), "--quiet",
                  "--detectors", "msp,energy,knn,vim,mahalanobis"]) == 0
-    assert "ID accuracy (test) <b id="id-accuracy">92.59 %</b>" in (out / "report.html").read_text()
+    assert "ID accuracy (test) <b id=\"id-accuracy\">92.59 %</b>" in (out / "report.html").read_text()
     records = {(r["detector"], r["dataset"]): r["auroc"] for r in read_results(out / "results.json")[1]
                if r["dataset"] != "mean"}
 
