@@ -193,7 +193,11 @@ class DiffGuard(DiffusionDetector):
         out: dict[str, list] = {"labels": [], "synthesis": [], "reference": [], "logits": []}
         with torch.no_grad():
             for begin in tqdm(range(0, len(images), 64), desc=self.name, leave=False, disable=None):
-                x0 = to_model_range(torch.from_numpy(np.ascontiguousarray(images[begin:begin + 64]))).to(target)
+                chunk = to_model_range(torch.from_numpy(np.ascontiguousarray(images[begin:begin + 64]))).to(target)
+                # every chunk runs at 64 rows (a short one filled with its first row, then cut): float32 kernels
+                # round by batch shape, and a score must not depend on its batch
+                x0 = torch.cat([chunk, chunk[:1].expand(64 - len(chunk), *chunk.shape[1:])]) if len(chunk) < 64 \
+                    else chunk
                 logits = classifier((x0 + 1) / 2)
                 labels = logits.argmax(dim=1)
                 latent = ddim_invert(network, x0, timesteps)
@@ -205,10 +209,11 @@ class DiffGuard(DiffusionDetector):
                     reference_logits = classifier((reference + 1) / 2)
                 else:
                     reference, reference_logits = x0, logits
-                out["labels"].append(labels.cpu().numpy())
-                out["synthesis"].append(((guided + 1) / 2).float().cpu().numpy())
-                out["reference"].append(((reference + 1) / 2).float().cpu().numpy())
-                out["logits"].append((reference_logits - guided_logits).abs().sum(dim=1).double().cpu().numpy())
+                n = len(chunk)
+                out["labels"].append(labels[:n].cpu().numpy())
+                out["synthesis"].append(((guided[:n] + 1) / 2).float().cpu().numpy())
+                out["reference"].append(((reference[:n] + 1) / 2).float().cpu().numpy())
+                out["logits"].append((reference_logits - guided_logits)[:n].abs().sum(dim=1).double().cpu().numpy())
         return {key: np.concatenate(parts) for key, parts in out.items()}
 
     def _guidance(self, network, classifier, labels):
