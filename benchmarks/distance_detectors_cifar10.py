@@ -13,8 +13,9 @@ the ID validation set and of the OOD validation set (Tiny ImageNet val) for the 
 Mahalanobis method; ``mahalanobis (sub)`` is the plain score on the same subsample, for reference. Prints AUROC and
 FPR@95 (percent, ID positive) per OOD set, near/far means, fit time and total score time (seconds, this
 machine, shared CPU: indicative only). ``--json`` writes the rows (atomically, after every finished row);
-``--merge`` only prints the table of earlier JSON files (``benchmarks/results/distance_density_cifar10.md`` is that
-table with the density rows of ``density_detectors_cifar10.py`` added).
+``--merge`` only prints the table of earlier JSON files, this script's and ``density_detectors_cifar10.py --json``'s:
+``benchmarks/results/distance_density_cifar10.md`` is ``--merge benchmarks/results/distance_detectors_*.json
+benchmarks/results/density_detectors_resnet56*.json``.
 """
 
 from __future__ import annotations
