@@ -296,3 +296,19 @@ def test_overlay_picks_best_worst_and_false_alarms():
     picks = pick_examples(np.array([0.1, 0.9, 0.8, 0.2, 0.7, 0.6, 0.5]), np.array([0, 1, 1, 0, 1, 1, 1]), k=2)
     assert picks["best"].tolist() == [1, 2] and picks["worst"].tolist() == [6, 5]
     assert picks["false alarm"].tolist() == [3, 0]
+
+
+def test_gaussian_blur_in_blocks_equals_one_call_and_a_hand_computed_kernel():
+    from scipy.ndimage import gaussian_filter1d
+
+    from oodscope.imagead import base
+
+    rng = np.random.default_rng(0)
+    maps = torch.from_numpy(rng.random((base.BLUR_BLOCK * 2 + 3, 20, 24)))
+    blocked = base.gaussian_blur(maps, 2.0)
+    one_by_one = torch.cat([base.gaussian_blur(maps[i:i + 1], 2.0) for i in range(len(maps))])
+    assert torch.equal(blocked, one_by_one)
+    # separable kernel exp(-r^2 / 2 sigma^2), radius 4 sigma, normalised, reflect padding (scipy's "mirror")
+    expected = gaussian_filter1d(gaussian_filter1d(maps.numpy(), 2.0, axis=2, mode="mirror", truncate=4.0),
+                                 2.0, axis=1, mode="mirror", truncate=4.0)
+    np.testing.assert_allclose(blocked.numpy(), expected, rtol=1e-12, atol=1e-12)
