@@ -25,7 +25,9 @@ features (neither has a likelihood, so no bits/dim). ``--model ddpm``: one small
 shared by ``lmd`` (``--attempts`` alternating checkerboard masks, ``--sampling-steps`` ancestral steps each) and
 ``diffguard`` (the shared ResNet-20 as the classifier, ``--ddim-steps`` / ``--inversion-steps``); instead of bits/dim
 the DDPM's simple loss (Ho et al. Eq. 14, 10 fixed steps and noises per image) on each set. Scoring every image
-runs the U-Net ``attempts x sampling-steps`` times for LMD, so keep ``--per-set`` small on a CPU:
+runs the U-Net ``attempts x sampling-steps`` times for LMD, so keep ``--per-set`` small on a CPU.
+``--models-dir DIR`` saves every fitted detector there after training (``detector.save``); a rerun with the same
+folder loads them and only scores, so a run stopped while scoring does not train again:
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/generative_cifar10.py --model ddpm --hidden 32 --blocks 1 \
         --epochs 3 --per-set 200 --attempts 4 --sampling-steps 25 --out benchmarks/results/generative_cifar10_ddpm.json
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -80,6 +83,32 @@ def _detectors(model: str, settings: dict, train, args=None) -> dict:
     return {name: oodscope.create(name, model=model, **settings).fit(train) for name in DETECTORS}
 
 
+def _model_paths(folder: str, model: str) -> dict[str, Path]:
+    names = {"ddpm": ("lmd", "diffguard"), "msma": ("msma",), "moodv2": ("moodv2",), "hvae": ("hvae",)}
+    return {name: Path(folder) / f"{model}-{name}.oodscope" for name in names.get(model, DETECTORS)}
+
+
+def _saved_detectors(folder: str, model: str) -> dict | None:
+    """The detectors saved by an earlier run with ``--models-dir`` (all of them, or None: then train)."""
+    import oodscope
+
+    paths = _model_paths(folder, model)
+    if not all(path.exists() for path in paths.values()):
+        return None
+    print(f"loading the fitted detectors from {folder} (delete them to train again)", flush=True)
+    loaded = {name: oodscope.load(path) for name, path in paths.items()}
+    return {name: _HVAEScores(det) if model == "hvae" else det for name, det in loaded.items()}
+
+
+def _save_detectors(folder: str, model: str, detectors: dict) -> None:
+    import oodscope
+
+    for name, path in _model_paths(folder, model).items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        detector = detectors[name]
+        (detector.detector if isinstance(detector, _HVAEScores) else detector).save(path)
+
+
 def main() -> None:
     from oodscope.training.compare import subsample
 
@@ -96,6 +125,8 @@ def main() -> None:
     parser.add_argument("--ddim-steps", type=int, default=50, help="ddpm: DiffGuard's DDIM chain")
     parser.add_argument("--inversion-steps", type=int, default=20, help="ddpm: DiffGuard's inversion depth")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models-dir", default="", help="save each fitted detector here (detector.save) and, on a "
+                        "rerun, load it instead of training again")
     parser.add_argument("--out", default="benchmarks/results/generative_cifar10.json")
     args = parser.parse_args()
 
@@ -107,7 +138,11 @@ def main() -> None:
     settings = dict(hidden=args.hidden, blocks=args.blocks, epochs=args.epochs, device=args.device)
     rows, fits = [], {}
     start = time.perf_counter()
-    detectors = _detectors(args.model, settings, train, args)  # the shared models train once, on the first fit
+    detectors = _saved_detectors(args.models_dir, args.model) if args.models_dir else None
+    if detectors is None:
+        detectors = _detectors(args.model, settings, train, args)  # the shared models train once, on the first fit
+        if args.models_dir:
+            _save_detectors(args.models_dir, args.model, detectors)
     fits["all"] = time.perf_counter() - start
     score_seconds: dict[str, dict[str, float]] = {}
 
