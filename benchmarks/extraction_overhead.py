@@ -49,14 +49,21 @@ def main() -> None:
     model = load_cifar_resnet("cifar10_resnet20", cifar_weights("cifar10_resnet20")).eval()
     preprocess = cifar_preprocess("cifar10_resnet20")
     bares, plains, writes, hits = [], [], [], []
-    for _ in range(args.repeats):  # interleaved, so that drifts of the machine hit both alike
+
+    def run_bare():
+        nonlocal logits, features
         start = time.perf_counter()
         logits, features = bare_loop(model, preprocess, images, args.batch_size)
         bares.append(time.perf_counter() - start)
+
+    def run_plain():
         start = time.perf_counter()
         oodscope.extract(model, images, preprocess=preprocess, batch_size=args.batch_size, use_cache=False,
                          progress=False, device="cpu")
         plains.append(time.perf_counter() - start)
+
+    def run_cached():
+        nonlocal first, again
         folder = tempfile.mkdtemp(prefix="oodscope-overhead-")
         try:
             options = dict(preprocess=preprocess, batch_size=args.batch_size, cache_dir=folder, progress=False,
@@ -69,6 +76,16 @@ def main() -> None:
             hits.append(time.perf_counter() - start)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    logits = features = first = again = None
+    runs = [run_bare, run_plain, run_cached]
+    for repeat in range(args.repeats):  # interleaved, the order rotated each repeat: drifts and warm-up hit all alike
+        for run in runs[repeat % 3:] + runs[:repeat % 3]:
+            run()
+    print("per repeat (s): bare " + " ".join(f"{t:.2f}" for t in bares) + "; writes the cache "
+          + " ".join(f"{t:.2f}" for t in writes))
+    paired = sorted(w / b for w, b in zip(writes, bares))
+    print(f"extract / bare loop per repeat: median {paired[len(paired) // 2]:.3f}, range {paired[0]:.3f}-{paired[-1]:.3f}")
     bare_s = min(bares)
     assert np.array_equal(first.logits, logits) and np.array_equal(first.features, features)
     assert np.array_equal(again.logits, logits)
