@@ -305,27 +305,39 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
 class _FeatureCapture:
     """For an objective with ``needs_features``: a forward pre-hook on ``objective.feature_module(model)`` keeps
     the module's input of the last forward pass (with its gradient); :meth:`split` hands it to ``loss`` as
-    ``features`` (the ID rows) and ``outlier_features`` (the rest, when the step has outliers). A no-op otherwise."""
+    ``features`` (the ID rows) and ``outlier_features`` (the rest, when the step has outliers). Likewise, for an
+    objective whose ``feature_map_module(model)`` names a module, a forward hook keeps that module's output, handed
+    to ``loss`` as ``feature_map`` and ``outlier_feature_map``. A no-op otherwise."""
 
     def __init__(self, model, objective: Objective):
         self.module = model.get_submodule(objective.feature_module(model)) if objective.needs_features else None
+        map_name = objective.feature_map_module(model)
+        self.map_module = None if map_name is None else model.get_submodule(map_name)
         self.seen: dict[str, Any] = {}
-        self.handle = None
+        self.handles: list[Any] = []
 
     def __enter__(self) -> "_FeatureCapture":
         if self.module is not None:
-            self.handle = self.module.register_forward_pre_hook(lambda _m, args: self.seen.__setitem__("x", args[0]))
+            self.handles.append(self.module.register_forward_pre_hook(
+                lambda _m, args: self.seen.__setitem__("x", args[0])))
+        if self.map_module is not None:
+            self.handles.append(self.map_module.register_forward_hook(
+                lambda _m, _args, output: self.seen.__setitem__("map", output)))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.handle is not None:
-            self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
     def split(self, n_id: int, n_inputs: int) -> dict[str, Any]:
-        if self.module is None:
-            return {}
-        features = self.seen.pop("x")
-        return {"features": features[:n_id], **({"outlier_features": features[n_id:]} if n_inputs > n_id else {})}
+        out: dict[str, Any] = {}
+        for name, key, module in (("features", "x", self.module), ("feature_map", "map", self.map_module)):
+            if module is not None:
+                seen = self.seen.pop(key)
+                out[name] = seen[:n_id]
+                if n_inputs > n_id:
+                    out[f"outlier_{name}"] = seen[n_id:]
+        return out
 
 
 def _resume(path: Path, identity: dict, model, optimiser, scheduler, generators, history: History) -> int:

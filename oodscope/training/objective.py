@@ -28,7 +28,10 @@ augmented-Lagrangian multipliers) override ``end_epoch``.
 Objectives whose loss reads the representation, not only the logits (CIDER's and PALM's projection head on the
 hypersphere), set ``needs_features = True``: the engine then passes ``features=`` (the ID part) and, when the step
 has outliers, ``outlier_features=`` to ``loss``, the input of the module :meth:`feature_module` names (by default
-the classifier head, so the penultimate features), with their gradient.
+the classifier head, so the penultimate features), with their gradient. Objectives whose loss reads a spatial map
+(SSOD's per-position scores of the last convolutional feature map, before global pooling) name its module in
+:meth:`feature_map_module`: the engine then passes that module's *output* as ``feature_map=`` (the ID rows) and,
+when the step has outliers, ``outlier_feature_map=``, with its gradient.
 """
 
 from __future__ import annotations
@@ -92,6 +95,11 @@ class Objective(BaseEstimator):
         from .heads import head_name
 
         return head_name(model)
+
+    def feature_map_module(self, model) -> str | None:
+        """The dotted name of the module whose output the engine passes to ``loss`` as ``feature_map`` (e.g. the
+        last convolutional map, before global pooling, after ``adapt``); ``None`` (default): no map is captured."""
+        return None
 
     def prepare_outliers(self, model, train: tuple[Any, Any], outliers, preprocess, seed: int) -> Any:
         """The outlier pool the engine draws from, computed once before training from the given ``outliers``
