@@ -434,3 +434,19 @@ def test_hvae_llr_refuses_a_non_finite_bound():
         detector.network_.out[-1].bias.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match="not finite"):
         detector.bounds(test)
+
+
+def test_hvae_clamps_a_broad_prior_so_llr_stays_finite():
+    """A prior log-std of 100 at z_2 (exp overflows float32) is clamped to LOG_STD_LIMIT: L^{>2} stays finite."""
+    from oodscope.generative.hvae import LOG_STD_LIMIT, mean_and_log_std
+
+    mean, log_std = mean_and_log_std(torch.tensor([[1.0, -2.0, 100.0, -100.0]]).reshape(1, 4, 1, 1))
+    np.testing.assert_array_equal(mean.flatten().numpy(), [1.0, -2.0])
+    np.testing.assert_array_equal(log_std.flatten().numpy(), [LOG_STD_LIMIT, -LOG_STD_LIMIT])
+    detector, test, _ = _tiny_hvae_detector(k=2)
+    latent = detector.network_.latent
+    with torch.no_grad():
+        for prior in detector.network_.prior:
+            prior.bias[latent:].fill_(100.0)
+    bounds = detector.bounds(test, ks=(0, 2))
+    assert np.isfinite(bounds[2]).all() and np.isfinite(bounds[0]).all()

@@ -27,6 +27,11 @@ from torch.nn import functional as F
 from .pixelcnn import discretised_logistic_log_prob, scale_images
 
 LAYERS = 3
+#: every latent Gaussian's log standard deviation is clamped to +-LOG_STD_LIMIT, in training and evaluation alike.
+#: Trained models keep their log-stds near [-2, 2] on their data, so the clamp does not act there; it matters for
+#: L^{>k}, whose lowest latents come from the prior given the upper ones: for an atypical image a broad prior at
+#: z_2 (log-std 6.1) gave |z_2| ~ 800 and then a log-std of 99 at z_1, whose exp overflowed to inf and NaN.
+LOG_STD_LIMIT = 7.0
 
 
 def _block(channels: int) -> nn.Module:
@@ -41,6 +46,13 @@ class _Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)
+
+
+def mean_and_log_std(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Gaussian layer's ``(mean, log_std)`` from its ``2 latent`` channels, the log-std clamped to
+    ``[-LOG_STD_LIMIT, LOG_STD_LIMIT]``."""
+    mean, log_std = params.chunk(2, dim=1)
+    return mean, log_std.clamp(-LOG_STD_LIMIT, LOG_STD_LIMIT)
 
 
 def gaussian_log_density(z: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
@@ -100,14 +112,14 @@ class HierarchicalVAE(nn.Module):
                 prior_log_std = torch.zeros_like(prior_mean)
                 posterior_input = feature
             else:
-                prior_mean, prior_log_std = self.prior[layer](state).chunk(2, dim=1)
+                prior_mean, prior_log_std = mean_and_log_std(self.prior[layer](state))
                 posterior_input = torch.cat([state, feature], dim=1)
             eps = noise[layer] if noise is not None else torch.randn(
                 prior_mean.shape, generator=generator).to(x.device)
             if layer < k:  # z_{<=k}: from the prior given the layers above; no weight terms
                 z = prior_mean + torch.exp(prior_log_std) * eps
             else:
-                post_mean, post_log_std = self.posterior[layer](posterior_input).chunk(2, dim=1)
+                post_mean, post_log_std = mean_and_log_std(self.posterior[layer](posterior_input))
                 z = post_mean + torch.exp(post_log_std) * eps
                 if kl_weight is not None:
                     total = total - kl_weight * gaussian_kl(post_mean, post_log_std, prior_mean, prior_log_std)
