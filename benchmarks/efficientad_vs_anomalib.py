@@ -80,14 +80,14 @@ def main() -> None:
           f"{n_params(theirs.ae)}  (ours / anomalib)")
 
     x = torch.from_numpy(test)
-    normalised = ours._norm(x)  # anomalib's networks normalise their [0, 1] input themselves
+    normalised = ours.normalise_input(x)  # anomalib's networks normalise their [0, 1] input themselves
     with torch.no_grad():
         student_out, distance = theirs.compute_student_teacher_distance(x)
         their_st = distance.mean(1).double().numpy()
         ae_out = theirs.ae(x, x.shape[-2:])
         their_ae = ((ae_out - student_out[:, c:]) ** 2).mean(1).double().numpy()
-        our_distance = (ours._teacher_out(x) - ours.student_(normalised)[:, :c]) ** 2
-    our_st, our_ae = ours._raw_maps(test)
+        our_distance = (ours.teacher_features(x) - ours.student_(normalised)[:, :c]) ** 2
+    our_st, our_ae = ours.raw_maps(test)
     rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())  # noqa: E731
     print(f"raw maps on the {our_st.shape[1]} x {our_st.shape[2]} PDN grid, max |ours - anomalib| / max: "
           f"M_ST {rel(our_st, their_st):.2e}, M_AE {rel(our_ae, their_ae):.2e}")

@@ -1,6 +1,6 @@
 """PatchCore side by side: oodscope's and anomalib 2's on magnetic-tile, same backbone, size, layers, coreset ratio.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 /work/venv-ref/bin/python benchmarks/patchcore_vs_anomalib.py \
+    PYTHONPATH=. OMP_NUM_THREADS=1 ../venv-ref/bin/python benchmarks/patchcore_vs_anomalib.py \
         [--max-train 667 --size 224 --ratio 0.1]                      # see docs/performance.md for durations
 
 anomalib (PyPI ``anomalib`` 2.x, an independent implementation of Roth et al., CVPR 2022) runs in a separate
@@ -69,9 +69,10 @@ def peak_rss_gib() -> float:
 
 
 def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    """Image AUROC in percent, the same function for both sides (label 1 = defective)."""
+    from oodscope.metrics.pixel import image_auroc as auroc
 
-    return 100 * float(roc_auc_score(labels, scores))
+    return 100 * auroc(scores, labels)
 
 
 def load(args):

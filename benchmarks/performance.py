@@ -42,7 +42,8 @@ from benchmarks.common import REPO, RESULTS, markdown_table
 from oodscope.safeio import write_atomic
 
 DOCS = REPO / "docs" / "performance.md"
-REF_PYTHON = "/work/venv-ref/bin/python"
+#: the interpreter of the environment with anomalib: $OODSCOPE_REF_PYTHON, else a venv next to the repository
+REF_PYTHON = os.environ.get("OODSCOPE_REF_PYTHON", str(REPO.parent / "venv-ref" / "bin" / "python"))
 GENERATED_HEADING = "## Measured by `benchmarks/performance.py`"
 NUMBER = r"([-+]?\d+(?:\.\d+)?)"
 
@@ -231,7 +232,8 @@ def main() -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--quick", action="store_true", help="reduced settings (a smoke test of every part)")
     parser.add_argument("--docs", default=str(DOCS), help="the markdown page to write the sections into")
-    parser.add_argument("--ref-python", default=REF_PYTHON, help="interpreter of the environment with anomalib")
+    parser.add_argument("--ref-python", default=REF_PYTHON, help="interpreter of the environment with anomalib "
+                        "(default: $OODSCOPE_REF_PYTHON, else ../venv-ref/bin/python next to the repository)")
     args = parser.parse_args()
     names = [n.strip() for n in args.parts.split(",") if n.strip()]
     unknown = [n for n in names if n not in PARTS]

@@ -108,7 +108,7 @@ def odin_epsilon_scores(outputs: Outputs, temperature: float, epsilons: list[flo
     unit = oodscope.create("odin", temperature=temperature, epsilon=1.0)
 
     def score_batch(batch: torch.Tensor, probe) -> torch.Tensor:
-        per_unit = unit._step(source, batch)  # 1 / std per channel (epsilon = 1)
+        per_unit = unit.perturbation_step(source, batch)  # 1 / std per channel (epsilon = 1)
         x = batch.detach().requires_grad_(True)
         with torch.enable_grad():
             value = torch.log_softmax(probe(x)["logits"] / temperature, dim=1).max(dim=1).values.sum()

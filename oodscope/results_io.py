@@ -29,17 +29,16 @@ import hashlib
 import io
 import json
 import math
-import os
 import platform
 import shlex
 import sys
-import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .safeio import write_atomic
 from .evaluation import RECORD_KEYS as STANDARD_COLUMNS  # detector, dataset, group, auroc, fpr95, aupr_in, aupr_out
 
 SCHEMA = "oodscope-results"
@@ -184,15 +183,7 @@ def run_metadata(command: str, *, argv: Sequence[str] | None = None, detectors: 
 
 # -- results.json / results.csv -----------------------------------------------------------------------------------
 def _atomic_write(path: Path, text: str) -> None:
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                         delete=False, encoding="utf-8", newline="")
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)  # UTF-8 bytes as given: no newline translation (the CSV writer's own line ends)
 
 
 def csv_columns(records: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -92,6 +92,13 @@ def load_torch(path: str | Path, what: str = "weights file") -> Any:
                          f"({type(error).__name__}); download or save it again") from None
 
 
+def _default_file_mode() -> int:
+    """``0o666`` less the process umask: the mode a plain ``open(path, "w")`` gives a new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically: a temporary file in the same folder, then
     ``os.replace``. The folder must exist; the temporary file is removed when the write fails. Returns the path."""
@@ -103,6 +110,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     try:
         with handle:
             handle.write(raw)
+            os.fchmod(handle.fileno(), _default_file_mode())  # mkstemp makes 0600; give what open() would
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

@@ -115,3 +115,48 @@ def test_write_atomic_replaces_whole_files_and_cleans_up(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["out.txt"]  # the temporary file is gone
     with pytest.raises(FileNotFoundError, match="folder .* does not exist"):
         write_atomic(tmp_path / "missing" / "x.txt", "text")
+
+
+# -- the rules of benchmarks/README.md, checked on every script and results file -------------------------------------
+SCRIPTS = sorted(path for path in (ROOT / "benchmarks").glob("*.py") if path.name not in ("__init__.py", "common.py"))
+DOCUMENTED_HOOKS = {"_fit", "_score"}  # the Detector methods a subclass overrides (README: "Adding a detector")
+
+
+def test_every_script_and_results_file_is_in_the_benchmarks_readme():
+    index = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    missing = [path.name for path in SCRIPTS if f"`{path.name}`" not in index]
+    missing += [path.name for path in (ROOT / "benchmarks" / "results").iterdir() if f"`{path.name}`" not in index]
+    assert not missing, f"not in benchmarks/README.md: {missing}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.name)
+def test_scripts_use_public_names_the_package_metrics_and_no_sys_path(script):
+    import ast
+
+    tree = ast.parse(script.read_text(encoding="utf-8"))
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("oodscope"):
+                problems += [f"imports private {alias.name}" for alias in node.names if alias.name.startswith("_")]
+            if node.module.startswith("sklearn.metrics"):
+                problems.append("imports sklearn.metrics (use oodscope.metrics)")
+        elif isinstance(node, ast.Attribute):
+            private = node.attr.startswith("_") and not node.attr.startswith("__")
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "os", "sys")
+            if private and not on_self and node.attr not in DOCUMENTED_HOOKS:
+                problems.append(f"line {node.lineno}: private attribute {node.attr}")
+            if node.attr == "path" and isinstance(node.value, ast.Name) and node.value.id == "sys":
+                problems.append(f"line {node.lineno}: sys.path")
+    assert not problems, problems
+
+
+def test_write_atomic_gives_new_files_the_umask_mode_not_mkstemps_0600(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = write_atomic(tmp_path / "report.html", "<p>shared</p>")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        assert write_atomic(tmp_path / "private.json", b"{}").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(previous)

@@ -122,7 +122,7 @@ def test_efficientad_end_to_end_pasted_defect(rng):
     again = create("efficientad", **params).fit(train).score(test)
     assert np.array_equal(scores, again)  # deterministic with a seed
     # the combined map is 0.5 M_ST + 0.5 M_AE, each normalised with its validation quantiles
-    st, ae = det._raw_maps(test[:2].repeat(3, axis=1))
+    st, ae = det.raw_maps(test[:2].repeat(3, axis=1))
     combined = 0.5 * E.normalise_map(st, det.quantiles_st_) + 0.5 * E.normalise_map(ae, det.quantiles_ae_)
     assert np.allclose(scores[:2], combined.reshape(2, -1).max(1))
 

@@ -84,7 +84,7 @@ class ODIN(Detector):
         temperature = float(self.temperature)
 
         def score_batch(batch: torch.Tensor, probe) -> torch.Tensor:
-            step = self._step(source, batch)
+            step = self.perturbation_step(source, batch)
             confidence = lambda z: torch.log_softmax(probe(z)["logits"] / temperature, dim=1).max(dim=1).values
             perturbed = perturb(batch, confidence, step)
             with torch.no_grad():
@@ -93,7 +93,7 @@ class ODIN(Detector):
 
         return rerun(source, score_batch)
 
-    def _step(self, source: ModelSource, batch: torch.Tensor) -> torch.Tensor | float:
+    def perturbation_step(self, source: ModelSource, batch: torch.Tensor) -> torch.Tensor | float:
         """``eps / std`` per channel (broadcast over ``N x C x ...``), or ``eps`` when there is no std."""
         import torch
 

@@ -273,7 +273,9 @@ class EfficientAD(ImageDetector):
             raise ValueError(f"efficientad: need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
 
     # -- helpers -----------------------------------------------------------------------------------------------
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``[0, 1]`` images normalised with the ImageNet mean and std, as the teacher, student and autoencoder
+        take them."""
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -314,7 +316,7 @@ class EfficientAD(ImageDetector):
         for _ in range(self.distill_steps):
             x = batch().to(self.device_)
             y = (target(x) - mean) / std
-            loss = ((teacher(self._norm(x)) - y) ** 2).mean()
+            loss = ((teacher(self.normalise_input(x)) - y) ** 2).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -325,19 +327,21 @@ class EfficientAD(ImageDetector):
             p.requires_grad_(False)
         return frozen.eval(), losses
 
-    def _teacher_out(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.teacher_(self._norm(x)) - self.teacher_mean_) / self.teacher_std_
+    def teacher_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's output standardised per channel with the training images' mean and std (the paper's
+        normalised teacher)."""
+        return (self.teacher_(self.normalise_input(x)) - self.teacher_mean_) / self.teacher_std_
 
-    def _raw_maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def raw_maps(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Unnormalised ``M_ST`` and ``M_AE`` (PDN output size) of every image, in batches."""
         c = self.out_channels
         st, ae = [], []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
                 x = self._to(images[start:start + self.batch_size])
-                t = self._teacher_out(x)
-                s = self.student_(self._norm(x))
-                a = self.autoencoder_(self._norm(x))
+                t = self.teacher_features(x)
+                s = self.student_(self.normalise_input(x))
+                a = self.autoencoder_(self.normalise_input(x))
                 st.append(((t - s[:, :c]) ** 2).mean(1).double().cpu().numpy())
                 ae.append(((a - s[:, c:]) ** 2).mean(1).double().cpu().numpy())
         return np.concatenate(st), np.concatenate(ae)
@@ -369,7 +373,7 @@ class EfficientAD(ImageDetector):
             outs = []
             with torch.no_grad():
                 for start in range(0, len(train), self.batch_size):
-                    outs.append(self._teacher_out(self._to(train[start:start + self.batch_size])).double())
+                    outs.append(self.teacher_features(self._to(train[start:start + self.batch_size])).double())
             outs = torch.cat(outs)
             mean = outs.mean(dim=(0, 2, 3), keepdim=True)
             std = ((outs - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
@@ -380,7 +384,7 @@ class EfficientAD(ImageDetector):
             self.train_losses_ = self._train(train, photos, rng)
             self.student_.eval()
             self.autoencoder_.eval()
-        map_st, map_ae = self._raw_maps(val)
+        map_st, map_ae = self.raw_maps(val)
         self.quantiles_st_ = map_quantiles(map_st, self.q_a, self.q_b)
         self.quantiles_ae_ = map_quantiles(map_ae, self.q_a, self.q_b)
         self.n_validation_ = n_val
@@ -413,11 +417,11 @@ class EfficientAD(ImageDetector):
                 batch.append(random_grayscale(random_crops(photos, 1, size, rng), 0.3, rng))
             batch = self._to(torch.cat(batch))
             with torch.no_grad():
-                t = self._teacher_out(batch[:2])
-            s = student(self._norm(batch))  # the image, its augmented copy and the penalty image in one pass
+                t = self.teacher_features(batch[:2])
+            s = student(self.normalise_input(batch))  # the image, its augmented copy and the penalty image in one pass
             loss_hard = hard_feature_loss((t[:1] - s[:1, :c]) ** 2, self.p_hard)
             loss_penalty = (s[2:, :c] ** 2).mean() if photos is not None else torch.zeros((), device=s.device)
-            a = ae(self._norm(batch[1:2]))
+            a = ae(self.normalise_input(batch[1:2]))
             loss_ae = ((t[1:2] - a) ** 2).mean()
             loss_stae = ((a - s[1:2, c:]) ** 2).mean()
             loss = loss_hard + loss_penalty + loss_ae + loss_stae
@@ -429,7 +433,7 @@ class EfficientAD(ImageDetector):
         return losses
 
     def _predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        map_st, map_ae = self._raw_maps(images)
+        map_st, map_ae = self.raw_maps(images)
         combined = 0.5 * normalise_map(map_st, self.quantiles_st_) + 0.5 * normalise_map(map_ae, self.quantiles_ae_)
         scores = combined.reshape(len(images), -1).max(axis=1)
         maps = F.pad(torch.from_numpy(combined)[:, None], (MAP_PAD,) * 4)

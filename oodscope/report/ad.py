@@ -13,14 +13,13 @@ embedded in it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..evaluation import Results
+from ..safeio import write_atomic
 from .html import (_notes_of, _table, detector_figure, figure_item, heatmap_table, png_bytes, render_page,
                    section, write_html)
 
@@ -78,17 +77,8 @@ def overlay_figure(run: Any, test: Any, k: int = 3, dpi: int = 80) -> bytes | No
 
 
 def save_png(path: str | Path, png: bytes) -> Path:
-    """Write PNG bytes atomically (a temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(png)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    return path
+    """Write PNG bytes atomically (:func:`oodscope.safeio.write_atomic`)."""
+    return write_atomic(path, png)
 
 
 def overlay_pngs(runs: Sequence[Any], test: Any, k: int = 3) -> dict[str, bytes]:
