@@ -13,7 +13,7 @@ split's logits and features are identical to the local engine's.
 shard's index, the resident memory after the fit, the query throughput for ``--queries`` queries (k = 50), and
 whether the scores equal the single index's.
 
-    PYTHONPATH=. python benchmarks/scale_out.py extract --threads 2                  # full bench, ~59k images
+    PYTHONPATH=. python benchmarks/scale_out.py extract --threads 2                  # full bench, 49,993 images
     PYTHONPATH=. python benchmarks/scale_out.py knn --bank 1000000 --dim 2048         # 8 GiB bank
     PYTHONPATH=. python benchmarks/scale_out.py extract --images 2000 --threads 2     # a quick check
 """
