@@ -220,7 +220,15 @@ def test_gram_row_sums_and_deviation_hand_computed(rng):
         f = maps.reshape(2, 3, 16) ** p
         sums = np.einsum("bcs,bds->bcd", f, f).sum(axis=2)
         expected = np.sign(sums) * np.abs(sums) ** (1 / p)
-        assert gram_row_sums(maps, [1, 2, 3]).numpy()[:, p - 1] == pytest.approx(expected)
+        np.testing.assert_allclose(gram_row_sums(maps, [1, 2, 3]).numpy()[:, p - 1], expected, rtol=1e-12)
+    # every pole, chunk boundaries included (70 samples, chunks of 64 and 8), float32 maps as the cache holds them
+    maps32 = rng.normal(size=(70, 5, 3, 3)).astype(np.float32)
+    f64 = maps32.astype(np.float64).reshape(70, 5, 9)
+    for chunk in (64, 8):
+        got = gram_row_sums(maps32, list(range(1, 11)), chunk=chunk).numpy()
+        for p in range(1, 11):
+            sums = np.einsum("bcs,bds->bcd", f64 ** p, f64 ** p).sum(axis=2)
+            np.testing.assert_allclose(got[:, p - 1], np.sign(sums) * np.abs(sums) ** (1 / p), rtol=1e-9)
     # one channel, pole 1, 1x1 maps: the Gram value is a^2
     values = np.array([1.0, 2.0, 3.0, 4.0, 10.0, 2.0, 3.0, 4.0, 5.0, 9.0])
     logits = np.zeros((10, 2))
