@@ -40,7 +40,7 @@ class Results:
         """Failure detection per detector (:mod:`oodscope.protocols.failure`): reject the misclassified ID test
         samples and every OOD sample, accept the rest; AUROC for that target, AURC, E-AURC, the SCOD risk
         (percent). ``oodscope bench --protocol failure`` adds a covariate-shifted copy of the ID test set."""
-        from .protocols.failure import failure_metrics
+        from .metrics.failure import failure_metrics
 
         if self.id_errors is None:
             raise ValueError("failure detection needs the ID test set's logits and class labels")

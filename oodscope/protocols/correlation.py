@@ -13,26 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
+from ..metrics.correlation import rank_correlations  # the metric lives in oodscope.metrics; importable here too
 
 N_IMAGES = 2000
-
-
-def rank_correlations(accuracy: Sequence[float], auroc: Sequence[float]) -> dict[str, float]:
-    """Spearman's rho and Kendall's tau (with their two-sided p-values) of two per-model sequences; NaN when
-    either is constant (e.g. every model equally accurate)."""
-    from scipy.stats import kendalltau, spearmanr
-
-    accuracy, auroc = np.asarray(accuracy, dtype=np.float64), np.asarray(auroc, dtype=np.float64)
-    if accuracy.shape != auroc.shape or accuracy.size < 3:
-        raise ValueError(f"rank correlations need the same number (>= 3) of accuracies and AUROCs, got "
-                         f"{accuracy.size} and {auroc.size}: pass more models with --ensemble")
-    if np.ptp(accuracy) == 0 or np.ptp(auroc) == 0:  # a constant sequence has no rank correlation
-        nan = float("nan")
-        return {"spearman": nan, "spearman_p": nan, "kendall": nan, "kendall_p": nan}
-    rho, p_rho = spearmanr(accuracy, auroc)
-    tau, p_tau = kendalltau(accuracy, auroc)
-    return {"spearman": float(rho), "spearman_p": float(p_rho), "kendall": float(tau), "kendall_p": float(p_tau)}
 
 
 def correlations(rows: list[dict[str, Any]], detectors: Sequence[str], groups: Sequence[str],

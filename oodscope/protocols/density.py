@@ -50,6 +50,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+# the metrics live in oodscope.metrics; importable here too
+from ..metrics.correlation import spearman
+from ..metrics.density import mean_pairwise_js, strongest_private_level, symmetric_kl, true_label_confidence
+
 N_IMAGES = 2000
 METRICS = ("confidence", "boundary", "agreement", "holdout", "privacy")
 NOT_COMPUTED = "Feldman & Zhang's memorisation (thousands of retrained models)"
@@ -58,27 +62,6 @@ HOLDOUT_SCHEDULE = {"epochs": 3, "max_steps": None, "lr": 0.01, "batch_size": 12
 # train accuracy at sigma 8), so the levels run up to where they fail (sigma 128: about 55 %)
 PRIVACY = {"noise_multipliers": (4.0, 8.0, 16.0, 32.0, 64.0, 128.0), "models": 5, "epochs": 10, "lot_size": 256,
            "lr": 1.0, "max_norm": 1.0, "delta": 1e-5, "share_correct": 0.9}
-
-
-def true_label_confidence(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Softmax probability of the true label, per row (float64)."""
-    from scipy.special import softmax
-
-    probabilities = softmax(np.asarray(logits, dtype=np.float64), axis=1)
-    return probabilities[np.arange(len(labels)), np.asarray(labels)]
-
-
-def mean_pairwise_js(probabilities: Sequence[np.ndarray]) -> np.ndarray:
-    """Mean over model pairs of the Jensen-Shannon divergence (nats) of their per-row output distributions."""
-    if len(probabilities) < 2:
-        raise ValueError("ensemble agreement needs at least two models")
-    p = [np.clip(np.asarray(q, dtype=np.float64), 1e-300, None) for q in probabilities]
-
-    def kl(a, b):
-        return (a * (np.log(a) - np.log(b))).sum(axis=1)
-
-    pairs = [(a, b) for a, b in combinations(p, 2)]
-    return np.mean([0.5 * kl(a, (a + b) / 2) + 0.5 * kl(b, (a + b) / 2) for a, b in pairs], axis=0)
 
 
 def boundary_distance(model, inputs: np.ndarray, labels: np.ndarray, preprocess, batch_size: int = 250,
@@ -109,15 +92,6 @@ def boundary_distance(model, inputs: np.ndarray, labels: np.ndarray, preprocess,
     return out
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation; NaN (undefined, no warning) when either side is constant."""
-    from scipy.stats import spearmanr
-
-    if np.ptp(np.asarray(a, dtype=np.float64)) == 0 or np.ptp(np.asarray(b, dtype=np.float64)) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
-
-
 def chosen_metrics(text: str | None, ensemble: bool) -> tuple[str, ...]:
     """The metrics of ``--density-metrics a,b`` (default: confidence, boundary and, with ``--ensemble``,
     agreement); an unknown name, or agreement without an ensemble, is an error saying what to pass."""
@@ -130,22 +104,6 @@ def chosen_metrics(text: str | None, ensemble: bool) -> tuple[str, ...]:
     if "agreement" in names and not ensemble:
         raise ValueError("--density-metrics agreement needs further models: pass --ensemble MODEL,...")
     return tuple(dict.fromkeys(names))
-
-
-def symmetric_kl(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """Per row, ``KL(p || q) + KL(q || p) = sum_k (p_k - q_k)(log p_k - log q_k)`` (nats) of the softmax
-    distributions ``p``, ``q`` of the logits ``before`` and ``after``."""
-    from scipy.special import log_softmax
-
-    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
-    if before.shape != after.shape or before.ndim != 2:
-        raise ValueError(f"symmetric_kl: need two (N, classes) logit arrays of one shape, got {before.shape} and "
-                         f"{after.shape}")
-    if not (np.isfinite(before).all() and np.isfinite(after).all()):
-        raise ValueError("symmetric_kl: the logits contain NaN or inf (a diverged fine-tuning?); rerun it with a "
-                         "lower lr")
-    log_p, log_q = log_softmax(before, axis=1), log_softmax(after, axis=1)
-    return ((np.exp(log_p) - np.exp(log_q)) * (log_p - log_q)).sum(axis=1)
 
 
 def holdout_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,19 +129,6 @@ def holdout_retrain(model, images: np.ndarray, labels: np.ndarray, preprocess, *
                               augmentation=augmentation, **(schedule or HOLDOUT_SCHEDULE))
     tuned.eval()
     return tuned, history
-
-
-def strongest_private_level(correct: np.ndarray, noise_multipliers: Sequence[float],
-                            share: float = 0.9) -> np.ndarray:
-    """Per example, the largest noise multiplier at which at least ``share`` of that level's models classify it
-    correctly, 0 when none does; ``correct`` is ``(levels, models, N)`` booleans."""
-    correct = np.asarray(correct, dtype=bool)
-    sigma = np.asarray(noise_multipliers, dtype=np.float64)
-    if correct.ndim != 3 or correct.shape[0] != len(sigma) or correct.shape[1] == 0:
-        raise ValueError(f"strongest_private_level: need (levels, models, N) = ({len(sigma)}, >= 1, N) booleans, "
-                         f"got {correct.shape}")
-    passed = correct.mean(axis=1) >= share
-    return np.where(passed, sigma[:, None], 0.0).max(axis=0)
 
 
 def _penultimate(outputs, who: str) -> np.ndarray:

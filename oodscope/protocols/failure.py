@@ -7,7 +7,7 @@ covariate-shifted ID or semantic OOD. The pool here is the ID test set, its cova
 (:func:`oodscope.data.corruptions.shifted_copy`, the ``--full-spectrum`` corruptions) and every OOD set; a sample
 **should be rejected** when it is misclassified (clean or shifted ID) or semantic OOD, and accepted otherwise.
 
-Per detector (its score as the rejection score, higher = reject first):
+Per detector (its score as the rejection score, higher = reject first; :func:`oodscope.metrics.failure_metrics`):
 
 * ``auroc``: AUROC of the score for the target "should reject" (percent);
 * ``aurc`` / ``eaurc``: area under the risk-coverage curve with risk = share of accepted samples that should
@@ -22,26 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import auroc
-from ..metrics.scod import scod_auc_rc
-from ..metrics.selective import aurc, eaurc
-
-
-def failure_metrics(id_scores: np.ndarray, id_errors: np.ndarray, ood_scores: np.ndarray,
-                    c_fn: float = 0.75) -> dict[str, float]:
-    """Failure-detection metrics of one detector: ``id_scores``/``id_errors`` of every ID sample (clean and
-    shifted; error = misclassified), ``ood_scores`` of the semantic OOD samples (all to be rejected)."""
-    id_scores = np.asarray(id_scores, dtype=np.float64).ravel()
-    errors = np.asarray(id_errors, dtype=np.float64).ravel()
-    ood_scores = np.asarray(ood_scores, dtype=np.float64).ravel()
-    scores = np.r_[id_scores, ood_scores]
-    reject = np.r_[errors, np.ones(ood_scores.size)]
-    if reject.all() or not reject.any():
-        raise ValueError("failure detection needs samples to accept and samples to reject")
-    return {"auroc": 100.0 * auroc(scores[reject == 0], scores[reject == 1]),
-            "aurc": 100.0 * aurc(scores, reject), "eaurc": 100.0 * eaurc(scores, reject),
-            "scod_auc_rc": 100.0 * scod_auc_rc(id_scores, errors, ood_scores, c_fn),
-            "reject_share": 100.0 * float(reject.mean())}
+from ..metrics.failure import failure_metrics  # the metric lives in oodscope.metrics; importable here too
 
 
 def _errors(outputs) -> np.ndarray:
