@@ -12,6 +12,8 @@ def test_bench_default_runs_offline_and_writes_outputs(tmp_path, capsys):
     assert "detector" in printed and "ID accuracy" in printed
     # a degenerate result is never shown without a word: ash_s is inverted on the digits bench
     assert "note: ash_s: inverted on near" in printed
+    # and temperature scaling, whose calibration set is all correct, keeps T = 1 with a note (no collapse)
+    assert "temperature: every calibration sample is classified correctly" in printed
     assert "degenerate-notes" in (out / "report.html").read_text() and "ash_s: inverted" in (
         out / "report.html").read_text()
     meta, records = read_results(out / "results.json")
@@ -20,6 +22,7 @@ def test_bench_default_runs_offline_and_writes_outputs(tmp_path, capsys):
     assert not (out / "score_distributions.png").exists()  # the report holds the histograms, drawn once
     means = {(r["detector"], r["group"]): r["auroc"] for r in records if r["dataset"] == "mean"}
     assert {g for _, g in means} == {"near", "far", "covariate"}
+    assert all(means[("temperature", g)] == means[("msp", g)] for g in ("near", "far", "covariate"))  # T = 1
     # real detectors separate real OOD data
     assert all(means[(d, "near")] > 80 for d in ("msp", "energy", "knn"))
     # as on real benchmarks, a feature-space method beats MSP on at least one group
