@@ -8,9 +8,10 @@ import pytest
 
 from oodscope.cli import main
 from oodscope.protocols import parse
-from oodscope.protocols.failure import failure_metrics
+from oodscope.metrics import failure_metrics
 from oodscope.protocols.unit_tests import TESTS, make_test
 from oodscope.results_io import read_results
+from test_report_html import cell, images_of, table_rows
 
 
 @pytest.fixture
@@ -28,7 +29,8 @@ def tiny_resnet_bench(tmp_path, rng):
 
 
 def _bench(bench, weights, tmp_path, *extra: str) -> list:
-    """``oodscope bench`` on the tiny bench (no cache, quiet); the records of results.json."""
+    """``oodscope bench`` on the tiny bench (no cache, quiet); the records of results.json (report.html beside it
+    in ``tmp_path / "out"``)."""
     out = tmp_path / "out"
     assert main(["bench", str(bench), "--model", "cifar10_resnet20", "--weights", str(weights), "--quiet",
                  "--no-cache", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra]) == 0
@@ -90,7 +92,7 @@ def test_bench_runs_failure_and_scaling_protocols_on_digits(tmp_path, capsys):
 
 
 def test_density_metrics_hand_computed():
-    from oodscope.protocols.density import mean_pairwise_js, true_label_confidence
+    from oodscope.metrics import mean_pairwise_js, true_label_confidence
 
     p, q = np.array([[1.0, 0.0]]), np.array([[0.5, 0.5]])
     # m = (0.75, 0.25): KL(p||m) = log(4/3), KL(q||m) = 0.5 log(2/3) + 0.5 log 2; JS = their mean
@@ -137,6 +139,10 @@ def test_bench_runs_the_density_protocol_with_an_ensemble(tmp_path, capsys):
     assert pairs["boundary~confidence"] > 0.5  # the paper's finding: the metrics agree
     msp = {r["metric"]: r["spearman"] for r in density if r.get("detector") == "msp"}
     assert msp["confidence"] < -0.8 and set(msp) == {"confidence", "boundary"}
+    html = (out / "report.html").read_text()
+    assert table_rows(html, "protocol-density-table") == [[r["detector"], r["metric"], cell(r["spearman"])]
+                                                          for r in density if r.get("metric")]
+    assert len(table_rows(html, "protocol-density-table-pairs")) == len(pairs) == 1
     assert main(["bench", "--protocol", "density", "--ensemble", "no_such_model", "--quiet", "--out",
                  str(out)]) == 2
 
@@ -181,6 +187,9 @@ def test_bench_runs_the_label_noise_protocol_on_a_tiny_bench(tiny_resnet_bench, 
     assert all(r["delta_near"] == 0 and r["delta_far"] == 0 for r in clean)
     assert all(0 <= r["auroc_near"] <= 100 for r in noise)
     assert len(list((tmp_path / "cache" / "label-noise").iterdir())) == 5  # one resumable checkpoint per setting
+    rows = table_rows((tmp_path / "out" / "report.html").read_text(), "protocol-label-noise-table")
+    assert [row[:4] for row in rows] == [[r["detector"], r["dataset"], cell(r["noisy_share"]), cell(r["id_accuracy"])]
+                                         for r in noise]
 
 
 def test_oscr_hand_computed():
@@ -210,6 +219,8 @@ def test_bench_runs_the_open_set_protocol_on_a_tiny_bench(tiny_resnet_bench, tmp
     for r in osr:
         assert len(r["known"]) == 6 and sorted(r["known"] + r["unknown"]) == list(range(10))
         assert 0 <= r["oscr"] <= r["accuracy"] + 1e-9  # OSCR never exceeds the closed-set accuracy
+    rows = table_rows((tmp_path / "out" / "report.html").read_text(), "protocol-open-set-table")
+    assert [row[4:6] for row in rows] == [[cell(r["auroc"]), cell(r["oscr"])] for r in osr]
     assert open_set.class_splits(10, cifar10=True)[0] == (0, 6, 4, 9, 1, 7)
     with pytest.raises(ValueError, match="at least 3"):
         open_set.class_splits(2, cifar10=False)
@@ -231,7 +242,8 @@ def test_a_fresh_classifier_forgets_the_weights_and_gets_a_k_way_head():
 
 
 def test_rank_correlations_hand_computed():
-    from oodscope.protocols.correlation import correlations, rank_correlations
+    from oodscope.metrics import rank_correlations
+    from oodscope.protocols.correlation import correlations
 
     assert rank_correlations([1, 2, 3, 4], [10, 20, 30, 40])["spearman"] == pytest.approx(1.0)
     inverse = rank_correlations([1, 2, 3, 4], [4, 3, 2, 1])
@@ -291,3 +303,42 @@ def test_the_correlation_protocol_fits_each_models_own_detectors(tiny_resnet_ben
     expected = evaluate_model(model, preprocess, load_benchmark_dir(bench_dir),
                               detectors=[oodscope.create("knn_distance")], per_set=2000)
     assert rows[2]["knn_distance near auroc"] == pytest.approx(expected["knn_distance near auroc"], abs=1e-9)
+    html = (tmp_path / "out" / "report.html").read_text()
+    table = [r for r in records if r.get("setting") == "correlation"]
+    assert [row[3] for row in table_rows(html, "protocol-correlation-table")] == [cell(r["spearman"]) for r in table]
+    assert len(table_rows(html, "protocol-correlation-table-models")) == 3
+    (svg,) = images_of(html[html.index('id="protocol-correlation"'):html.index('id="detectors"')], r"svg\+xml")
+    assert svg.count(b"<circle") == 3 * 2 * 2  # models x detectors x groups: ID accuracy vs AUROC
+
+
+def test_the_protocol_metrics_live_in_oodscope_metrics():
+    import oodscope.metrics as metrics
+    from oodscope.protocols import correlation, density, failure
+
+    assert failure.failure_metrics is metrics.failure_metrics and correlation.rank_correlations is \
+        metrics.rank_correlations  # one implementation, importable from both places
+    for name in ("spearman", "true_label_confidence", "mean_pairwise_js", "symmetric_kl", "strongest_private_level"):
+        assert getattr(density, name) is getattr(metrics, name), name
+        assert getattr(metrics, name).__doc__, name
+    scores, errors, ood = np.array([0.1, 0.2, 0.9, 0.4]), np.array([0, 0, 1, 0]), np.array([0.8, 0.3])
+    assert metrics.failure_metrics(scores, errors, ood) == failure.failure_metrics(scores, errors, ood)
+    assert metrics.failure_metrics(scores, errors, ood)["reject_share"] == pytest.approx(50.0)
+    assert metrics.rank_correlations([1, 2, 3], [3, 1, 2]) == correlation.rank_correlations([1, 2, 3], [3, 1, 2])
+    assert metrics.spearman([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5) == density.spearman([1, 2, 3], [3, 1, 2])
+
+
+def test_the_unit_tests_section_shows_each_tests_share_of_passing_detectors(tiny_resnet_bench, tmp_path,
+                                                                             monkeypatch):
+    from oodscope.protocols import unit_tests
+
+    monkeypatch.setattr(unit_tests, "N_IMAGES", 16)
+    records = _bench(*tiny_resnet_bench, tmp_path, "--detectors", "msp,mahalanobis", "--protocol", "unit-tests")
+    tests = [r for r in records if r.get("setting") == "unit-tests"]
+    assert len(tests) == 2 * len(TESTS)
+    html = (tmp_path / "out" / "report.html").read_text()
+    share = {row[0]: row[1] for row in table_rows(html, "protocol-unit-tests-table-share")}
+    for name in TESTS:
+        passed = [r["auroc"] >= 90 for r in tests if r["dataset"] == name]
+        assert share[name] == cell(100 * sum(passed) / 2)
+    assert [row[:3] for row in table_rows(html, "protocol-unit-tests-table")] == [
+        [r["detector"], r["dataset"], cell(r["auroc"])] for r in tests]

@@ -264,3 +264,73 @@ def test_a_detectors_fit_warning_becomes_a_note_and_others_stay_warnings():
         notes = fit_notes(caught, {"temperature": oodscope.create("temperature")})
     assert len(shown) == 1
     assert notes == ["temperature: every calibration sample is classified correctly; keeping T = 1"]
+
+
+# -- the evaluation protocols' sections ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory):
+    """``oodscope bench`` on the digits default with ``--protocol scaling,failure``: (records, report.html)."""
+    out = tmp_path_factory.mktemp("protocols") / "out"
+    assert main(["bench", "--detectors", "msp,energy,mahalanobis", "--protocol", "scaling,failure", "--quiet",
+                 "--out", str(out)]) == 0
+    return read_results(out / "results.json")[1], (out / "report.html").read_text()
+
+
+def protocol_html(html, name):
+    """The HTML of protocol ``name``'s section."""
+    section = html[html.index(f'<section class="protocol" id="protocol-{name}">'):]
+    return section[:section.index("</section>")]
+
+
+def test_bench_report_has_each_protocols_section_with_the_numbers_of_results_json(protocol_run):
+    records, html = protocol_run
+    ids = well_formed(html)
+    assert {"protocols", "protocol-scaling", "protocol-failure", "protocol-scaling-table",
+            "protocol-failure-table"} <= ids
+    assert html.index('id="protocol-scaling"') < html.index('id="protocol-failure"')  # run order
+    assert '<a href="#protocols">' in html
+    scaling = [r for r in records if r.get("setting") == "scaling"]
+    order = ["msp", "energy", "mahalanobis"]
+    expected = [[r["detector"], f"{r['alpha']:g}", cell(r["auroc"]), cell(r["flagged"]), cell(r["mean_msp"]),
+                 str(r["saturation_warnings"])]
+                for r in sorted(scaling, key=lambda r: (order.index(r["detector"]), r["alpha"]))]
+    assert table_rows(html, "protocol-scaling-table") == expected and len(expected) == 12
+    failure = sorted((r for r in records if r.get("setting") == "failure"), key=lambda r: r["aurc"])
+    assert table_rows(html, "protocol-failure-table") == [
+        [r["detector"], *[cell(r[k]) for k in ("auroc", "aurc", "eaurc", "scod_auc_rc", "reject_share")]]
+        for r in failure]
+    section = protocol_html(html, "scaling")
+    assert "multiplied by alpha in {1, 10, 100, 1000}" in section and "saturation warnings</th>" in section
+    assert section.count('<th class="sortable">') == 6  # the page's sorting script picks these up
+    assert "http://" not in html and "https://" not in html and "<script src" not in html  # self-contained
+
+
+def test_the_scaling_plot_draws_each_detectors_auroc_against_log_alpha(protocol_run):
+    import xml.etree.ElementTree as ET
+
+    from oodscope.report.svg import COLORS, XY_BOX
+
+    records, html = protocol_run
+    (svg,) = images_of(protocol_html(html, "scaling"), r"svg\+xml")
+    ns = "{http://www.w3.org/2000/svg}"
+    root = ET.fromstring(svg)
+    detectors = ["msp", "energy", "mahalanobis"]
+    assert [t.text for t in root.iter(ns + "text")][-3:] == detectors  # the legend
+    left, top, width, height = XY_BOX
+    for color, detector in zip(COLORS, detectors):
+        points = [(float(c.get("cx")), float(c.get("cy"))) for c in root.iter(ns + "circle") if c.get("fill") == color]
+        aurocs = [r["auroc"] for r in records if r.get("setting") == "scaling" and r["detector"] == detector]
+        assert [100 * (1 - (y - top) / height) for _, y in points] == pytest.approx(aurocs, abs=0.05)  # y: 0-100
+        assert np.diff([x for x, _ in points]) == pytest.approx([width / 3.3] * 3, abs=0.2)  # decades evenly spaced
+    assert sum(p.get("stroke-dasharray") is not None for p in root.iter(ns + "polyline")) == 1  # AUROC 50
+
+
+def test_a_protocol_without_a_renderer_gets_every_scalar_field_and_none_gets_no_section(report):
+    results, html = report
+    assert 'id="protocols"' not in html
+    records = [{"detector": "msp", "dataset": "x", "group": "mine", "score": 1.234, "kept": True,
+                "classes": [1, 2], "setting": "mine"}]
+    html = render_report(results, {"benchmark": "toy"}, protocols={"my protocol": records})
+    assert {"protocol-my-protocol", "protocol-my-protocol-table"} <= well_formed(html)
+    assert table_rows(html, "protocol-my-protocol-table") == [["msp", "x", "1.23", "yes"]]
+    assert "<th class=\"sortable\">score</th><th class=\"sortable\">kept</th></tr>" in html

@@ -168,6 +168,7 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
             if r["setting"] == "shift-sensitivity":
                 print(f"  {r['detector']:<14}AUROC clean vs shifted {r['auroc']:6.2f}, "
                       f"shifted flagged at 95 % TPR {r['flagged']:6.2f} %")
+    by_protocol: dict[str, list[dict[str, Any]]] = {}  # the report's protocol sections
     for name in protocols.parse(getattr(args, "protocol", None)):
         protocol_start = time.perf_counter()
         on_outputs = {label: d for label, d in labelled.items() if not getattr(d, "takes_images", False)}
@@ -176,6 +177,7 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
                                     options={"density_metrics": getattr(args, "density_metrics", None)})
         protocol_records, printed = protocols.run(name, context)
         records += protocol_records
+        by_protocol[name] = protocol_records
         timing[f"protocol {name}"] = time.perf_counter() - protocol_start
         print(printed)
     out = Path(args.out)
@@ -188,7 +190,7 @@ def run_prepared(args: argparse.Namespace, prepared, start: float, **meta_extra)
     paths = write_results(out, records, meta)
     report_start = time.perf_counter()  # the histograms are drawn once, in the report's detector sections
     paths["html"] = write_report(out / "report.html", results, meta, detectors=labelled, notes=notes,
-                                 **report_options)
+                                 protocols=by_protocol, **report_options)
     report_seconds, total = time.perf_counter() - report_start, time.perf_counter() - start
     print(f"extraction {timing['extract']:.2f} s, figures and report {report_seconds:.2f} s "
           f"({100 * report_seconds / total:.0f} % of the run), total {total:.2f} s; wrote "

@@ -2,7 +2,9 @@
 
 Rendered from the Jinja2 template ``templates/report.html.j2``: a sortable, filterable leaderboard (detector x
 OOD group), notes on degenerate results, a heatmap of AUROC per detector and OOD set, optional full-spectrum and
-covariate-shift tables, one section per detector (anchor ``#det-NAME``: its parameters, its per-set metrics, ROC
+covariate-shift tables, one section per evaluation protocol that was run (anchor ``#protocol-NAME``: its construction,
+its records as a sortable table, the scaling protocol's AUROC-vs-alpha plot; :mod:`oodscope.report.protocols`), one
+section per detector (anchor ``#det-NAME``: its parameters, its per-set metrics, ROC
 curves of every OOD set against the ID test and log-scale score histograms as an inline SVG), and the run's
 metadata (model, weights hash, data hashes, package versions, timings). It needs no network and no files beside
 it; the only script is the table sorting and filtering.
@@ -186,9 +188,10 @@ def render_page(*, title: str, facts: Sequence[Mapping[str, Any]], intro: str, l
                 notes: Sequence[str], heatmap: Mapping[str, Any], detectors: Sequence[Mapping[str, Any]],
                 meta: Mapping[str, Any], id_name: str = "", full_spectrum: Mapping[str, Any] | None = None,
                 shift: Mapping[str, Any] | None = None, shifted_name: str = "",
-                anchors: Mapping[str, Any] | None = None) -> str:
+                anchors: Mapping[str, Any] | None = None, protocols: Sequence[Mapping[str, Any]] = ()) -> str:
     """The template filled in (autoescaped, every variable required): ``facts`` are the header's
-    ``{"label", "value", "id"}`` items; ``detectors`` are :func:`section` dicts."""
+    ``{"label", "value", "id"}`` items; ``detectors`` are :func:`section` dicts; ``protocols`` are
+    :func:`oodscope.report.protocols.protocol_section` dicts."""
     import jinja2
 
     environment = jinja2.Environment(loader=jinja2.PackageLoader("oodscope.report", "templates"),
@@ -196,7 +199,8 @@ def render_page(*, title: str, facts: Sequence[Mapping[str, Any]], intro: str, l
     return environment.get_template(TEMPLATE).render(
         title=title, facts=[{"id": None, **f} for f in facts], intro=intro, leaderboard=leaderboard, notes=list(notes),
         heatmap=heatmap, detectors=list(detectors), meta=_meta_rows(meta), id_name=id_name,
-        full_spectrum=full_spectrum, shift=shift, shifted_name=shifted_name, anchors=anchors)
+        full_spectrum=full_spectrum, shift=shift, shifted_name=shifted_name, anchors=anchors,
+        protocols=list(protocols))
 
 
 def anchor_table(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -223,10 +227,13 @@ def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oo
                   full_spectrum: Sequence[Mapping[str, Any]] = (), shifted_scores: Mapping[str, np.ndarray] | None = None,
                   shifted_name: str = "test_shifted", detectors: Mapping[str, Any] | None = None,
                   intro: str = OOD_INTRO, notes: Sequence[str] | None = None,
-                  anchors: Sequence[Mapping[str, Any]] = ()) -> str:
+                  anchors: Sequence[Mapping[str, Any]] = (),
+                  protocols: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> str:
     """The report as one HTML string (a Jinja2 template; figures inline, no network). ``notes`` default to
     :meth:`Results.degenerate_notes`; ``anchors`` are published numbers next to ours
-    (:func:`oodscope.report.published.anchor_rows`), shown in their own table with their sources."""
+    (:func:`oodscope.report.published.anchor_rows`), shown in their own table with their sources; ``protocols``
+    are the records of each evaluation protocol that was run (``{name: records}``, as in ``results.json``), one
+    section each (:func:`oodscope.report.protocols.protocol_sections`)."""
     groups = list(results.groups)
     means = {r["detector"]: r for r in leaderboard_rows(results.group_means(), groups)}
     notes = results.degenerate_notes() if notes is None else list(notes)
@@ -263,7 +270,15 @@ def render_report(results: Results, meta: Mapping[str, Any], *, title: str = "oo
                        leaderboard=_leaderboard(results.group_means(), groups, results.seconds), notes=notes,
                        heatmap=_heatmap(results), detectors=sections, meta=meta, id_name=results.id_name,
                        full_spectrum=fs_table, shift=shift_table, shifted_name=shifted_name,
-                       anchors=anchor_table(anchors))
+                       anchors=anchor_table(anchors), protocols=_protocol_sections(protocols))
+
+
+def _protocol_sections(protocols: Mapping[str, Sequence[Mapping[str, Any]]] | None) -> list[dict[str, Any]]:
+    if not protocols:
+        return []
+    from .protocols import protocol_sections
+
+    return protocol_sections(protocols)
 
 
 def _meta_rows(meta: Mapping[str, Any]) -> list[tuple[str, Any]]:

@@ -150,3 +150,57 @@ def detector_svg(detector: str, by_set: Mapping[str, np.ndarray], id_name: str,
                      f'stroke-width="2"{dash}/><text x="{right - 125}" y="{y + 4}">{escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+XY_BOX = (60, 30, 600, 230)  # left, top, width, height of the plot area of :func:`xy_svg`; the legend is right of it
+
+
+def _log_ticks(low: float, high: float) -> list[tuple[float, str]]:
+    """Ticks at the powers of ten inside ``[low, high]`` (log10 units), labelled with the plain value."""
+    return [(float(p), f"{10.0 ** p:g}") for p in range(math.ceil(low - 1e-9), math.floor(high + 1e-9) + 1)]
+
+
+def _padded(values: np.ndarray, share: float = 0.05) -> tuple[float, float]:
+    low, high = float(values.min()), float(values.max())
+    pad = share * (high - low) if high > low else 0.5
+    return low - pad, high + pad
+
+
+def xy_svg(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str, xlabel: str, ylabel: str,
+           log_x: bool = False, ylim: tuple[float, float] | None = None, lines: bool = True,
+           reference_y: float | None = None) -> str:
+    """The SVG document of one plot: per series (legend name -> ``(xs, ys)``) a marker at each finite point, joined
+    by a line when ``lines`` (else a scatter plot); x on a log10 axis when ``log_x``; a dashed grey horizontal
+    line at ``reference_y`` (e.g. AUROC 50, blind). ``ylim`` defaults to the data's range, padded."""
+    points = {name: (np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64))
+              for name, (xs, ys) in series.items()}
+    points = {name: (np.log10(xs) if log_x else xs, ys) for name, (xs, ys) in points.items()}
+    points = {name: (xs[keep], ys[keep]) for name, (xs, ys) in points.items()
+              if (keep := np.isfinite(xs) & np.isfinite(ys)).any()}
+    all_x = np.concatenate([xs for xs, _ in points.values()] or [np.zeros(1)])
+    all_y = np.concatenate([ys for _, ys in points.values()] or [np.zeros(1)])
+    xlim = _padded(all_x)
+    ylim = ylim or _padded(np.r_[all_y, [] if reference_y is None else [reference_y]])
+    panel = _Panel(XY_BOX, xlim, ylim)
+    xticks = _log_ticks(*xlim) if log_x else [(v, _fmt(v)) for v in nice_ticks(*xlim)]
+    height = max(HEIGHT, XY_BOX[1] + 14 * len(points) + 20)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+             f'viewBox="0 0 {WIDTH} {height}" font-family="DejaVu Sans, Arial, sans-serif" font-size="11">',
+             f'<rect width="{WIDTH}" height="{height}" fill="#fff"/>']
+    parts += panel.frame(title, xlabel, ylabel, xticks, [(v, _fmt(v)) for v in nice_ticks(*ylim)])
+    if reference_y is not None:
+        parts.append(f'<polyline points="{panel.points(list(xlim), [reference_y] * 2)}" fill="none" '
+                     'stroke="#b3b3b3" stroke-width="0.8" stroke-dasharray="4,3"/>')
+    legend_x = XY_BOX[0] + XY_BOX[2] + 20
+    for index, (name, (xs, ys)) in enumerate(points.items()):
+        color = COLORS[index % len(COLORS)]
+        if lines and len(xs) > 1:
+            parts.append(f'<polyline points="{panel.points(xs, ys)}" fill="none" stroke="{color}" '
+                         'stroke-width="1.4"/>')
+        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>'
+                  for x, y in zip(panel.x(xs), panel.y(ys))]
+        y = XY_BOX[1] + 14 * index + 6
+        parts.append(f'<line x1="{legend_x}" y1="{y}" x2="{legend_x + 20}" y2="{y}" stroke="{color}" '
+                     f'stroke-width="2"/><text x="{legend_x + 25}" y="{y + 4}">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
