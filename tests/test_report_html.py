@@ -334,3 +334,19 @@ def test_a_protocol_without_a_renderer_gets_every_scalar_field_and_none_gets_no_
     assert {"protocol-my-protocol", "protocol-my-protocol-table"} <= well_formed(html)
     assert table_rows(html, "protocol-my-protocol-table") == [["msp", "x", "1.23", "yes"]]
     assert "<th class=\"sortable\">score</th><th class=\"sortable\">kept</th></tr>" in html
+
+
+def test_the_xy_plot_skips_missing_points_and_dashes_series_past_ten_colours():
+    import xml.etree.ElementTree as ET
+
+    from oodscope.report.svg import XY_BOX, xy_svg
+
+    series = {f"s{i}": ([1.0, 2.0, 3.0], [float(i), float("nan"), 10.0]) for i in range(11)}
+    root = ET.fromstring(xy_svg(series, title="t", xlabel="x", ylabel="y", ylim=(0.0, 10.0)))
+    ns = "{http://www.w3.org/2000/svg}"
+    circles = [(float(c.get("cx")), float(c.get("cy"))) for c in root.iter(ns + "circle")]
+    assert len(circles) == 11 * 2  # the NaN point of each series is left out
+    left, top, width, height = XY_BOX
+    assert circles[1] == pytest.approx((left + width * (2 + 0.1) / 2.2, top), abs=0.1)  # x = 3, y = 10: top
+    dashed = [p for p in root.iter(ns + "polyline") if p.get("stroke-dasharray")]
+    assert len(dashed) == 1 and dashed[0].get("stroke") == "#1f77b4"  # the 11th series repeats the first colour

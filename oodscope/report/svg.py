@@ -170,8 +170,9 @@ def xy_svg(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, tit
            log_x: bool = False, ylim: tuple[float, float] | None = None, lines: bool = True,
            reference_y: float | None = None) -> str:
     """The SVG document of one plot: per series (legend name -> ``(xs, ys)``) a marker at each finite point, joined
-    by a line when ``lines`` (else a scatter plot); x on a log10 axis when ``log_x``; a dashed grey horizontal
-    line at ``reference_y`` (e.g. AUROC 50, blind). ``ylim`` defaults to the data's range, padded."""
+    by a line when ``lines`` (else a scatter plot; past ten series the colours repeat with dashed lines); x on a
+    log10 axis when ``log_x``; a dashed grey horizontal line at ``reference_y`` (e.g. AUROC 50, blind). ``ylim``
+    defaults to the data's range, padded."""
     points = {name: (np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64))
               for name, (xs, ys) in series.items()}
     points = {name: (np.log10(xs) if log_x else xs, ys) for name, (xs, ys) in points.items()}
@@ -194,13 +195,14 @@ def xy_svg(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, tit
     legend_x = XY_BOX[0] + XY_BOX[2] + 20
     for index, (name, (xs, ys)) in enumerate(points.items()):
         color = COLORS[index % len(COLORS)]
+        dash = ' stroke-dasharray="5,3"' if index >= len(COLORS) else ""
         if lines and len(xs) > 1:
             parts.append(f'<polyline points="{panel.points(xs, ys)}" fill="none" stroke="{color}" '
-                         'stroke-width="1.4"/>')
+                         f'stroke-width="1.4"{dash}/>')
         parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>'
                   for x, y in zip(panel.x(xs), panel.y(ys))]
         y = XY_BOX[1] + 14 * index + 6
         parts.append(f'<line x1="{legend_x}" y1="{y}" x2="{legend_x + 20}" y2="{y}" stroke="{color}" '
-                     f'stroke-width="2"/><text x="{legend_x + 25}" y="{y + 4}">{escape(name)}</text>')
+                     f'stroke-width="2"{dash}/><text x="{legend_x + 25}" y="{y + 4}">{escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
