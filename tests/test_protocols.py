@@ -342,3 +342,45 @@ def test_the_unit_tests_section_shows_each_tests_share_of_passing_detectors(tiny
         assert share[name] == cell(100 * sum(passed) / 2)
     assert [row[:3] for row in table_rows(html, "protocol-unit-tests-table")] == [
         [r["detector"], r["dataset"], cell(r["auroc"])] for r in tests]
+
+
+def test_the_python_example_of_the_protocols_page_runs(tmp_path, monkeypatch):
+    """docs/protocols.md's Python block as written, on the digits bench (the cache in a temporary folder)."""
+    import re
+    from pathlib import Path
+
+    monkeypatch.setenv("OODSCOPE_CACHE", str(tmp_path))
+    page = (Path(__file__).resolve().parents[1] / "docs" / "protocols.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", page, flags=re.S) if "protocols.run" in b]
+    namespace: dict = {}
+    exec(block, namespace)
+    failure = {r["detector"]: r for r in namespace["failure"]}
+    assert set(failure) == {"msp", "energy", "knn"} and all(50 < r["auroc"] <= 100 for r in failure.values())
+    scaling = {(r["detector"], r["alpha"]): r["auroc"] for r in namespace["records"]}
+    assert scaling[("msp", 1.0)] == 50.0  # alpha = 1: the scaled set is the ID test set itself
+
+
+def test_training_protocols_refuse_unlabelled_training_data_and_a_model_without_a_linear_head():
+    from types import SimpleNamespace
+
+    import torch
+
+    from oodscope import protocols
+
+    labelled = SimpleNamespace(inputs=np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([0, 1, 2, 0]))
+    unlabelled = SimpleNamespace(inputs=labelled.inputs, labels=np.array([0, -1, 2, 0]))
+    linear_model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
+    conv_model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    def context(train, model):
+        bench = SimpleNamespace(name="tiny", train=train, test=labelled, ood={})
+        return protocols.Context(bench, model, None, {}, None)
+
+    with pytest.raises(ValueError, match="needs the ID training labels"):
+        protocols.run("label-noise", context(unlabelled, linear_model))
+    with pytest.raises(ValueError, match="last layer must be nn.Linear"):
+        protocols.run("label-noise", context(labelled, conv_model))
+    with pytest.raises(ValueError, match="needs class labels on the ID train and test sets"):
+        protocols.run("open-set", context(unlabelled, linear_model))
+    with pytest.raises(ValueError, match="last layer must be nn.Linear"):
+        protocols.run("open-set", context(labelled, conv_model))
