@@ -416,13 +416,13 @@ def test_locoop_trains_only_the_context_and_scores_with_gl_mcm_of_the_learned_pr
 
 
 def test_locoop_resumes_an_interrupted_fit_from_its_checkpoint(clip, few_shot, tmp_path, monkeypatch):
-    """A fit killed after some epochs resumes from its per-epoch checkpoint to exactly the uninterrupted result;
-    a checkpoint of another fit is refused; a non-finite loss stops the fit."""
-    import oodscope.vlm.locoop as locoop_module
+    """The engine's fit killed after some epochs resumes from its per-epoch checkpoint to exactly the uninterrupted
+    result; a checkpoint of another fit (seed, class names) is refused; a non-finite loss stops the fit."""
+    import oodscope.training.objectives.locoop_reg as objective_module
 
     settings = dict(model=clip, n_ctx=4, epochs=6, top_k=1, batch_size=4, seed=1)
     whole = oodscope.create("locoop", **settings).fit(CLASSES, *few_shot)
-    real_loss, calls = locoop_module.locoop_loss, []
+    real_loss, calls = objective_module.locoop_loss, []
     steps_per_epoch = -(-len(few_shot[1]) // 4)
 
     def dies_in_epoch_4(*args):
@@ -431,18 +431,21 @@ def test_locoop_resumes_an_interrupted_fit_from_its_checkpoint(clip, few_shot, t
             raise KeyboardInterrupt
         return real_loss(*args)
 
-    path = tmp_path / "locoop.pt"
-    monkeypatch.setattr(locoop_module, "locoop_loss", dies_in_epoch_4)
+    folder = tmp_path / "locoop"
+    monkeypatch.setattr(objective_module, "locoop_loss", dies_in_epoch_4)
     with pytest.raises(KeyboardInterrupt):
-        oodscope.create("locoop", checkpoint=str(path), **settings).fit(CLASSES, *few_shot)
-    monkeypatch.setattr(locoop_module, "locoop_loss", real_loss)
-    resumed = oodscope.create("locoop", checkpoint=str(path), **settings).fit(CLASSES, *few_shot)
+        oodscope.create("locoop", checkpoint=str(folder), **settings).fit(CLASSES, *few_shot)
+    monkeypatch.setattr(objective_module, "locoop_loss", real_loss)
+    resumed = oodscope.create("locoop", checkpoint=str(folder), **settings).fit(CLASSES, *few_shot)
     np.testing.assert_array_equal(resumed.context_, whole.context_)
     assert resumed.history_ == whole.history_
-    with pytest.raises(ValueError, match="belongs to another fit"):
-        oodscope.create("locoop", checkpoint=str(path), **{**settings, "seed": 2}).fit(CLASSES, *few_shot)
-    monkeypatch.setattr(locoop_module, "locoop_loss", lambda *args: (real_loss(*args)[0] * float("nan"),))
-    with pytest.raises(FloatingPointError, match="the loss is nan at epoch 1"):
+    np.testing.assert_array_equal(resumed.score(few_shot[0]), whole.score(few_shot[0]))
+    with pytest.raises(ValueError, match="was written for schedule"):
+        oodscope.create("locoop", checkpoint=str(folder), **{**settings, "seed": 2}).fit(CLASSES, *few_shot)
+    with pytest.raises(ValueError, match="was written for model"):  # other prompts: the learner's checkpoint_key
+        oodscope.create("locoop", checkpoint=str(folder), **settings).fit(["pear", "leaf", "sky"], *few_shot)
+    monkeypatch.setattr(objective_module, "locoop_loss", lambda *args: (real_loss(*args)[0] * float("nan"),) * 3)
+    with pytest.raises(FloatingPointError, match="the locoop_reg loss is nan at epoch 1"):
         oodscope.create("locoop", **settings).fit(CLASSES, *few_shot)
 
 

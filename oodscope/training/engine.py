@@ -1,9 +1,10 @@
 """``finetune``: train a classifier with a registered objective (outlier exposure and its successors).
 
 Standard torch parts only: a ``DataLoader`` over the ID images (and one over the auxiliary outliers), SGD with
-Nesterov momentum and a per-step cosine (or constant) learning-rate schedule, AMP on CUDA. The CIFAR recipe's
-augmentation (random crop with 4 px zero padding, horizontal flip; Hendrycks et al.'s and Liu et al.'s code) runs
-vectorised on the raw uint8 batch before the model's own preprocessing.
+Nesterov (or plain) momentum and a per-step cosine (or constant) learning-rate schedule, optionally after constant
+warm-up epochs (CoOp's), AMP on CUDA. The CIFAR recipe's augmentation (random crop with 4 px zero padding,
+horizontal flip; Hendrycks et al.'s and Liu et al.'s code) runs vectorised on the raw uint8 batch before the model's
+own preprocessing.
 
 * **Deterministic under a seed** on CPU: model copy, data order, augmentation and outlier draws come from one seed;
   torch's global RNG is forked, so the caller's state is left alone.
@@ -99,8 +100,13 @@ def augment(batch, generator, padding: int = 4):
 
 
 def _identity(model, objective: Objective) -> dict[str, str]:
+    """The model's class and state shapes, plus its ``checkpoint_key`` when it has one (a digest of what it
+    depends on outside its ``state_dict``, e.g. a frozen backbone held outside the module tree), and the
+    objective's name and parameters: a checkpoint resumes only into the same model and objective."""
     shapes = [(name, tuple(p.shape)) for name, p in model.state_dict().items()]
-    return {"model": f"{type(model).__name__} {hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]}",
+    key = getattr(model, "checkpoint_key", None)
+    return {"model": f"{type(model).__name__} {hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]}"
+                     + (f" {key}" if key else ""),
             "objective": f"{objective.name} {json.dumps(objective.get_params(deep=False), sort_keys=True, default=repr)}"}
 
 
@@ -155,7 +161,8 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
              schedule: str = "cosine", momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0,
              device: str = "cpu", checkpoint_dir: str | Path | None = None, preprocess: Callable | None = None,
              augmentation: bool = True, copy: bool = True, progress: bool = True,
-             max_steps: int | None = None) -> tuple[Any, History]:
+             max_steps: int | None = None, nesterov: bool = True, warmup_epochs: int = 0,
+             warmup_lr: float = 1e-5) -> tuple[Any, History]:
     """Fine-tune ``model`` on ``train = (images, labels)`` with ``objective``; returns ``(model, history)``.
 
     Args:
@@ -176,6 +183,10 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
         preprocess: maps a raw image batch tensor to the model input (e.g. the model's ``ImageNormalize``).
         augmentation: random crop (padding 4) and horizontal flip of channels-last images.
         max_steps: stop each epoch after this many steps (for short CPU schedules; part of the checkpoint identity).
+        nesterov: Nesterov momentum (default) or plain momentum (CoOp's SGD).
+        warmup_epochs: the first epochs run at the constant ``warmup_lr``, the schedule's later steps unchanged
+            (CoOp's constant warm-up epoch before its cosine decay); 0 (default): no warm-up.
+        warmup_lr: the learning rate of the warm-up epochs.
         copy: train a copy of ``model`` (default) or ``model`` itself.
         progress: show a progress bar per epoch with the loss terms.
     """
@@ -196,6 +207,9 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
         raise ValueError(f"finetune: need epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"finetune: schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if not (isinstance(warmup_epochs, int) and 0 <= warmup_epochs <= epochs and warmup_lr > 0):
+        raise ValueError(f"finetune: need 0 <= warmup_epochs <= epochs and warmup_lr > 0, got {warmup_epochs}, "
+                         f"{warmup_lr}")
     outlier_batch_size = outlier_batch_size or 2 * batch_size
     outliers_drawn = objective.outliers_per_step(batch_size, outlier_batch_size)
     channels_last = _channels_last(images)
@@ -219,18 +233,21 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
     if max_steps is not None:
         steps_per_epoch = min(steps_per_epoch, int(max_steps))
     total_steps = epochs * steps_per_epoch
-    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True,
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
                                 weight_decay=weight_decay)
-    factor = (lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))) if schedule == "cosine" else \
+    decay = (lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps))) if schedule == "cosine" else \
         (lambda step: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+    warmup_steps = warmup_epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: warmup_lr / lr if step < warmup_steps else decay(step))
     data_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1)
     out_gen = torch.Generator().manual_seed(seed + 2)
     history = History()
     identity = {**_identity(model, objective), "schedule": f"{epochs}x{steps_per_epoch} {schedule} lr={lr} "
-                f"bs={batch_size}/{outliers_drawn} wd={weight_decay} seed={seed} aug={augmentation}",
-                "data": fingerprint}
+                f"bs={batch_size}/{outliers_drawn} wd={weight_decay} seed={seed} aug={augmentation}"
+                + ("" if nesterov else " nesterov=False")
+                + (f" warmup={warmup_epochs}@{warmup_lr}" if warmup_epochs else ""), "data": fingerprint}
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT
     start_epoch = 0
     if path is not None and path.exists():

@@ -11,10 +11,16 @@ Miyai, Yu, Irie & Aizawa, "LoCoOp: Few-Shot Out-of-Distribution Detection via Pr
   OOD region (background); ``L_ood = -mean_{i in J} H(p_i)`` over those regions ``J`` (their entropy is
   maximised; no region selected gives 0). ``lambda = 0.25`` and ``top_k = 200`` (for ImageNet-1k's 1,000
   classes) as in the paper; ``top_k`` must be below the number of ID classes.
-* **Training** (CoOp's schedule): SGD, learning rate 0.002, momentum 0.9, weight decay 5e-4, batch 32, cosine
-  decay ``lr_e = lr (1 + cos(pi e / E)) / 2`` over ``E = epochs`` (50), epoch 0 a warm-up at 1e-5; batches drawn from a seeded generator. Image
-  features (global and local, :mod:`oodscope.vlm.backbone`) are computed once through the extraction cache, so
-  CoOp's random-crop/flip augmentation is not applied.
+* **Training** with the training engine (:func:`oodscope.training.finetune`, objective ``locoop_reg`` of
+  :mod:`oodscope.training.objectives.locoop_reg`): the model is a :class:`PromptLearner`, the context vectors over
+  the frozen CLIP text tower, whose forward gives the global image-text logits and whose ``local_logits`` module
+  the patch-level logits that the objective reads through the engine's ``feature_map_module`` hook. CoOp's
+  schedule: SGD (plain momentum 0.9), learning rate 0.002, weight decay 5e-4, batch 32, 50 epochs, epoch 0 a
+  constant warm-up at 1e-5, then cosine decay (per step here, per epoch in CoOp). The engine seeds the batch
+  order, writes a checkpoint after every epoch to ``checkpoint`` (a folder) from which an interrupted fit resumes
+  to the uninterrupted result, shows a tqdm bar and runs on ``device``. Image features (global and local,
+  :mod:`oodscope.vlm.backbone`) are computed once through the extraction cache and are the engine's training
+  inputs, so CoOp's random-crop/flip augmentation is not applied.
 * **Score**: GL-MCM (``scoring="gl_mcm"``, the paper's best) or MCM with the learned prompts, ``T = 1``;
   ``-S`` (higher = more OOD).
 
@@ -29,8 +35,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from ._train import cosine_rates, digest_arrays, run_epochs
+from ..training.objectives.locoop_reg import LOCAL_LOGITS, locoop_loss  # noqa: F401 - locoop_loss: public here too
 from .backbone import placed
 from .base import VLMDetector, check_images, class_names, l2_normalise
 from .mcm import mcm_probability
@@ -38,16 +45,65 @@ from .mcm import mcm_probability
 SCORES = ("gl_mcm", "mcm")
 
 
-def locoop_loss(global_logits: torch.Tensor, local_logits: torch.Tensor, labels: torch.Tensor, top_k: int,
-                lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(L, L_CE, L_ood)`` of LoCoOp (Eq. 4-6): ``global_logits (B, K)``, ``local_logits (B, P, K)``, labels ``(B,)``."""
-    ce = torch.nn.functional.cross_entropy(global_logits, labels)
-    top = local_logits.topk(top_k, dim=-1).indices  # (B, P, top_k)
-    is_ood = ~(top == labels[:, None, None]).any(dim=-1)  # the label is not in the region's top-k
-    log_p = torch.log_softmax(local_logits[is_ood], dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(dim=-1)
-    ood = -entropy.mean() if len(entropy) else local_logits.sum() * 0.0
-    return ce + lam * ood, ce, ood
+def prompt_ids(clip, names: list[str], n_ctx: int, who: str = "locoop") -> torch.Tensor:
+    """``(K, L)`` token ids of ``[SOS] x ... x <name>. [EOS]``: ``n_ctx`` placeholders that the context replaces."""
+    ids = torch.as_tensor(clip.tokenize([" ".join(["x"] * n_ctx) + f" {n}." for n in names])["input_ids"])
+    if not (ids[:, 1:1 + n_ctx] == ids[0, 1]).all():
+        raise ValueError(f"{who}: the tokenizer does not turn the placeholder 'x' into one token each")
+    return ids
+
+
+def pack_features(global_: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """``(N, 1, 1 + P, D)`` float32: the normalised global feature, then the ``P`` patch features, of each image;
+    the engine's training inputs (one "channel" of ``1 + P`` rows)."""
+    return np.concatenate([l2_normalise(global_)[:, None], l2_normalise(local)], axis=1)[:, None].astype(np.float32)
+
+
+class PromptLearner(nn.Module):
+    """CoOp's learnable context over a frozen CLIP, the network :func:`oodscope.training.finetune` trains for LoCoOp.
+
+    ``context`` ``(n_ctx, width)`` is the only parameter, initialised from ``N(0, 0.02^2)`` with ``seed``.
+    ``forward(features)`` takes :func:`pack_features` rows ``(B, 1, 1 + P, D)`` and returns the global logits
+    ``logit_scale * cos(global feature, prompt_k)`` ``(B, K)``; the patch logits ``(B, P, K)`` pass through the
+    ``local_logits`` module, where the ``locoop_reg`` objective reads them (the engine's ``feature_map_module``
+    hook). The CLIP backbone is held outside the module tree: it is not in the ``state_dict`` (a checkpoint holds
+    the context only) and ``.to()`` does not move it (put it on the device yourself, e.g. with
+    :func:`oodscope.vlm.backbone.placed`); ``checkpoint_key`` digests what the learner depends on outside its
+    state (the prompt tokens, the text tower's weights, the logit scale), so a checkpoint resumes only into the
+    same prompts and text tower.
+    """
+
+    def __init__(self, clip, names: list[str], n_ctx: int = 16, seed: int = 0):
+        super().__init__()
+        object.__setattr__(self, "clip", clip)  # not a submodule: frozen, outside the state_dict
+        generator = torch.Generator().manual_seed(int(seed))
+        self.context = nn.Parameter(torch.randn(n_ctx, clip.token_width, generator=generator) * 0.02)
+        self.register_buffer("prompt_ids", prompt_ids(clip, names, n_ctx), persistent=False)
+        self.scale = float(clip.logit_scale)
+        self.n_classes = len(names)
+        setattr(self, LOCAL_LOGITS, nn.Identity())
+
+    @property
+    def checkpoint_key(self) -> str:
+        import hashlib
+
+        from ..extraction.extract import model_digest
+
+        text = self.clip.model if hasattr(self.clip, "model") else self.clip
+        digest = hashlib.sha256(self.prompt_ids.cpu().numpy().tobytes())
+        digest.update(f"{model_digest(text)} {self.scale!r}".encode())
+        return digest.hexdigest()[:16]
+
+    def text_features(self) -> torch.Tensor:
+        """``(K, D)`` unit-norm embeddings of the class prompts with the current context."""
+        out = self.clip.context_text_forward(self.prompt_ids, self.context)
+        return nn.functional.normalize(out.float(), dim=-1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        rows = features[:, 0]  # (B, 1 + P, D): global, then patches
+        logits = self.scale * rows @ self.text_features().T.to(rows.dtype)  # (B, 1 + P, K)
+        getattr(self, LOCAL_LOGITS)(logits[:, 1:])
+        return logits[:, 0]
 
 
 class LoCoOp(VLMDetector):
@@ -62,7 +118,7 @@ class LoCoOp(VLMDetector):
                  lr: float = 0.002, batch_size: int = 32, scoring: str = "gl_mcm", temperature: float = 1.0,
                  seed: int = 0, device: str = "cpu", checkpoint: str | None = None):
         self.model = model
-        self.checkpoint = checkpoint  # a file: the fit saves after every epoch and an interrupted fit resumes
+        self.checkpoint = checkpoint  # a folder: the engine's checkpoint after every epoch; a rerun resumes
         self.n_ctx = n_ctx
         self.lam = lam
         self.top_k = top_k
@@ -120,46 +176,32 @@ class LoCoOp(VLMDetector):
         global_, local = clip.encode_images(images, device=str(device), name="locoop-train")
         self.classes_ = names
         with placed(clip, device):  # the text tower runs (and back-propagates) on the detector's device
-            self.context_ = self._train(clip, names, l2_normalise(global_), l2_normalise(local), labels, device)
+            learner = self._train(PromptLearner(clip, names, self.n_ctx, self.seed), pack_features(global_, local),
+                                  labels, device)
             with torch.no_grad():
-                texts = self._prompt_features(clip, self._prompt_ids(clip, names, device),
-                                              torch.from_numpy(self.context_).to(device))
+                texts = learner.text_features()
+        self.context_ = learner.context.detach().cpu().numpy().astype(np.float32)
         self.text_embeddings_ = l2_normalise(texts.double().cpu().numpy())
         self._check_reserved()
         self.input_dims_ = {"classes": (len(names),)}
         return self
 
-    def _prompt_ids(self, clip, names: list[str], device: torch.device) -> torch.Tensor:
-        ids = torch.as_tensor(clip.tokenize([" ".join(["x"] * self.n_ctx) + f" {n}." for n in names])["input_ids"])
-        if not (ids[:, 1:1 + self.n_ctx] == ids[0, 1]).all():
-            raise ValueError(f"{self.name}: the tokenizer does not turn the placeholder 'x' into one token each")
-        return ids.to(device)
+    def _train(self, learner: PromptLearner, features: np.ndarray, labels: np.ndarray,
+               device: torch.device) -> PromptLearner:
+        """The engine's fit of the context with the ``locoop_reg`` objective, on CoOp's schedule (module docstring)."""
+        import sys
 
-    @staticmethod
-    def _prompt_features(clip, ids: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(clip.context_text_forward(ids, context).float(), dim=-1)
+        from ..detectors import create
+        from ..training import finetune
 
-    def _train(self, clip, names: list[str], global_: np.ndarray, local: np.ndarray, labels: np.ndarray,
-               device: torch.device) -> np.ndarray:
-        generator = torch.Generator().manual_seed(int(self.seed))
-        context = (torch.randn(self.n_ctx, clip.token_width, generator=generator) * 0.02).to(device)
-        context.requires_grad_(True)
-        optimiser = torch.optim.SGD([context], lr=self.lr, momentum=0.9, weight_decay=5e-4)
-        ids = self._prompt_ids(clip, names, device)
-        g, p, y = (torch.from_numpy(global_).float().to(device), torch.from_numpy(local).float().to(device),
-                   torch.from_numpy(labels.astype(np.int64)).to(device))
-        scale = clip.logit_scale
-
-        def step(batch: torch.Tensor) -> torch.Tensor:
-            texts = self._prompt_features(clip, ids, context)
-            return locoop_loss(scale * g[batch] @ texts.T, scale * p[batch] @ texts.T, y[batch], int(self.top_k),
-                               float(self.lam))[0]
-
-        # epoch 0: CoOp's constant warm-up at 1e-5; then cosine decay from lr: lr_e = lr (1 + cos(pi e / E)) / 2
-        self.history_ = run_epochs(step, optimiser, len(y), self.batch_size,
-                                   cosine_rates(self.lr, self.epochs, warmup=1e-5), generator, device, "locoop",
-                                   checkpoint=self.checkpoint, key=digest_arrays(global_, local, labels))
-        return context.detach().cpu().numpy().astype(np.float32)
+        objective = create("locoop_reg", lam=float(self.lam), top_k=int(self.top_k))
+        learner, history = finetune(
+            learner, (features, labels.astype(np.int64)), objective, epochs=int(self.epochs), lr=float(self.lr),
+            batch_size=int(self.batch_size), momentum=0.9, nesterov=False, weight_decay=5e-4, warmup_epochs=1,
+            warmup_lr=1e-5, seed=int(self.seed), device=str(device), checkpoint_dir=self.checkpoint,
+            augmentation=False, copy=False, progress=sys.stderr.isatty())
+        self.history_ = [float(epoch["loss"]) for epoch in history.epochs]
+        return learner
 
     def _score_embeddings(self, image: np.ndarray, patches: np.ndarray | None) -> np.ndarray:
         s = mcm_probability(image, self.text_embeddings_, self.temperature)
