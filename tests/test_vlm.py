@@ -705,3 +705,43 @@ def test_anomalyclip_refuses_a_missing_or_unannotated_auxiliary_set(clip, images
         oodscope.create("anomalyclip", model=clip).fit(images)
     with pytest.raises(ValueError, match="model has 2 vision blocks"):
         oodscope.create("anomalyclip", model=clip, auxiliary="x").fit(images)
+
+
+# -- Hugging Face model ids from the local cache ---------------------------------------------------------------
+def _cache_layout(cache, model_id, revision="0123456789abcdef0123456789abcdef01234567"):
+    """huggingface_hub's cache layout: ``models--ORG--NAME/snapshots/<revision>/`` (the files) and
+    ``refs/main`` (the revision)."""
+    entry = cache / f"models--{model_id.replace('/', '--')}"
+    save_tiny_clip(entry / "snapshots" / revision)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(revision)
+    return entry / "snapshots" / revision
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_CACHE", "HF_HOME"])
+def test_a_model_id_loads_offline_from_the_hugging_face_cache(tmp_path, monkeypatch, images, variable):
+    from oodscope.vlm.backbone import hub_cache_dir
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path / "hf"
+    monkeypatch.setenv(variable, str(root))
+    cache = root if variable == "HF_HUB_CACHE" else root / "hub"
+    assert hub_cache_dir() == cache
+    snapshot = _cache_layout(cache, "testorg/tiny-clip")
+    monkeypatch.chdir(tmp_path)  # no folder named like the id next to us
+    by_id = load_clip("testorg/tiny-clip", use_cache=False)
+    by_folder = load_clip(snapshot, use_cache=False)
+    np.testing.assert_array_equal(by_id.encode_images(images)[0], by_folder.encode_images(images)[0])
+    text = ["a photo of a sky."]
+    np.testing.assert_array_equal(by_id.encode_texts(text), by_folder.encode_texts(text))
+    mcm = oodscope.create("mcm", model="testorg/tiny-clip").fit(CLASSES)  # a detector's model= takes the id too
+    np.testing.assert_allclose(mcm.score(images), oodscope.create("mcm", model=by_folder).fit(CLASSES).score(images))
+    import re
+
+    with pytest.raises(ValueError, match=re.escape(f"'testorg/absent' is neither a local folder nor in the Hugging "
+                                                   f"Face cache {cache}")):
+        load_clip("testorg/absent")
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_clip("../not/an/id")

@@ -17,10 +17,11 @@ final layer norm and the visual projection follow as for the class token. Window
 al. 2023, Sec. 4.2) are the class-token embeddings of the transformer fed with the class token and the patch
 tokens of the window only, each keeping its own position embedding.
 
-:class:`HFClip` wraps Hugging Face ``transformers.CLIPModel`` with its tokenizer, loaded from a local folder
-with ``local_files_only=True`` (:func:`load_clip`); :class:`OpenClip` wraps ``open_clip`` (imported lazily;
-it downloads weights itself when asked to, never in oodscope's tests). :func:`download_clip` fetches a Hugging
-Face model into a folder for users with network access; nothing in oodscope calls it.
+:class:`HFClip` wraps Hugging Face ``transformers.CLIPModel`` with its tokenizer, loaded from a local folder or a
+model id in the local Hugging Face cache with ``local_files_only=True`` (:func:`load_clip`); :class:`OpenClip`
+wraps ``open_clip`` (imported lazily; it downloads weights itself when asked to, never in oodscope's tests).
+:func:`download_clip` fetches a Hugging Face model into a folder for users with network access; nothing in
+oodscope calls it.
 
 Embeddings go through :func:`oodscope.extract` (:meth:`ClipBackbone.encode_texts`,
 :meth:`ClipBackbone.encode_images`): a second call with the same weights and inputs reads the on-disk cache.
@@ -419,10 +420,16 @@ class OpenClip(ClipBackbone):
 
 # -- loading --------------------------------------------------------------------------------------------------
 def load_clip(source: str | os.PathLike, device: str = "cpu", **options: Any) -> ClipBackbone:
-    """A :class:`ClipBackbone` from a local Hugging Face folder, or ``open_clip:ARCH[/PRETRAINED]``.
+    """A :class:`ClipBackbone` from a local Hugging Face folder, a model id in the Hugging Face cache, or
+    ``open_clip:ARCH[/PRETRAINED]``.
 
     * a folder holding a ``CLIPModel`` (``config.json`` with ``model_type: clip``, weights and tokenizer files),
       loaded with ``local_files_only=True`` (no network);
+    * a Hugging Face model id (``openai/clip-vit-base-patch16``) that is not a folder: its snapshot in the local
+      Hugging Face cache (:func:`hub_cache_dir`: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+      ``~/.cache/huggingface/hub``; ``models--ORG--NAME/snapshots/<revision>/`` with the revision in
+      ``refs/main``), resolved offline (``local_files_only=True``, whatever ``HF_HUB_OFFLINE`` says); a missing
+      one is a ``ValueError`` naming the id and the cache folder;
     * ``open_clip:ViT-B-16-plus-240/laion400m_e32`` (WinCLIP's backbone): open_clip's own loader, which reads
       its cache and downloads missing weights itself (needs ``pip install open_clip_torch``).
 
@@ -433,8 +440,11 @@ def load_clip(source: str | os.PathLike, device: str = "cpu", **options: Any) ->
         return load_open_clip(text[len("open_clip:"):], device=device, **options)
     path = Path(source)
     if not path.is_dir():
-        raise ValueError(f"CLIP model {text!r} is not a folder; pass a local Hugging Face CLIP folder (see "
-                         "oodscope.vlm.download_clip) or 'open_clip:ARCH/PRETRAINED'")
+        if not is_model_id(text):
+            raise ValueError(f"CLIP model {text!r} is not a folder; pass a local Hugging Face CLIP folder (see "
+                             "oodscope.vlm.download_clip), a model id in the Hugging Face cache or "
+                             "'open_clip:ARCH/PRETRAINED'")
+        path = cached_snapshot(text)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ValueError(f"CLIP model folder {path} has no config.json: it is not a Hugging Face model folder")
@@ -459,6 +469,46 @@ def load_clip(source: str | os.PathLike, device: str = "cpu", **options: Any) ->
         raise ValueError(f"CLIP model folder {path} cannot be loaded ({type(error).__name__}: {first}); "
                          "check that its weight and tokenizer files are complete") from None
     return HFClip(model.to(device), tokenizer, **options)
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache folder, read from the environment now (as ``huggingface_hub`` does at import):
+    ``HF_HUB_CACHE`` (or the legacy ``HUGGINGFACE_HUB_CACHE``), else ``HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub`` (``~/.cache`` by default)."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def is_model_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hugging Face model id (``NAME`` or ``ORG/NAME``), not a file path."""
+    import re
+
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", text) is not None and ".." not in text
+
+
+def cached_snapshot(model_id: str) -> Path:
+    """The snapshot folder of ``model_id`` (its ``main`` revision) in the local Hugging Face cache, offline; a
+    ``ValueError`` naming the id and the cache folder when it is not there."""
+    cache = hub_cache_dir()
+    entry = cache / f"models--{model_id.replace('/', '--')}"
+    missing = (f"CLIP model {model_id!r} is neither a local folder nor in the Hugging Face cache {cache} (no "
+               f"{entry.name}/snapshots for refs/main); download it once where there is network (e.g. "
+               f"`hf download {model_id}`, or oodscope.vlm.download_clip), set HF_HUB_CACHE / HF_HOME to the cache "
+               "that holds it, or pass the model's folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:  # pragma: no cover - transformers depends on it
+        raise ImportError('CLIP backbones need transformers: pip install "oodscope[vlm]"') from error
+    try:
+        folder = Path(snapshot_download(model_id, cache_dir=cache, local_files_only=True))
+    except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, a malformed id or cache entry: one message
+        raise ValueError(missing) from None
+    if not folder.is_dir():
+        raise ValueError(missing)
+    return folder
 
 
 def load_open_clip(name: str, device: str = "cpu", **options: Any) -> OpenClip:
@@ -490,10 +540,16 @@ def resolve_clip(model: str | os.PathLike | ClipBackbone | None, device: str = "
     if isinstance(model, ClipBackbone):
         return model
     if model is None:
-        raise ValueError("no CLIP model: pass model= a local Hugging Face CLIP folder, 'open_clip:ARCH/PRETRAINED' "
-                         "or an oodscope.vlm.ClipBackbone")
+        raise ValueError("no CLIP model: pass model= a local Hugging Face CLIP folder, a model id in the Hugging "
+                         "Face cache, 'open_clip:ARCH/PRETRAINED' or an oodscope.vlm.ClipBackbone")
     if isinstance(model, (str, os.PathLike)):
-        key = (str(Path(model).resolve()) if not str(model).startswith("open_clip:") else str(model), device)
+        text = str(model)
+        if text.startswith("open_clip:"):
+            key = (text, device)
+        elif Path(model).is_dir() or not is_model_id(text):
+            key = (str(Path(model).resolve()), device)
+        else:  # a model id: its snapshot in the cache the environment names now
+            key = (f"{text} in {hub_cache_dir()}", device)
         if key not in _LOADED:
             _LOADED[key] = load_clip(model, device=device)
         return _LOADED[key]
