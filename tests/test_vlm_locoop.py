@@ -203,3 +203,34 @@ def test_bad_settings_and_models_are_refused():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 3))
     with pytest.raises(ValueError, match="locoop_reg: .*local_logits"):
         finetune(mlp, (x, y), oodscope.create("locoop_reg", top_k=1), **TOY)
+
+
+# -- the benchmark script -------------------------------------------------------------------------------------------
+def test_the_benchmark_runs_zero_and_few_shot_with_cifar100_as_id(tmp_path):
+    """``benchmarks/vlm_zero_shot.py --id cifar100`` on a synthetic bench folder with the random tiny CLIP: the
+    shots (1 per class) come out of the ID test file, LoCoOp and CLIPN train on them, every set gets a row."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rng = np.random.default_rng(0)
+    root = Path(__file__).resolve().parents[1]
+
+    def write(name, n, labels):
+        np.savez(tmp_path / f"{name}.npz", images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                 labels=np.asarray(labels, dtype=np.int64))
+
+    write("cifar100_test", 300, np.tile(np.arange(100), 3))
+    for name in ("cifar10_test", "tin_test", "mnist_test", "textures"):
+        write(name, 6, np.full(6, -1))
+    command = [sys.executable, "benchmarks/vlm_zero_shot.py", "--model", "tiny", "--data", str(tmp_path), "--id",
+               "cifar100", "--detectors", "mcm,locoop,clipn", "--shots", "1", "--param", "locoop.epochs=1",
+               "--param", "clipn.epochs=1", "--batch-size", "64"]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ID cifar100 (100 classes): 200 test images, 100 shots (1 per class)" in out.stdout
+    for name in ("mcm", "locoop", "clipn"):
+        for set_name in ("cifar10_test", "tin_test", "mnist_test", "textures", "mean near", "mean far"):
+            assert any(line.startswith(f"{name} ") and set_name in line for line in out.stdout.splitlines())
