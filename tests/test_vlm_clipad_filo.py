@@ -405,3 +405,33 @@ def test_oodscope_ad_runs_clip_ad_and_filo_from_a_clip_folder(tmp_path):
                  "--param", "filo.layers=[1, 2]"]) == 0
     records = json.loads((out / "results.json").read_text())["records"]
     assert {r["detector"] for r in records} >= {"clip_ad", "filo"}
+
+
+def test_oodscope_ad_runs_winclip_anomalyclip_and_clip_ad_plus_from_a_clip_folder(tmp_path):
+    """The three other CLIP detectors end to end through ``oodscope ad`` (one run): image and pixel records for
+    each, the trained ones on an auxiliary annotated MVTec-layout folder other than the target."""
+    import json
+
+    from oodscope.cli import main
+    from vlm_models import tiny_clip_folder, tiny_mvtec_folder
+
+    model = json.dumps(str(tiny_clip_folder()))
+    auxiliary = json.dumps(str(tiny_mvtec_folder(n=3)))
+    out = tmp_path / "out"
+    assert main(["ad", str(tiny_mvtec_folder()), "--detectors", "winclip,anomalyclip,clip_ad_plus", "--size", "32",
+                 "--out", str(out),
+                 "--param", f"winclip.model={model}", "--param", 'winclip.object_name="tile"',
+                 "--param", f"anomalyclip.model={model}", "--param", f"anomalyclip.auxiliary={auxiliary}",
+                 "--param", "anomalyclip.layers=[1, 2]", "--param", "anomalyclip.dpam_depth=1",
+                 "--param", "anomalyclip.depth=2", "--param", "anomalyclip.n_ctx=4",
+                 "--param", "anomalyclip.t_n_ctx=2",
+                 "--param", "anomalyclip.epochs=1", "--param", "anomalyclip.batch_size=4",
+                 "--param", f"clip_ad_plus.model={model}", "--param", f"clip_ad_plus.auxiliary={auxiliary}",
+                 "--param", "clip_ad_plus.stages=2", "--param", "clip_ad_plus.epochs=1",
+                 "--param", "clip_ad_plus.batch_size=4"]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    for name in ("winclip", "anomalyclip", "clip_ad_plus"):
+        mine = [r for r in records if r["detector"] == name]
+        assert mine, name
+        for record in mine:  # an image AUROC and a pixel AUROC (the anomaly map) per defect group
+            assert 0 <= record["auroc"] <= 100 and 0 <= record["pixel_auroc"] <= 100, (name, record)
