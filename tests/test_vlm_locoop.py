@@ -16,6 +16,7 @@ import oodscope  # noqa: E402
 from oodscope.training import finetune  # noqa: E402
 from oodscope.training.objectives.locoop_reg import default_top_k  # noqa: E402
 from oodscope.vlm.locoop import PromptLearner, pack_features  # noqa: E402
+from test_training import tiny_cli_bench  # noqa: E402,F401  (a fixture)
 from vlm_models import tiny_clip  # noqa: E402
 
 CLASSES = ["apple", "leaf", "sky"]
@@ -234,3 +235,18 @@ def test_the_benchmark_runs_zero_and_few_shot_with_cifar100_as_id(tmp_path):
     for name in ("mcm", "locoop", "clipn"):
         for set_name in ("cifar10_test", "tin_test", "mnist_test", "textures", "mean near", "mean far"):
             assert any(line.startswith(f"{name} ") and set_name in line for line in out.stdout.splitlines())
+
+
+def test_oodscope_train_fine_tunes_a_cifar_resnet_with_locoop_reg(tmp_path, capsys, tiny_cli_bench):  # noqa: F811
+    """``oodscope train --method locoop_reg``: the regions are ``layer3``'s positions scored by ``fc``."""
+    from oodscope.cli import main
+    from oodscope.results_io import read_results
+
+    bench, weights, _ = tiny_cli_bench
+    out = tmp_path / "out"
+    assert main(["train", str(bench), "--model", "cifar10_resnet20", "--weights", str(weights), "--method",
+                 "locoop_reg", "--epochs", "1", "--max-steps", "2", "--train-batch-size", "8", "--detectors", "msp",
+                 "--cache-dir", str(tmp_path / "cache"), "--quiet", "--out", str(out)]) == 0
+    meta, records = read_results(out / "results.json")
+    assert meta["training"]["objective"] == "locoop_reg" and {"ce", "ood"} <= set(meta["training"]["history"][0])
+    assert {r["detector"] for r in records} == {"msp"} and all(0 <= r["auroc"] <= 100 for r in records)
