@@ -29,13 +29,17 @@ median -12.5 and the outliers' -5.8, so ``m_in = -25`` makes the hinge dominate 
 tasks, measured); :func:`clean_margins` sets ``(m_in, m_out)`` to the part's own median energies on the clean task
 instead, which the benchmark uses.
 
-**Inner loop** (adaptation, at meta-training and at test time): ``n`` plain gradient steps on the support set,
+**Inner loop** (adaptation, at meta-training and at test time): ``n`` gradient steps on the support set,
 ``theta_0 = theta``, ``theta_{j+1} = theta_j - alpha clip(grad L(theta_j; S_support))`` (:func:`inner_update`,
-:func:`adapt`), where ``clip`` rescales the gradient to global L2 norm at most ``clip`` (default 1; ``None``:
-plain steps). The clipping is our addition: plain steps on the squared hinge diverge on the ResNet-20 part (16
-shots of a Gaussian-noise@5 task, measured: with Liu's margins at ``alpha = 3e-3`` the loss is 2.5e9 after two
-steps, with the clean margins at ``alpha = 1e-2`` 8e4), while clipped steps at ``alpha`` up to 0.1 stay finite. Defaults: ``n = 5`` inner steps, ``alpha = 0.05``, ``clip = 1``; support ``k = 16``, query 32, a
-meta-batch of 4 tasks, Adam at ``beta = 1e-3``, 40 epochs of 20 outer iterations (800 in all). **Outer loop** (meta-training, :func:`meta_train`): per iteration a meta-batch of ``B`` tasks,
+:func:`adapt`), where ``clip`` rescales the gradient to global L2 norm at most ``clip`` (default 1 in
+:func:`meta_train` and :func:`adaptation_curve`; :func:`adapt` takes plain steps unless given one). The clipping is
+our addition: plain steps on the squared hinge diverge on the ResNet-20 part (16 shots of a Gaussian-noise@5
+task, measured: with Liu's margins at ``alpha = 3e-3`` the loss is 2.5e9 after two steps, with the clean margins
+at ``alpha = 1e-2`` 8e4), while clipped steps at ``alpha`` up to 0.1 stay finite. Defaults: ``n = 5`` inner
+steps, ``alpha = 0.05``, ``clip = 1``; support ``k = 16``, query 32, a meta-batch of 4 tasks, Adam at
+``beta = 1e-3``, 40 epochs of 20 outer iterations (800 in all).
+
+**Outer loop** (meta-training, :func:`meta_train`): per iteration a meta-batch of ``B`` tasks,
 each with a support set (``shots`` ID + ``shots`` OOD) and a disjoint query set (``query`` + ``query``) drawn
 from its pool, and
 
