@@ -1,6 +1,7 @@
-"""The training loop shared by the prompt-learning detectors (CLIPN, LoCoOp, CLIP-AD's SDP+): seeded mini-batches,
-a learning rate per epoch, a tqdm bar with the loss (silent off a terminal), the mean loss per epoch, a clear error
-on a non-finite loss, and an optional checkpoint after every epoch from which an interrupted fit resumes."""
+"""The training loop shared by the prompt-learning detectors CLIPN and CLIP-AD's SDP+ (LoCoOp trains through
+:func:`oodscope.training.finetune` instead): seeded mini-batches, a learning rate per epoch, a tqdm bar with the loss
+(silent off a terminal), the mean loss per epoch, a clear error on a non-finite loss, and an optional checkpoint
+after every epoch from which an interrupted fit resumes."""
 
 from __future__ import annotations
 
