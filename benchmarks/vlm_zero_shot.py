@@ -105,9 +105,10 @@ def split(folder: Path, id_set: str, shots: int, limit: int | None):
 
 
 def parse_params(items: list[str]) -> dict[str, dict]:
-    from oodscope.commands.ad import _parse_params
+    """``DET.NAME=VALUE`` items -> ``{DET: {NAME: value}}`` (the shared module's parser, nested)."""
+    from benchmarks.common import parse_params as parse
 
-    return _parse_params(items)
+    return parse(items, nested=True)
 
 
 def make_detector(name: str, clip, names: list[str], device: str, params: dict[str, dict]):
