@@ -338,9 +338,11 @@ def _window_embeddings(tokens: torch.Tensor, windows: torch.Tensor, run) -> torc
 class OpenClip(ClipBackbone):
     """An ``open_clip`` CLIP model (``VisionTransformer`` image tower) and its tokenizer as a :class:`ClipBackbone`.
 
-    Not exercised by oodscope's tests (no open_clip weights or install here); it follows open_clip's
-    ``VisionTransformer`` (``conv1``, ``class_embedding``, ``positional_embedding``, ``ln_pre``,
-    ``transformer.resblocks``, ``ln_post``, ``proj``) and ``nn.MultiheadAttention`` blocks.
+    It follows open_clip's ``VisionTransformer`` (``conv1``, ``class_embedding``, ``positional_embedding``,
+    ``ln_pre``, ``transformer.resblocks``, ``ln_post``, ``proj``) and ``nn.MultiheadAttention`` blocks.
+    ``tests/test_vlm_open_clip.py`` checks the towers against open_clip's own ``encode_image`` / ``encode_text`` /
+    ``output_tokens`` on a random tiny open_clip ``CLIP`` (open_clip 3.3, where open_clip imports; it needs
+    torchvision).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, cache_dir: str | Path | None = None,
