@@ -180,11 +180,23 @@ def versions() -> str:
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
-def run_part(name: str, part: Part, quick: bool, ref_python: str) -> tuple[str, float, float, int]:
-    """Run one part's script; its output goes to the console and to its log. Returns output, load, seconds, rc."""
+def settle(below: float, patience_s: float, poll_s: float = 5.0) -> float:
+    """Wait (at most ``patience_s``) until the 1-minute load average is under ``below``: the previous part's own
+    load takes about a minute to decay. Returns the load average it stopped at."""
+    waited = 0.0
+    while os.getloadavg()[0] >= below and waited < patience_s:
+        time.sleep(poll_s)
+        waited += poll_s
+    return os.getloadavg()[0]
+
+
+def run_part(name: str, part: Part, quick: bool, ref_python: str,
+             quiet_below: float = 0.0, patience_s: float = 600.0) -> tuple[str, float, float, int]:
+    """Run one part's script; its output goes to the console and to its log. Returns output, load, seconds, rc.
+    With ``quiet_below > 0`` it first waits for the load average to fall under it (:func:`settle`)."""
     python = ref_python if part.ref_python else sys.executable
     command = [python, part.script, *(part.quick if quick else part.full)]
-    load = os.getloadavg()[0]
+    load = settle(quiet_below, patience_s) if quiet_below > 0 else os.getloadavg()[0]
     expected = "" if quick else f", expected {part.minutes}"
     print(f"\n== {name}: {' '.join(command)}  (load average {load:.2f}{expected})", flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), **part.env}
@@ -234,6 +246,9 @@ def main() -> int:
     parser.add_argument("--docs", default=str(DOCS), help="the markdown page to write the sections into")
     parser.add_argument("--ref-python", default=REF_PYTHON, help="interpreter of the environment with anomalib "
                         "(default: $OODSCOPE_REF_PYTHON, else ../venv-ref/bin/python next to the repository)")
+    parser.add_argument("--quiet-below", type=float, default=0.0, help="before each part, wait until the 1-minute "
+                        "load average is under this (the issue's quiet machine: 1.0); 0: do not wait")
+    parser.add_argument("--patience", type=float, default=600.0, help="longest wait per part for --quiet-below [s]")
     args = parser.parse_args()
     names = [n.strip() for n in args.parts.split(",") if n.strip()]
     unknown = [n for n in names if n not in PARTS]
@@ -251,7 +266,7 @@ def main() -> int:
             print(f"\n== {name}: skipped, no reference interpreter {args.ref_python} (see the script's docstring)")
             failed.append(name)
             continue
-        out, load, seconds, rc = run_part(name, part, args.quick, args.ref_python)
+        out, load, seconds, rc = run_part(name, part, args.quick, args.ref_python, args.quiet_below, args.patience)
         if rc:
             print(f"== {name}: exit code {rc}; its section is left as it was")
             failed.append(name)
