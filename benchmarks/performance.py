@@ -223,7 +223,7 @@ def section(name: str, part: Part, out: str, load: float, seconds: float, quick:
     body = [f"### {name} ({setting})", "",
             f"{stamp}; load average at the start of this part {load:.2f}"
             f"{' (not a quiet machine: the goal needs under 1)' if load >= 1 else ''}; {seconds / 60:.1f} min"
-            + (f"; reference environment {ref_python}" if part.ref_python else "") + ".", "",
+            + (f"; reference environment {os.path.relpath(ref_python, REPO)}" if part.ref_python else "") + ".", "",
             "```bash", f"PYTHONPATH=. {python} {part.script} {args}".rstrip(), "```", "",
             markdown_table(["check", "goal", "measured", "met"], rows), ""]
     return f"<!-- performance.py:{name} begin -->\n" + "\n".join(body) + f"<!-- performance.py:{name} end -->"

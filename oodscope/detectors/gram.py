@@ -27,11 +27,14 @@ from ..extraction.outputs import Need, Outputs
 from .base import Detector
 
 
-def gram_row_sums(maps, poles: Sequence[int], chunk: int = 64):
+def gram_row_sums(maps, poles: Sequence[int], chunk: int = 16):
     """``(B, P, C)`` sign-preserving ``p``-th roots of the Gram row sums of ``(B, C, ...)`` maps (torch or numpy).
 
     Float64, ``chunk`` samples at a time: small enough that a chunk's powers stay in the CPU cache across the
-    three operations of every pole (measured 2-3x faster than 256-sample chunks), with one float64 copy of the chunk. The
+    three operations of every pole, with one float64 copy of the chunk. Measured on 1,000 post-ReLU maps of each
+    CIFAR ResNet-20 layer (16 x 32 x 32 twice, 32 x 16 x 16, 64 x 8 x 8), ten poles, 2 threads: 0.53 / 0.31 /
+    0.27 / 0.36 / 0.38 / 0.44 s for chunks of 4 / 8 / 16 / 32 / 64 / 128; all ten poles at once per chunk
+    (a cumulative product over a pole axis) was slower, 0.6-1.0 s. The
     powers are updated in place; each row sum ``F^p (F^p^T 1)`` is the column sums ``s = 1^T F^p`` times
     ``F^p^T``, computed as the batched row-vector product ``s^T F^p^T`` (BLAS reads ``F^p`` along its rows:
     about 6x faster than the matrix-vector ``F^p s``, which walks it with a stride).
