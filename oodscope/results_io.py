@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .safeio import write_atomic
 from .evaluation import RECORD_KEYS as STANDARD_COLUMNS  # detector, dataset, group, auroc, fpr95, aupr_in, aupr_out
+from .safeio import write_atomic  # UTF-8 bytes as given: the CSV writer's own line ends are kept
 
 SCHEMA = "oodscope-results"
 SCHEMA_VERSION = 1
@@ -182,10 +182,6 @@ def run_metadata(command: str, *, argv: Sequence[str] | None = None, detectors: 
 
 
 # -- results.json / results.csv -----------------------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    write_atomic(path, text)  # UTF-8 bytes as given: no newline translation (the CSV writer's own line ends)
-
-
 def csv_columns(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """The standard columns, then every other key in first-seen order."""
     return list(STANDARD_COLUMNS) + list(dict.fromkeys(k for r in records for k in r if k not in STANDARD_COLUMNS))
@@ -209,8 +205,8 @@ def write_results(out_dir: str | Path, records: Sequence[Mapping[str, Any]], met
     writer = csv.DictWriter(buffer, fieldnames=csv_columns(rows), restval="")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(paths["json"], json.dumps(document, indent=1, allow_nan=False) + "\n")
-    _atomic_write(paths["csv"], buffer.getvalue())
+    write_atomic(paths["json"], json.dumps(document, indent=1, allow_nan=False) + "\n")
+    write_atomic(paths["csv"], buffer.getvalue())
     return paths
 
 

@@ -76,11 +76,6 @@ def overlay_figure(run: Any, test: Any, k: int = 3, dpi: int = 80) -> bytes | No
     return png
 
 
-def save_png(path: str | Path, png: bytes) -> Path:
-    """Write PNG bytes atomically (:func:`oodscope.safeio.write_atomic`)."""
-    return write_atomic(path, png)
-
-
 def overlay_pngs(runs: Sequence[Any], test: Any, k: int = 3) -> dict[str, bytes]:
     """``{detector: PNG bytes}`` of :func:`overlay_figure` for every run with anomaly maps."""
     pngs = {run.detector: overlay_figure(run, test, k) for run in runs}
@@ -91,7 +86,7 @@ def plot_overlays(runs: Sequence[Any], test: Any, out_dir: str | Path, k: int = 
                   pngs: Mapping[str, bytes] | None = None) -> list[Path]:
     """Write ``overlays_<detector>.png`` for every detector with a map (``pngs``: already drawn ones)."""
     pngs = overlay_pngs(runs, test, k) if pngs is None else pngs
-    return [save_png(Path(out_dir) / f"overlays_{name}.png", png) for name, png in pngs.items()]
+    return [write_atomic(Path(out_dir) / f"overlays_{name}.png", png) for name, png in pngs.items()]
 
 
 # -- the report ---------------------------------------------------------------------------------------------------

@@ -299,13 +299,12 @@ def _meta_rows(meta: Mapping[str, Any]) -> list[tuple[str, Any]]:
 
 
 def write_html(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
-    from ..results_io import _atomic_write
+    """Write ``text`` to ``path`` atomically (:func:`oodscope.safeio.write_atomic`), creating its folder."""
+    from ..safeio import write_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, text)
-    return path
+    return write_atomic(path, text)
 
 
 def write_report(path: str | Path, results: Results, meta: Mapping[str, Any], **options: Any) -> Path:

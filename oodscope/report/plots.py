@@ -12,7 +12,7 @@ def plot_score_distributions(results, path: str | Path, bins: int = 40, dpi: int
     scores and of every OOD set's scores; written atomically."""
     from matplotlib.ticker import LogLocator, NullLocator
 
-    from .ad import save_png
+    from ..safeio import write_atomic
     from .html import _pyplot, png_bytes
 
     plt = _pyplot()
@@ -47,6 +47,6 @@ def plot_score_distributions(results, path: str | Path, bins: int = 40, dpi: int
                         hspace=0.45)  # tight_layout is slow
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(path, png_bytes(fig, dpi))
+    write_atomic(path, png_bytes(fig, dpi))
     plt.close(fig)
     return path
