@@ -17,7 +17,8 @@ from oodscope.training import finetune  # noqa: E402
 from oodscope.training.objectives.locoop_reg import default_top_k  # noqa: E402
 from oodscope.vlm.locoop import PromptLearner, pack_features  # noqa: E402
 from test_training import tiny_cli_bench  # noqa: E402,F401  (a fixture)
-from vlm_models import tiny_clip  # noqa: E402
+from test_training_wild import _cnn, _prep  # noqa: E402  (the 3-class toy CNN and its preprocessing)
+from test_vlm import clip, few_shot  # noqa: E402,F401  (fixtures: the tiny CLIP, 12 labelled images)
 
 CLASSES = ["apple", "leaf", "sky"]
 
@@ -34,19 +35,6 @@ def _loss_by_hand(global_logits, local_logits, labels, top_k, lam):
     entropies = [-(p * np.log(p)).sum() for i in range(len(labels)) for p in _softmax(local_logits[i])
                  if labels[i] not in np.argsort(-p)[:top_k]]
     return ce - lam * (np.mean(entropies) if entropies else 0.0), len(entropies)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return tiny_clip()
-
-
-@pytest.fixture(scope="module")
-def few_shot():
-    rng = np.random.default_rng(7)
-    labels = np.repeat(np.arange(3), 4)
-    images = np.clip(rng.normal(0.2 + 0.3 * labels[:, None, None, None], 0.05, (12, 3, 32, 32)), 0, 1)
-    return images.astype(np.float32), labels
 
 
 @pytest.fixture(scope="module")
@@ -154,17 +142,6 @@ def _images(seed=0, n=48, size=8):
     for i in range(n):
         x[i, 2:5, 2:5, y[i]] += 190
     return x.astype(np.uint8), y
-
-
-def _prep(batch):
-    return batch.permute(0, 3, 1, 2).float() / 255.0
-
-
-def _cnn(seed=0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                             nn.Linear(8, 3))
 
 
 TOY = dict(epochs=2, lr=0.05, batch_size=16, augmentation=False, progress=False, preprocess=_prep)

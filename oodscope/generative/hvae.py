@@ -22,7 +22,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .pixelcnn import discretised_logistic_log_prob, scale_images
 
