@@ -99,14 +99,18 @@ def augment(batch, generator, padding: int = 4):
     return torch.where(flip[:, None, None, None], cropped.flip(2), cropped)
 
 
-def _identity(model, objective: Objective) -> dict[str, str]:
-    """The model's class and state shapes, plus its ``checkpoint_key`` when it has one (a digest of what it
-    depends on outside its ``state_dict``, e.g. a frozen backbone held outside the module tree), and the
-    objective's name and parameters: a checkpoint resumes only into the same model and objective."""
+def model_identity(model) -> str:
+    """The model's class and a digest of its state shapes, plus its ``checkpoint_key`` when it has one (a digest of
+    what it depends on outside its ``state_dict``, e.g. a frozen backbone held outside the module tree)."""
     shapes = [(name, tuple(p.shape)) for name, p in model.state_dict().items()]
     key = getattr(model, "checkpoint_key", None)
-    return {"model": f"{type(model).__name__} {hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]}"
-                     + (f" {key}" if key else ""),
+    return f"{type(model).__name__} {hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]}" + (f" {key}" if key else "")
+
+
+def _identity(model, objective: Objective) -> dict[str, str]:
+    """:func:`model_identity` and the objective's name and parameters: a checkpoint resumes only into the same
+    model and objective."""
+    return {"model": model_identity(model),
             "objective": f"{objective.name} {json.dumps(objective.get_params(deep=False), sort_keys=True, default=repr)}"}
 
 

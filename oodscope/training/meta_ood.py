@@ -85,7 +85,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .engine import History, _resume, _save_atomic
+from ..detectors._common import energy as energy_score  # E(x) = -logsumexp f(x), float64
+from ..detectors._common import probabilities
+from .engine import History, _resume, _save_atomic, model_identity
 
 CHECKPOINT = "meta_ood.pt"
 CLEAN = "clean"  # the unshifted distribution (severity 0)
@@ -441,8 +443,7 @@ def meta_train(part, tasks: Sequence[ShiftTask], *, meta: bool = True, epochs: i
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: 1.0)
     generators = (torch.Generator().manual_seed(seed),)
     history = History()
-    shapes = [(name, tuple(p.shape)) for name, p in part.state_dict().items()]
-    identity = {"model": f"{type(part).__name__} {hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]}",
+    identity = {"model": model_identity(part),
                 "objective": f"meta_ood {json.dumps(settings, sort_keys=True)}",
                 "schedule": f"{epochs}x{steps_per_epoch} adam seed={seed}", "data": _tasks_fingerprint(tasks)}
     path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT
@@ -526,17 +527,9 @@ def clean_margins(part, task: ShiftTask, quantile: float = 0.5) -> tuple[float, 
     return m_in, m_out
 
 
-def energy_score(logits: np.ndarray) -> np.ndarray:
-    """``E(x) = -logsumexp_c f_c(x)`` in float64; higher = more OOD."""
-    logits = np.asarray(logits, np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    return -(top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
-
-
 def msp_score(logits: np.ndarray) -> np.ndarray:
-    """``-max_c softmax(f)_c`` in float64; higher = more OOD."""
-    logits = np.asarray(logits, np.float64)
-    return -np.exp(logits.max(axis=1) + energy_score(logits))  # max softmax = exp(max_c f_c - logsumexp f)
+    """``-max_c softmax(f)_c`` in float64; higher = more OOD (the ``msp`` detector's score on raw logits)."""
+    return -probabilities(logits).max(axis=1)
 
 
 def adaptation_curve(part, support: Batch, evaluation: dict[str, np.ndarray], steps: int, lr: float,
