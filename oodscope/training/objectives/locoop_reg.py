@@ -100,21 +100,15 @@ class LoCoOpRegularisation(Objective):
 
     def _find_map(self, model, train, preprocess):
         """The convolutional map the head reads through global pooling, and the head (SSOD's search)."""
-        import torch
-
         from ..heads import head_name
-        from .ssod import N_PROBE_IMAGES, find_feature_map
+        from .ssod import find_feature_map, probe_batch
 
         head = head_name(model)
-        prep = preprocess if preprocess is not None else (lambda batch: batch.float())
-        device = next(model.parameters()).device
-        probe = prep(torch.from_numpy(np.asarray(train[0][:N_PROBE_IMAGES])).to(device))
         try:
-            name = find_feature_map(model, probe, head, self.feature_map)
+            name = find_feature_map(model, probe_batch(model, train, preprocess), head, self.feature_map, self.name)
         except ValueError as error:
-            raise ValueError(str(error).replace("ssod:", f"{self.name}:", 1)
-                             + f"; or give the model a submodule {LOCAL_LOGITS!r} returning (B, P, K) region "
-                               "logits") from None
+            raise ValueError(f"{error}; or give the model a submodule {LOCAL_LOGITS!r} returning (B, P, K) region "
+                             "logits") from None
         return name, model.get_submodule(head)
 
     def feature_map_module(self, model) -> str:

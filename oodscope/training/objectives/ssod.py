@@ -93,14 +93,25 @@ def position_loss(scores, id_mask, ood_mask):
     return total
 
 
-def find_feature_map(model, inputs, head: str, name: str | None = None) -> str:
+def probe_batch(model, train, preprocess) -> Any:
+    """The model input of the first :data:`N_PROBE_IMAGES` training images, on the model's device: what
+    :func:`find_feature_map` runs the model on."""
+    import torch
+
+    prep = preprocess if preprocess is not None else (lambda batch: batch.float())
+    device = next(model.parameters()).device
+    return prep(torch.from_numpy(np.asarray(train[0][:N_PROBE_IMAGES])).to(device))
+
+
+def find_feature_map(model, inputs, head: str, name: str | None = None, who: str = "ssod") -> str:
     """The dotted name of the module whose output is the map the classifier ``head`` reads through global average
-    pooling (the last such module in execution order), or ``name`` checked; ``ValueError`` naming the fix."""
+    pooling (the last such module in execution order), or ``name`` checked; ``ValueError`` naming the fix, prefixed
+    with ``who`` (the objective asking)."""
     import torch
 
     modules = dict(model.named_modules())
     if name is not None and name not in modules:
-        raise ValueError(f"ssod: the model has no module {name!r} for feature_map; name its last convolutional map "
+        raise ValueError(f"{who}: the model has no module {name!r} for feature_map; name its last convolutional map "
                          f"(e.g. 'layer3' of a CIFAR ResNet)")
     outputs: list[tuple[str, Any]] = []  # (module, output) in execution order
     seen: dict[str, Any] = {}
@@ -135,13 +146,13 @@ def find_feature_map(model, inputs, head: str, name: str | None = None) -> str:
     found = [key for key, out in outputs if pooled_map(key, out)]
     if name is not None:
         if name not in found:
-            raise ValueError(f"ssod: the output of {name!r} is not a map (N, C, H, W) whose global average is the "
+            raise ValueError(f"{who}: the output of {name!r} is not a map (N, C, H, W) whose global average is the "
                              f"input of the classifier {head!r}; name the last convolutional map before global "
                              "pooling" + (f" (found: {found[-1]!r})" if found else ""))
         return name
     if not found:
-        raise ValueError(f"ssod: no module of {type(model).__name__} outputs a map (N, C, H, W) with H W > 1 whose "
-                         f"global average is the input of the classifier {head!r}; SSOD needs a convolutional network "
+        raise ValueError(f"{who}: no module of {type(model).__name__} outputs a map (N, C, H, W) with H W > 1 whose "
+                         f"global average is the input of the classifier {head!r}; {who} needs a convolutional network "
                          "with global average pooling before its head (or name the map with feature_map=)")
     return found[-1]
 
@@ -168,18 +179,13 @@ class SSOD(Objective):
                              f"{self.feature_map!r}")
 
     def adapt(self, model, n_classes: int, train, preprocess) -> Any:
-        import torch
-
         from ..heads import head_name, outlier_logit_head, replace_module
 
         if n_classes is None or n_classes < 2:
             raise ValueError(f"{self.name}: needs a classifier with at least 2 classes, got {n_classes}")
         name = head_name(model)
-        prep = preprocess if preprocess is not None else (lambda batch: batch.float())
-        device = next(model.parameters()).device
-        probe = prep(torch.from_numpy(np.asarray(train[0][:N_PROBE_IMAGES])).to(device))
-        self.map_name_ = find_feature_map(model, probe, name, self.feature_map)
-        head = outlier_logit_head(model.get_submodule(name)).to(device)
+        self.map_name_ = find_feature_map(model, probe_batch(model, train, preprocess), name, self.feature_map)
+        head = outlier_logit_head(model.get_submodule(name)).to(next(model.parameters()).device)
         head.joint = True
         replace_module(model, name, head)
         self.head_name_, self.head_ = name, head
