@@ -14,11 +14,9 @@ import numpy as np
 import torch
 
 
-def cosine_rates(lr: float, epochs: int, warmup: float | None = None) -> list[float]:
-    """``lr_e = lr (1 + cos(pi e / E)) / 2`` for ``e = 0 .. E - 1``; with ``warmup``, epoch 0 runs at ``warmup``
-    instead (CoOp's constant warm-up epoch)."""
-    rates = [0.5 * lr * (1 + np.cos(np.pi * epoch / epochs)) for epoch in range(epochs)]
-    return rates if warmup is None else [warmup] + rates[1:]
+def cosine_rates(lr: float, epochs: int) -> list[float]:
+    """``lr_e = lr (1 + cos(pi e / E)) / 2`` for ``e = 0 .. E - 1``."""
+    return [0.5 * lr * (1 + np.cos(np.pi * epoch / epochs)) for epoch in range(epochs)]
 
 
 def run_epochs(step: Callable[[torch.Tensor], torch.Tensor], optimiser: torch.optim.Optimizer, n: int,
