@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import cifar_bench_dir
+from benchmarks.common import cifar_bench_dir, parse_params
 from oodscope.safeio import load_npz
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -104,13 +104,6 @@ def split(folder: Path, id_set: str, shots: int, limit: int | None):
     return id_test, (train_images[chosen], train_labels[chosen].astype(np.int64)), ood
 
 
-def parse_params(items: list[str]) -> dict[str, dict]:
-    """``DET.NAME=VALUE`` items -> ``{DET: {NAME: value}}`` (the shared module's parser, nested)."""
-    from benchmarks.common import parse_params as parse
-
-    return parse(items, nested=True)
-
-
 def make_detector(name: str, clip, names: list[str], device: str, params: dict[str, dict]):
     import oodscope
     from oodscope.training.objectives.locoop_reg import default_top_k
@@ -150,7 +143,7 @@ def main() -> None:
 
         model = save_tiny_clip(Path(tempfile.mkdtemp()) / "tiny")
     clip = load_clip(model, device="cpu", batch_size=args.batch_size, progress=True)
-    params = parse_params(args.param)
+    params = parse_params(args.param, nested=True)  # DET.NAME=VALUE -> {DET: {NAME: value}}
     folder = Path(args.data) if args.data else cifar_bench_dir()
     names = class_names(folder, args.id)
     id_images, (shot_images, shot_labels), ood = split(folder, args.id, args.shots, args.limit)
