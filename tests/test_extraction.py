@@ -298,3 +298,18 @@ def test_extract_leaves_the_callers_model_where_it_was(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moves.append(a) or original_to(self, *a, **k))
     oodscope.extract(model, np.zeros((4, 6), np.float32), use_cache=False, progress=False)
     assert moves[-1] == (torch.device("cpu"),) and len(moves) >= 2  # to the device, then back home
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_extract_runs_in_eval_mode_and_gives_every_submodule_its_own_mode_back(train_mode):
+    """A batch norm frozen in eval mode inside a model in training mode stays frozen, a model in eval mode stays in
+    eval mode (a blanket ``model.train(was_training)`` would flip both); the forward pass saw eval mode."""
+    frozen, dropout = nn.BatchNorm1d(6), nn.Dropout(0.5)
+    model = nn.Sequential(frozen, nn.Linear(6, 3), dropout).train(train_mode)
+    frozen.eval()
+    seen = []
+    dropout.register_forward_hook(lambda module, *_: seen.append(module.training))
+    out = oodscope.extract(model, np.ones((4, 6), np.float32), use_cache=False, progress=False)
+    assert seen == [False] and np.isfinite(out.logits).all()
+    assert [m.training for m in model.modules()] == [train_mode, False, train_mode, train_mode]
+    assert frozen.running_mean.abs().max() == 0  # eval mode: the statistics were not updated

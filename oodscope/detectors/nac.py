@@ -138,18 +138,14 @@ def _neuron_counts(source, layers: list[str]) -> list[int]:
     """Neurons (channels) of every layer, from one forward pass on the first batch."""
     import torch
 
-    from ..extraction.extract import Probe
+    from ..extraction.extract import Probe, evaluation_mode
     from ..extraction.rerun import preprocessed_batches
 
     model = source.model
     head = dict(model.named_modules())[source.head] if source.head else None
     x = next(iter(preprocessed_batches(source)))[:1]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         with Probe(model, head, [layer for layer in layers if layer != PENULTIMATE], "mean") as probe, \
                 torch.no_grad():
             parts = probe(x)
-    finally:
-        model.train(was_training)
     return [int(parts["features" if layer == PENULTIMATE else layer].flatten(1).shape[1]) for layer in layers]

@@ -5,11 +5,11 @@
 
 from .outputs import Head, ModelSource, Need, Outputs, as_outputs
 
-__all__ = ["extract", "resolve_device", "Head", "ModelSource", "Need", "Outputs", "as_outputs"]
+__all__ = ["extract", "evaluation_mode", "resolve_device", "Head", "ModelSource", "Need", "Outputs", "as_outputs"]
 
 
 def __getattr__(name: str):
-    if name in ("extract", "resolve_device"):
+    if name in ("extract", "evaluation_mode", "resolve_device"):
         from . import extract as module
 
         return getattr(module, name)

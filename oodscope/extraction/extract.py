@@ -16,6 +16,7 @@ import re
 import warnings
 from pathlib import Path
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -28,6 +29,20 @@ from .keys import Uncacheable, module_key, value_key
 from .outputs import Head, ModelSource, Outputs
 
 LayerReduce = Literal["mean", "none"]
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block; afterwards every submodule is back in its own mode (a frozen
+    batch norm inside a model in training mode stays frozen, a model in eval mode stays in eval mode)."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():  # parents first: a parent's train() resets its children
+            if module.training != training:
+                module.train(training)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -314,37 +329,32 @@ def _run(model: nn.Module, inputs: Any, labels: np.ndarray | None, preprocess: C
     pending_batches = 0
     if isinstance(preprocess, nn.Module):
         preprocess.to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with Probe(model, head_module, layers, layer_reduce) as probe, torch.inference_mode():
-            batches = _iterate(inputs, labels, batch_size, start_batch)
-            for number, (batch_inputs, batch_labels) in enumerate(
-                    _progress(batches, inputs, batch_size, progress, name, start_batch), start=start_batch):
-                x = _to_device(batch_inputs, device)
-                try:
-                    parts = probe(preprocess(x) if preprocess is not None else x)
-                except RuntimeError as error:  # shape or channel mismatch inside torch: name the input and the fix
-                    raise ValueError(f"dataset {name!r}: the model cannot run on a batch of shape "
-                                     f"{_shape(x)} ({str(error).splitlines()[0]}); check the number of "
-                                     "channels, the image size and the layout the preprocessing expects") from error
-                if len(_first_value(parts)) != _length(x):
-                    raise ValueError(f"dataset {name!r}: a batch of {_length(x)} inputs gave "
-                                     f"{len(_first_value(parts))} outputs; the first axis of the inputs must be "
-                                     f"the samples (got inputs of shape {_shape(x)})")
-                for key, value in parts.items():
-                    pending.setdefault(key, []).append(value.detach().float().cpu().numpy())
-                if batch_labels is not None:
-                    pending.setdefault("labels", []).append(np.asarray(batch_labels, dtype=np.int64))
-                pending_batches += 1
-                if resume is not None and pending_batches == resume.every:
-                    chunk = _concatenate([pending])
-                    if not resume.save(chunk, number + 1 - pending_batches, pending_batches):
-                        resume = None  # not writable (warned once): go on without chunks
-                    done.append(chunk)
-                    pending, pending_batches = {}, 0
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), Probe(model, head_module, layers, layer_reduce) as probe, torch.inference_mode():
+        batches = _iterate(inputs, labels, batch_size, start_batch)
+        for number, (batch_inputs, batch_labels) in enumerate(
+                _progress(batches, inputs, batch_size, progress, name, start_batch), start=start_batch):
+            x = _to_device(batch_inputs, device)
+            try:
+                parts = probe(preprocess(x) if preprocess is not None else x)
+            except RuntimeError as error:  # shape or channel mismatch inside torch: name the input and the fix
+                raise ValueError(f"dataset {name!r}: the model cannot run on a batch of shape "
+                                 f"{_shape(x)} ({str(error).splitlines()[0]}); check the number of "
+                                 "channels, the image size and the layout the preprocessing expects") from error
+            if len(_first_value(parts)) != _length(x):
+                raise ValueError(f"dataset {name!r}: a batch of {_length(x)} inputs gave "
+                                 f"{len(_first_value(parts))} outputs; the first axis of the inputs must be "
+                                 f"the samples (got inputs of shape {_shape(x)})")
+            for key, value in parts.items():
+                pending.setdefault(key, []).append(value.detach().float().cpu().numpy())
+            if batch_labels is not None:
+                pending.setdefault("labels", []).append(np.asarray(batch_labels, dtype=np.int64))
+            pending_batches += 1
+            if resume is not None and pending_batches == resume.every:
+                chunk = _concatenate([pending])
+                if not resume.save(chunk, number + 1 - pending_batches, pending_batches):
+                    resume = None  # not writable (warned once): go on without chunks
+                done.append(chunk)
+                pending, pending_batches = {}, 0
     if pending:
         done.append(_concatenate([pending]))
     if not done:

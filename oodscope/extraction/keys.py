@@ -31,9 +31,10 @@ from .cache import digest_array
 
 # torch's own bookkeeping (parameters, buffers and submodules are keyed through the state dict and the module
 # tree; hooks are oodscope's probes or the user's observers; eval mode is set by extract) and flags that
-# libraries set on a module's first forward pass (transformers: output-capturing hooks installed)
+# libraries set on a module's first forward pass or mirror from its mode (transformers: output-capturing hooks
+# installed, the kernels mode that follows train()/eval())
 _TORCH_INTERNALS = frozenset(nn.Module().__dict__) | {"training", "_compiled_call_impl"}
-_LIBRARY_BOOKKEEPING = frozenset({"_output_capturing_hooks_installed", "_is_hf_initialized"})
+_LIBRARY_BOOKKEEPING = frozenset({"_output_capturing_hooks_installed", "_is_hf_initialized", "_kernels_mode"})
 _MAX_DEPTH = 24
 
 

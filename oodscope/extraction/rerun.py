@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .extract import LayerReduce, Probe, _iterate, resolve_device
+from .extract import LayerReduce, Probe, _iterate, evaluation_mode, resolve_device
 from .outputs import ModelSource
 
 
@@ -59,13 +59,9 @@ def rerun(source: ModelSource, score_batch: Callable[[torch.Tensor, Probe], torc
     device = resolve_device(source.device)
     model.to(device)
     head = dict(model.named_modules())[source.head] if source.head else None
-    was_training = model.training
-    model.eval()
     results = []
-    try:
+    with evaluation_mode(model):
         with Probe(model, head, layers, layer_reduce) as probe:
             for x in preprocessed_batches(source):
                 results.append(torch.as_tensor(score_batch(x, probe)).detach().double().cpu().numpy())
-    finally:
-        model.train(was_training)
     return np.concatenate(results)

@@ -296,18 +296,17 @@ def embed(backbone, images: Any, *, layer: str = "head", image_size: int | None 
     ``image_size``), in eval mode without gradients; ``mean``/``std`` default to EfficientNet-Lite's 0.5 / 0.5."""
     import torch
 
+    from ..extraction.extract import evaluation_mode
+
     default_mean, default_std = _default_mean_std()
     mean, std = mean or default_mean, std or default_std
     x = _unit_images(images, "embed: images", _in_channels(backbone))
     size = image_size or x.shape[-1]
-    was_training = backbone.training
-    backbone.eval()
     rows = []
-    with torch.no_grad():
+    with evaluation_mode(backbone), torch.no_grad():
         for start in range(0, len(x), batch_size):
             batch = _resize(torch.from_numpy(x[start:start + batch_size]).to(device), size)
             rows.append(_pooled(backbone, _normalise(batch, mean, std), layer).double().cpu().numpy())
-    backbone.train(was_training)
     return np.concatenate(rows)
 
 

@@ -34,20 +34,17 @@ def training_embeddings(model, head, train, preprocess, n: int = N_INIT_IMAGES) 
     subsample; the model in eval mode, no gradient)."""
     import torch
 
+    from ...extraction.extract import evaluation_mode
     from ..heads import penultimate
 
     images, labels = train
     pick = np.sort(np.random.default_rng(0).permutation(len(images))[:n])
     prep = preprocess if preprocess is not None else (lambda batch: batch.float())
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):
         with torch.no_grad():
             z = torch.cat([head.embed(penultimate(model, prep(torch.from_numpy(images[rows]).to(device)))[0])
                            for rows in np.array_split(pick, max(1, len(pick) // 500))])
-    finally:
-        model.train(was_training)
     return z, labels[pick]
 
 

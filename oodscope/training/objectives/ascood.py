@@ -50,15 +50,13 @@ def saliency(model, inputs, labels):
     eval mode (restored afterwards), without touching the parameters' gradients."""
     import torch
 
-    was_training = model.training
-    model.eval()
-    try:
+    from ...extraction.extract import evaluation_mode
+
+    with evaluation_mode(model):
         with torch.enable_grad():
             x = inputs.detach().requires_grad_(True)
             score = model(x).gather(1, labels[:, None]).sum()
             (grad,) = torch.autograd.grad(score, x)
-    finally:
-        model.train(was_training)
     return grad
 
 

@@ -84,6 +84,7 @@ class DOS(Objective):
     def select_outliers(self, x, x_out, model, preprocess, generator) -> Any:
         import torch
 
+        from ...extraction.extract import evaluation_mode
         from ..heads import penultimate
 
         n_select = int(self.n_select or len(x))
@@ -91,12 +92,8 @@ class DOS(Objective):
             raise ValueError(f"{self.name}: selects {n_select} outliers per step from a pool of {len(x_out)}; "
                              "the pool must be larger (pool=6 as in the paper)")
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluation_mode(model):
             features, logits = penultimate(model, preprocess(x_out.to(device)))
-        finally:
-            model.train(was_training)
         absent = logits.float().softmax(dim=1)[:, -1]
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         keep = diverse_selection(features.float().cpu().numpy(), absent.cpu().numpy(), n_select, seed, self.n_init)

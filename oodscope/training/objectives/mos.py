@@ -90,19 +90,16 @@ class MOS(Objective):
     def _train_features(model, train, preprocess):
         import torch
 
+        from ...extraction.extract import evaluation_mode
         from ..heads import penultimate
 
         images, labels = train
         pick = np.random.default_rng(0).permutation(len(images))[:N_MEANS_IMAGES]
         prep = preprocess if preprocess is not None else (lambda batch: batch.float())
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluation_mode(model):
             features = [penultimate(model, prep(torch.from_numpy(images[rows]).to(device)))[0].double().cpu().numpy()
                         for rows in np.array_split(pick, max(1, len(pick) // 500))]
-        finally:
-            model.train(was_training)
         return np.concatenate(features), labels[pick]
 
     def targets(self, labels):

@@ -147,20 +147,17 @@ class SAL(Objective):
     def _logits_and_features(self, model, images: np.ndarray, preprocess) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
+        from ...extraction.extract import evaluation_mode
         from ..heads import penultimate
 
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         logits, features = [], []
-        try:
+        with evaluation_mode(model):
             for rows in np.array_split(np.arange(len(images)), max(1, len(images) // 500)):
                 phi, _ = penultimate(model, preprocess(torch.from_numpy(images[rows]).to(device)))
                 with torch.no_grad():
                     logits.append(self.head_.classes(phi).double().cpu().numpy())
                 features.append(phi.double().cpu().numpy())
-        finally:
-            model.train(was_training)
         return np.concatenate(logits), np.concatenate(features)
 
     def prepare_outliers(self, model, train, outliers, preprocess, seed: int) -> Any:

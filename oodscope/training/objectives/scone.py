@@ -204,21 +204,19 @@ class SCONE(Objective):
         import torch
         from torch.nn import functional as F
 
+        from ...extraction.extract import evaluation_mode
+
         images, labels = train
         pick = np.sort(np.random.default_rng(0).permutation(len(images))[:int(self.n_reference)])
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         sig, ce = [], []
-        try:
+        with evaluation_mode(model):
             with torch.no_grad():
                 for rows in np.array_split(pick, max(1, len(pick) // 500)):
                     logits = model(preprocess(torch.from_numpy(images[rows]).to(device))).double()
                     target = torch.from_numpy(labels[rows]).to(device)
                     sig.append(torch.sigmoid(self.head_.energy_logit(logits.logsumexp(dim=1)).double()).cpu())
                     ce.append(F.cross_entropy(logits, target, reduction="none").cpu())
-        finally:
-            model.train(was_training)
         return float(torch.cat(sig).mean()), float(torch.cat(ce).mean())
 
     def prepare_outliers(self, model, train, outliers, preprocess, seed: int) -> Any:

@@ -109,6 +109,8 @@ def find_feature_map(model, inputs, head: str, name: str | None = None, who: str
     with ``who`` (the objective asking)."""
     import torch
 
+    from ...extraction.extract import evaluation_mode
+
     modules = dict(model.named_modules())
     if name is not None and name not in modules:
         raise ValueError(f"{who}: the model has no module {name!r} for feature_map; name its last convolutional map "
@@ -125,13 +127,10 @@ def find_feature_map(model, inputs, head: str, name: str | None = None, who: str
     for key, module in modules.items():
         if key and key != head and not key.startswith(f"{head}."):
             handles.append(module.register_forward_hook(record(key)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluation_mode(model), torch.no_grad():
             model(inputs)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     phi = seen["x"]

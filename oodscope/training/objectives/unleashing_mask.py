@@ -108,19 +108,17 @@ def per_sample_losses(model, images: np.ndarray, labels: np.ndarray, preprocess=
     import torch
     from torch.nn import functional as F
 
+    from ...extraction.extract import evaluation_mode
+
     prep = preprocess if preprocess is not None else (lambda batch: batch.float())
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     losses = []
-    try:
+    with evaluation_mode(model):
         with torch.no_grad():
             for rows in np.array_split(np.arange(len(images)), max(1, math.ceil(len(images) / chunk))):
                 logits = model(prep(torch.from_numpy(images[rows]).to(device))).double()
                 target = torch.from_numpy(np.asarray(labels[rows])).to(device)
                 losses.append(F.cross_entropy(logits, target, reduction="none").cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(losses).numpy()
 
 
