@@ -116,6 +116,21 @@ def test_vim_matches_independent_computation(make_outputs):
         oodscope.create("vim", dim=16).fit(train)
 
 
+def test_vim_alpha_from_a_float32_bank_matches_float64_to_1e_5():
+    """The fit's second pass projects a float32 bank in float32 (sums in float64): alpha stays within 1e-5 of the
+    float64 value, also with features far from the origin (post-ReLU features around 5 with spread 1)."""
+    rng = np.random.default_rng(4)
+    features = (5.0 + rng.standard_normal((3000, 64))).astype(np.float32)
+    W, b = rng.standard_normal((10, 64)) / 8, rng.standard_normal(10)
+    logits = (features.astype(np.float64) @ W.T + b).astype(np.float32)
+    head = oodscope.Head(W, b)
+    as32 = oodscope.create("vim", dim=32).fit(Outputs(features=features, logits=logits, head=head))
+    as64 = oodscope.create("vim", dim=32).fit(Outputs(features=features.astype(np.float64),
+                                                      logits=logits.astype(np.float64), head=head))
+    assert as32.alpha_ == pytest.approx(as64.alpha_, rel=1e-5)
+    assert as32.alpha_ != as64.alpha_  # the float32 path did run
+
+
 def test_calibrate_keeps_target_share_and_predict_flags_ood(make_outputs):
     train, val = make_outputs(), make_outputs(n=1000)
     detector = oodscope.create("msp").fit(train)

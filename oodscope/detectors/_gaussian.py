@@ -77,41 +77,56 @@ def chunked_class_means(features: np.ndarray, labels: np.ndarray, n_classes: int
     return sums / np.bincount(labels, minlength=n_classes)[:, None]
 
 
-def _add_scatter(accumulator: np.ndarray, centered: np.ndarray) -> np.ndarray:
-    """``accumulator += centered.T @ centered`` on the upper triangle only (BLAS ``dsyrk``, half the flops)."""
-    from scipy.linalg.blas import dsyrk
+class Scatter:
+    """``sum_i (x_i - c_i)(x_i - c_i)^T`` in float64, accumulated from blocks of at most ``rows`` rows.
 
-    # centered.T is Fortran-ordered (D, n): dsyrk(trans=0) gives centered.T @ centered without a copy
-    return dsyrk(1.0, centered.T, beta=1.0, c=accumulator, trans=0, lower=0, overwrite_c=True)
+    Each block is centred into one reused float64 buffer (``np.subtract`` casts a float32 block in the same
+    pass) and added with BLAS ``dsyrk`` (half the flops of a GEMM) into the upper triangle of a Fortran-ordered
+    accumulator; the strictly lower triangle is never written and stays zero, so :meth:`matrix` is
+    ``U + U^T`` with the diagonal counted once. The buffers are allocated once per accumulator, not per block
+    or per class (:meth:`reset`): fresh large arrays cost their first-touch page faults every time.
+    """
 
+    def __init__(self, dim: int, rows: int):
+        self.upper = np.zeros((dim, dim), order="F")
+        self._centred = np.empty((rows, dim))
 
-def _symmetric(upper: np.ndarray) -> np.ndarray:
-    """The symmetric matrix whose upper triangle is ``upper``'s (whatever lies below the diagonal is ignored)."""
-    full = np.triu(upper, 1)
-    full += full.T.copy()  # the transposed copy first: one contiguous addition (a strided += is 3x slower)
-    np.fill_diagonal(full, np.diagonal(upper))
-    return full
+    def add(self, block: np.ndarray, centre: np.ndarray) -> None:
+        """Add the rows of ``block - centre`` (``centre``: one row, or one row per block row)."""
+        from scipy.linalg.blas import dsyrk
+
+        centred = np.subtract(block, centre, out=self._centred[:len(block)])
+        # centred.T is Fortran-ordered (D, n): dsyrk(trans=0) gives centred.T @ centred without a copy
+        self.upper = dsyrk(1.0, centred.T, beta=1.0, c=self.upper, trans=0, lower=0, overwrite_c=True)
+
+    def matrix(self, scale: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
+        """``scale`` times the symmetric sum, written into ``out`` when given."""
+        out = np.add(self.upper, self.upper.T, out=out)
+        out *= scale
+        out[np.diag_indices_from(out)] *= 0.5
+        return out
+
+    def reset(self) -> None:
+        self.upper[...] = 0.0
 
 
 def tied_covariance(features: np.ndarray, labels: np.ndarray, means: np.ndarray,
                     chunk: int | None = None) -> np.ndarray:
     """``1/N sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T`` (float64), accumulated over row chunks."""
-    dim = features.shape[1]
-    chunk = chunk or rows_per_chunk(dim)
-    scatter = np.zeros((dim, dim), order="F")
+    chunk = chunk or rows_per_chunk(features.shape[1])
+    scatter = Scatter(features.shape[1], min(chunk, len(features)))
     for start, stop in chunks(len(features), chunk):
-        scatter = _add_scatter(scatter, as_float64(features[start:stop]) - means[labels[start:stop]])
-    return _symmetric(scatter) / len(features)
+        scatter.add(features[start:stop], means[labels[start:stop]])
+    return scatter.matrix(1.0 / len(features))
 
 
 def second_moment(features: np.ndarray, centre: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """``1/N sum_i (x_i - c)(x_i - c)^T`` about a fixed centre ``c`` (float64, one chunked ``dsyrk`` pass)."""
-    dim = features.shape[1]
-    chunk = chunk or rows_per_chunk(dim)
-    scatter = np.zeros((dim, dim), order="F")
+    chunk = chunk or rows_per_chunk(features.shape[1])
+    scatter = Scatter(features.shape[1], min(chunk, len(features)))
     for start, stop in chunks(len(features), chunk):
-        scatter = _add_scatter(scatter, as_float64(features[start:stop]) - centre)
-    return _symmetric(scatter) / len(features)
+        scatter.add(features[start:stop], centre)
+    return scatter.matrix(1.0 / len(features))
 
 
 def full_covariance(features: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +135,7 @@ def full_covariance(features: np.ndarray, chunk: int | None = None) -> tuple[np.
     chunk = chunk or rows_per_chunk(dim)
     mean = np.zeros(dim)
     for start, stop in chunks(len(features), chunk):
-        mean += as_float64(features[start:stop]).sum(axis=0)
+        mean += np.asarray(features[start:stop]).sum(axis=0, dtype=np.float64)
     mean /= len(features)
     return mean, second_moment(features, mean, chunk)
 
@@ -140,12 +155,13 @@ def per_class_covariances(features: np.ndarray, labels: np.ndarray, means: np.nd
     order = np.argsort(labels, kind="stable")
     bounds = np.searchsorted(labels[order], np.arange(n_classes + 1))
     covariances = np.zeros((n_classes, dim, dim))
+    scatter = Scatter(dim, min(chunk, int(np.diff(bounds).max())))
     for c in np.flatnonzero(np.diff(bounds)):
         rows = order[bounds[c]:bounds[c + 1]]
-        scatter = np.zeros((dim, dim), order="F")
+        scatter.reset()
         for start, stop in chunks(len(rows), chunk):
-            scatter = _add_scatter(scatter, as_float64(features[rows[start:stop]]) - means[c])
-        covariances[c] = _symmetric(scatter) / len(rows)
+            scatter.add(features[rows[start:stop]], means[c])
+        scatter.matrix(1.0 / len(rows), out=covariances[c])
     return covariances
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..extraction.outputs import Need, Outputs, as_outputs
 from ._common import as_float64
-from ._gaussian import _add_scatter, _symmetric, chunks, rows_per_chunk
+from ._gaussian import Scatter, chunks, rows_per_chunk
 
 #: detectors :func:`fit_from_shards` can fit (their classes define ``_fit_shards``)
 SHARDED = ("mahalanobis", "rmds", "vim", "residual", "gmm")
@@ -40,12 +40,11 @@ SHARDED = ("mahalanobis", "rmds", "vim", "residual", "gmm")
 # -- statistics ------------------------------------------------------------------------------------------------
 def _scatter(features: np.ndarray, centres: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """``sum_i (x_i - c_i)(x_i - c_i)^T`` with one centre row per sample (float64, chunked ``dsyrk``)."""
-    dim = features.shape[1]
-    chunk = chunk or rows_per_chunk(dim)
-    scatter = np.zeros((dim, dim), order="F")
+    chunk = chunk or rows_per_chunk(features.shape[1])
+    scatter = Scatter(features.shape[1], min(chunk, len(features)))
     for start, stop in chunks(len(features), chunk):
-        scatter = _add_scatter(scatter, as_float64(features[start:stop]) - centres[start:stop])
-    return _symmetric(scatter)
+        scatter.add(features[start:stop], centres[start:stop])
+    return scatter.matrix()
 
 
 def _class_sums(features: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

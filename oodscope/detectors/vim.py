@@ -76,12 +76,20 @@ class ViM(Detector):
         self.residual_basis_ = np.ascontiguousarray(eigenvectors[:, order[dim:]])
 
     def _alpha_sums(self, features: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
-        """``sum_i ||x_i^{P⊥}||`` and ``sum_i max_j l_ij`` (Eq. 8's numerator and denominator), chunked."""
+        """``sum_i ||x_i^{P⊥}||`` and ``sum_i max_j l_ij`` (Eq. 8's numerator and denominator), chunked.
+
+        The projections run at the features' own precision (float32 for a float32 bank: the second pass over a
+        1M x 2048 bank is a 1M x 2048 x 1048 product, 2.5x faster in float32) and the sums in float64; alpha, a
+        ratio of two sums of a million terms, moves by about 1e-7 relative (tests check 1e-5).
+        """
+        dtype = np.result_type(features.dtype, np.float32)
+        origin, basis = self.origin_.astype(dtype), self.residual_basis_.astype(dtype)
         rows = rows_per_chunk(features.shape[1])
-        residual_norm_sum = sum(self._residual_norm(features[start:stop]).sum()
-                                for start, stop in chunks(len(features), rows))
-        max_logit_sum = sum(as_float64(logits[start:stop]).max(axis=1).sum()
-                            for start, stop in chunks(len(features), rows))
+        residual_norm_sum = max_logit_sum = 0.0
+        for start, stop in chunks(len(features), rows):
+            block = np.subtract(features[start:stop], origin, dtype=dtype)
+            residual_norm_sum += np.linalg.norm(block @ basis, axis=1).sum(dtype=np.float64)
+            max_logit_sum += np.asarray(logits[start:stop]).max(axis=1).sum(dtype=np.float64)
         return residual_norm_sum, max_logit_sum
 
     def _residual_norm(self, features: np.ndarray) -> np.ndarray:
