@@ -229,6 +229,13 @@ def test_gram_row_sums_and_deviation_hand_computed(rng):
         for p in range(1, 11):
             sums = np.einsum("bcs,bds->bcd", f64 ** p, f64 ** p).sum(axis=2)
             np.testing.assert_allclose(got[:, p - 1], np.sign(sums) * np.abs(sums) ** (1 / p), rtol=1e-9)
+    # channels-last maps (the layout extract keeps), poles with gaps, the default chunking: the same values
+    channels_last = np.ascontiguousarray(maps32.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert not channels_last.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(gram_row_sums(channels_last, [1, 3, 4]).numpy(),
+                                  gram_row_sums(maps32, [1, 3, 4], chunk=8).numpy())
+    sums = np.einsum("bcs,bds->bcd", f64 ** 3, f64 ** 3).sum(axis=2)
+    np.testing.assert_allclose(gram_row_sums(channels_last, [1, 3, 4]).numpy()[:, 1], np.cbrt(sums), rtol=1e-9)
     # one channel, pole 1, 1x1 maps: the Gram value is a^2
     values = np.array([1.0, 2.0, 3.0, 4.0, 10.0, 2.0, 3.0, 4.0, 5.0, 9.0])
     logits = np.zeros((10, 2))
@@ -415,3 +422,7 @@ def test_check_finite_in_chunks_counts_bad_rows():
     with pytest.raises(ValueError, match="3 of 5000 rows contain NaN or inf"):
         check_finite(values, "features")
     check_finite(values[:3], "features")
+    maps = np.zeros((6, 2, 3, 3), dtype=np.float32).transpose(0, 2, 3, 1)  # a strided (channels-last) view
+    maps[[1, 4], 2, 0, 1] = np.nan
+    with pytest.raises(ValueError, match="2 of 6 rows contain NaN or inf"):
+        check_finite(maps, "layer")

@@ -171,9 +171,11 @@ def check_finite(values: np.ndarray, what: str) -> None:
         return
     if values.ndim == 0:
         bad = int(not np.isfinite(values))
-    else:   # in row chunks of ~16M values, so a large bank (or a memmap) gets no full-size boolean copy
+    else:   # in row chunks of ~16M values, so a large bank (or a memmap) gets no full-size boolean copy; the
+        # reduction runs over the trailing axes as they lie in memory (a reshape would copy channels-last maps)
         rows = max(1, (1 << 24) // max(1, values[:1].size))
-        bad = sum(int(len(block) - np.count_nonzero(np.isfinite(block.reshape(len(block), -1)).all(axis=1)))
+        axes = tuple(range(1, values.ndim))
+        bad = sum(int(len(block) - np.count_nonzero(np.isfinite(block).all(axis=axes)))
                   for block in (values[start:start + rows] for start in range(0, len(values), rows)))
     if bad:
         raise ValueError(f"{what}: {bad} of {len(values)} rows contain NaN or inf")
