@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .data.benchmark import Benchmark
-from .detectors import Detector, available, create, get
+from .detectors import Detector, available, get
 from .evaluation import Results, evaluate, labelled_detectors
 from .extraction import Need, Outputs
-from .extraction.extract import extract, extract_many
+from .extraction.extract import extract_many
 
 POST_HOC_NEEDS = frozenset({Need.LOGITS, Need.FEATURES, Need.HEAD, Need.LABELS, Need.VALIDATION,
                             Need.OOD_VALIDATION})

@@ -163,7 +163,7 @@ def run_protocol(detectors: Sequence[str], datasets: Sequence[TabularDataset], p
     ``params`` maps a detector name to extra constructor arguments. Detectors with a ``seed`` parameter get the
     split's seed, so the runs are reproducible and the seeds vary the randomness of the method too.
     """
-    from ..detectors import create, get
+    from ..detectors import create
     from ..metrics import ood_metrics
 
     params = params or {}

@@ -24,7 +24,6 @@ driver). The cache is written by the driver only, so workers need no shared file
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

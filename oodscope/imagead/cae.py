@@ -179,7 +179,6 @@ class ConvAutoencoderAD(ImageDetector):
         self.backbone_ = resolve_backbone(self.backbone, device=str(device))
         if len(images) < 2:
             raise ValueError(f"cae: training needs at least 2 images (batch norm), got {len(images)}")
-        layers = list(dict.fromkeys([*self.loss_layers, self.compare_layer]))
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             generator = torch.Generator().manual_seed(self.seed)

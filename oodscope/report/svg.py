@@ -55,7 +55,7 @@ class _Panel:
 
     def frame(self, title: str, xlabel: str, ylabel: str, xticks: Sequence[tuple[float, str]],
               yticks: Sequence[tuple[float, str]]) -> list[str]:
-        bottom, right = self.top + self.height, self.left + self.width
+        bottom = self.top + self.height
         parts = [f'<rect x="{self.left}" y="{self.top}" width="{self.width}" height="{self.height}" fill="none" '
                  'stroke="#000" stroke-width="0.8"/>']
         for value, label in xticks:

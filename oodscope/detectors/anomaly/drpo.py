@@ -62,7 +62,6 @@ class DeepRPO(AnomalyDetector):
 
     def _fit(self, train: Outputs) -> None:
         import torch
-        import torch.nn as nn
 
         X = self._x(train)
         sizes = [X.shape[1], *self.hidden]

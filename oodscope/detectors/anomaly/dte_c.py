@@ -81,7 +81,6 @@ class DTECategorical(AnomalyDetector):
 
     def _fit(self, train: Outputs) -> None:
         import torch
-        import torch.nn.functional as F
 
         X = self._x(train)
         std = torch.from_numpy(np.sqrt(variance_schedule(self.T))).float()
