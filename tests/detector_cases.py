@@ -308,11 +308,13 @@ TINY: dict[str, dict[str, Any]] = {
     "clip_ad": {"stages": 2},  # the tiny CLIP has 2 vision blocks
     "clip_ad_plus": {"stages": 2, "epochs": 2, "batch_size": 4},
     "filo": {"object_name": "bottle", "layers": (1, 2), "dpam_depth": 1},
+    "filo_trained": {"object_name": "bottle", "layers": (1, 2), "dpam_depth": 1, "n_ctx": 2, "epochs": 1,
+                     "adapter_epochs": 1, "batch_size": 4},
 }
 TEXT = {"blood", "ahm"}
 PROBABILITY_LAYERS = {"absent_class", "min_others", "ood_probability"}  # read a training head's probability layer
 BACKBONE = {"patchcore", "gaussian_ad", "gaussian_ad_npca", "efficientad"}
-CLIP = {"winclip", "winclip_plus", "anomalyclip", "clip_ad", "clip_ad_plus", "filo"}  # image detectors on a CLIP model (the vlm family is added by family)
+CLIP = {"winclip", "winclip_plus", "anomalyclip", "clip_ad", "clip_ad_plus", "filo", "filo_trained"}  # image detectors on a CLIP model (the vlm family is added by family)
 FEW_SHOT = {"locoop", "clipn"}  # CLIP prompt learning: fit((classes, images, labels))
 
 
@@ -346,7 +348,7 @@ def case(name: str) -> Case:
         params["model"] = tiny_clip()
     if name == "diffguard":  # a seeded random conv net as the classifier (the CIFAR ResNet needs its weights)
         params["classifier"] = _conv_net()
-    if name in ("anomalyclip", "clip_ad_plus"):  # trained on a generated annotated auxiliary folder
+    if name in ("anomalyclip", "clip_ad_plus", "filo_trained"):  # trained on a generated annotated auxiliary folder
         from vlm_models import tiny_mvtec_folder
 
         params["auxiliary"] = str(tiny_mvtec_folder())

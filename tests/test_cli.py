@@ -57,7 +57,7 @@ def test_detectors_command_filters_by_family(capsys):
     assert main(["detectors", "--family", "image"]) == 0
     image = {line.split()[0] for line in capsys.readouterr().out.strip().splitlines()[1:-1]}
     assert image == {"cae", "efficientad", "gaussian_ad", "gaussian_ad_npca", "nsa", "patchcore", "winclip",
-                     "winclip_plus", "anomalyclip", "clip_ad", "clip_ad_plus", "filo"}
+                     "winclip_plus", "anomalyclip", "clip_ad", "clip_ad_plus", "filo", "filo_trained"}
 
 
 def test_bench_errors_are_clear(capsys):

@@ -435,3 +435,126 @@ def test_oodscope_ad_runs_winclip_anomalyclip_and_clip_ad_plus_from_a_clip_folde
         assert mine, name
         for record in mine:  # an image AUROC and a pixel AUROC (the anomaly map) per defect group
             assert 0 <= record["auroc"] <= 100 and 0 <= record["pixel_auroc"] <= 100, (name, record)
+
+
+# -- FiLo's trained parts ---------------------------------------------------------------------------------------
+FILO_TRAINED = dict(object_name="bottle", descriptions=["crack"], positions=("top", "center"), layers=(1, 2),
+                    dpam_depth=1, n_ctx=2, epochs=3, adapter_epochs=2, batch_size=4, lr=1e-2, decoder_lr=5e-3,
+                    adapter_lr=1e-2, seed=2)
+
+
+@pytest.fixture(scope="module")
+def filo_auxiliary():
+    from vlm_models import tiny_mvtec_folder
+
+    return str(tiny_mvtec_folder())
+
+
+def _conv_same(x, weight, bias):
+    """``(C_in, H, W)`` cross-correlated with ``(C_out, C_in, kh, kw)``, zero padding to the same size."""
+    kh, kw = weight.shape[2:]
+    padded = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)))
+    out = np.zeros((weight.shape[0],) + x.shape[1:]) + bias[:, None, None]
+    for dy in range(kh):
+        for dx in range(kw):
+            out += np.einsum("oc,chw->ohw", weight[:, :, dy, dx], padded[:, dy:dy + x.shape[1], dx:dx + x.shape[2]])
+    return out
+
+
+def test_filo_trained_scores_and_map_by_hand(clip, filo_auxiliary):
+    """The trained networks applied by hand: the adapter, the meta-net-shifted contexts, the prompts' pair, the
+    linear and six-kernel decoders, the per-layer softmax maps, their blurred mean and ``(<f', g_a> + max) / 2``."""
+    from oodscope.vlm.anomalyclip import dual_path_tokens
+    from oodscope.vlm.filo import small_gaussian_blur
+
+    rng = np.random.default_rng(5)
+    train, test = rng.random((2, 3, 32, 32)).astype(np.float32), rng.random((2, 3, 32, 32)).astype(np.float32)
+    detector = oodscope.create("filo_trained", model=clip, auxiliary=filo_auxiliary, **FILO_TRAINED).fit(train)
+    nets = detector.networks_
+    assert detector.network_shape_ == (32, 32, 16, 2, 2, 1)  # width, token width, D, n_ctx, Q-K layers, V-V layers
+    w = {k: v.double().numpy() for k, v in nets.state_dict().items()}
+    normal = [f"x x {s.format('bottle')}." for s in winclip.NORMAL_STATES]
+    anomalous = [f"x x {s.format('bottle')} at {p}." for s in ["abnormal {} with crack", *winclip.ANOMALOUS_STATES]
+                 for p in ("top", "center")]
+    ids = [torch.as_tensor(clip.tokenize(prompts)["input_ids"]) for prompts in (normal, anomalous)]
+    with torch.no_grad():
+        global_, vv, qk = dual_path_tokens(clip, clip.preprocess(torch.from_numpy(test)), (1, 2), 1)
+    silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+    scores, maps = detector.score_and_map(test)
+    for i in range(2):
+        f = _unit(global_[i].double().numpy())
+        f = _unit(f + silu(w["adapter.fc.2.weight"] @ np.maximum(w["adapter.fc.0.weight"] @ f, 0)))
+        pair = []
+        for which, prompt_ids in (("normal", ids[0]), ("anomalous", ids[1])):
+            shift = w[f"{which}.meta_net.2.weight"] @ np.maximum(w[f"{which}.meta_net.0.weight"] @ f +
+                                                                 w[f"{which}.meta_net.0.bias"], 0)
+            context = torch.from_numpy(w[f"{which}.context"] + shift + w[f"{which}.meta_net.2.bias"]).float()
+            with torch.no_grad():
+                texts = _unit(clip.context_text_forward(prompt_ids, context).double().numpy())
+            pair.append(_unit(texts.mean(axis=0)))
+        texts = np.stack(pair) / np.sqrt(2.0)
+        decoded = [qk[j][i].double().numpy() @ w[f"linear.{j}.weight"].T + w[f"linear.{j}.bias"] for j in range(2)]
+        grid = vv[1][i].double().numpy().T.reshape(32, 4, 4)  # V-V tokens of block 2, the dual one
+        conv = sum(_conv_same(grid, w[f"conv.0.convs.{k}.weight"], w[f"conv.0.convs.{k}.bias"]) for k in range(6))
+        decoded.append(conv.reshape(16, 16).T)
+        layer_maps = []
+        for d in decoded:
+            logits = torch.from_numpy((100.0 * _unit(d) @ texts.T).T.reshape(1, 2, 4, 4))
+            up = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=True).numpy()
+            s = _softmax(up.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+            layer_maps.append(small_gaussian_blur(torch.from_numpy((s[:, 1] - s[:, 0] + 1) / 2)).numpy()[0])
+        expected = np.mean(layer_maps, axis=0)
+        np.testing.assert_allclose(maps[i], expected, rtol=1e-4, atol=1e-5)
+        assert scores[i] == pytest.approx((f @ texts[1] + expected.max()) / 2, rel=1e-4)
+
+
+def test_filo_trained_keeps_clip_frozen_is_seeded_and_its_adapter_stage_trains_only_the_adapter(clip,
+                                                                                                  filo_auxiliary):
+    rng = np.random.default_rng(6)
+    train = rng.random((2, 3, 32, 32)).astype(np.float32)
+    before = {k: v.clone() for k, v in clip.model.state_dict().items()}
+    trained = oodscope.create("filo_trained", model=clip, auxiliary=filo_auxiliary, **FILO_TRAINED).fit(train)
+    assert all(torch.equal(before[k], v) for k, v in clip.model.state_dict().items())
+    assert trained.history_[-1] < trained.history_[0] and len(trained.adapter_history_) == 2
+    again = oodscope.create("filo_trained", model=clip, auxiliary=filo_auxiliary, **FILO_TRAINED).fit(train)
+    no_adapter = oodscope.create("filo_trained", model=clip, auxiliary=filo_auxiliary,
+                                 **{**FILO_TRAINED, "adapter_epochs": 0}).fit(train)
+    for (name, a), b, c in zip(trained.networks_.state_dict().items(), again.networks_.state_dict().values(),
+                               no_adapter.networks_.state_dict().values()):
+        assert torch.equal(a, b)  # seeded
+        assert torch.equal(a, c) != name.startswith("adapter.")  # stage 2 moves the adapter and nothing else
+    assert no_adapter.history_ == trained.history_
+
+
+def test_filo_trained_resumes_an_interrupted_fit_and_refuses_bad_settings(clip, filo_auxiliary, tmp_path,
+                                                                          monkeypatch):
+    import oodscope.vlm.anomalyclip as anomalyclip
+
+    rng = np.random.default_rng(7)
+    train = rng.random((2, 3, 32, 32)).astype(np.float32)
+    settings = dict(model=clip, auxiliary=filo_auxiliary, **FILO_TRAINED)
+    whole = oodscope.create("filo_trained", **settings).fit(train)
+    real_focal, calls = anomalyclip.focal_loss, []
+    steps_per_epoch = -(-8 // FILO_TRAINED["batch_size"])  # 8 auxiliary images
+
+    def dies_in_epoch_3(*args):
+        calls.append(1)
+        if len(calls) > 2 * steps_per_epoch * 4 * 3:  # images per batch x maps per image
+            raise KeyboardInterrupt
+        return real_focal(*args)
+
+    checkpoint = str(tmp_path / "filo.pt")
+    monkeypatch.setattr(anomalyclip, "focal_loss", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        oodscope.create("filo_trained", checkpoint=checkpoint, **settings).fit(train)
+    monkeypatch.setattr(anomalyclip, "focal_loss", real_focal)
+    resumed = oodscope.create("filo_trained", checkpoint=checkpoint, **settings).fit(train)
+    assert resumed.history_ == whole.history_ and resumed.adapter_history_ == whole.adapter_history_
+    for a, b in zip(resumed.networks_.state_dict().values(), whole.networks_.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="belongs to another fit"):
+        oodscope.create("filo_trained", checkpoint=checkpoint, **{**settings, "seed": 5}).fit(train)
+    for bad, message in (({"auxiliary": None}, "pass auxiliary="), ({"adapter_epochs": -1}, "adapter_epochs"),
+                         ({"decoder_lr": 0.0}, "decoder_lr must be > 0"), ({"n_ctx": 0}, "n_ctx must be")):
+        with pytest.raises(ValueError, match=message):
+            oodscope.create("filo_trained", **{**settings, **bad}).fit(train)

@@ -24,7 +24,8 @@ def run_epochs(step: Callable[[torch.Tensor], torch.Tensor], optimiser: torch.op
                desc: str, checkpoint: str | os.PathLike | None = None, key: str = "") -> list[float]:
     """Minimise ``step(batch)`` (the loss of the sample indices ``batch``, on ``device``) for ``len(rates)`` epochs.
 
-    Each epoch sets every parameter group's learning rate to ``rates[epoch]``, draws a permutation of the ``n``
+    Each epoch sets every parameter group's learning rate to ``rates[epoch]`` (times the group's ``lr_scale``,
+    default 1), draws a permutation of the ``n``
     samples from ``generator`` and takes one optimiser step per batch of ``batch_size``. ``step`` may draw from the
     same generator (after the epoch's permutation). Returns the sample-weighted mean loss of each epoch. A
     non-finite loss stops the fit with ``FloatingPointError`` (never trained-on NaN weights).
@@ -43,8 +44,8 @@ def run_epochs(step: Callable[[torch.Tensor], torch.Tensor], optimiser: torch.op
         history = _resume(Path(checkpoint), fingerprint, params, optimiser, generator, desc)
     bar = tqdm(total=len(rates), initial=len(history), desc=desc, unit="epoch", leave=False, disable=None)
     for epoch in range(len(history), len(rates)):
-        for group in optimiser.param_groups:
-            group["lr"] = float(rates[epoch])  # a numpy float would make the checkpoint unloadable
+        for group in optimiser.param_groups:  # a group's "lr_scale" (default 1) scales the epoch's rate for it
+            group["lr"] = float(rates[epoch]) * float(group.get("lr_scale", 1.0))  # numpy floats break the checkpoint
         total = 0.0
         for batch in torch.randperm(n, generator=generator).split(batch_size):
             loss = step(batch.to(device))

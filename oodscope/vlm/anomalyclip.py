@@ -76,15 +76,17 @@ def dual_attention(attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     return outputs[0], outputs[1]
 
 
-def dpam_features(clip, pixels: torch.Tensor, layers: Sequence[int], dpam_depth: int
-                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Global ``(N, D)`` and per-layer patch features ``[(N, P, D)]`` of normalised pixels (module docstring)."""
+def dual_path_tokens(clip, pixels: torch.Tensor, layers: Sequence[int], dpam_depth: int
+                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """CLIP's projected image embedding ``(N, D)`` and, after each block in ``layers``, the raw residual-stream patch
+    tokens ``(N, P, width)`` (no layer norm, no projection) of the new V-V path and of CLIP's own Q-K path; before
+    the last ``dpam_depth`` blocks the two paths are one (module docstring)."""
     vision = clip.model.vision_model
     blocks = vision.encoder.layers
     first_dual = len(blocks) - dpam_depth
     x = vision.pre_layrnorm(clip._tokens(pixels))
     x_ori = x
-    out = []
+    vv_tokens, qk_tokens = [], []
     for index, block in enumerate(blocks, start=1):
         if index - 1 < first_dual:  # CLIP's block, with the attention written out: transformers' fused attention
             _, qk = dual_attention(block.self_attn, block.layer_norm1(x_ori))  # rounds a row by its batch position
@@ -96,8 +98,16 @@ def dpam_features(clip, pixels: torch.Tensor, layers: Sequence[int], dpam_depth:
             x_ori = x_ori + block.mlp(block.layer_norm2(x_ori))
             x = x + vv  # the new path skips the MLP
         if index in layers:
-            out.append(clip._project(x[:, 1:]))
-    return clip._project(x_ori[:, 0]), out
+            vv_tokens.append(x[:, 1:])
+            qk_tokens.append(x_ori[:, 1:])
+    return clip._project(x_ori[:, 0]), vv_tokens, qk_tokens
+
+
+def dpam_features(clip, pixels: torch.Tensor, layers: Sequence[int], dpam_depth: int
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Global ``(N, D)`` and per-layer patch features ``[(N, P, D)]`` of normalised pixels (module docstring)."""
+    global_, vv_tokens, _ = dual_path_tokens(clip, pixels, layers, dpam_depth)
+    return global_, [clip._project(tokens) for tokens in vv_tokens]
 
 
 class PromptLearner(nn.Module):

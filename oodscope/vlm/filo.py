@@ -29,10 +29,24 @@ released code (``models/FiLo.py``, ``models/vv_open_clip/transformer.py``, ``tes
   image embedding ``f`` (the probability the authors' classification loss trains; their test script adds the
   raw ``<f, g_a> / sqrt(2)`` instead).
 
+**The trained parts** (``filo_trained``, :class:`FiLoTrained`, trained on ``auxiliary=`` an annotated set):
+
+* prompts ``X_1 ... X_12 <state>.`` and ``X_1 ... X_12 <state> at <position>.`` (no templates) whose context
+  (:class:`ConditionalContext`, one per prompt kind) is shifted per image by a meta-net of the image embedding;
+* the raw Q-K tokens of every layer in ``layers`` through one linear decoder each, the raw V-V tokens of the layers
+  inside the dual path through MMCI (:class:`MultiShapeConv`: 1x1, 3x3, 5x5, 7x7, 5x1 and 1x5 convolutions,
+  summed); per decoded layer ``softmax(100 cos(token, [g_n, g_a]))`` upsampled, ``[g_n, g_a]`` divided by its
+  joint norm;
+* stage 1: contexts and decoders by ``sum_maps focal + Dice(S_a, mask) + Dice(S_n, 1 - mask)`` (AdamW, betas
+  (0.5, 0.999), lr 1e-3 / 1e-4, 15 epochs, batch 1); stage 2: the :class:`Adapter` by cross-entropy of the raw
+  ``<f', [g_n, g_a]>`` (lr 1e-5, 5 epochs), everything else frozen;
+* test: the blurred ``(S_a - S_n + 1) / 2`` averaged over the decoded layers; image score ``(<f', g_a> + max) / 2``.
+
+The context here follows each image's own embedding (the authors' forward takes the first image's for the whole
+batch: the same at their batch size 1).
+
 **What is not built**: Grounding DINO's preliminary box localisation (no weights here) with its down-weighting of
-the map outside the boxes (x 0.7); the MMCI module (1x1, 3x3, 5x5, 7x7, 1x5 and 5x1 convolutions on the V-V
-tokens) and the linear decoders on the Q-K tokens, the learnable context and its meta-net, and the image-feature
-adapter, all trained on an auxiliary annotated set (15 epochs of focal + Dice, then the adapter by cross-entropy).
+the map outside the boxes (x 0.7); ``positions=`` chooses the position prompts instead (all nine by default).
 The patch features here are per layer; in the authors' code the stored V-V tokens of every layer are aliased to
 one tensor that later blocks update in place, so all of them equal the last block's.
 """
@@ -262,4 +276,256 @@ class FiLo(ImageDetector):
                                              align_corners=False)[:, 0]
         full = full.numpy()
         image_scores = np.concatenate(scores)
+        return (image_scores + full.reshape(len(full), -1).max(axis=1)) / 2, full
+
+
+# -- the trained parts -------------------------------------------------------------------------------------------
+class ConditionalContext(nn.Module):
+    """FiLo's learnable context (CoCoOp's conditional form, the authors' ``PromptLearner_normal/abnormal``):
+    ``n_ctx`` vectors ``V`` in the token-embedding space, from ``N(0, 0.02^2)``, shifted by a meta-net of the
+    image embedding: ``V + meta(f)`` with ``meta = Linear(D, D/16) -> ReLU -> Linear(D/16, width)``."""
+
+    def __init__(self, width: int, dim: int, n_ctx: int, generator: torch.Generator):
+        super().__init__()
+        self.context = nn.Parameter(torch.randn(n_ctx, width, generator=generator) * 0.02)
+        hidden = max(1, dim // 16)
+        self.meta_net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, width))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``(n_ctx, width)`` context for one unit-norm image embedding ``(D,)``."""
+        return self.context + self.meta_net(image)
+
+
+class MultiShapeConv(nn.Module):
+    """MMCI's convolutions (the authors' ``CovLayer``): the sum of 1x1, 3x3, 5x5, 7x7, 5x1 and 1x5 convolutions
+    (``padding="same"``) of the ``(N, P, width)`` patch tokens laid out on their ``grid``, to ``(N, P, D)``."""
+
+    KERNELS = ((1, 1), (3, 3), (5, 5), (7, 7), (5, 1), (1, 5))
+
+    def __init__(self, width: int, dim: int):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(width, dim, kernel_size=k, padding="same") for k in self.KERNELS])
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = tokens.transpose(1, 2).reshape(len(tokens), tokens.shape[2], *grid)
+        out = sum(conv(x) for conv in self.convs)
+        return out.flatten(2).transpose(1, 2)
+
+
+class Adapter(nn.Module):
+    """The authors' image-feature adapter: ``f + SiLU(W_2 ReLU(W_1 f))``, ``W_1: D -> D/2``, no biases."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(dim, max(1, dim // 2), bias=False), nn.ReLU(),
+                                nn.Linear(max(1, dim // 2), dim, bias=False), nn.SiLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x
+
+
+class FiLoNetworks(nn.Module):
+    """Everything FiLo trains beside the frozen CLIP: the two conditional contexts, one linear decoder per Q-K layer
+    (width -> D), one :class:`MultiShapeConv` per V-V layer and the :class:`Adapter`."""
+
+    def __init__(self, width: int, token_width: int, dim: int, n_ctx: int, n_qk: int, n_vv: int, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(int(seed))
+        with torch.random.fork_rng(devices=[]):  # torch's default initialisations, seeded, the global state kept
+            torch.manual_seed(int(seed))
+            self.normal = ConditionalContext(token_width, dim, n_ctx, generator)
+            self.anomalous = ConditionalContext(token_width, dim, n_ctx, generator)
+            self.linear = nn.ModuleList([nn.Linear(width, dim) for _ in range(n_qk)])
+            self.conv = nn.ModuleList([MultiShapeConv(width, dim) for _ in range(n_vv)])
+            self.adapter = Adapter(dim)
+
+
+class FiLoTrained(FiLo):
+    """FiLo with its trained parts: conditional learnable context, MMCI decoders, adapter (module docstring)."""
+
+    name = "filo_trained"
+    trains_network = True
+    grid = {"positions": [None, ("center",)]}
+
+    def __init__(self, model=None, auxiliary=None, object_name: str = "object",
+                 descriptions: Sequence[str] | None = None, positions: Sequence[str] | None = None,
+                 layers: Sequence[int] = (6, 12, 18, 24), dpam_depth: int | None = None, n_ctx: int = 12,
+                 epochs: int = 15, adapter_epochs: int = 5, lr: float = 1e-3, decoder_lr: float = 1e-4,
+                 adapter_lr: float = 1e-5, batch_size: int = 1, seed: int = 0, device: str = "cpu",
+                 checkpoint: str | None = None):
+        super().__init__(model=model, object_name=object_name, descriptions=descriptions, positions=positions,
+                         layers=layers, dpam_depth=dpam_depth, device=device)
+        self.auxiliary = auxiliary
+        self.checkpoint = checkpoint  # a file: saved after every epoch of each stage; an interrupted fit resumes
+        self.n_ctx = n_ctx
+        self.epochs = epochs
+        self.adapter_epochs = adapter_epochs
+        self.lr = lr
+        self.decoder_lr = decoder_lr
+        self.adapter_lr = adapter_lr
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        for key in ("n_ctx", "epochs", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{self.name}: {key} must be a positive integer, got {value!r}")
+        if isinstance(self.adapter_epochs, bool) or not isinstance(self.adapter_epochs, (int, np.integer)) or \
+                self.adapter_epochs < 0:
+            raise ValueError(f"{self.name}: adapter_epochs must be a non-negative integer, got "
+                             f"{self.adapter_epochs!r}")
+        for key in ("lr", "decoder_lr", "adapter_lr"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{self.name}: {key} must be > 0, got {value!r}")
+        if self.auxiliary is None:
+            raise ValueError(f"{self.name}: pass auxiliary= an annotated anomaly set (an MVTec-layout folder or an "
+                             "ImageSet with masks) to train on; the paper trains on VisA to test MVTec AD")
+
+    # -- prompts and maps ----------------------------------------------------------------------------------------
+    def _prompt_ids(self, clip) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of ``X ... X <state>.`` (normal) and ``X ... X <state> at <position>.`` (anomalous, states x
+        positions), the authors' prompts without templates: the context stands for them."""
+        from .locoop import prompt_ids
+
+        name = self._prompt_name()
+        normal = [s.format(name) for s in NORMAL_STATES]
+        anomalous = [f"{s.format(name)} at {p}" for s in anomalous_states(self._descriptions())
+                     for p in self._positions()]
+        return (prompt_ids(clip, normal, int(self.n_ctx), self.name),
+                prompt_ids(clip, anomalous, int(self.n_ctx), self.name))
+
+    @staticmethod
+    def _texts(clip, nets: FiLoNetworks, ids: tuple[torch.Tensor, torch.Tensor], image: torch.Tensor
+               ) -> torch.Tensor:
+        """``(2, D)``: ``[g_n, g_a]`` for one unit-norm image embedding, each the normalised mean of its unit-norm
+        prompt embeddings, the pair divided by its joint norm (the authors' ``text_features / norm``)."""
+        pair = []
+        for context, prompt_ids in ((nets.normal, ids[0]), (nets.anomalous, ids[1])):
+            texts = nn.functional.normalize(clip.context_text_forward(prompt_ids, context(image)).float(), dim=-1)
+            pair.append(nn.functional.normalize(texts.mean(dim=0), dim=-1))
+        pair = torch.stack(pair)
+        return pair / pair.norm()
+
+    @staticmethod
+    def _maps(clip, nets: FiLoNetworks, qk: list[torch.Tensor], vv: list[torch.Tensor], texts: torch.Tensor
+              ) -> list[torch.Tensor]:
+        """Per decoded layer ``(1, 2, size, size)``: softmax over [normal, anomalous] of ``100 cos(decoded patch,
+        text)``, upsampled bilinearly (``align_corners=True``) to the model's input size; Q-K layers first."""
+        decoded = [linear(t) for linear, t in zip(nets.linear, qk)] + \
+            [conv(t, clip.grid) for conv, t in zip(nets.conv, vv)]
+        maps = []
+        for d in decoded:
+            logits = 100.0 * nn.functional.normalize(d, dim=-1) @ texts.T  # (1, P, 2)
+            logits = logits.transpose(1, 2).reshape(len(d), 2, *clip.grid)
+            maps.append(torch.softmax(nn.functional.interpolate(logits, size=(clip.image_size,) * 2,
+                                                                mode="bilinear", align_corners=True), dim=1))
+        return maps
+
+    def _tokens(self, clip, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Unit-norm image embeddings and the raw Q-K tokens of ``layers`` and V-V tokens of the layers inside the
+        dual path (``index > blocks - dpam_depth``)."""
+        from .anomalyclip import dual_path_tokens
+
+        global_, vv, qk = dual_path_tokens(clip, pixels, tuple(self.layers), self.dpam_depth_)
+        dual = [i for i, layer in enumerate(self.layers) if layer > self.n_blocks_ - self.dpam_depth_]
+        return nn.functional.normalize(global_.float(), dim=-1), qk, [vv[i] for i in dual]
+
+    # -- fit and predict ----------------------------------------------------------------------------------------
+    def _init_networks(self) -> None:
+        super()._init_networks()
+        if hasattr(self, "network_shape_"):
+            self.networks_ = FiLoNetworks(*self.network_shape_, seed=int(self.seed)).eval()
+
+    def _fit(self, images: np.ndarray) -> None:
+        from ._train import digest_arrays, run_epochs
+        from .anomalyclip import dice_loss, focal_loss, load_auxiliary
+
+        super()._fit(images)  # checks, dpam_depth_ (the hand-written prompts it also embeds are not used here)
+        clip, device = self.clip(), self._device()
+        if not hasattr(clip, "context_text_forward"):
+            raise ValueError(f"{self.name}: the backbone {type(clip).__name__} has no context_text_forward "
+                             "(prompt learning needs the Hugging Face CLIP backbone)")
+        self.n_blocks_ = len(clip.model.vision_model.encoder.layers)
+        n_vv = sum(layer > self.n_blocks_ - self.dpam_depth_ for layer in self.layers)
+        aux, labels, masks = load_auxiliary(self.auxiliary, clip.image_size, self.name)
+        self.network_shape_ = (int(clip.model.vision_model.config.hidden_size), int(clip.token_width),
+                               int(self.text_embeddings_.shape[1]), int(self.n_ctx), len(self.layers), int(n_vv))
+        nets = FiLoNetworks(*self.network_shape_, seed=int(self.seed)).to(device)
+        ids = tuple(i.to(device) for i in self._prompt_ids(clip))
+        aux_t, y, gt = (torch.from_numpy(a).to(device) for a in (aux, labels, masks))
+        generator = torch.Generator().manual_seed(int(self.seed))
+        key = digest_arrays(aux, labels, masks, np.concatenate([i.cpu().numpy().ravel() for i in ids]))
+
+        def tokens(batch: torch.Tensor):  # CLIP runs on each batch (frozen): no bank of every layer's tokens
+            with torch.no_grad():
+                return self._tokens(clip, clip.preprocess(aux_t[batch]))
+
+        def segmentation_loss(batch: torch.Tensor) -> torch.Tensor:  # stage 1: focal + 2 Dice over every map
+            f, qk, vv = tokens(batch)
+            loss = torch.zeros((), device=device)
+            for i, row in enumerate(batch):  # the context is conditioned on each image (CoCoOp)
+                texts = self._texts(clip, nets, ids, f[i])
+                for s in self._maps(clip, nets, [t[i:i + 1] for t in qk], [t[i:i + 1] for t in vv], texts):
+                    target = gt[row:row + 1]
+                    loss = loss + focal_loss(s, target) + dice_loss(s[:, 1], target) + dice_loss(s[:, 0], 1 - target)
+            return loss / len(batch)
+
+        groups = [{"params": [*nets.normal.parameters(), *nets.anomalous.parameters()], "lr_scale": 1.0},
+                  {"params": [*nets.linear.parameters(), *nets.conv.parameters()],
+                   "lr_scale": float(self.decoder_lr) / float(self.lr)}]
+        optimiser = torch.optim.AdamW(groups, lr=float(self.lr), betas=(0.5, 0.999))
+        with placed(clip, device):
+            self.history_ = run_epochs(segmentation_loss, optimiser, len(aux), int(self.batch_size),
+                                       [float(self.lr)] * int(self.epochs), generator, device, self.name,
+                                       checkpoint=self.checkpoint, key=key)
+            for p in [*nets.normal.parameters(), *nets.anomalous.parameters(), *nets.linear.parameters(),
+                      *nets.conv.parameters()]:
+                p.requires_grad_(False)
+
+            def classification_loss(batch: torch.Tensor) -> torch.Tensor:  # stage 2: the adapter, by CE
+                f, _, _ = tokens(batch)
+                adapted = nn.functional.normalize(nets.adapter(f), dim=-1)
+                logits = torch.stack([adapted[i] @ self._texts(clip, nets, ids, adapted[i]).T
+                                      for i in range(len(batch))])
+                return nn.functional.cross_entropy(logits, y[batch])
+
+            adapter_optimiser = torch.optim.AdamW(nets.adapter.parameters(), lr=float(self.adapter_lr),
+                                                  betas=(0.5, 0.999))
+            stage_key = digest_arrays(np.frombuffer(key.encode(), dtype=np.uint8),  # and what stage 1 learned
+                                      *[p.detach().cpu().numpy() for p in nets.parameters() if not p.requires_grad])
+            self.adapter_history_ = run_epochs(
+                classification_loss, adapter_optimiser, len(aux), int(self.batch_size),
+                [float(self.adapter_lr)] * int(self.adapter_epochs), generator, device, f"{self.name} adapter",
+                checkpoint=None if self.checkpoint is None else f"{self.checkpoint}.adapter", key=stage_key)
+        self.networks_ = nets.cpu().eval()
+        for p in self.networks_.parameters():
+            p.requires_grad_(False)
+
+    def _predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        clip, device = self.clip(), self._device()
+        nets = self.networks_.to(device)
+        ids = tuple(i.to(device) for i in self._prompt_ids(clip))
+        scores, maps = [], []
+        with placed(clip, device), torch.no_grad():
+            for start in range(0, len(images), clip.batch_size):
+                batch = torch.from_numpy(images[start:start + clip.batch_size]).to(device)
+                n = len(batch)  # every batch at one size (backbone._fill_rows): scores independent of batching
+                f, qk, vv = self._tokens(clip, _fill_rows(clip.preprocess(batch), clip.batch_size))
+                adapted = nn.functional.normalize(nets.adapter(f[:n]), dim=-1)
+                for i in range(n):
+                    texts = self._texts(clip, nets, ids, adapted[i])
+                    scores.append(float(adapted[i] @ texts[1]))  # the authors' raw <f, g_a> / sqrt(2)
+                    layer_maps = [small_gaussian_blur((s[:, 1] - s[:, 0] + 1) / 2) for s in
+                                  self._maps(clip, nets, [t[i:i + 1] for t in qk], [t[i:i + 1] for t in vv], texts)]
+                    maps.append(torch.stack(layer_maps).mean(dim=0).double().cpu())
+        self.networks_.cpu()
+        full = torch.cat(maps)
+        if full.shape[1:] != images.shape[2:]:
+            full = nn.functional.interpolate(full[:, None], size=images.shape[2:], mode="bilinear",
+                                             align_corners=False)[:, 0]
+        full = full.numpy()
+        image_scores = np.asarray(scores, dtype=np.float64)
         return (image_scores + full.reshape(len(full), -1).max(axis=1)) / 2, full
