@@ -407,9 +407,9 @@ def test_oodscope_ad_runs_clip_ad_and_filo_from_a_clip_folder(tmp_path):
     assert {r["detector"] for r in records} >= {"clip_ad", "filo"}
 
 
-def test_oodscope_ad_runs_winclip_anomalyclip_and_clip_ad_plus_from_a_clip_folder(tmp_path):
-    """The three other CLIP detectors end to end through ``oodscope ad`` (one run): image and pixel records for
-    each, the trained ones on an auxiliary annotated MVTec-layout folder other than the target."""
+def test_oodscope_ad_runs_winclip_anomalyclip_clip_ad_plus_and_filo_trained_from_a_clip_folder(tmp_path):
+    """Four other CLIP detectors end to end through ``oodscope ad`` (one run): image and pixel records for each,
+    the trained ones on an auxiliary annotated MVTec-layout folder other than the target."""
     import json
 
     from oodscope.cli import main
@@ -418,7 +418,8 @@ def test_oodscope_ad_runs_winclip_anomalyclip_and_clip_ad_plus_from_a_clip_folde
     model = json.dumps(str(tiny_clip_folder()))
     auxiliary = json.dumps(str(tiny_mvtec_folder(n=3)))
     out = tmp_path / "out"
-    assert main(["ad", str(tiny_mvtec_folder()), "--detectors", "winclip,anomalyclip,clip_ad_plus", "--size", "32",
+    assert main(["ad", str(tiny_mvtec_folder()), "--detectors", "winclip,anomalyclip,clip_ad_plus,filo_trained",
+                 "--size", "32",
                  "--out", str(out),
                  "--param", f"winclip.model={model}", "--param", 'winclip.object_name="tile"',
                  "--param", f"anomalyclip.model={model}", "--param", f"anomalyclip.auxiliary={auxiliary}",
@@ -428,9 +429,14 @@ def test_oodscope_ad_runs_winclip_anomalyclip_and_clip_ad_plus_from_a_clip_folde
                  "--param", "anomalyclip.epochs=1", "--param", "anomalyclip.batch_size=4",
                  "--param", f"clip_ad_plus.model={model}", "--param", f"clip_ad_plus.auxiliary={auxiliary}",
                  "--param", "clip_ad_plus.stages=2", "--param", "clip_ad_plus.epochs=1",
-                 "--param", "clip_ad_plus.batch_size=4"]) == 0
+                 "--param", "clip_ad_plus.batch_size=4",
+                 "--param", f"filo_trained.model={model}", "--param", f"filo_trained.auxiliary={auxiliary}",
+                 "--param", 'filo_trained.descriptions=["crack"]', "--param", "filo_trained.layers=[1, 2]",
+                 "--param", "filo_trained.dpam_depth=1", "--param", "filo_trained.n_ctx=2",
+                 "--param", "filo_trained.epochs=1", "--param", "filo_trained.adapter_epochs=1",
+                 "--param", "filo_trained.batch_size=4"]) == 0
     records = json.loads((out / "results.json").read_text())["records"]
-    for name in ("winclip", "anomalyclip", "clip_ad_plus"):
+    for name in ("winclip", "anomalyclip", "clip_ad_plus", "filo_trained"):
         mine = [r for r in records if r["detector"] == name]
         assert mine, name
         for record in mine:  # an image AUROC and a pixel AUROC (the anomaly map) per defect group
@@ -554,7 +560,17 @@ def test_filo_trained_resumes_an_interrupted_fit_and_refuses_bad_settings(clip, 
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="belongs to another fit"):
         oodscope.create("filo_trained", checkpoint=checkpoint, **{**settings, "seed": 5}).fit(train)
+    # the training prompts name the auxiliary set's own category (the authors' per-image class prompts)
+    from oodscope.vlm.filo import DESCRIPTIONS as BUILT_IN
+
+    detector = oodscope.create("filo_trained", **settings)
+    assert detector._auxiliary_prompts() == ("tile", list(BUILT_IN["tile"]))  # the folder's name
+    assert oodscope.create("filo_trained", **{**settings, "auxiliary_object": "pcb1"})._auxiliary_prompts() == \
+        ("pcb", list(BUILT_IN["pcb1"]))
+    assert oodscope.create("filo_trained", **{**settings, "auxiliary": ["images"]})._auxiliary_prompts() == \
+        ("bottle", ["crack"])  # not a folder: the target's own prompts
     for bad, message in (({"auxiliary": None}, "pass auxiliary="), ({"adapter_epochs": -1}, "adapter_epochs"),
+                         ({"auxiliary_object": "teapot"}, "auxiliary_object 'teapot' has no built-in"),
                          ({"decoder_lr": 0.0}, "decoder_lr must be > 0"), ({"n_ctx": 0}, "n_ctx must be")):
         with pytest.raises(ValueError, match=message):
             oodscope.create("filo_trained", **{**settings, **bad}).fit(train)

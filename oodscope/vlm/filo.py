@@ -31,7 +31,8 @@ released code (``models/FiLo.py``, ``models/vv_open_clip/transformer.py``, ``tes
 
 **The trained parts** (``filo_trained``, :class:`FiLoTrained`, trained on ``auxiliary=`` an annotated set):
 
-* prompts ``X_1 ... X_12 <state>.`` and ``X_1 ... X_12 <state> at <position>.`` (no templates) whose context
+* prompts ``X_1 ... X_12 <state>.`` and ``X_1 ... X_12 <state> at <position>.`` (no templates; in training of
+  the auxiliary set's own category, ``auxiliary_object``, as the authors prompt each image with its class) whose context
   (:class:`ConditionalContext`, one per prompt kind) is shifted per image by a meta-net of the image embedding;
 * the raw Q-K tokens of every layer in ``layers`` through one linear decoder each, the raw V-V tokens of the layers
   inside the dual path through MMCI (:class:`MultiShapeConv`: 1x1, 3x3, 5x5, 7x7, 5x1 and 1x5 convolutions,
@@ -53,6 +54,8 @@ one tensor that later blocks update in place, so all of them equal the last bloc
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -347,7 +350,7 @@ class FiLoTrained(FiLo):
     trains_network = True
     grid = {"positions": [None, ("center",)]}
 
-    def __init__(self, model=None, auxiliary=None, object_name: str = "object",
+    def __init__(self, model=None, auxiliary=None, auxiliary_object: str | None = None, object_name: str = "object",
                  descriptions: Sequence[str] | None = None, positions: Sequence[str] | None = None,
                  layers: Sequence[int] = (6, 12, 18, 24), dpam_depth: int | None = None, n_ctx: int = 12,
                  epochs: int = 15, adapter_epochs: int = 5, lr: float = 1e-3, decoder_lr: float = 1e-4,
@@ -356,6 +359,7 @@ class FiLoTrained(FiLo):
         super().__init__(model=model, object_name=object_name, descriptions=descriptions, positions=positions,
                          layers=layers, dpam_depth=dpam_depth, device=device)
         self.auxiliary = auxiliary
+        self.auxiliary_object = auxiliary_object
         self.checkpoint = checkpoint  # a file: saved after every epoch of each stage; an interrupted fit resumes
         self.n_ctx = n_ctx
         self.epochs = epochs
@@ -383,17 +387,36 @@ class FiLoTrained(FiLo):
         if self.auxiliary is None:
             raise ValueError(f"{self.name}: pass auxiliary= an annotated anomaly set (an MVTec-layout folder or an "
                              "ImageSet with masks) to train on; the paper trains on VisA to test MVTec AD")
+        self._auxiliary_prompts()
 
     # -- prompts and maps ----------------------------------------------------------------------------------------
-    def _prompt_ids(self, clip) -> tuple[torch.Tensor, torch.Tensor]:
+    def _auxiliary_prompts(self) -> tuple[str, list[str]]:
+        """The object word and descriptions of the training prompts: the authors prompt each auxiliary image with
+        its own category. ``auxiliary_object`` names it (a built-in MVTec AD / VisA category); by default the
+        auxiliary folder's name when that is one; otherwise the target's own prompts."""
+        name = self.auxiliary_object
+        if name is None and isinstance(self.auxiliary, (str, os.PathLike)):
+            folder = Path(self.auxiliary).name.replace("_", " ")
+            name = folder if folder in DESCRIPTIONS else None
+        if name is None:
+            return self._prompt_name(), self._descriptions()
+        category = str(name).strip().replace("_", " ")
+        if category not in DESCRIPTIONS:
+            raise ValueError(f"{self.name}: auxiliary_object {name!r} has no built-in descriptions; use one of the "
+                             f"MVTec AD / VisA categories: {', '.join(DESCRIPTIONS)} (or None: the target's prompts)")
+        return PROMPT_NAMES.get(category, category), list(DESCRIPTIONS[category])
+
+    def _prompt_ids(self, clip, name: str | None = None, descriptions: Sequence[str] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of ``X ... X <state>.`` (normal) and ``X ... X <state> at <position>.`` (anomalous, states x
-        positions), the authors' prompts without templates: the context stands for them."""
+        positions), the authors' prompts without templates (the context stands for them), for the target object
+        unless ``name`` and ``descriptions`` are given."""
         from .locoop import prompt_ids
 
-        name = self._prompt_name()
+        name = self._prompt_name() if name is None else name
+        descriptions = self._descriptions() if descriptions is None else descriptions
         normal = [s.format(name) for s in NORMAL_STATES]
-        anomalous = [f"{s.format(name)} at {p}" for s in anomalous_states(self._descriptions())
-                     for p in self._positions()]
+        anomalous = [f"{s.format(name)} at {p}" for s in anomalous_states(descriptions) for p in self._positions()]
         return (prompt_ids(clip, normal, int(self.n_ctx), self.name),
                 prompt_ids(clip, anomalous, int(self.n_ctx), self.name))
 
@@ -454,7 +477,7 @@ class FiLoTrained(FiLo):
         self.network_shape_ = (int(clip.model.vision_model.config.hidden_size), int(clip.token_width),
                                int(self.text_embeddings_.shape[1]), int(self.n_ctx), len(self.layers), int(n_vv))
         nets = FiLoNetworks(*self.network_shape_, seed=int(self.seed)).to(device)
-        ids = tuple(i.to(device) for i in self._prompt_ids(clip))
+        ids = tuple(i.to(device) for i in self._prompt_ids(clip, *self._auxiliary_prompts()))
         aux_t, y, gt = (torch.from_numpy(a).to(device) for a in (aux, labels, masks))
         generator = torch.Generator().manual_seed(int(self.seed))
         key = digest_arrays(aux, labels, masks, np.concatenate([i.cpu().numpy().ravel() for i in ids]))
