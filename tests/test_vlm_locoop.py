@@ -227,3 +227,58 @@ def test_oodscope_train_fine_tunes_a_cifar_resnet_with_locoop_reg(tmp_path, caps
     meta, records = read_results(out / "results.json")
     assert meta["training"]["objective"] == "locoop_reg" and {"ce", "ood"} <= set(meta["training"]["history"][0])
     assert {r["detector"] for r in records} == {"msp"} and all(0 <= r["auroc"] <= 100 for r in records)
+
+
+# -- CoOp's augmentation -----------------------------------------------------------------------------------------
+def test_resized_crop_boxes_follow_torchvisions_rule_and_the_crop_resamples_the_box():
+    import oodscope.training.engine as engine
+
+    top, left, height, width = engine.resized_crop_boxes(4000, 32, 48, torch.Generator().manual_seed(0))
+    assert ((top >= 0) & (left >= 0) & (top + height <= 32) & (left + width <= 48)).all()
+    share, aspect = (height * width).double() / (32 * 48), width.double() / height.double()
+    assert share.min() >= 0.08 - 0.01 and share.max() <= 1.0 and aspect.min() >= 0.7 and aspect.max() <= 1.4
+    assert share.max() > 0.8 and share.min() < 0.1  # the range is used, not one box
+    # a box that cannot fit in 10 draws (scale > 1 impossible): the centre crop at the clamped ratio
+    top, left, height, width = engine.resized_crop_boxes(3, 10, 40, torch.Generator(), scale=(2.0, 3.0))
+    assert height.tolist() == [10] * 3 and width.tolist() == [13] * 3 and left.tolist() == [13] * 3
+    x = torch.arange(2 * 4 * 6 * 3, dtype=torch.float32).reshape(2, 4, 6, 3)
+    boxes = {"whole": (0, 0, 4, 6), "half": (0, 3, 4, 3)}
+    for name, (t, l, h, w) in boxes.items():
+        engine_boxes = engine.resized_crop_boxes
+        try:
+            engine.resized_crop_boxes = lambda b, *_: tuple(torch.full((b,), v) for v in (t, l, h, w))
+            out = engine.augment_resized_crop(x, torch.Generator().manual_seed(3))
+        finally:
+            engine.resized_crop_boxes = engine_boxes
+        flipped = torch.rand(2, generator=torch.Generator().manual_seed(3)) < 0.5
+        for i in range(2):
+            expected = x[i]
+            if name == "half":  # the right half, stretched 2x along the width: columns 3..5 sampled at half steps
+                cols = torch.clamp(torch.arange(6) / 2.0 + 3 - 0.25, 3, 5)
+                low, frac = cols.floor().long(), (cols - cols.floor())[None, :, None]
+                expected = x[i][:, low] * (1 - frac) + x[i][:, torch.clamp(low + 1, max=5)] * frac
+            expected = expected.flip(1) if flipped[i] else expected
+            torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-4)
+
+
+def test_locoop_augment_trains_on_the_engines_resized_crops_and_equals_the_feature_path_without_them(
+        clip, few_shot, monkeypatch):
+    import oodscope.training.engine as engine
+
+    settings = dict(model=clip, n_ctx=4, epochs=3, top_k=1, batch_size=4, seed=1)
+    features = oodscope.create("locoop", **settings).fit(CLASSES, *few_shot)
+    calls = []
+    monkeypatch.setitem(engine.AUGMENTATIONS, "resized_crop", lambda batch, g: calls.append(len(batch)) or batch)
+    identity = oodscope.create("locoop", augment=True, **settings).fit(CLASSES, *few_shot)
+    assert sum(calls) == 3 * 12  # every image, every epoch
+    np.testing.assert_allclose(identity.context_, features.context_, rtol=1e-4, atol=1e-6)  # the same learner
+    monkeypatch.undo()
+    augmented = oodscope.create("locoop", augment=True, **settings).fit(CLASSES, *few_shot)
+    again = oodscope.create("locoop", augment=True, **settings).fit(CLASSES, *few_shot)
+    np.testing.assert_array_equal(augmented.context_, again.context_)  # seeded
+    assert not np.allclose(augmented.context_, features.context_, atol=1e-6)  # the crops changed the training
+    assert np.isfinite(augmented.score(few_shot[0])).all()
+    with pytest.raises(ValueError, match="augment must be True or False"):
+        oodscope.create("locoop", augment="yes", **settings).fit(CLASSES, *few_shot)
+    with pytest.raises(ValueError, match="augmentation must be True, False or one of"):
+        finetune(_cnn(), (np.zeros((4, 8, 8, 3), np.uint8), np.arange(4) % 3), "cross_entropy", augmentation="mixup")

@@ -99,6 +99,84 @@ def augment(batch, generator, padding: int = 4):
     return torch.where(flip[:, None, None, None], cropped.flip(2), cropped)
 
 
+def resized_crop_boxes(b: int, h: int, w: int, generator, scale: tuple[float, float] = (0.08, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10):
+    """``(top, left, height, width)`` integer tensors of ``b`` random crops, torchvision's ``RandomResizedCrop``
+    rule: up to ``attempts`` draws of an area share in ``scale`` and a log-uniform aspect ratio in ``ratio`` until the
+    box fits; images none of whose draws fit get the centre crop at the ratio clamped to ``ratio``."""
+    import torch
+
+    tops, lefts = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+    heights, widths = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool)
+    log_ratio = torch.log(torch.tensor(ratio, dtype=torch.float64))
+    for _ in range(attempts):  # a loop over attempts, every image at once
+        area = h * w * (scale[0] + (scale[1] - scale[0]) * torch.rand(b, generator=generator, dtype=torch.float64))
+        aspect = torch.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand(b, generator=generator,
+                                                                                       dtype=torch.float64))
+        cw, ch = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
+        top = (torch.rand(b, generator=generator, dtype=torch.float64) * (h - ch + 1).clamp(min=1)).long()
+        left = (torch.rand(b, generator=generator, dtype=torch.float64) * (w - cw + 1).clamp(min=1)).long()
+        fits = (~done) & (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        tops, lefts = torch.where(fits, top, tops), torch.where(fits, left, lefts)
+        heights, widths = torch.where(fits, ch, heights), torch.where(fits, cw, widths)
+        done |= fits
+    if not done.all():  # the fallback: the whole image at the nearest allowed aspect ratio, centred
+        in_ratio = w / h
+        if in_ratio < ratio[0]:
+            cw, ch = w, round(w / ratio[0])
+        elif in_ratio > ratio[1]:
+            cw, ch = round(h * ratio[1]), h
+        else:
+            cw, ch = w, h
+        rest = ~done
+        heights[rest], widths[rest] = ch, cw
+        tops[rest], lefts[rest] = (h - ch) // 2, (w - cw) // 2
+    return tops, lefts, heights, widths
+
+
+def _resample_axis(x, axis: int, start, length, size: int, reverse=None):
+    """Bilinear resampling (half-pixel centres, edges clamped to the crop) of the crop ``[start, start + length)``
+    of every image along ``axis`` (1: rows, 2: columns of ``(B, H, W, C)``) to ``size`` samples, mirrored where
+    ``reverse``: what resizing the cropped image does, without antialiasing."""
+    import torch
+
+    b = x.shape[0]
+    centres = start[:, None] + (torch.arange(size, dtype=torch.float64) + 0.5) * length[:, None] / size - 0.5
+    centres = torch.minimum(torch.maximum(centres, start[:, None].double()), (start + length - 1)[:, None].double())
+    if reverse is not None:
+        centres = torch.where(reverse[:, None], centres.flip(1), centres)
+    low = centres.floor().long()
+    high = torch.minimum(low + 1, (start + length - 1)[:, None])
+    frac = (centres - low).float()
+    batch_index = torch.arange(b)[:, None, None]
+    if axis == 1:
+        lanes = torch.arange(x.shape[2])[None, None, :]
+        pick = lambda rows: x[batch_index, rows[:, :, None], lanes]  # noqa: E731
+        return pick(low) * (1 - frac[:, :, None, None]) + pick(high) * frac[:, :, None, None]
+    lanes = torch.arange(x.shape[1])[None, :, None]
+    pick = lambda cols: x[batch_index, lanes, cols[:, None, :]]  # noqa: E731
+    return pick(low) * (1 - frac[:, None, :, None]) + pick(high) * frac[:, None, :, None]
+
+
+def augment_resized_crop(batch, generator):
+    """CoOp's training augmentation on an ``(B, H, W, C)`` tensor: a random resized crop (:func:`resized_crop_boxes`)
+    back to ``H x W`` and a random horizontal flip, per image: the crop resized bilinearly with half-pixel centres
+    (no antialiasing: torchvision's PIL resize antialiases a crop it shrinks, so a large box differs slightly)."""
+    import torch
+
+    b, h, w, _ = batch.shape
+    top, left, height, width = resized_crop_boxes(b, h, w, generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    x = batch.float()
+    x = _resample_axis(x, 2, left, width, w, reverse=flip)
+    x = _resample_axis(x, 1, top, height, h)
+    return x.round().clamp(0, 255).to(batch.dtype) if not batch.dtype.is_floating_point else x.to(batch.dtype)
+
+
+AUGMENTATIONS = {"crop": augment, "resized_crop": augment_resized_crop}
+
+
 def model_identity(model) -> str:
     """The model's class and a digest of its state shapes, plus its ``checkpoint_key`` when it has one (a digest of
     what it depends on outside its ``state_dict``, e.g. a frozen backbone held outside the module tree)."""
@@ -164,7 +242,7 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
              lr: float = 0.001, batch_size: int = 128, outlier_batch_size: int | None = None,
              schedule: str = "cosine", momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0,
              device: str = "cpu", checkpoint_dir: str | Path | None = None, preprocess: Callable | None = None,
-             augmentation: bool = True, copy: bool = True, progress: bool = True,
+             augmentation: bool | str = True, copy: bool = True, progress: bool = True,
              max_steps: int | None = None, nesterov: bool = True, warmup_epochs: int = 0,
              warmup_lr: float = 1e-5) -> tuple[Any, History]:
     """Fine-tune ``model`` on ``train = (images, labels)`` with ``objective``; returns ``(model, history)``.
@@ -185,7 +263,9 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
         device: ``"cpu"``, ``"cuda"``, ... (AMP on CUDA).
         checkpoint_dir: where the per-epoch checkpoint lives; a rerun resumes from it.
         preprocess: maps a raw image batch tensor to the model input (e.g. the model's ``ImageNormalize``).
-        augmentation: random crop (padding 4) and horizontal flip of channels-last images.
+        augmentation: ``True`` or ``"crop"``: random crop (padding 4) and horizontal flip of channels-last images
+            (the CIFAR recipe); ``"resized_crop"``: CoOp's random resized crop (scale 0.08-1) and flip;
+            ``False``: none.
         max_steps: stop each epoch after this many steps (for short CPU schedules; part of the checkpoint identity).
         nesterov: Nesterov momentum (default) or plain momentum (CoOp's SGD).
         warmup_epochs: the first epochs run at the constant ``warmup_lr``, the schedule's later steps unchanged
@@ -217,6 +297,10 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
     outlier_batch_size = outlier_batch_size or 2 * batch_size
     outliers_drawn = objective.outliers_per_step(batch_size, outlier_batch_size)
     channels_last = _channels_last(images)
+    if augmentation not in (True, False, *AUGMENTATIONS):
+        raise ValueError(f"finetune: augmentation must be True, False or one of {sorted(AUGMENTATIONS)}, got "
+                         f"{augmentation!r}")
+    augment_batch = AUGMENTATIONS["crop" if augmentation is True else augmentation] if augmentation else None
     if augmentation and not channels_last:
         raise ValueError("finetune: augmentation works on channels-last (N, H, W, C) images; pass those or "
                          "augmentation=False")
@@ -277,9 +361,9 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
                 if outlier_images is not None:
                     pick = torch.randint(0, len(outlier_images), (outliers_drawn,), generator=out_gen)
                     x_out = torch.from_numpy(outlier_images[pick.numpy()])
-                if augmentation:
-                    x = augment(x, aug_gen)
-                    x_out = None if x_out is None else augment(x_out, aug_gen)
+                if augment_batch is not None:
+                    x = augment_batch(x, aug_gen)
+                    x_out = None if x_out is None else augment_batch(x_out, aug_gen)
                 if x_out is not None:
                     x_out = objective.select_outliers(x, x_out, model, prep, out_gen)
                 inputs, context = objective.batch(x, x_out, aug_gen)

@@ -20,7 +20,10 @@ Miyai, Yu, Irie & Aizawa, "LoCoOp: Few-Shot Out-of-Distribution Detection via Pr
   order, writes a checkpoint after every epoch to ``checkpoint`` (a folder) from which an interrupted fit resumes
   to the uninterrupted result, shows a tqdm bar and runs on ``device``. Image features (global and local,
   :mod:`oodscope.vlm.backbone`) are computed once through the extraction cache and are the engine's training
-  inputs, so CoOp's random-crop/flip augmentation is not applied.
+  inputs, so CoOp's random-crop/flip augmentation is not applied; with ``augment=True`` it is: the engine draws
+  CoOp's random resized crop (scale 0.08-1, aspect 3/4-4/3) and flip of every image each epoch
+  (``finetune(augmentation="resized_crop")``) and :class:`ImagePromptLearner` re-encodes them (CPU cost: one image
+  forward per image per epoch instead of one in all).
 * **Score**: GL-MCM (``scoring="gl_mcm"``, the paper's best) or MCM with the learned prompts, ``T = 1``;
   ``-S`` (higher = more OOD).
 
@@ -106,6 +109,20 @@ class PromptLearner(nn.Module):
         return logits[:, 0]
 
 
+class ImagePromptLearner(PromptLearner):
+    """:class:`PromptLearner` on images instead of features: ``forward`` takes ``(B, H, W, 3)`` channels-last
+    images in [0, 1] (the engine's augmented batches), runs CLIP's image tower on them without gradients (CLIP's
+    preprocessing, then the global and MaskCLIP patch embeddings of :meth:`~oodscope.vlm.backbone.HFClip.image_forward`)
+    and scores them as the parent does. For CoOp's per-epoch augmentation (``LoCoOp(augment=True)``): every epoch
+    re-encodes every image."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            global_, local = self.clip.image_forward(self.clip.preprocess(images.permute(0, 3, 1, 2).float()))
+        rows = nn.functional.normalize(torch.cat([global_[:, None], local], dim=1).float(), dim=-1)
+        return super().forward(rows[:, None])
+
+
 class LoCoOp(VLMDetector):
     """CoOp prompts trained with LoCoOp's local OOD regularisation, scored by GL-MCM (see module docstring)."""
 
@@ -116,8 +133,9 @@ class LoCoOp(VLMDetector):
 
     def __init__(self, model=None, n_ctx: int = 16, lam: float = 0.25, top_k: int = 200, epochs: int = 50,
                  lr: float = 0.002, batch_size: int = 32, scoring: str = "gl_mcm", temperature: float = 1.0,
-                 seed: int = 0, device: str = "cpu", checkpoint: str | None = None):
+                 seed: int = 0, device: str = "cpu", checkpoint: str | None = None, augment: bool = False):
         self.model = model
+        self.augment = augment  # CoOp's random resized crop + flip, re-encoding every image every epoch
         self.checkpoint = checkpoint  # a folder: the engine's checkpoint after every epoch; a rerun resumes
         self.n_ctx = n_ctx
         self.lam = lam
@@ -145,6 +163,8 @@ class LoCoOp(VLMDetector):
                 raise ValueError(f"{self.name}: {key} must be > 0, got {value!r}")
         if not (isinstance(self.lam, (int, float)) and self.lam >= 0):
             raise ValueError(f"{self.name}: lam must be >= 0, got {self.lam!r}")
+        if not isinstance(self.augment, (bool, np.bool_)):
+            raise ValueError(f"{self.name}: augment must be True or False, got {self.augment!r}")
 
     def fit(self, classes: Any, images: Any = None, labels: Any = None) -> "LoCoOp":
         """Learn the context vectors from labelled few-shot ID ``images`` of the ``classes``."""
@@ -173,11 +193,15 @@ class LoCoOp(VLMDetector):
         from ..extraction.extract import resolve_device
 
         device = resolve_device(self.device)
-        global_, local = clip.encode_images(images, device=str(device), name="locoop-train")
         self.classes_ = names
+        if self.augment:  # the engine augments channels-last images; the learner encodes them every step
+            learner = ImagePromptLearner(clip, names, self.n_ctx, self.seed)
+            inputs = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+        else:  # features once, through the extraction cache
+            global_, local = clip.encode_images(images, device=str(device), name="locoop-train")
+            learner, inputs = PromptLearner(clip, names, self.n_ctx, self.seed), pack_features(global_, local)
         with placed(clip, device):  # the text tower runs (and back-propagates) on the detector's device
-            learner = self._train(PromptLearner(clip, names, self.n_ctx, self.seed), pack_features(global_, local),
-                                  labels, device)
+            learner = self._train(learner, inputs, labels, device)
             with torch.no_grad():
                 texts = learner.text_features()
         self.context_ = learner.context.detach().cpu().numpy().astype(np.float32)
@@ -199,7 +223,7 @@ class LoCoOp(VLMDetector):
             learner, (features, labels.astype(np.int64)), objective, epochs=int(self.epochs), lr=float(self.lr),
             batch_size=int(self.batch_size), momentum=0.9, nesterov=False, weight_decay=5e-4, warmup_epochs=1,
             warmup_lr=1e-5, seed=int(self.seed), device=str(device), checkpoint_dir=self.checkpoint,
-            augmentation=False, copy=False, progress=sys.stderr.isatty())
+            augmentation="resized_crop" if self.augment else False, copy=False, progress=sys.stderr.isatty())
         self.history_ = [float(epoch["loss"]) for epoch in history.epochs]
         return learner
 
