@@ -11,6 +11,8 @@ values (256 MiB), so a 1M x 2048 float32 bank (or a ``np.memmap`` of it) never g
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ._common import as_float64, class_means
@@ -109,24 +111,28 @@ class Scatter:
     def reset(self) -> None:
         self.upper[...] = 0.0
 
+    @classmethod
+    def of(cls, features: np.ndarray, centres: Callable[[int, int], np.ndarray],
+           chunk: int | None = None) -> "Scatter":
+        """The scatter of all rows about ``centres(start, stop)`` (the centre of rows ``start:stop``: one row, or
+        one per row), one chunk at a time."""
+        chunk = chunk or rows_per_chunk(features.shape[1])
+        scatter = cls(features.shape[1], min(chunk, len(features)))
+        for start, stop in chunks(len(features), chunk):
+            scatter.add(features[start:stop], centres(start, stop))
+        return scatter
+
 
 def tied_covariance(features: np.ndarray, labels: np.ndarray, means: np.ndarray,
                     chunk: int | None = None) -> np.ndarray:
     """``1/N sum_i (x_i - mu_{y_i})(x_i - mu_{y_i})^T`` (float64), accumulated over row chunks."""
-    chunk = chunk or rows_per_chunk(features.shape[1])
-    scatter = Scatter(features.shape[1], min(chunk, len(features)))
-    for start, stop in chunks(len(features), chunk):
-        scatter.add(features[start:stop], means[labels[start:stop]])
+    scatter = Scatter.of(features, lambda start, stop: means[labels[start:stop]], chunk)
     return scatter.matrix(1.0 / len(features))
 
 
 def second_moment(features: np.ndarray, centre: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """``1/N sum_i (x_i - c)(x_i - c)^T`` about a fixed centre ``c`` (float64, one chunked ``dsyrk`` pass)."""
-    chunk = chunk or rows_per_chunk(features.shape[1])
-    scatter = Scatter(features.shape[1], min(chunk, len(features)))
-    for start, stop in chunks(len(features), chunk):
-        scatter.add(features[start:stop], centre)
-    return scatter.matrix(1.0 / len(features))
+    return Scatter.of(features, lambda start, stop: centre, chunk).matrix(1.0 / len(features))
 
 
 def full_covariance(features: np.ndarray, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:

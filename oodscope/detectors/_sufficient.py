@@ -40,11 +40,7 @@ SHARDED = ("mahalanobis", "rmds", "vim", "residual", "gmm")
 # -- statistics ------------------------------------------------------------------------------------------------
 def _scatter(features: np.ndarray, centres: np.ndarray, chunk: int | None = None) -> np.ndarray:
     """``sum_i (x_i - c_i)(x_i - c_i)^T`` with one centre row per sample (float64, chunked ``dsyrk``)."""
-    chunk = chunk or rows_per_chunk(features.shape[1])
-    scatter = Scatter(features.shape[1], min(chunk, len(features)))
-    for start, stop in chunks(len(features), chunk):
-        scatter.add(features[start:stop], centres[start:stop])
-    return scatter.matrix()
+    return Scatter.of(features, lambda start, stop: centres[start:stop], chunk).matrix()
 
 
 def _class_sums(features: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -78,9 +78,10 @@ class ViM(Detector):
     def _alpha_sums(self, features: np.ndarray, logits: np.ndarray) -> tuple[float, float]:
         """``sum_i ||x_i^{P⊥}||`` and ``sum_i max_j l_ij`` (Eq. 8's numerator and denominator), chunked.
 
-        The projections run at the features' own precision (float32 for a float32 bank: the second pass over a
-        1M x 2048 bank is a 1M x 2048 x 1048 product, 2.5x faster in float32) and the sums in float64; alpha, a
-        ratio of two sums of a million terms, moves by about 1e-7 relative (tests check 1e-5).
+        The projections run at the features' own precision (float32 for a float32 bank) and the sums in float64.
+        On a 200,000 x 2048 bank this second pass took 9.5 s in float64 and 3.9 s in float32; alpha, a ratio of
+        two sums, moved by 2e-9 and 1e-9 relative on 3,000 x 64 and 20,000 x 512 float32 banks of features around
+        5 with spread 1 (``tests/test_detectors.py`` checks 1e-5).
         """
         dtype = np.result_type(features.dtype, np.float32)
         origin, basis = self.origin_.astype(dtype), self.residual_basis_.astype(dtype)
