@@ -230,7 +230,8 @@ class FiLo(ImageDetector):
 
         return resolve_device(self.device)
 
-    def _fit(self, images: np.ndarray) -> None:
+    def _check_model(self, images: np.ndarray):
+        """The CLIP backbone, checked for what the dual path needs; sets ``dpam_depth_``."""
         if images.shape[2] != images.shape[3]:
             raise ValueError(f"{self.name}: images must be square (CLIP crops the centre), got "
                              f"{images.shape[2]} x {images.shape[3]}; resize them (load_mvtec(size=...))")
@@ -245,6 +246,10 @@ class FiLo(ImageDetector):
             raise ValueError(f"{self.name}: dpam_depth must be in 0..{blocks} and layers in 1..{blocks} (the model has "
                              f"{blocks} vision blocks), got {self.dpam_depth!r}, {tuple(self.layers or ())}")
         self.dpam_depth_ = int(depth)
+        return clip
+
+    def _fit(self, images: np.ndarray) -> None:
+        clip = self._check_model(images)
         device, name = str(self._device()), self._prompt_name()
         normal = clip.encode_texts([t.format(s.format(name)) for s in NORMAL_STATES for t in TEMPLATES],
                                    device=device, name="filo-prompts")
@@ -372,18 +377,14 @@ class FiLoTrained(FiLo):
 
     def _check_params(self) -> None:
         super()._check_params()
+        from ..detectors._shaping import check_positive
+        from ..detectors.anomaly._base import check_int
+
         for key in ("n_ctx", "epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{self.name}: {key} must be a positive integer, got {value!r}")
-        if isinstance(self.adapter_epochs, bool) or not isinstance(self.adapter_epochs, (int, np.integer)) or \
-                self.adapter_epochs < 0:
-            raise ValueError(f"{self.name}: adapter_epochs must be a non-negative integer, got "
-                             f"{self.adapter_epochs!r}")
+            check_int(self.name, key, getattr(self, key))
+        check_int(self.name, "adapter_epochs", self.adapter_epochs, minimum=0)
         for key in ("lr", "decoder_lr", "adapter_lr"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{self.name}: {key} must be > 0, got {value!r}")
+            check_positive(self.name, key, getattr(self, key))
         if self.auxiliary is None:
             raise ValueError(f"{self.name}: pass auxiliary= an annotated anomaly set (an MVTec-layout folder or an "
                              "ImageSet with masks) to train on; the paper trains on VisA to test MVTec AD")
@@ -453,8 +454,12 @@ class FiLoTrained(FiLo):
         from .anomalyclip import dual_path_tokens
 
         global_, vv, qk = dual_path_tokens(clip, pixels, tuple(self.layers), self.dpam_depth_)
-        dual = [i for i, layer in enumerate(self.layers) if layer > self.n_blocks_ - self.dpam_depth_]
-        return nn.functional.normalize(global_.float(), dim=-1), qk, [vv[i] for i in dual]
+        return nn.functional.normalize(global_.float(), dim=-1), qk, [vv[i] for i in self._dual_layers(clip)]
+
+    def _dual_layers(self, clip) -> list[int]:
+        """Positions in ``layers`` of the blocks inside the dual path (the last ``dpam_depth_``)."""
+        first_dual = len(clip.model.vision_model.encoder.layers) - self.dpam_depth_
+        return [i for i, layer in enumerate(self.layers) if layer > first_dual]
 
     # -- fit and predict ----------------------------------------------------------------------------------------
     def _init_networks(self) -> None:
@@ -466,16 +471,14 @@ class FiLoTrained(FiLo):
         from ._train import digest_arrays, run_epochs
         from .anomalyclip import dice_loss, focal_loss, load_auxiliary
 
-        super()._fit(images)  # checks, dpam_depth_ (the hand-written prompts it also embeds are not used here)
-        clip, device = self.clip(), self._device()
+        clip, device = self._check_model(images), self._device()  # the hand-written prompts are not embedded
         if not hasattr(clip, "context_text_forward"):
             raise ValueError(f"{self.name}: the backbone {type(clip).__name__} has no context_text_forward "
                              "(prompt learning needs the Hugging Face CLIP backbone)")
-        self.n_blocks_ = len(clip.model.vision_model.encoder.layers)
-        n_vv = sum(layer > self.n_blocks_ - self.dpam_depth_ for layer in self.layers)
         aux, labels, masks = load_auxiliary(self.auxiliary, clip.image_size, self.name)
         self.network_shape_ = (int(clip.model.vision_model.config.hidden_size), int(clip.token_width),
-                               int(self.text_embeddings_.shape[1]), int(self.n_ctx), len(self.layers), int(n_vv))
+                               int(clip.model.visual_projection.out_features), int(self.n_ctx), len(self.layers),
+                               len(self._dual_layers(clip)))
         nets = FiLoNetworks(*self.network_shape_, seed=int(self.seed)).to(device)
         ids = tuple(i.to(device) for i in self._prompt_ids(clip, *self._auxiliary_prompts()))
         aux_t, y, gt = (torch.from_numpy(a).to(device) for a in (aux, labels, masks))
