@@ -297,10 +297,11 @@ def finetune(model: Any, train: Any, objective: Objective | str, outliers: Any =
     outlier_batch_size = outlier_batch_size or 2 * batch_size
     outliers_drawn = objective.outliers_per_step(batch_size, outlier_batch_size)
     channels_last = _channels_last(images)
-    if augmentation not in (True, False, *AUGMENTATIONS):
+    name = ("crop" if augmentation else None) if isinstance(augmentation, (bool, np.bool_)) else augmentation
+    if name is not None and not (isinstance(name, str) and name in AUGMENTATIONS):
         raise ValueError(f"finetune: augmentation must be True, False or one of {sorted(AUGMENTATIONS)}, got "
                          f"{augmentation!r}")
-    augment_batch = AUGMENTATIONS["crop" if augmentation is True else augmentation] if augmentation else None
+    augment_batch = None if name is None else AUGMENTATIONS[name]
     if augmentation and not channels_last:
         raise ValueError("finetune: augmentation works on channels-last (N, H, W, C) images; pass those or "
                          "augmentation=False")
