@@ -114,16 +114,15 @@ class Clock:
 
 
 def fastest(clocks: list[Clock]) -> Clock:
-    """The run with the least wall time, its string followed by every run's wall seconds."""
-    best = min(clocks, key=lambda clock: clock.wall)
-    best.runs = clocks
-    return best
+    """The run with the least wall time."""
+    return min(clocks, key=lambda clock: clock.wall)
 
 
-def describe(clock: Clock) -> str:
-    runs = getattr(clock, "runs", [clock])
-    return str(clock) if len(runs) == 1 else (f"{clock} (fastest of {len(runs)}: "
-                                              + ", ".join(f"{c.wall:.2f}" for c in runs) + " s wall)")
+def describe(clocks: list[Clock]) -> str:
+    """The fastest run, followed by every run's wall seconds when there were several."""
+    best = str(fastest(clocks))
+    return best if len(clocks) == 1 else f"{best} (fastest of {len(clocks)}: " + \
+        ", ".join(f"{c.wall:.2f}" for c in clocks) + " s wall)"
 
 
 def eval_names(sets) -> list[str]:
@@ -227,8 +226,8 @@ def main() -> int:
         runs_b.append(clock_b)
     clock_a, clock_b = fastest(runs_a), fastest(runs_b)
     names = [n for n in names if n not in failed]
-    print(f"(a) one extraction pass: {describe(clock_a)}")
-    print(f"(b) oodscope sweep, {len(names)} detectors: {describe(clock_b)}")
+    print(f"(a) one extraction pass: {describe(runs_a)}")
+    print(f"(b) oodscope sweep, {len(names)} detectors: {describe(runs_b)}")
     if args.profile:
         print("    per detector (fit + score, s): " + ", ".join(
             f"{n} {t:.3f}" for n, t in sorted(seconds.items(), key=lambda item: -item[1])))
@@ -248,8 +247,8 @@ def main() -> int:
             gram_seconds.append(seconds_g["gram"])
             del outputs_g
         clock_ag, clock_bg = fastest(runs_ag), fastest(runs_bg)
-        print(f"(a') one extraction pass keeping gram's feature maps: {describe(clock_ag)}")
-        print(f"(b') oodscope sweep with gram, {len(names) + 1 - len(failed_g)} detectors: {describe(clock_bg)}; "
+        print(f"(a') one extraction pass keeping gram's feature maps: {describe(runs_ag)}")
+        print(f"(b') oodscope sweep with gram, {len(names) + 1 - len(failed_g)} detectors: {describe(runs_bg)}; "
               f"gram fit + score {min(gram_seconds):.2f} s; sweep/extraction with gram: "
               f"{clock_bg.wall / clock_ag.wall:.2f} (CPU {clock_bg.cpu / clock_ag.cpu:.2f})")
 
