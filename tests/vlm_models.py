@@ -82,6 +82,45 @@ def tiny_clip(seed: int = 0, **options):
     return load_clip(tiny_clip_folder(seed), **{"use_cache": False, **options})
 
 
+# -- a tiny Grounding DINO --------------------------------------------------------------------------------------
+GROUNDING_WORDS = ["anomaly", "damage", "broken", "defect", "contamination", "crack", "scratch", "hole"]
+
+
+def save_tiny_grounding_dino(folder: str | Path, seed: int = 0) -> Path:
+    """Write a seeded random tiny ``GroundingDinoForObjectDetection`` (Swin backbone of embedding 16, BERT text
+    encoder of width 32, 12 queries) with a word-level BERT tokenizer and its processor to ``folder``."""
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessorPil, GroundingDinoProcessor, SwinConfig)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."] + GROUNDING_WORDS
+    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(vocab)})
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                          window_size=4, out_features=["stage2", "stage3", "stage4"])
+    text = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=64)
+    config = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1,
+                                 decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
+                                 decoder_attention_heads=2, num_queries=12, num_feature_levels=3, encoder_n_points=2,
+                                 decoder_n_points=2, max_text_len=32, use_timm_backbone=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GroundingDinoForObjectDetection(config)
+    model.save_pretrained(folder)
+    images = GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 64})
+    GroundingDinoProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@lru_cache(maxsize=None)
+def tiny_grounding_folder(seed: int = 0) -> Path:
+    """One tiny Grounding DINO folder per seed for the whole test session (a temporary directory)."""
+    import tempfile
+
+    return save_tiny_grounding_dino(Path(tempfile.mkdtemp(prefix="oodscope-tiny-gdino-")) / f"seed{seed}", seed)
+
+
 # -- the aligned toy backbone ----------------------------------------------------------------------------------
 COLOURS = {  # concept -> RGB in [0, 1]
     "apple": (0.9, 0.1, 0.1), "leaf": (0.1, 0.8, 0.1), "sky": (0.1, 0.2, 0.9),

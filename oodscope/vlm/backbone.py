@@ -491,14 +491,16 @@ def is_model_id(text: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", text) is not None and ".." not in text
 
 
-def cached_snapshot(model_id: str) -> Path:
+def cached_snapshot(model_id: str, what: str = "CLIP model", download: str = "oodscope.vlm.download_clip"
+                    ) -> Path:
     """The snapshot folder of ``model_id`` (its ``main`` revision) in the local Hugging Face cache, offline; a
-    ``ValueError`` naming the id and the cache folder when it is not there."""
+    ``ValueError`` naming the id and the cache folder when it is not there (``what`` names the model's kind and
+    ``download`` the function that fetches it in that message)."""
     cache = hub_cache_dir()
     entry = cache / f"models--{model_id.replace('/', '--')}"
-    missing = (f"CLIP model {model_id!r} is neither a local folder nor in the Hugging Face cache {cache} (no "
+    missing = (f"{what} {model_id!r} is neither a local folder nor in the Hugging Face cache {cache} (no "
                f"{entry.name}/snapshots for refs/main); download it once where there is network (e.g. "
-               f"`hf download {model_id}`, or oodscope.vlm.download_clip), set HF_HUB_CACHE / HF_HOME to the cache "
+               f"`hf download {model_id}`, or {download}), set HF_HUB_CACHE / HF_HOME to the cache "
                "that holds it, or pass the model's folder")
     try:
         from huggingface_hub import snapshot_download

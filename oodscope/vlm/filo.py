@@ -46,8 +46,14 @@ released code (``models/FiLo.py``, ``models/vv_open_clip/transformer.py``, ``tes
 The context here follows each image's own embedding (the authors' forward takes the first image's for the whole
 batch: the same at their batch size 1).
 
-**What is not built**: Grounding DINO's preliminary box localisation (no weights here) with its down-weighting of
-the map outside the boxes (x 0.7); ``positions=`` chooses the position prompts instead (all nine by default).
+**HQ-Loc's boxes** (both detectors, ``grounding=`` a Hugging Face Grounding DINO folder or cached id; test time
+only, as the authors' ``test.py``; rules in :mod:`oodscope.vlm.grounding`): Grounding DINO is prompted with the
+general anomaly words and the descriptions; the position word of each image is the 3 x 3 cell of its best anomaly
+box's centre (``"center"`` without one), so ``g_a`` is the mean over that position's prompts only; the image score
+is taken from the map, then the map outside every anomaly box is multiplied by ``outside_weight`` (0.7). Without
+``grounding``, ``positions=`` chooses the position prompts (all nine by default). The authors fine-tuned their
+Grounding DINO on the auxiliary set with MMDetection (weights not in the Hugging Face format): the zero-shot
+``IDEA-Research/grounding-dino-tiny`` has their architecture, not their weights.
 The patch features here are per layer; in the authors' code the stored V-V tokens of every layer are aliased to
 one tensor that later blocks update in place, so all of them equal the last block's.
 """
@@ -167,13 +173,20 @@ class FiLo(ImageDetector):
 
     def __init__(self, model=None, object_name: str = "object", descriptions: Sequence[str] | None = None,
                  positions: Sequence[str] | None = None, layers: Sequence[int] = (6, 12, 18, 24),
-                 dpam_depth: int | None = None, device: str = "cpu"):
+                 dpam_depth: int | None = None, grounding=None, box_threshold: float = 0.25,
+                 text_threshold: float = 0.25, max_box_area: float = 0.7, outside_weight: float = 0.7,
+                 device: str = "cpu"):
         self.model = model
         self.object_name = object_name
         self.descriptions = descriptions
         self.positions = positions
         self.layers = layers
         self.dpam_depth = dpam_depth
+        self.grounding = grounding  # a Grounding DINO folder / cached id: HQ-Loc's boxes and position (test only)
+        self.box_threshold = box_threshold
+        self.text_threshold = text_threshold
+        self.max_box_area = max_box_area
+        self.outside_weight = outside_weight
         self.device = device
 
     def _check_params(self) -> None:
@@ -182,6 +195,18 @@ class FiLo(ImageDetector):
                              f"got {self.object_name!r}")
         self._descriptions()
         self._positions()
+        from .grounding import GroundingDino
+
+        if not (self.grounding is None or isinstance(self.grounding, (str, os.PathLike, GroundingDino))):
+            raise ValueError(f"{self.name}: grounding must be a Grounding DINO folder, a model id in the Hugging Face "
+                             f"cache or an oodscope.vlm.grounding.GroundingDino, got {type(self.grounding).__name__}")
+        if self.grounding is not None and self.positions is not None:
+            raise ValueError(f"{self.name}: with grounding= each image's position comes from its Grounding DINO box; "
+                             f"leave positions=None (got {self.positions!r})")
+        for key in ("box_threshold", "text_threshold", "max_box_area", "outside_weight"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 <= value <= 1:
+                raise ValueError(f"{self.name}: {key} must be a number in [0, 1], got {value!r}")
 
     def _descriptions(self) -> list[str]:
         if self.descriptions is None:
@@ -253,13 +278,47 @@ class FiLo(ImageDetector):
         device, name = str(self._device()), self._prompt_name()
         normal = clip.encode_texts([t.format(s.format(name)) for s in NORMAL_STATES for t in TEMPLATES],
                                    device=device, name="filo-prompts")
-        anomalous = clip.encode_texts(position_prompts(anomalous_states(self._descriptions()), name,
-                                                       self._positions()), device=device, name="filo-prompts")
-        self.text_embeddings_ = np.stack([l2_normalise(l2_normalise(e).mean(axis=0)) for e in (normal, anomalous)])
+        states = anomalous_states(self._descriptions())
+        anomalous = l2_normalise(clip.encode_texts(position_prompts(states, name, self._positions()), device=device,
+                                                   name="filo-prompts"))
+        self.text_embeddings_ = np.stack([l2_normalise(e.mean(axis=0)) for e in (l2_normalise(normal), anomalous)])
+        if self.grounding is not None:  # g_a of each position alone (prompts ordered states x positions x templates)
+            by_position = anomalous.reshape(len(states), len(POSITIONS), len(TEMPLATES), -1).mean(axis=(0, 2))
+            self.anomalous_by_position_ = l2_normalise(by_position)
+
+    def _locate(self, images: np.ndarray) -> tuple[list[str], list[np.ndarray]] | None:
+        """HQ-Loc with ``grounding``: each image's position word and anomaly boxes (:mod:`.grounding`), or
+        ``None`` without it."""
+        if self.grounding is None:
+            return None
+        from .grounding import anomaly_caption, position_of, resolve_grounding, select_boxes
+
+        grounding = resolve_grounding(self.grounding, device=str(self._device()))
+        caption, words = anomaly_caption(self._descriptions())
+        found = [select_boxes(grounding, d, words, self.box_threshold, self.text_threshold, self.max_box_area)
+                 for d in grounding.detect(images, caption, device=self._device())]
+        return [position_of(boxes, scores) for boxes, scores in found], [boxes for boxes, _ in found]
+
+    def _text_pairs(self, positions: list[str] | None, n: int) -> np.ndarray:
+        """``(n, 2, D)``: ``[g_n, g_a]`` per image, ``g_a`` of the image's position when ``positions`` are given."""
+        if positions is None:
+            return np.broadcast_to(self.text_embeddings_, (n, *self.text_embeddings_.shape))
+        g_a = self.anomalous_by_position_[[POSITIONS.index(p) for p in positions]]
+        return np.stack([np.broadcast_to(self.text_embeddings_[0], g_a.shape), g_a], axis=1)
+
+    def _weight_outside(self, full: np.ndarray, boxes: list[np.ndarray] | None) -> np.ndarray:
+        """HQ-Loc's map: the pixels outside every anomaly box of an image times ``outside_weight``."""
+        if boxes is None:
+            return full
+        from .grounding import weight_outside
+
+        return np.stack([weight_outside(torch.from_numpy(m), b, self.outside_weight).numpy()
+                         for m, b in zip(full, boxes)])
 
     def _predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         clip, device = self.clip(), self._device()
-        texts = torch.from_numpy(self.text_embeddings_)
+        located = self._locate(images)
+        pairs = self._text_pairs(None if located is None else located[0], len(images))
         size = clip.image_size
         scores, maps = [], []
         with placed(clip, device), torch.no_grad():
@@ -269,10 +328,12 @@ class FiLo(ImageDetector):
                 global_, patches = dpam_features(clip, _fill_rows(clip.preprocess(batch), clip.batch_size),
                                                  tuple(self.layers), self.dpam_depth_)
                 image = l2_normalise(global_[:n].double().cpu().numpy())
-                scores.append(softmax(image @ self.text_embeddings_.T / TEMPERATURE)[:, 1])
+                texts = np.ascontiguousarray(pairs[start:start + n])
+                scores.append(softmax(np.einsum("nd,nkd->nk", image, texts) / TEMPERATURE)[:, 1])
                 layer_maps = []
                 for p in patches:
-                    logits = MAP_SCALE * torch.from_numpy(l2_normalise(p[:n].double().cpu().numpy())) @ texts.T
+                    unit = torch.from_numpy(l2_normalise(p[:n].double().cpu().numpy()))
+                    logits = MAP_SCALE * torch.einsum("npd,nkd->npk", unit, torch.from_numpy(texts))
                     logits = logits.transpose(1, 2).reshape(n, 2, *clip.grid)
                     s = torch.softmax(nn.functional.interpolate(logits, size=(size, size), mode="bilinear",
                                                                 align_corners=True), dim=1)
@@ -283,8 +344,8 @@ class FiLo(ImageDetector):
             full = nn.functional.interpolate(full[:, None], size=images.shape[2:], mode="bilinear",
                                              align_corners=False)[:, 0]
         full = full.numpy()
-        image_scores = np.concatenate(scores)
-        return (image_scores + full.reshape(len(full), -1).max(axis=1)) / 2, full
+        image_scores = (np.concatenate(scores) + full.reshape(len(full), -1).max(axis=1)) / 2  # before HQ-Loc
+        return image_scores, self._weight_outside(full, None if located is None else located[1])
 
 
 # -- the trained parts -------------------------------------------------------------------------------------------
@@ -359,10 +420,13 @@ class FiLoTrained(FiLo):
                  descriptions: Sequence[str] | None = None, positions: Sequence[str] | None = None,
                  layers: Sequence[int] = (6, 12, 18, 24), dpam_depth: int | None = None, n_ctx: int = 12,
                  epochs: int = 15, adapter_epochs: int = 5, lr: float = 1e-3, decoder_lr: float = 1e-4,
-                 adapter_lr: float = 1e-5, batch_size: int = 1, seed: int = 0, device: str = "cpu",
-                 checkpoint: str | None = None):
+                 adapter_lr: float = 1e-5, batch_size: int = 1, seed: int = 0, grounding=None,
+                 box_threshold: float = 0.25, text_threshold: float = 0.25, max_box_area: float = 0.7,
+                 outside_weight: float = 0.7, device: str = "cpu", checkpoint: str | None = None):
         super().__init__(model=model, object_name=object_name, descriptions=descriptions, positions=positions,
-                         layers=layers, dpam_depth=dpam_depth, device=device)
+                         layers=layers, dpam_depth=dpam_depth, grounding=grounding, box_threshold=box_threshold,
+                         text_threshold=text_threshold, max_box_area=max_box_area, outside_weight=outside_weight,
+                         device=device)
         self.auxiliary = auxiliary
         self.auxiliary_object = auxiliary_object
         self.checkpoint = checkpoint  # a file: saved after every epoch of each stage; an interrupted fit resumes
@@ -407,17 +471,18 @@ class FiLoTrained(FiLo):
                              f"MVTec AD / VisA categories: {', '.join(DESCRIPTIONS)} (or None: the target's prompts)")
         return PROMPT_NAMES.get(category, category), list(DESCRIPTIONS[category])
 
-    def _prompt_ids(self, clip, name: str | None = None, descriptions: Sequence[str] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt_ids(self, clip, name: str | None = None, descriptions: Sequence[str] | None = None,
+                    positions: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of ``X ... X <state>.`` (normal) and ``X ... X <state> at <position>.`` (anomalous, states x
         positions), the authors' prompts without templates (the context stands for them), for the target object
-        unless ``name`` and ``descriptions`` are given."""
+        unless ``name`` and ``descriptions`` are given, at ``positions`` (default: the ``positions`` setting)."""
         from .locoop import prompt_ids
 
         name = self._prompt_name() if name is None else name
         descriptions = self._descriptions() if descriptions is None else descriptions
+        positions = self._positions() if positions is None else positions
         normal = [s.format(name) for s in NORMAL_STATES]
-        anomalous = [f"{s.format(name)} at {p}" for s in anomalous_states(descriptions) for p in self._positions()]
+        anomalous = [f"{s.format(name)} at {p}" for s in anomalous_states(descriptions) for p in positions]
         return (prompt_ids(clip, normal, int(self.n_ctx), self.name),
                 prompt_ids(clip, anomalous, int(self.n_ctx), self.name))
 
@@ -533,7 +598,10 @@ class FiLoTrained(FiLo):
     def _predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         clip, device = self.clip(), self._device()
         nets = self.networks_.to(device)
-        ids = tuple(i.to(device) for i in self._prompt_ids(clip))
+        located = self._locate(images)
+        by_position = {None: self._prompt_ids(clip)} if located is None else \
+            {p: self._prompt_ids(clip, positions=[p]) for p in set(located[0])}  # HQ-Loc: one position per image
+        by_position = {p: tuple(i.to(device) for i in ids) for p, ids in by_position.items()}
         scores, maps = [], []
         with placed(clip, device), torch.no_grad():
             for start in range(0, len(images), clip.batch_size):
@@ -542,6 +610,7 @@ class FiLoTrained(FiLo):
                 f, qk, vv = self._tokens(clip, _fill_rows(clip.preprocess(batch), clip.batch_size))
                 adapted = nn.functional.normalize(nets.adapter(f[:n]), dim=-1)
                 for i in range(n):
+                    ids = by_position[None if located is None else located[0][start + i]]
                     texts = self._texts(clip, nets, ids, adapted[i])
                     scores.append(float(adapted[i] @ texts[1]))  # the authors' raw <f, g_a> / sqrt(2)
                     layer_maps = [small_gaussian_blur((s[:, 1] - s[:, 0] + 1) / 2) for s in
@@ -553,5 +622,5 @@ class FiLoTrained(FiLo):
             full = nn.functional.interpolate(full[:, None], size=images.shape[2:], mode="bilinear",
                                              align_corners=False)[:, 0]
         full = full.numpy()
-        image_scores = np.asarray(scores, dtype=np.float64)
-        return (image_scores + full.reshape(len(full), -1).max(axis=1)) / 2, full
+        image_scores = (np.asarray(scores, dtype=np.float64) + full.reshape(len(full), -1).max(axis=1)) / 2
+        return image_scores, self._weight_outside(full, None if located is None else located[1])
