@@ -395,14 +395,15 @@ def test_oodscope_ad_runs_clip_ad_and_filo_from_a_clip_folder(tmp_path):
     import json
 
     from oodscope.cli import main
-    from vlm_models import tiny_clip_folder, tiny_mvtec_folder
+    from vlm_models import tiny_clip_folder, tiny_grounding_folder, tiny_mvtec_folder
 
     model = json.dumps(str(tiny_clip_folder()))
     out = tmp_path / "out"
     assert main(["ad", str(tiny_mvtec_folder()), "--detectors", "clip_ad,filo", "--size", "32", "--out", str(out),
                  "--param", f"clip_ad.model={model}", "--param", "clip_ad.stages=2",
                  "--param", f"filo.model={model}", "--param", 'filo.object_name="tile"',
-                 "--param", "filo.layers=[1, 2]"]) == 0
+                 "--param", "filo.layers=[1, 2]",
+                 "--param", f"filo.grounding={json.dumps(str(tiny_grounding_folder()))}"]) == 0
     records = json.loads((out / "results.json").read_text())["records"]
     assert {r["detector"] for r in records} >= {"clip_ad", "filo"}
 

@@ -204,3 +204,11 @@ def test_bad_grounding_settings_and_folders_are_refused(clip, tmp_path):
         load_grounding_dino(broken)
     with pytest.raises(ValueError, match="grounding must be a Grounding DINO folder"):
         oodscope.create("filo", grounding=3, **base).fit(images)
+
+
+def test_a_caption_longer_than_the_model_reads_is_cut_with_a_warning(grounding):
+    caption, _ = anomaly_caption(["crack", "hole", "scratch"] * 4)
+    images = np.random.default_rng(1).random((1, 3, 32, 32)).astype(np.float32)
+    with pytest.warns(UserWarning, match="Grounding DINO reads 32 tokens"):
+        detection, = grounding.detect(images, caption)
+    assert detection.token_probs.shape == (12, 32) and detection.input_ids[-1] == grounding.tokenizer.sep_token_id

@@ -81,9 +81,16 @@ class GroundingDino:
         return (images - mean) / std
 
     def detect(self, images: np.ndarray, caption: str, device: str | torch.device = "cpu") -> list[Detections]:
-        """The raw detections of ``caption`` on every image (``(N, 3, H, W)`` in [0, 1])."""
-        tokens = self.tokenizer([caption], return_tensors="pt")
+        """The raw detections of ``caption`` on every image (``(N, 3, H, W)`` in [0, 1]). A caption longer than
+        the model's ``max_text_len`` tokens is cut there, as Grounding DINO's own code cuts it (with a warning)."""
+        limit = int(getattr(self.model.config, "max_text_len", 256))
+        tokens = self.tokenizer([caption], return_tensors="pt", truncation=True, max_length=limit)
         ids = tokens["input_ids"]
+        if len(self.tokenizer(caption)["input_ids"]) > limit:
+            import warnings
+
+            warnings.warn(f"Grounding DINO reads {limit} tokens; the caption {caption[:60]!r}... is longer and is cut "
+                          "(pass fewer descriptions to keep them all)", stacklevel=2)
         found: list[Detections] = []
         from .backbone import placed
 
