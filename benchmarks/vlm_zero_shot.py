@@ -22,7 +22,9 @@ The data folder holds OpenOOD-style ``.npz`` files (``images`` uint8 N x 32 x 32
 
 Few-shot detectors (``locoop``, ``clipn``) train on the shots (``fit(classes, images, labels)``); LoCoOp's
 ``top_k`` defaults to ``max(1, round(K / 5))`` here (the paper's 200 of ImageNet-1k's 1,000 classes: 2 for CIFAR-10,
-20 for CIFAR-100) and ``--param DET.NAME=VALUE`` sets any hyperparameter (``--param locoop.epochs=5``). Images are
+20 for CIFAR-100) and ``--param DET.NAME=VALUE`` sets any hyperparameter (``--param locoop.epochs=5``);
+``--param clipn.no_encoder='"FILE"'`` runs CLIPN zero-shot from a "no" encoder pre-trained on image-caption pairs
+(``oodscope.vlm.clipn.pretrain_no_encoder``), the paper's mode. Images are
 upsampled by CLIP's preprocessing (bicubic, to the model's input size). ``--limit N`` takes the first N images of
 every test set (a smoke run); ``--model tiny`` writes and uses a random tiny CLIP (the one the tests build, from
 ``tests/vlm_models.py``: run from the repository root; it only checks that the script runs). Prints AUROC and
@@ -156,7 +158,7 @@ def main() -> None:
     for name in detectors:
         start = time.perf_counter()
         detector = make_detector(name, clip, names, args.device, params)
-        if name in FEW_SHOT:
+        if name in FEW_SHOT and getattr(detector, "no_encoder", None) is None:  # a pre-trained CLIPN is zero-shot
             detector.fit(names, shot_images, shot_labels)
         else:
             detector.fit(names)

@@ -1,7 +1,8 @@
 """CLIPN: CLIP taught to say "no", with learnable "no" prompts and a "no" text encoder.
 
 Wang, Li, Yang, Cheng & Li, "CLIPN for Zero-Shot OOD Detection: Teaching CLIP to Say No", ICCV 2023 (facts from the
-paper and the authors' released code: initialisation, which parameters train, the loss normalisation, the scores).
+paper and the authors' released code, GitHub ``xmed-lab/CLIPN``, folder ``src/``: initialisation, which parameters
+train, the loss normalisation, the scores).
 
 * **"No" text encoder**: a copy of CLIP's text encoder (token and position embeddings, transformer, final layer
   norm, projection), initialised with CLIP's text weights and trained; ``n_prompts = 16`` learnable "no" prompts,
@@ -11,39 +12,99 @@ paper and the authors' released code: initialisation, which parameters train, th
 * **Image-text binary-opposite loss** (ITBO): for image ``i`` and text ``j``, ``p_yes(i, j)`` and ``p_no(i, j) =
   1 - p_yes`` are the softmax of ``s <f_i, g_j>`` and ``s <f_i, h_j>`` (``g`` the standard, ``h`` the "no" text
   embedding, ``s`` CLIP's logit scale); ``L_yes = -mean over matched pairs log p_yes``, ``L_no = -mean over
-  unmatched pairs log p_no``. The authors' batches pair image ``i`` with caption ``i`` (matched = the diagonal);
-  here the texts are the ID class prompts and image ``i`` matches the prompt of its label, every other class
-  prompt is unmatched.
+  unmatched pairs log p_no``.
 * **Text semantic-opposite loss** (TSO): ``L_tso = mean_j (2 - ||g_j - h_j||_2)`` (with the authors' 1e-4 inside
   the square root), pushing each "no" text away from its standard text.
 * The loss is ``(L_yes + L_no + L_tso) / 2``, minimised with AdamW (learning rate 3e-4, betas (0.9, 0.98), eps
-  1e-6, weight decay 0.2 on matrices only, none on biases, gains and the prompts), as in the authors' code; a
-  cosine schedule over ``epochs``; batches from a seeded generator; image features computed once (no
-  augmentation).
+  1e-6, weight decay 0.2), a cosine schedule over ``epochs``; batches from a seeded generator; image features
+  computed once (no augmentation).
 * **Scores** with ``p_yes_c = softmax(s <f, g_c>, s <f, h_c>)_yes`` and ``p_c = softmax_c(s <f, g_c>)``:
   competing-to-win ``CTW = p_yes`` of the predicted class ``argmax_c p_c``; agreeing-to-differ ``ATD = sum_c
   p_yes_c p_c``. The OOD score is ``-CTW`` or ``-ATD`` (``scoring="atd"`` by default).
 
-The authors train on CC3M image-caption pairs; ``fit(classes, images, labels)`` trains on labelled ID images with
-their class prompts instead (the open-world pre-training of the paper is not reproduced). Only the class
-embeddings that the trained "no" encoder produces are kept (``no_text_embeddings_``), not the encoder itself.
+Two ways to train the "no" encoder:
+
+**Open-world pre-training (the paper's mode).** :func:`pretrain_no_encoder` trains it on image-caption pairs
+(CC3M in the paper, read by :func:`load_captioned_images` from an img2dataset ``files`` folder) and writes it to a
+file; ``CLIPN(no_encoder=that file).fit(class_names)`` is then zero-shot on any ID class names (no ID images), as
+in the paper. What the authors' code does (paths in ``xmed-lab/CLIPN``):
+
+* data: CC3M downloaded with img2dataset as **webdataset** tar shards (``README.md``; ``src/run.sh``:
+  ``--train-data '/tmp/gcc3m/gcc-train-{00000..00331}.tar' --train-num-samples 2891445 --dataset-type
+  webdataset``), read in ``src/training/data.py`` (``get_wds_dataset``: samples without a ``txt`` caption dropped,
+  ``jpg;png`` decoded to RGB, the caption tokenized to 77 tokens with the end token kept on truncation,
+  ``src/open_clip/tokenizer.py``; a csv/tsv reader with ``filepath`` / ``title`` columns exists too). Training
+  batches are full (``wds.batched(batch_size, partial=False)``); shards and samples are shuffled.
+* a batch is image ``i`` with caption ``i``: ``src/open_clip/loss.py`` (``ClipLoss``) builds the ``N x N`` image /
+  caption logits of both encoders, ``eyes = torch.eye(N)`` marks the matched (diagonal) pairs, ``L_yes = sum over
+  the diagonal / N``, ``L_no = sum off the diagonal / (N^2 - N)``, TSO over the batch's captions; ``src/training/
+  train.py`` takes ``(L_yes + L_no + L_tso) * 0.5``. Features are gathered over the 4 GPUs (without gradient
+  through the other ranks), so the loss matrix spans the global batch ``4 x 512 = 2048``.
+* ``src/run.sh``: ViT-B-16 (``laion2b_s34b_b88k``, open_clip), ``--batch-size 512`` per GPU on 4 GPUs,
+  ``--epochs 10``, ``--precision amp``; ``src/training/params.py``: lr 3e-4, betas (0.9, 0.98), eps 1e-6,
+  ``--wd 0.2``, ``--warmup`` 0 steps (the default; ``run.sh`` sets none); ``src/training/scheduler.py``
+  (``cosine_lr``): cosine decay per step over all steps after the warm-up; ``src/training/main.py``: AdamW
+  without weight decay on parameters with ``ndim < 2`` or ``bn`` / ``ln`` / ``bias`` / ``logit_scale`` in their
+  name (so the 3-d ``prompt_no`` **is** decayed).
+* which parameters train: ``src/open_clip/factory.py`` (``create_model``) freezes the whole image tower and every
+  parameter whose name lacks ``_no``: only ``transformer_no``, ``token_embedding_no``, ``positional_embedding_no``,
+  ``ln_final_no``, ``text_projection_no`` and ``prompt_no`` train; ``load_state_dict`` there copies CLIP's text
+  weights into the ``_no`` copies. ``src/open_clip/model.py``: ``prompt_no`` is ``zeros(16, 77, width)``;
+  ``encode_text(text, "no")`` in training adds ``cat([prompt_no, prompt_no.mean(0)])[randint(0, 17, batch)]``
+  (one draw per text, numpy's global RNG) to the token + position embeddings, in evaluation the mean prompt.
+* image augmentation: ``src/open_clip/transform.py`` (``image_transform(is_train=True)``):
+  ``RandomResizedCrop(image_size, scale=(0.9, 1.0), bicubic)``, RGB, normalisation with the model's mean / std
+  (OpenAI CLIP's by default, ``src/open_clip/factory.py``).
+
+What differs here: the image tower is frozen, so the image features are computed **once** with the backbone's own
+``encode_images`` (in chunks; its preprocessing: bicubic shorter-side resize, centre crop, normalisation), without
+the random resized crop; the standard caption embeddings likewise (the "yes" tower is frozen too). One process:
+the loss matrix is one batch (``batch_size=512`` by default, the authors' per-GPU size; pass 2048 for their global
+loss batch where memory allows); float32 instead of mixed precision; the cosine rate is set per epoch
+(:func:`~oodscope.vlm._train.cosine_rates`), not per step; the last batch of an epoch is kept (a batch of one pair
+has no unmatched pair, its loss is ``(L_yes + L_tso) / 2``); the prompts are drawn from the run's seeded
+generator. Decay as the authors' ``main.py`` (the prompts decayed). The CLIP backbone must be a Hugging Face CLIP
+(:class:`~oodscope.vlm.backbone.HFClip`: the encoder copies its ``text_model``). On CPU, pre-training a ViT-B
+text tower on all of CC3M (2.9 M pairs, 10 epochs) is not practical; take a subset (``limit=``) or a GPU
+(``device="cuda"``).
+
+The file holds the trained parameters of :class:`NoTextEncoder` (prompts + the text-tower copy), the losses, the
+settings and a fingerprint of the CLIP model it was trained from (a digest of all of CLIP's parameters, its text
+configuration and its tokenizer's ids of a probe text), written atomically with ``torch.save`` and read back
+with ``torch.load(weights_only=True)``; a file from another CLIP, another program, a truncated or a damaged file
+is refused with a ``ValueError``.
+
+**Few-shot ID adaptation.** Without ``no_encoder``, ``fit(classes, images, labels)`` trains a fresh "no" encoder
+on labelled ID images with their class prompts instead (image ``i`` matches the prompt of its label, every other
+class prompt is unmatched); there the prompts get no weight decay (1-d parameters, norms, biases and prompts
+excluded). Only the class embeddings that the "no" encoder produces are kept (``no_text_embeddings_``), not the
+encoder itself.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from ._train import cosine_rates, digest_arrays, run_epochs
-from .backbone import _layer, causal_mask
+from .backbone import _layer, causal_mask, resolve_clip
 from .base import VLMDetector, check_images, class_names, l2_normalise, softmax
 from .mcm import DEFAULT_PROMPT
 
 SCORES = ("atd", "ctw")
+NO_ENCODER_FORMAT = "oodscope.clipn.no_encoder"  # the "format" entry of a pretrain_no_encoder file
+NO_ENCODER_VERSION = 1
+IMAGE_CHUNK = 1024  # images encoded (and converted to float32) at a time by pretrain_no_encoder
+CAPTION_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")  # img2dataset's --encode_format choices
 
 
 def clipn_losses(image: torch.Tensor, text_yes: torch.Tensor, text_no: torch.Tensor, match: torch.Tensor,
@@ -88,16 +149,275 @@ class NoTextEncoder(nn.Module):
         return nn.functional.normalize(self.text_projection(h[torch.arange(len(h), device=h.device), eos]), dim=-1)
 
 
-def _decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups as the authors' code: no decay on 1-d parameters (gains, biases) and on the prompts."""
+def _decay_groups(module: nn.Module, weight_decay: float, decay_prompts: bool = False) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on 1-d parameters (gains, biases), norms and (unless ``decay_prompts``, as the
+    authors' ``src/training/main.py`` does) on the prompts."""
     decay, plain = [], []
     for name, p in module.named_parameters():
-        (plain if p.ndim < 2 or "prompt" in name or "norm" in name or "bias" in name else decay).append(p)
+        skip = p.ndim < 2 or "norm" in name or "bias" in name or (not decay_prompts and "prompt" in name)
+        (plain if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
+# -- open-world pre-training ----------------------------------------------------------------------------------
+def _hf_clip(clip, who: str):
+    if not hasattr(getattr(clip, "model", None), "text_model"):
+        raise ValueError(f"{who}: the backbone {type(clip).__name__} is not a Hugging Face CLIP "
+                         "(the \"no\" encoder copies its text_model)")
+    return clip
+
+
+def clip_fingerprint(clip) -> str:
+    """A digest of the Hugging Face CLIP a "no" encoder belongs to: all its parameters (both towers, projections,
+    logit scale; names, dtypes, shapes and values, not the buffers, whose persistence varies between transformers
+    versions), its text configuration and its tokenizer's ids of a probe text."""
+    config = clip.model.config.text_config
+    fields = {key: getattr(config, key, None) for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "max_position_embeddings", "hidden_act", "layer_norm_eps", "bos_token_id", "eos_token_id")}
+    probe = np.asarray(clip.tokenize(["a photo of a dog.", "This is not a photo of a cat!"])["input_ids"], np.int64)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    for name, p in clip.model.named_parameters():
+        values = p.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {values.dtype} {tuple(p.shape)}".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    digest.update(probe.tobytes())
+    return digest.hexdigest()
+
+
+def _positive_int(value: Any, key: str, who: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{who}: {key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_rates(lr: Any, weight_decay: Any, who: str) -> None:
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and np.isfinite(lr) and lr > 0):
+        raise ValueError(f"{who}: lr must be > 0, got {lr!r}")
+    if isinstance(weight_decay, bool) or not (isinstance(weight_decay, (int, float)) and np.isfinite(weight_decay)
+                                              and weight_decay >= 0):
+        raise ValueError(f"{who}: weight_decay must be >= 0, got {weight_decay!r}")
+
+
+def _check_captions(captions: Any, n_images: int, who: str) -> list[str]:
+    if isinstance(captions, (str, bytes)):
+        raise ValueError(f"{who}: captions must be a list of strings (one per image), not a single string")
+    try:
+        captions = list(captions)
+    except TypeError:
+        raise ValueError(f"{who}: captions must be a list of strings, got {type(captions).__name__}") from None
+    wrong = [i for i, c in enumerate(captions) if not isinstance(c, (str, np.str_))]
+    if wrong:
+        raise ValueError(f"{who}: captions at positions {wrong[:8]} are not strings "
+                         f"({type(captions[wrong[0]]).__name__})")
+    empty = [i for i, c in enumerate(captions) if not str(c).strip()]
+    if empty:
+        raise ValueError(f"{who}: captions at positions {empty[:8]} are empty; every image needs its caption")
+    if len(captions) != n_images:
+        raise ValueError(f"{who}: {n_images} images but {len(captions)} captions; image i goes with caption i")
+    if len(captions) < 2:
+        raise ValueError(f"{who}: {len(captions)} image-caption pair; the ITBO loss needs unmatched pairs, pass at "
+                         "least 2")
+    return [str(c) for c in captions]
+
+
+def _image_features(clip, images: Any, device: str, who: str) -> np.ndarray:
+    """Normalised global CLIP features of ``images``, checked and encoded ``IMAGE_CHUNK`` at a time."""
+    patch = clip.image_size // max(clip.grid)
+    for start in range(0, len(images), IMAGE_CHUNK):  # check everything first: no encoding wasted on bad data
+        check_images(images[start:start + IMAGE_CHUNK], f"{who}: images[{start}:{start + IMAGE_CHUNK}]",
+                     min_side=patch)
+    chunks = []
+    for start in range(0, len(images), IMAGE_CHUNK):
+        chunk = check_images(images[start:start + IMAGE_CHUNK], f"{who}: images")
+        chunks.append(clip.encode_images(chunk, device=device, name="clipn-pretrain", patches=False)[0])
+    return l2_normalise(np.concatenate(chunks))
+
+
+def pretrain_no_encoder(model: Any, images: Any, captions: Sequence[str], out: str | os.PathLike, *,
+                        n_prompts: int = 16, epochs: int = 10, lr: float = 3e-4, weight_decay: float = 0.2,
+                        batch_size: int = 512, seed: int = 0, device: str = "cpu",
+                        checkpoint: str | os.PathLike | None = None) -> list[float]:
+    """Pre-train CLIPN's "no" encoder on image-caption pairs (the paper's CC3M mode) and write it to ``out``.
+
+    ``model`` is the CLIP (a :class:`~oodscope.vlm.backbone.HFClip`, a Hugging Face CLIP folder or model id);
+    ``images`` ``(N, 3, H, W)`` uint8 or float in [0, 1] (e.g. from :func:`load_captioned_images`), resized and
+    normalised by the backbone's own preprocessing; ``captions`` ``N`` non-empty strings, caption ``i`` describing
+    image ``i``. Each batch pairs its images with its captions, matched on the diagonal (the authors' ``eyes``);
+    the loss is ``(L_yes + L_no + L_tso) / 2`` (:func:`clipn_losses`). The frozen CLIP towers encode the images
+    (in chunks of ``IMAGE_CHUNK``) and the captions once; only the :class:`NoTextEncoder` trains, AdamW (betas
+    (0.9, 0.98), eps 1e-6, ``weight_decay`` on matrices and prompts), a cosine rate per epoch from ``lr``, seeded
+    batches and prompt draws, a tqdm bar. Defaults are the authors' (``epochs=10``, ``lr=3e-4``, ``weight_decay=0.2``,
+    ``batch_size=512`` per GPU; see the module docstring for what differs).
+
+    ``out`` receives the encoder's parameters, the per-epoch losses, the settings and :func:`clip_fingerprint`
+    of ``model`` (``torch.save``, written to a temporary file in the same folder, then renamed: a killed run never
+    leaves half a file); ``CLIPN(no_encoder=out)`` reads it. With ``checkpoint`` (a path) the state is saved after
+    every epoch and a rerun of the same pre-training resumes after the last saved epoch with the same result.
+    Returns the mean loss of each epoch.
+    """
+    from ..extraction.extract import resolve_device
+    from ..safeio import write_atomic
+
+    who = "clipn pre-training"
+    n_prompts, epochs = _positive_int(n_prompts, "n_prompts", who), _positive_int(epochs, "epochs", who)
+    batch_size = _positive_int(batch_size, "batch_size", who)
+    _check_rates(lr, weight_decay, who)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"{who}: seed must be an integer, got {seed!r}")
+    if not isinstance(out, (str, os.PathLike)) or not str(out) or Path(out).is_dir():
+        raise ValueError(f"{who}: out must be the path of the file to write, got {out!r}")
+    images = getattr(images, "images", images)
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if not hasattr(images, "__len__") or not hasattr(images, "__getitem__") or isinstance(images, (str, bytes)):
+        raise ValueError(f"{who}: images must be an array (N, 3, H, W), got {type(images).__name__}")
+    if not isinstance(images, np.ndarray):
+        images = np.asarray(images)
+    captions = _check_captions(captions, len(images), who)
+    device_ = resolve_device(device)
+    clip = _hf_clip(resolve_clip(model, device=str(device_)), who)
+    image = _image_features(clip, images, str(device_), who)
+    text_yes = l2_normalise(clip.encode_texts(captions, device=str(device_), name="clipn-captions"))
+    ids = np.asarray(clip.tokenize(captions)["input_ids"], np.int64)
+
+    with torch.random.fork_rng(devices=[]):  # the copy draws nothing, but keep the caller's RNG untouched
+        encoder = NoTextEncoder(clip.model, n_prompts).to(device_).train()
+    optimiser = torch.optim.AdamW(_decay_groups(encoder, float(weight_decay), decay_prompts=True), lr=float(lr),
+                                  betas=(0.9, 0.98), eps=1e-6)
+    generator = torch.Generator().manual_seed(int(seed))
+    f = torch.from_numpy(image).float().to(device_)
+    g = torch.from_numpy(text_yes).float().to(device_)
+    tokens = torch.from_numpy(ids).to(device_)
+    scale = clip.logit_scale
+
+    def step(batch: torch.Tensor) -> torch.Tensor:  # image i with caption i: the diagonal is matched
+        pick = torch.randint(0, n_prompts + 1, (len(batch),), generator=generator).to(device_)
+        match = torch.eye(len(batch), dtype=torch.bool, device=device_)
+        loss_yes, loss_no, loss_tso = clipn_losses(f[batch], g[batch], encoder(tokens[batch], pick), match, scale)
+        if len(batch) == 1:  # one pair: no unmatched pair, L_no is undefined
+            return 0.5 * (loss_yes + loss_tso)
+        return 0.5 * (loss_yes + loss_no + loss_tso)
+
+    settings = {"n_prompts": n_prompts, "epochs": epochs, "lr": float(lr), "weight_decay": float(weight_decay),
+                "batch_size": batch_size, "seed": int(seed), "n_pairs": len(captions)}
+    key = hashlib.sha256((digest_arrays(image, text_yes, ids) + json.dumps(settings, sort_keys=True)).encode())
+    history = run_epochs(step, optimiser, len(captions), batch_size, cosine_rates(float(lr), epochs), generator,
+                         device_, "clipn-pretrain", checkpoint=checkpoint, key=key.hexdigest())
+    payload = {"format": NO_ENCODER_FORMAT, "version": NO_ENCODER_VERSION, "clip": clip_fingerprint(clip),
+               "n_prompts": n_prompts, "settings": settings,
+               "history": torch.tensor(history, dtype=torch.float64),
+               "params": {name: p.detach().cpu().clone() for name, p in encoder.named_parameters()}}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, buffer.getvalue())
+    return history
+
+
+def load_no_encoder(path: str | os.PathLike, model: Any, device: str = "cpu") -> NoTextEncoder:
+    """The :class:`NoTextEncoder` written by :func:`pretrain_no_encoder` to ``path``, for the CLIP ``model`` (in
+    evaluation mode, on ``device``). A ``ValueError`` says why a file is refused: not a PyTorch file or truncated,
+    pickled objects, not a "no"-encoder file, one pre-trained from another CLIP model, missing or misshapen
+    tensors."""
+    from ..extraction.extract import resolve_device
+    from ..safeio import load_torch
+
+    path = Path(path)
+    what = 'CLIPN "no" encoder file'
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist; write one with "
+                                "oodscope.vlm.clipn.pretrain_no_encoder")
+    device_ = resolve_device(device)
+    clip = _hf_clip(resolve_clip(model, device=str(device_)), "clipn")
+    state = load_torch(path, what=what)  # ValueError for a corrupt file or pickled objects
+    if not isinstance(state, dict) or state.get("format") != NO_ENCODER_FORMAT:
+        raise ValueError(f"{what} {path} is not a \"no\" encoder written by oodscope.vlm.clipn.pretrain_no_encoder "
+                         "(no 'format' entry of that kind)")
+    if state.get("version") != NO_ENCODER_VERSION:
+        raise ValueError(f"{what} {path} has format version {state.get('version')!r}; this oodscope reads version "
+                         f"{NO_ENCODER_VERSION}")
+    expected = clip_fingerprint(clip)
+    if state.get("clip") != expected:
+        raise ValueError(f"{what} {path} was pre-trained from another CLIP model (fingerprint "
+                         f"{str(state.get('clip'))[:12]}..., this model's {expected[:12]}...): a \"no\" encoder only "
+                         "works with the CLIP it was trained against; pre-train one for this model")
+    n_prompts, params = state.get("n_prompts"), state.get("params")
+    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1 or not isinstance(params, dict):
+        raise ValueError(f"{what} {path} is damaged: no valid 'n_prompts' / 'params' entries")
+    with torch.random.fork_rng(devices=[]):
+        encoder = NoTextEncoder(clip.model, n_prompts)
+    own = dict(encoder.named_parameters())
+    missing, unexpected = sorted(set(own) - set(params)), sorted(set(params) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{what} {path} is damaged: missing tensors {missing[:4]}, unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            saved = params[name]
+            if not isinstance(saved, torch.Tensor) or saved.shape != p.shape or not saved.is_floating_point() \
+                    or not torch.isfinite(saved).all():
+                raise ValueError(f"{what} {path} is damaged: tensor {name} is not a finite float tensor of shape "
+                                 f"{tuple(p.shape)}")
+            p.copy_(saved)
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    return encoder.to(device_).eval()
+
+
+def load_captioned_images(folder: str | os.PathLike, size: int, limit: int | None = None
+                          ) -> tuple[np.ndarray, list[str]]:
+    """Image-caption pairs of an img2dataset ``--output_format files`` folder (CC3M as in CLIPN's README).
+
+    img2dataset writes ``<folder>/<shard>/<key>.jpg`` with the caption in ``<key>.txt`` next to it (and
+    ``<key>.json``, ``<shard>.parquet``, ``<shard>_stats.json``, ignored here); images directly in ``folder`` are
+    read too. Pairs come in sorted order (shard, then key); ``limit`` keeps the first ``limit``. Each image is
+    read as RGB, its shorter side resized to ``size`` (bilinear) and centre-cropped
+    (:func:`oodscope.data.spec.read_image`); pass the backbone's ``image_size`` (224 for ViT-B/16), which then only
+    normalises. Returns ``(images, captions)``: uint8 ``(N, 3, size, size)`` and ``N`` stripped captions.
+
+    Every image is held in memory: ``3 size^2`` bytes each (147 KiB at 224, so 2.9 M CC3M images would take
+    ~420 GiB); use ``limit`` for a subset. A missing folder, no pairs, an image without its ``.txt``, an empty or
+    non-UTF-8 caption and an unreadable image are refused with an error naming the file.
+    """
+    from ..data.spec import read_image
+
+    size = _positive_int(size, "size", "load_captioned_images")
+    if limit is not None:
+        limit = _positive_int(limit, "limit", "load_captioned_images")
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"caption folder {root} does not exist (expected img2dataset's 'files' output: "
+                                "<folder>/<shard>/<key>.jpg with <key>.txt)")
+    folders = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+    paths = [p for sub in folders for p in sorted(sub.iterdir())
+             if p.is_file() and p.suffix.lower() in CAPTION_IMAGE_SUFFIXES and not p.name.startswith(".")]
+    if not paths:
+        raise ValueError(f"caption folder {root} holds no images ({', '.join(CAPTION_IMAGE_SUFFIXES)}) in it or its "
+                         "shard sub-folders; expected img2dataset's 'files' output (<shard>/<key>.jpg + <key>.txt)")
+    if limit is not None:
+        paths = paths[:limit]
+    captions = []
+    for path in paths:
+        text_file = path.with_suffix(".txt")
+        if not text_file.is_file():
+            raise ValueError(f"image {path} has no caption file {text_file.name} next to it")
+        try:
+            caption = text_file.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise ValueError(f"caption file {text_file} is not UTF-8 text ({error.reason})") from None
+        if not caption:
+            raise ValueError(f"caption file {text_file} is empty; drop the pair or add its caption")
+        captions.append(caption)
+    images = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    for i, path in enumerate(paths):  # decoding is per file; read_image names a corrupt file
+        images[i] = read_image(path, size).transpose(2, 0, 1)
+    return images, captions
+
+
+# -- the detector ---------------------------------------------------------------------------------------------
 class CLIPN(VLMDetector):
-    """CLIPN's "no" encoder trained on labelled ID images, scored by ATD or CTW (see module docstring)."""
+    """CLIPN scored by ATD or CTW (see module docstring): zero-shot with a pre-trained ``no_encoder`` (the paper's
+    mode, :func:`pretrain_no_encoder`), or its "no" encoder trained on labelled ID images."""
 
     name = "clipn"
     trains_network = True
@@ -105,7 +425,7 @@ class CLIPN(VLMDetector):
 
     def __init__(self, model=None, prompt: str = DEFAULT_PROMPT, n_prompts: int = 16, epochs: int = 10,
                  lr: float = 3e-4, weight_decay: float = 0.2, batch_size: int = 64, scoring: str = "atd",
-                 seed: int = 0, device: str = "cpu", checkpoint: str | None = None):
+                 seed: int = 0, device: str = "cpu", checkpoint: str | None = None, no_encoder: str | None = None):
         self.model = model
         self.checkpoint = checkpoint  # a file: the fit saves after every epoch and an interrupted fit resumes
         self.prompt = prompt
@@ -117,28 +437,39 @@ class CLIPN(VLMDetector):
         self.scoring = scoring
         self.seed = seed
         self.device = device
+        # a file of pretrain_no_encoder: fit(classes) is then zero-shot and the training parameters are unused
+        self.no_encoder = no_encoder
 
     def _check_params(self) -> None:
         super()._check_params()
         for key in ("n_prompts", "epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{self.name}: {key} must be a positive integer, got {value!r}")
+            _positive_int(getattr(self, key), key, self.name)
         if self.scoring not in SCORES:
             raise ValueError(f"{self.name}: scoring must be one of {SCORES}, got {self.scoring!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"{self.name}: lr must be > 0, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ValueError(f"{self.name}: weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.no_encoder is not None and (not isinstance(self.no_encoder, (str, os.PathLike))
+                                            or not str(self.no_encoder)):
+            raise ValueError(f"{self.name}: no_encoder must be None or the path of a file written by "
+                             f"oodscope.vlm.clipn.pretrain_no_encoder, got {self.no_encoder!r}")
 
     def fit(self, classes: Any, images: Any = None, labels: Any = None) -> "CLIPN":
-        """Train the "no" encoder and prompts on labelled ID ``images`` of the ``classes``."""
-        if images is None and isinstance(classes, tuple) and len(classes) == 3:
+        """Zero-shot with ``no_encoder``: encode the ``classes``' prompts with it (no images). Otherwise train the
+        "no" encoder and prompts on labelled ID ``images`` of the ``classes``."""
+        if images is None and isinstance(classes, tuple) and len(classes) == 3 and not isinstance(classes[0], str):
             classes, images, labels = classes
         names = class_names(classes, self.name)
         self._check_params()
+        if self.no_encoder is not None:
+            if images is not None or labels is not None:
+                raise ValueError(f"{self.name}: no_encoder={str(self.no_encoder)!r} makes the fit zero-shot: call "
+                                 "fit(class_names) without images (or set no_encoder=None to train on them)")
+            return self._fit_zero_shot(names)
         if images is None or labels is None:
-            raise ValueError(f"{self.name}: fit needs labelled ID images: fit(classes, images, labels)")
+            raise ValueError(f"{self.name}: fit needs labelled ID images: fit(classes, images, labels), or a "
+                             "pre-trained no_encoder= for the zero-shot fit(classes)")
         images = check_images(images, f"{self.name}: ID images")
         labels = np.asarray(labels)
         if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
@@ -148,10 +479,7 @@ class CLIPN(VLMDetector):
             raise ValueError(f"{self.name}: labels must lie in 0..{len(names) - 1} ({len(names)} classes), got "
                              f"{int(labels.min())}..{int(labels.max())}")
         self._reset_fitted()
-        clip = self.clip()
-        if not hasattr(clip.model, "text_model"):
-            raise ValueError(f"{self.name}: the backbone {type(clip).__name__} is not a Hugging Face CLIP "
-                             "(the \"no\" encoder copies its text_model)")
+        clip = _hf_clip(self.clip(), self.name)
         from ..extraction.extract import resolve_device
 
         device = resolve_device(self.device)
@@ -161,6 +489,23 @@ class CLIPN(VLMDetector):
         image = l2_normalise(clip.encode_images(images, device=str(device), name="clipn-train", patches=False)[0])
         ids = torch.as_tensor(clip.tokenize(prompts)["input_ids"]).to(device)
         self.no_text_embeddings_ = self._train(clip, ids, image, labels, device)
+        self._check_reserved()
+        self.input_dims_ = {"classes": (len(names),)}
+        return self
+
+    def _fit_zero_shot(self, names: list[str]) -> "CLIPN":
+        from ..extraction.extract import resolve_device
+
+        self._reset_fitted()
+        clip = _hf_clip(self.clip(), self.name)
+        device = resolve_device(self.device)
+        encoder = load_no_encoder(self.no_encoder, clip, device=str(device))
+        prompts = [self.prompt.format(n) for n in names]
+        self.classes_ = names
+        self.text_embeddings_ = l2_normalise(self._encode_texts(clip, prompts))
+        ids = torch.as_tensor(clip.tokenize(prompts)["input_ids"]).to(device)
+        with torch.no_grad():
+            self.no_text_embeddings_ = l2_normalise(encoder(ids).double().cpu().numpy())
         self._check_reserved()
         self.input_dims_ = {"classes": (len(names),)}
         return self
