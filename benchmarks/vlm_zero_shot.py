@@ -150,7 +150,7 @@ def main() -> None:
     names = class_names(folder, args.id)
     id_images, (shot_images, shot_labels), ood = split(folder, args.id, args.shots, args.limit)
     detectors = [n.strip() for n in args.detectors.split(",") if n.strip()]
-    shots_used = any(n in FEW_SHOT for n in detectors)
+    shots_used = any(n in FEW_SHOT and "no_encoder" not in params.get(n, {}) for n in detectors)
     print(f"ID {args.id} ({len(names)} classes): {len(id_images)} test images"
           + (f", {len(shot_images)} shots ({args.shots} per class)" if shots_used else "")
           + "; OOD: " + ", ".join(f"{k} {len(v)}" for k, v in ood.items()))

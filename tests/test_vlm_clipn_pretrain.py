@@ -298,3 +298,26 @@ def test_the_folder_reader_refuses_missing_folders_and_bad_pairs(tmp_path):
                                  (32, 0, "limit must be a positive integer")]:
         with pytest.raises(ValueError, match=message):
             load_captioned_images(root, size, limit=limit)
+
+
+def test_zero_shot_templates_average_both_embeddings_per_class_as_the_authors(clip, encoder_file):
+    path, _ = encoder_file
+    templates = ["a photo of a {}.", "a sketch of the {}.", "itap of a {}."]
+    detector = oodscope.create("clipn", model=clip, no_encoder=str(path), templates=templates).fit(CLASSES)
+    encoder = load_no_encoder(path, clip)
+    for fitted, tower in ((detector.text_embeddings_, None), (detector.no_text_embeddings_, encoder)):
+        for c, name in enumerate(CLASSES):
+            prompts = [t.format(name) for t in templates]
+            if tower is None:
+                unit = _unit(clip.encode_texts(prompts))
+            else:
+                with torch.no_grad():
+                    unit = _unit(tower(torch.as_tensor(clip.tokenize(prompts)["input_ids"])).numpy())
+            np.testing.assert_allclose(fitted[c], _unit(unit.mean(axis=0)), rtol=1e-6, atol=1e-7)
+    single = oodscope.create("clipn", model=clip, no_encoder=str(path)).fit(CLASSES)
+    assert np.abs(single.text_embeddings_ - detector.text_embeddings_).max() > 1e-4
+    with pytest.raises(ValueError, match="templates= applies to the zero-shot fit"):
+        oodscope.create("clipn", model=clip, templates=templates).fit(CLASSES, np.zeros((3, 3, 32, 32)), [0, 1, 2])
+    for bad in (["no placeholder"], [], "a photo of a {}."):
+        with pytest.raises(ValueError, match="templates must be a non-empty list"):
+            oodscope.create("clipn", model=clip, no_encoder=str(path), templates=bad).fit(CLASSES)

@@ -46,7 +46,7 @@ def _planted(grounding, caption, probs_by_word, boxes):
 def test_caption_is_the_general_words_and_descriptions_lower_cased():
     caption, words = anomaly_caption(["Crack", " hole "])
     assert caption == "anomaly . damage . broken . defect . contamination . crack . hole."
-    assert words == list(GENERAL_WORDS) + ["Crack", "hole"]
+    assert words == list(GENERAL_WORDS) + ["crack", "hole"]  # matched against uncased phrases
 
 
 def test_select_boxes_by_hand(grounding):
@@ -212,3 +212,34 @@ def test_a_caption_longer_than_the_model_reads_is_cut_with_a_warning(grounding):
     with pytest.warns(UserWarning, match="Grounding DINO reads 32 tokens"):
         detection, = grounding.detect(images, caption)
     assert detection.token_probs.shape == (12, 32) and detection.input_ids[-1] == grounding.tokenizer.sep_token_id
+
+
+def test_detections_do_not_depend_on_the_other_images_of_a_batch(grounding):
+    images = np.random.default_rng(2).random((5, 3, 32, 32)).astype(np.float32)
+    caption, _ = anomaly_caption(["crack"])
+    together = grounding.detect(images, caption)
+    alone = grounding.detect(images[3:4], caption)[0]
+    np.testing.assert_array_equal(alone.token_probs, together[3].token_probs)
+    np.testing.assert_array_equal(alone.boxes, together[3].boxes)
+
+
+def test_grounding_set_after_the_fit_works_or_is_refused_clearly_and_is_saved(clip, tmp_path):
+    rng = np.random.default_rng(6)
+    train, test = rng.random((2, 3, 32, 32)).astype(np.float32), rng.random((3, 3, 32, 32)).astype(np.float32)
+    base = dict(model=clip, descriptions=["crack"], layers=(1, 2), dpam_depth=1, box_threshold=0.5)
+    folder = str(tiny_grounding_folder())
+    late = oodscope.create("filo", **base).fit(train).set_params(grounding=folder)
+    early = oodscope.create("filo", grounding=folder, **base).fit(train)
+    for a, b in zip(late.score_and_map(test), early.score_and_map(test)):
+        np.testing.assert_array_equal(a, b)
+    restored = oodscope.load(early.save(tmp_path / "filo.oodscope"), model=clip)
+    assert restored.get_params()["grounding"] == folder
+    for a, b in zip(restored.score_and_map(test), early.score_and_map(test)):
+        np.testing.assert_array_equal(a, b)
+    fixed = oodscope.create("filo", positions=["top"], **base).fit(train)
+    with pytest.raises(ValueError, match="leave positions=None"):
+        fixed.set_params(grounding=folder).score(test)
+    with pytest.raises(ValueError, match="refit it with positions=None"):
+        fixed.set_params(positions=None).score(test)
+    with pytest.raises(ValueError, match="outside_weight must be a number in"):
+        early.set_params(outside_weight=5).score(test)

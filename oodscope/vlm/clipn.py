@@ -74,6 +74,11 @@ configuration and its tokenizer's ids of a probe text), written atomically with 
 with ``torch.load(weights_only=True)``; a file from another CLIP, another program, a truncated or a damaged file
 is refused with a ``ValueError``.
 
+Zero-shot scoring: the authors' ``src/classification.py`` (``merge_yes_no_feature``) averages each class's unit
+"yes" and "no" embeddings over the templates of their ``src/prompt/prompt.txt`` and renormalises them;
+``templates=`` takes such a list (default: the single ``prompt``), and the logit scale is CLIP's own (100 for
+OpenAI's CLIP, the authors' fixed 100).
+
 **Few-shot ID adaptation.** Without ``no_encoder``, ``fit(classes, images, labels)`` trains a fresh "no" encoder
 on labelled ID images with their class prompts instead (image ``i`` matches the prompt of its label, every other
 class prompt is unmatched); there the prompts get no weight decay (1-d parameters, norms, biases and prompts
@@ -425,7 +430,8 @@ class CLIPN(VLMDetector):
 
     def __init__(self, model=None, prompt: str = DEFAULT_PROMPT, n_prompts: int = 16, epochs: int = 10,
                  lr: float = 3e-4, weight_decay: float = 0.2, batch_size: int = 64, scoring: str = "atd",
-                 seed: int = 0, device: str = "cpu", checkpoint: str | None = None, no_encoder: str | None = None):
+                 seed: int = 0, device: str = "cpu", checkpoint: str | None = None, no_encoder: str | None = None,
+                 templates: Sequence[str] | None = None):
         self.model = model
         self.checkpoint = checkpoint  # a file: the fit saves after every epoch and an interrupted fit resumes
         self.prompt = prompt
@@ -439,6 +445,7 @@ class CLIPN(VLMDetector):
         self.device = device
         # a file of pretrain_no_encoder: fit(classes) is then zero-shot and the training parameters are unused
         self.no_encoder = no_encoder
+        self.templates = templates  # zero-shot: both embeddings of a class averaged over these prompt templates
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -450,10 +457,18 @@ class CLIPN(VLMDetector):
             raise ValueError(f"{self.name}: lr must be > 0, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ValueError(f"{self.name}: weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.no_encoder is not None and (not isinstance(self.no_encoder, (str, os.PathLike))
-                                            or not str(self.no_encoder)):
-            raise ValueError(f"{self.name}: no_encoder must be None or the path of a file written by "
+        if self.no_encoder is not None and (not isinstance(self.no_encoder, str) or not self.no_encoder):
+            raise ValueError(f"{self.name}: no_encoder must be None or the path (a string) of a file written by "
                              f"oodscope.vlm.clipn.pretrain_no_encoder, got {self.no_encoder!r}")
+        if self.templates is not None:
+            if self.no_encoder is None:
+                raise ValueError(f"{self.name}: templates= applies to the zero-shot fit with a pre-trained "
+                                 "no_encoder=; the few-shot fit trains on the single prompt=")
+            if isinstance(self.templates, str) or not list(self.templates) or any(
+                    not isinstance(t, str) or "{}" not in t for t in self.templates):
+                raise ValueError(f"{self.name}: templates must be a non-empty list of strings with a '{{}}' for the "
+                                 f"class name (e.g. ['a photo of a {{}}.', 'a sketch of a {{}}.']), got "
+                                 f"{self.templates!r}")
 
     def fit(self, classes: Any, images: Any = None, labels: Any = None) -> "CLIPN":
         """Zero-shot with ``no_encoder``: encode the ``classes``' prompts with it (no images). Otherwise train the
@@ -500,12 +515,16 @@ class CLIPN(VLMDetector):
         clip = _hf_clip(self.clip(), self.name)
         device = resolve_device(self.device)
         encoder = load_no_encoder(self.no_encoder, clip, device=str(device))
-        prompts = [self.prompt.format(n) for n in names]
+        templates = [self.prompt] if self.templates is None else list(self.templates)
+        prompts = [t.format(n) for n in names for t in templates]  # class-major
         self.classes_ = names
-        self.text_embeddings_ = l2_normalise(self._encode_texts(clip, prompts))
+        yes = l2_normalise(self._encode_texts(clip, prompts))
         ids = torch.as_tensor(clip.tokenize(prompts)["input_ids"]).to(device)
-        with torch.no_grad():
-            self.no_text_embeddings_ = l2_normalise(encoder(ids).double().cpu().numpy())
+        with torch.no_grad():  # in chunks: classes x templates texts can be many (1,000 x 80 for ImageNet)
+            no = l2_normalise(torch.cat([encoder(chunk).double().cpu() for chunk in ids.split(256)]).numpy())
+        # the authors' merge_yes_no_feature: each class's unit embeddings averaged over the templates, renormalised
+        self.text_embeddings_, self.no_text_embeddings_ = (
+            l2_normalise(e.reshape(len(names), len(templates), -1).mean(axis=1)) for e in (yes, no))
         self._check_reserved()
         self.input_dims_ = {"classes": (len(names),)}
         return self

@@ -72,9 +72,8 @@ from ..imagead.base import ImageDetector
 from .anomalyclip import TEMPERATURE, dpam_features
 from .backbone import _fill_rows, placed, resolve_clip
 from .base import l2_normalise, softmax
+from .grounding import GRID as POSITIONS  # the nine position words, in Grounding DINO's 3 x 3 grid order
 from .winclip import ANOMALOUS_STATES, NORMAL_STATES, TEMPLATES
-
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 MAP_SCALE = 100.0 / np.sqrt(2.0)  # 100 x cos against the pair [g_n, g_a] divided by its joint norm sqrt(2)
 BLUR_SIZE, BLUR_SIGMA = 3, 4.0  # the authors' torchvision GaussianBlur(3, 4.0)
 UNFROZEN_FIRST = 6  # the authors' dual path covers every block after the first 6
@@ -195,11 +194,16 @@ class FiLo(ImageDetector):
                              f"got {self.object_name!r}")
         self._descriptions()
         self._positions()
+        self._check_grounding()
+
+    def _check_grounding(self) -> None:
+        """The HQ-Loc settings (checked at fit and again before each prediction: they act at test time)."""
         from .grounding import GroundingDino
 
-        if not (self.grounding is None or isinstance(self.grounding, (str, os.PathLike, GroundingDino))):
-            raise ValueError(f"{self.name}: grounding must be a Grounding DINO folder, a model id in the Hugging Face "
-                             f"cache or an oodscope.vlm.grounding.GroundingDino, got {type(self.grounding).__name__}")
+        if not (self.grounding is None or isinstance(self.grounding, (str, GroundingDino))):
+            raise ValueError(f"{self.name}: grounding must be a Grounding DINO folder or a model id in the Hugging "
+                             f"Face cache (a string), or an oodscope.vlm.grounding.GroundingDino, got "
+                             f"{type(self.grounding).__name__}")
         if self.grounding is not None and self.positions is not None:
             raise ValueError(f"{self.name}: with grounding= each image's position comes from its Grounding DINO box; "
                              f"leave positions=None (got {self.positions!r})")
@@ -282,7 +286,7 @@ class FiLo(ImageDetector):
         anomalous = l2_normalise(clip.encode_texts(position_prompts(states, name, self._positions()), device=device,
                                                    name="filo-prompts"))
         self.text_embeddings_ = np.stack([l2_normalise(e.mean(axis=0)) for e in (l2_normalise(normal), anomalous)])
-        if self.grounding is not None:  # g_a of each position alone (prompts ordered states x positions x templates)
+        if self.positions is None:  # g_a of each position alone, for grounding= (states x positions x templates)
             by_position = anomalous.reshape(len(states), len(POSITIONS), len(TEMPLATES), -1).mean(axis=(0, 2))
             self.anomalous_by_position_ = l2_normalise(by_position)
 
@@ -291,6 +295,10 @@ class FiLo(ImageDetector):
         ``None`` without it."""
         if self.grounding is None:
             return None
+        self._check_grounding()
+        if not self._has_position_prompts():
+            raise ValueError(f"{self.name}: this detector was fitted with positions={self.positions!r}, so it has no "
+                             "prompts of each position for grounding=; refit it with positions=None")
         from .grounding import anomaly_caption, position_of, resolve_grounding, select_boxes
 
         grounding = resolve_grounding(self.grounding, device=str(self._device()))
@@ -298,6 +306,10 @@ class FiLo(ImageDetector):
         found = [select_boxes(grounding, d, words, self.box_threshold, self.text_threshold, self.max_box_area)
                  for d in grounding.detect(images, caption, device=self._device())]
         return [position_of(boxes, scores) for boxes, scores in found], [boxes for boxes, _ in found]
+
+    def _has_position_prompts(self) -> bool:
+        """Whether the fit kept ``g_a`` of each position (needed by ``grounding=``)."""
+        return hasattr(self, "anomalous_by_position_")
 
     def _text_pairs(self, positions: list[str] | None, n: int) -> np.ndarray:
         """``(n, 2, D)``: ``[g_n, g_a]`` per image, ``g_a`` of the image's position when ``positions`` are given."""
@@ -520,6 +532,9 @@ class FiLoTrained(FiLo):
 
         global_, vv, qk = dual_path_tokens(clip, pixels, tuple(self.layers), self.dpam_depth_)
         return nn.functional.normalize(global_.float(), dim=-1), qk, [vv[i] for i in self._dual_layers(clip)]
+
+    def _has_position_prompts(self) -> bool:
+        return True  # the prompts of any position are built from the trained context at prediction time
 
     def _dual_layers(self, clip) -> list[int]:
         """Positions in ``layers`` of the blocks inside the dual path (the last ``dpam_depth_``)."""

@@ -18,6 +18,12 @@ token of the caption (the sigmoid of its logits). FiLo's released ``test.py`` us
 * map (:func:`weight_outside`): pixels outside every anomaly box are multiplied by 0.7 (all of them when there is
   none); the image score is taken before this.
 
+Differences from the authors' code: the boxes' scores are compared exactly (theirs are read back from the phrase
+string, cut to about two decimals); Grounding DINO sees the images the detector is given (``oodscope ad --size``),
+resized to a shorter side of ``size``, not the original files; the box corners are truncated at the map's
+resolution (theirs at 518 pixels), and a box reaching past the top or left edge protects nothing, as in their
+``int()`` slicing; the descriptions are matched in lower case.
+
 The model is transformers' ``GroundingDinoForObjectDetection`` (:func:`load_grounding_dino`, from a local folder
 or a model id in the Hugging Face cache, offline; :func:`download_grounding_dino` fetches
 ``IDEA-Research/grounding-dino-tiny``, the Swin-T architecture the authors fine-tuned).
@@ -50,9 +56,11 @@ class Detections:
 
 
 def anomaly_caption(descriptions: Sequence[str]) -> tuple[str, list[str]]:
-    """FiLo's caption of the general words and ``descriptions``, and the words an anomaly phrase is matched by."""
-    words = list(GENERAL_WORDS) + [d.strip() for d in descriptions]
-    caption = " . ".join(words).lower().strip()
+    """FiLo's caption of the general words and ``descriptions``, and the words an anomaly phrase is matched by,
+    all lower case (the authors match the descriptions as written, so one with a capital letter never matches the
+    lower-case phrase of an uncased BERT tokenizer; here it does)."""
+    words = [w.lower() for w in list(GENERAL_WORDS) + [d.strip() for d in descriptions]]
+    caption = " . ".join(words).strip()
     return (caption if caption.endswith(".") else caption + "."), words
 
 
@@ -92,18 +100,19 @@ class GroundingDino:
             warnings.warn(f"Grounding DINO reads {limit} tokens; the caption {caption[:60]!r}... is longer and is cut "
                           "(pass fewer descriptions to keep them all)", stacklevel=2)
         found: list[Detections] = []
-        from .backbone import placed
+        from .backbone import _fill_rows, placed
 
         with placed(self.model, device), torch.no_grad():
             text = {k: v.to(device) for k, v in tokens.items()}
             for start in range(0, len(images), self.batch_size):
                 batch = self.pixels(torch.from_numpy(np.ascontiguousarray(images[start:start + self.batch_size]))
                                     .float().to(device))
-                n = len(batch)
+                n = len(batch)  # every batch at one size: detections independent of batching
+                batch = _fill_rows(batch, self.batch_size)
                 out = self.model(pixel_values=batch, pixel_mask=torch.ones_like(batch[:, 0], dtype=torch.long),
-                                 **{k: v.expand(n, -1) for k, v in text.items()})
-                probs = out.logits.sigmoid()[..., :ids.shape[1]].double().cpu().numpy()
-                boxes = out.pred_boxes.double().cpu().numpy()
+                                 **{k: v.expand(len(batch), -1) for k, v in text.items()})
+                probs = out.logits[:n].sigmoid()[..., :ids.shape[1]].double().cpu().numpy()
+                boxes = out.pred_boxes[:n].double().cpu().numpy()
                 found += [Detections(boxes[i], probs[i], ids[0].numpy()) for i in range(n)]
         return found
 
@@ -210,7 +219,15 @@ def resolve_grounding(source: str | os.PathLike | GroundingDino, device: str = "
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"grounding must be a Grounding DINO folder, a model id in the Hugging Face cache or an "
                          f"oodscope.vlm.grounding.GroundingDino, got {type(source).__name__}")
-    key = (str(Path(source).resolve()) if Path(source).is_dir() else str(source), str(device))
+    # loaded models are kept for the process (keyed by folder or by id and cache); clear_loaded() frees them
+    from .backbone import hub_cache_dir
+
+    key = (str(Path(source).resolve()) if Path(source).is_dir() else f"{source} in {hub_cache_dir()}", str(device))
     if key not in _LOADED:
         _LOADED[key] = load_grounding_dino(source, device=str(device))
     return _LOADED[key]
+
+
+def clear_loaded() -> None:
+    """Forget the Grounding DINO models :func:`resolve_grounding` loaded (a changed folder is then read again)."""
+    _LOADED.clear()
