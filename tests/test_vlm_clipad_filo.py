@@ -175,7 +175,7 @@ def test_clip_ad_default_layers_are_the_stage_ends_and_bad_settings_are_refused(
         oodscope.create("clip_ad", model=clip, stages=2, image_score="sum").fit(images)
     with pytest.raises(ValueError, match="object_name must be a non-empty string"):
         oodscope.create("clip_ad", model=clip, stages=2, object_name=" ").fit(images)
-    with pytest.raises(ValueError, match="not a Hugging Face CLIP"):
+    with pytest.raises(ValueError, match="exposes no vision blocks"):
         oodscope.create("clip_ad", model=AlignedClip(), stages=2).fit(images)
     with pytest.raises(ValueError, match="finds no cluster"):
         oodscope.create("clip_ad", model=clip, stages=2, representative="dbscan", dbscan_eps=1e-6).fit(images)

@@ -26,7 +26,8 @@ Zhou, Pang, Tian, He & Chen, "AnomalyCLIP: Object-agnostic Prompt Learning for Z
 ``auxiliary`` names the training set: an MVTec-layout folder (its ``test`` split: normal and defect images with
 masks, read at the model's input size) or an :class:`~oodscope.data.mvtec.ImageSet` with masks. ``fit(images)``
 on the target's defect-free images only fixes the image size: the method is zero-shot on the target. Needs the
-Hugging Face backbone.
+Hugging Face backbone (its learned prompts run transformers' text tower; the DPAM image path,
+:func:`dual_path_tokens`, runs on open_clip's blocks too).
 """
 
 from __future__ import annotations
@@ -60,43 +61,20 @@ def dice_loss(prediction: torch.Tensor, target: torch.Tensor, smooth: float = 1.
     return 1 - ((2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
 
 
-def _heads(x: torch.Tensor, attention: nn.Module) -> torch.Tensor:
-    n, length, _ = x.shape
-    return x.view(n, length, attention.num_heads, attention.head_dim).transpose(1, 2)
-
-
-def dual_attention(attention: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(V-V attention output, Q-K attention output)`` of a Hugging Face ``CLIPAttention`` on ``x``."""
-    q, k, v = (_heads(proj(x), attention) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
-    scale = attention.head_dim ** -0.5
-    outputs = []
-    for a, b in ((v, v), (q, k)):
-        weights = torch.softmax(a @ b.transpose(-1, -2) * scale, dim=-1)
-        outputs.append(attention.out_proj((weights @ v).transpose(1, 2).reshape(x.shape)))
-    return outputs[0], outputs[1]
-
-
 def dual_path_tokens(clip, pixels: torch.Tensor, layers: Sequence[int], dpam_depth: int
                      ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """CLIP's projected image embedding ``(N, D)`` and, after each block in ``layers``, the raw residual-stream patch
     tokens ``(N, P, width)`` (no layer norm, no projection) of the new V-V path and of CLIP's own Q-K path; before
     the last ``dpam_depth`` blocks the two paths are one (module docstring)."""
-    vision = clip.model.vision_model
-    blocks = vision.encoder.layers
+    blocks = clip.vision_blocks()
     first_dual = len(blocks) - dpam_depth
-    x = vision.pre_layrnorm(clip._tokens(pixels))
-    x_ori = x
+    x = x_ori = clip.vision_input(pixels)
     vv_tokens, qk_tokens = [], []
     for index, block in enumerate(blocks, start=1):
-        if index - 1 < first_dual:  # CLIP's block, with the attention written out: transformers' fused attention
-            _, qk = dual_attention(block.self_attn, block.layer_norm1(x_ori))  # rounds a row by its batch position
-            x_ori = x_ori + qk
-            x = x_ori = x_ori + block.mlp(block.layer_norm2(x_ori))
-        else:
-            vv, qk = dual_attention(block.self_attn, block.layer_norm1(x_ori))
-            x_ori = x_ori + qk
-            x_ori = x_ori + block.mlp(block.layer_norm2(x_ori))
-            x = x + vv  # the new path skips the MLP
+        vv, qk = block.attention(x_ori)  # the attention written out (VisionBlock)
+        x_ori = x_ori + qk
+        x_ori = x_ori + block.mlp_branch(x_ori)
+        x = x_ori if index - 1 < first_dual else x + vv  # the new path skips the MLP
         if index in layers:
             vv_tokens.append(x[:, 1:])
             qk_tokens.append(x_ori[:, 1:])
@@ -219,7 +197,10 @@ class AnomalyCLIP(ImageDetector):
         from ..extraction.extract import resolve_device
 
         clip = self.clip()
-        blocks = len(clip.model.vision_model.encoder.layers)
+        if not hasattr(getattr(clip, "model", None), "text_model"):
+            raise ValueError(f"{self.name}: the backbone {type(clip).__name__} is not a Hugging Face CLIP (the "
+                             "learned prompts run transformers' CLIPTextModel); load a CLIP folder")
+        blocks = len(clip.vision_blocks())
         if not 0 <= self.dpam_depth <= blocks or not set(self.layers) <= set(range(1, blocks + 1)):
             raise ValueError(f"{self.name}: dpam_depth must be in 0..{blocks} and layers in 1..{blocks} (the "
                              f"model has {blocks} vision blocks), got {self.dpam_depth}, {tuple(self.layers)}")

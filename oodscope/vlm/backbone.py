@@ -36,7 +36,7 @@ import itertools
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -219,6 +219,60 @@ def _layer(layer: nn.Module, h: torch.Tensor, causal: torch.Tensor | None = None
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class VisionBlock:
+    """One image-tower block as the dual paths (AnomalyCLIP's DPAM, CLIP-AD's SDP, FiLo) run it, the same for the
+    Hugging Face and the open_clip towers: :meth:`attention` gives the V-V and the Q-K outputs of its attention on
+    its layer-normed input, written out (transformers' fused attention rounds a row by its batch position), and
+    :meth:`mlp_branch` its MLP branch; each output is what the block adds to the residual stream (after open_clip's
+    layer scale where the block has one)."""
+
+    def __init__(self, projections: Sequence[Callable[[torch.Tensor], torch.Tensor]], out: nn.Module, heads: int,
+                 norm1: nn.Module, norm2: nn.Module, mlp: nn.Module, scale1: Callable | None = None,
+                 scale2: Callable | None = None):
+        self.q, self.k, self.v = projections
+        self.out, self.heads = out, int(heads)
+        self.norm1, self.norm2, self.mlp = norm1, norm2, mlp
+        self.scale1 = scale1 or (lambda t: t)
+        self.scale2 = scale2 or (lambda t: t)
+
+    @classmethod
+    def hf(cls, layer: nn.Module) -> "VisionBlock":
+        attention = layer.self_attn
+        return cls((attention.q_proj, attention.k_proj, attention.v_proj), attention.out_proj, attention.num_heads,
+                   layer.layer_norm1, layer.layer_norm2, layer.mlp)
+
+    @classmethod
+    def open_clip(cls, block: nn.Module) -> "VisionBlock":
+        attention = block.attn  # nn.MultiheadAttention: q, k, v packed in in_proj_weight
+        width = attention.embed_dim
+        weight, bias = attention.in_proj_weight, attention.in_proj_bias
+        projections = [lambda t, i=i: nn.functional.linear(t, weight[i * width:(i + 1) * width],
+                                                           None if bias is None else bias[i * width:(i + 1) * width])
+                       for i in range(3)]
+        return cls(projections, attention.out_proj, attention.num_heads, block.ln_1, block.ln_2, block.mlp,
+                   getattr(block, "ls_1", None), getattr(block, "ls_2", None))
+
+    def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(V-V output, Q-K output)`` of the attention on ``norm1(x)``: ``softmax(v v^T / sqrt(d)) v`` and
+        ``softmax(q k^T / sqrt(d)) v`` per head, through the output projection."""
+        h = self.norm1(x)
+        n, length, width = h.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(n, length, self.heads, width // self.heads).transpose(1, 2)
+
+        q, k, v = heads(self.q(h)), heads(self.k(h)), heads(self.v(h))
+        scale = (width // self.heads) ** -0.5
+        outputs = []
+        for a, b in ((v, v), (q, k)):
+            weights = torch.softmax(a @ b.transpose(-1, -2) * scale, dim=-1)
+            outputs.append(self.scale1(self.out((weights @ v).transpose(1, 2).reshape(h.shape))))
+        return outputs[0], outputs[1]
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale2(self.mlp(self.norm2(x)))
+
+
 def causal_mask(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Additive ``(1, 1, L, L)`` mask: 0 on and below the diagonal, the dtype's minimum above it."""
     return torch.full((length, length), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)[None, None]
@@ -283,6 +337,18 @@ class HFClip(ClipBackbone):
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
         return vision.embeddings(pixels.to(vision.embeddings.patch_embedding.weight.dtype))
+
+    def vision_blocks(self) -> list[VisionBlock]:
+        """The image tower's blocks for the dual paths (:class:`VisionBlock`)."""
+        return [VisionBlock.hf(layer) for layer in self.model.vision_model.encoder.layers]
+
+    def vision_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the first block: embedded tokens (class token first), pre-layer-normed."""
+        return self.model.vision_model.pre_layrnorm(self._tokens(pixels))
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.model.vision_model.config.hidden_size)
 
     def _blocks(self, h: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor:
         for layer in layers:
@@ -387,6 +453,18 @@ class OpenClip(ClipBackbone):
         x = visual.conv1(pixels).flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(len(x), 1, -1)
         return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+
+    def vision_blocks(self) -> list[VisionBlock]:
+        """The image tower's blocks for the dual paths (:class:`VisionBlock`)."""
+        return [VisionBlock.open_clip(block) for block in self.model.visual.transformer.resblocks]
+
+    def vision_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the first block: embedded tokens (class token first), ``ln_pre``-normed."""
+        return self.model.visual.ln_pre(self._tokens(pixels))
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.model.visual.class_embedding.shape[-1])
 
     def _project(self, tokens: torch.Tensor) -> torch.Tensor:
         visual = self.model.visual

@@ -32,8 +32,9 @@ The training-free SDP is ``clip_ad``; the fine-tuned SDP+ (linear layers trained
 Two differences from the released code: the class token of an intermediate layer is that layer's original-path
 token (the authors' in-place ``x_ori +=`` adds the next block's attention residual to the stored intermediate
 tokens); images are read at the model's own input size. The authors' backbone is open_clip's
-``ViT-B-16-plus-240`` (``laion400m_e31``) at 240 px; this module needs the Hugging Face backbone
-(:class:`~oodscope.vlm.backbone.HFClip`). ``fit`` takes defect-free images and only fixes the image size.
+``ViT-B-16-plus-240`` (``laion400m_e31``) at 240 px: ``model="open_clip:ViT-B-16-plus-240/laion400m_e31"`` runs
+the dual path on open_clip's blocks, as on a Hugging Face CLIP (:class:`~oodscope.vlm.backbone.VisionBlock`).
+``fit`` takes defect-free images and only fixes the image size.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import torch
 from torch import nn
 
 from ..imagead.base import ImageDetector
-from .anomalyclip import dual_attention
 from .backbone import _fill_rows, placed, resolve_clip
 from .base import l2_normalise, softmax
 from .winclip import state_prompts
@@ -91,17 +91,16 @@ def staged_dual_path(clip, pixels: torch.Tensor, layers: Sequence[int], stages: 
     """CLIP's image embedding ``(N, D)``, the SDP features ``[(N, 1 + P, D)]`` of ``layers`` (1-based) and the
     original path's hidden states there ``[(N, 1 + P, width)]`` (SDP+'s input) of normalised pixels, on a Hugging
     Face CLIP (module docstring)."""
-    vision = clip.model.vision_model
-    blocks = vision.encoder.layers
+    blocks = clip.vision_blocks()
     stage = len(blocks) // stages
-    x_ori = vision.pre_layrnorm(clip._tokens(pixels))
+    x_ori = clip.vision_input(pixels)
     x = torch.zeros_like(x_ori)
     out, hidden = [], []
     for index, block in enumerate(blocks):
-        vv, qk = dual_attention(block.self_attn, block.layer_norm1(x_ori))
+        vv, qk = block.attention(x_ori)
         x = vv if index % stage == 0 else x + vv  # a stage's first block restarts the new path
         x_ori = x_ori + qk
-        x_ori = x_ori + block.mlp(block.layer_norm2(x_ori))
+        x_ori = x_ori + block.mlp_branch(x_ori)
         if index + 1 in layers:
             out.append(clip._project(torch.cat([x_ori[:, :1], x[:, 1:]], dim=1)))
             hidden.append(x_ori)
@@ -183,10 +182,10 @@ class CLIPAD(ImageDetector):
         return resolve_device(self.device)
 
     def _resolve_layers(self, clip) -> tuple[int, ...]:
-        if not hasattr(getattr(clip, "model", None), "vision_model"):
-            raise ValueError(f"{self.name}: the backbone {type(clip).__name__} is not a Hugging Face CLIP (the staged "
-                             "dual path runs the blocks of transformers' CLIPVisionModel); load a CLIP folder")
-        blocks = len(clip.model.vision_model.encoder.layers)
+        if not hasattr(clip, "vision_blocks"):
+            raise ValueError(f"{self.name}: the backbone {type(clip).__name__} exposes no vision blocks (the staged "
+                             "dual path runs them); load a Hugging Face CLIP folder or an open_clip model")
+        blocks = len(clip.vision_blocks())
         if blocks % self.stages:
             raise ValueError(f"{self.name}: stages={self.stages} does not divide the model's {blocks} vision blocks")
         stage = blocks // self.stages

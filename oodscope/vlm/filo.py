@@ -265,10 +265,10 @@ class FiLo(ImageDetector):
             raise ValueError(f"{self.name}: images must be square (CLIP crops the centre), got "
                              f"{images.shape[2]} x {images.shape[3]}; resize them (load_mvtec(size=...))")
         clip = self.clip()
-        if not hasattr(getattr(clip, "model", None), "vision_model"):
-            raise ValueError(f"{self.name}: the backbone {type(clip).__name__} is not a Hugging Face CLIP (the dual "
-                             "path runs the blocks of transformers' CLIPVisionModel); load a CLIP folder")
-        blocks = len(clip.model.vision_model.encoder.layers)
+        if not hasattr(clip, "vision_blocks"):
+            raise ValueError(f"{self.name}: the backbone {type(clip).__name__} exposes no vision blocks (the dual "
+                             "path runs them); load a Hugging Face CLIP folder or an open_clip model")
+        blocks = len(clip.vision_blocks())
         depth = max(blocks - UNFROZEN_FIRST, 0) if self.dpam_depth is None else self.dpam_depth
         if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 0 <= depth <= blocks or \
                 not self.layers or not set(self.layers) <= set(range(1, blocks + 1)):
@@ -538,7 +538,7 @@ class FiLoTrained(FiLo):
 
     def _dual_layers(self, clip) -> list[int]:
         """Positions in ``layers`` of the blocks inside the dual path (the last ``dpam_depth_``)."""
-        first_dual = len(clip.model.vision_model.encoder.layers) - self.dpam_depth_
+        first_dual = len(clip.vision_blocks()) - self.dpam_depth_
         return [i for i, layer in enumerate(self.layers) if layer > first_dual]
 
     # -- fit and predict ----------------------------------------------------------------------------------------
@@ -556,7 +556,7 @@ class FiLoTrained(FiLo):
             raise ValueError(f"{self.name}: the backbone {type(clip).__name__} has no context_text_forward "
                              "(prompt learning needs the Hugging Face CLIP backbone)")
         aux, labels, masks = load_auxiliary(self.auxiliary, clip.image_size, self.name)
-        self.network_shape_ = (int(clip.model.vision_model.config.hidden_size), int(clip.token_width),
+        self.network_shape_ = (int(clip.vision_width), int(clip.token_width),
                                int(clip.model.visual_projection.out_features), int(self.n_ctx), len(self.layers),
                                len(self._dual_layers(clip)))
         nets = FiLoNetworks(*self.network_shape_, seed=int(self.seed)).to(device)
