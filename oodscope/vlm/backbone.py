@@ -244,6 +244,9 @@ class VisionBlock:
     @classmethod
     def open_clip(cls, block: nn.Module) -> "VisionBlock":
         attention = block.attn  # nn.MultiheadAttention: q, k, v packed in in_proj_weight
+        if getattr(attention, "in_proj_weight", None) is None:
+            raise ValueError(f"the open_clip block's attention ({type(attention).__name__}) has no packed "
+                             "in_proj_weight; the dual paths support open_clip's nn.MultiheadAttention blocks")
         width = attention.embed_dim
         weight, bias = attention.in_proj_weight, attention.in_proj_bias
         projections = [lambda t, i=i: nn.functional.linear(t, weight[i * width:(i + 1) * width],
